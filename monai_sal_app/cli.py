@@ -1,0 +1,165 @@
+"""``monai-sal`` command line: data, train, explain, evaluate, methods and the end-to-end demo.
+
+Every sub-command is a thin adapter over the library; a bad input ends with a one-line
+``error: ...`` on stderr and exit code 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _method_params(pairs: list[str]) -> dict:
+    """``["steps=50", "baseline=zeros"]`` -> {"steps": 50, "baseline": "zeros"} (values parsed as JSON when they can be)."""
+    params = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--param takes key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def cmd_data(args) -> None:
+    from monai_sal_app.data.shepp_logan import generate_shepp_logan
+
+    manifest = generate_shepp_logan(args.out, preset=args.preset, dim=args.dim, size=args.size, per_class=args.per_class, seed=args.seed, progress=not args.quiet)
+    print(f"wrote {manifest}")
+
+
+def cmd_train(args) -> None:
+    from monai_sal_app.experiments.workflows import train_from_manifest
+
+    train_from_manifest(
+        args.data, args.out, arch=args.arch, loss=args.loss, augmentations=_split(args.aug), epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, patience=args.patience, val_fraction=args.val_fraction,
+        labels=_split(args.labels) if args.labels else None, test_manifest=args.test, seed=args.seed,
+        device=args.device, progress=not args.quiet,
+    )
+
+
+def cmd_explain(args) -> None:
+    from monai_sal_app.experiments.workflows import explain_items, read_items
+    from monai_sal_app.models.checkpoint import load_classifier
+    from monai_sal_app.saliency import get_method
+
+    methods = _split(args.method)
+    for m in methods:
+        get_method(m)  # unknown names fail before any work
+    params = _method_params(args.param)
+    model, card = load_classifier(args.model, device=args.device)
+    source = args.images[0] if len(args.images) == 1 and args.images[0].endswith(".csv") else args.images
+    items = read_items(source)
+    maps_csv = explain_items(
+        model, card, items, args.out, methods=methods, params={m: params for m in methods}, target=args.target,
+        batch_size=args.batch_size, overlays=args.overlays, progress=not args.quiet,
+    )
+    print(f"wrote {maps_csv}")
+
+
+def cmd_evaluate(args) -> None:
+    from monai_sal_app.experiments.workflows import evaluate_maps
+
+    maps = Path(args.maps)
+    _, summary = evaluate_maps(maps / "maps.csv" if maps.is_dir() else maps, args.out)
+    from monai_sal_app.metrics.stats import to_markdown
+
+    print(to_markdown(summary))
+
+
+def cmd_methods(args) -> None:
+    from monai_sal_app.saliency import available_methods
+
+    print(json.dumps(available_methods(), indent=2, default=str))
+
+
+def cmd_demo(args) -> None:
+    from monai_sal_app.experiments.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, per_class=args.per_class, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monai-sal", description="Saliency maps for medical image classifiers.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="generate a dataset with known ground truth")
+    p.add_argument("generator", choices=["shepp-logan"])
+    p.add_argument("--preset", default="homogeneous", choices=["homogeneous", "heterogeneous", "large", "test"])
+    p.add_argument("--dim", type=int, default=2, choices=[2, 3])
+    p.add_argument("--size", type=int, default=None, help="pixels per side (default 128 in 2D, 64 in 3D)")
+    p.add_argument("--per-class", type=int, default=None, help="override the preset's images per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train a classifier on a manifest; writes a state_dict and a model card")
+    p.add_argument("--data", required=True, help="manifest.csv")
+    p.add_argument("--test", default=None, help="optional test manifest.csv scored at the end")
+    p.add_argument("--out", required=True, help="checkpoint path, e.g. model.pt (card written as model.json)")
+    p.add_argument("--arch", default="conv5fc3")
+    p.add_argument("--loss", default="ce")
+    p.add_argument("--aug", default="", help="comma list: noise,erasing,croppad,smoothing")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--labels", default=None, help="comma list of class names, e.g. control,patient")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("explain", help="saliency maps (NIfTI on the input grid) and overlay PNGs")
+    p.add_argument("--model", required=True, help="checkpoint .pt with its .json card")
+    p.add_argument("images", nargs="+", help="a manifest.csv, or image files (NIfTI, NRRD, PNG, DICOM)")
+    p.add_argument("--method", default="gradcam", help="method name or comma list (see `monai-sal methods`)")
+    p.add_argument("--param", action="append", default=[], help="method parameter key=value (repeatable)")
+    p.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--overlays", type=int, default=8, help="overlay PNGs per method")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("evaluate", help="localization metrics of maps against masks, with mean and 95%% CI")
+    p.add_argument("maps", help="maps.csv written by `explain`, or its folder")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("methods", help="list the saliency methods and their default parameters")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("demo", help="data -> classifier -> maps -> metrics -> report, on built-in data")
+    p.add_argument("--out", default="demo_report")
+    p.add_argument("--quick", action="store_true", help="tiny run for smoke tests (seconds, not a real result)")
+    p.add_argument("--per-class", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

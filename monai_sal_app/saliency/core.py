@@ -1,0 +1,219 @@
+"""The one call, ``explain(model, images, method, target=None, **params)``, and its registry.
+
+Every post-hoc method is a function ``fn(model, images, target, **params) -> maps`` registered
+by name with its default parameters. ``explain`` does everything the methods share:
+
+* validates the input (a float tensor of shape (N, C, H, W) or (N, C, D, H, W), finite, with the
+  dimensionality and channel count the model's first convolution expects);
+* resolves the target (None -> predicted class per image; int; or an (N,) tensor);
+* runs the method inside :func:`model_guard`, which puts the model in eval mode, freezes its
+  parameters, turns in-place activations off and restores all of it afterwards, so a method
+  never leaves a trace on the model;
+* moves the images to the model's device and returns the maps on the images' device.
+
+A method receives images already on the model's device, detached, with ``requires_grad=False``,
+and ``target`` as a long tensor of shape (N,). It returns raw maps of shape (N, 1, *spatial)
+on the input grid. Normalisation is a separate step (``saliency.postprocess``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MethodSpec",
+    "register",
+    "available_methods",
+    "get_method",
+    "explain",
+    "model_guard",
+    "model_input_spec",
+    "validate_images",
+    "resolve_target",
+    "target_scores",
+    "chunks",
+]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered attribution method: its function, default parameters and a one-line summary."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, summary: str = "") -> Callable[[Callable], Callable]:
+    """Register ``fn(model, images, target, **params)`` under ``name``.
+
+    The defaults published by :func:`available_methods` are read from the keyword arguments of
+    ``fn`` after ``target`` so that the signature is the single source of truth.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"saliency method {name!r} is registered twice")
+        sig = inspect.signature(fn)
+        defaults = {
+            p.name: p.default
+            for p in list(sig.parameters.values())[3:]
+            if p.default is not inspect.Parameter.empty
+        }
+        _REGISTRY[name] = MethodSpec(name, fn, defaults, summary or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return decorate
+
+
+def available_methods() -> dict[str, dict[str, Any]]:
+    """Name -> {"defaults": {...}, "summary": str} for every registered method (sorted by name)."""
+    return {n: {"defaults": dict(s.defaults), "summary": s.summary} for n, s in sorted(_REGISTRY.items())}
+
+
+def get_method(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` called ``name``; ``ValueError`` naming the known methods otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown saliency method {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def model_input_spec(model: nn.Module) -> tuple[int, int]:
+    """(spatial_dims, in_channels) read from the model's first convolution."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            return (2 if isinstance(module, nn.Conv2d) else 3), module.in_channels
+    raise ValueError("cannot explain a model without a Conv2d/Conv3d layer (spatial dims unknown)")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def validate_images(model: nn.Module, images: torch.Tensor) -> None:
+    """Raise ``ValueError``/``TypeError`` with a clear message for input the model cannot take."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be a float tensor, got dtype {images.dtype}")
+    spatial_dims, channels = model_input_spec(model)
+    expected = "(N, C, H, W)" if spatial_dims == 2 else "(N, C, D, H, W)"
+    if images.ndim != spatial_dims + 2:
+        raise ValueError(
+            f"the model takes {spatial_dims}D images {expected}, got a tensor of shape {tuple(images.shape)}"
+        )
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch")
+    if images.shape[1] != channels:
+        raise ValueError(f"the model takes {channels} channel(s), got {images.shape[1]} (shape {tuple(images.shape)})")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or infinite values")
+
+
+def resolve_target(model: nn.Module, images: torch.Tensor, target) -> torch.Tensor:
+    """Target class per image as a long tensor of shape (N,) on the images' device.
+
+    ``None`` -> the predicted class (argmax of the logits); an int -> that class for every
+    image; a sequence or tensor of N ints -> one class per image. Out-of-range classes raise.
+    """
+    n = images.shape[0]
+    if target is None:
+        with torch.no_grad():
+            logits = model(images)
+        return logits.argmax(dim=1)
+    t = torch.as_tensor(target, device=images.device)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"target must be an int class index or N of them, got {target!r}")
+    t = t.long().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(n).clone()
+    if t.numel() != n:
+        raise ValueError(f"target has {t.numel()} entries for a batch of {n} images")
+    with torch.no_grad():
+        num_classes = model(images[:1]).shape[1]
+    if (t < 0).any() or (t >= num_classes).any():
+        raise ValueError(f"target {t.tolist()} out of range for a model with {num_classes} classes")
+    return t
+
+
+def target_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The target logit of each image, shape (N,). Summing it gives per-image gradients."""
+    return logits.gather(1, target.view(-1, 1)).squeeze(1)
+
+
+def chunks(n: int, batch_size: int | None) -> Iterator[slice]:
+    """Slices of ``range(n)`` of at most ``batch_size`` (all of it when None or <= 0)."""
+    step = n if not batch_size or batch_size <= 0 else int(batch_size)
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+@contextlib.contextmanager
+def model_guard(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, frozen parameters and no in-place activations for the duration; all restored.
+
+    Parameters are frozen because attribution needs gradients with respect to the input only;
+    in-place activations are turned off because backward hooks (guided backprop) and captured
+    activations (Grad-CAM) must not see tensors modified in place.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    inplace = [(m, m.inplace) for m in model.modules() if isinstance(getattr(m, "inplace", None), bool)]
+    try:
+        model.eval()
+        for p, _ in grads:
+            p.requires_grad_(False)
+        for m, _ in inplace:
+            m.inplace = False
+        yield model
+    finally:
+        for m, flag in modes:
+            m.training = flag
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, flag in inplace:
+            m.inplace = flag
+
+
+def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam", target=None, **params) -> torch.Tensor:
+    """Saliency maps of ``model`` for ``images`` by ``method``.
+
+    Args:
+        model: a classifier returning logits (N, num_classes); 2D or 3D.
+        images: float tensor (N, C, H, W) or (N, C, D, H, W). Not modified.
+        method: a registered method name (see :func:`available_methods`).
+        target: None (predicted class), an int, or N ints (one per image).
+        **params: the method's parameters; unknown names raise ``ValueError``.
+
+    Returns:
+        Raw maps, float tensor (N, 1, *spatial) on the images' device and grid.
+    """
+    spec = get_method(method)
+    unknown = set(params) - set(spec.defaults)
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {sorted(unknown)} for method {method!r}; it takes {sorted(spec.defaults)}"
+        )
+    validate_images(model, images)
+    device = _model_device(model)
+    x = images.detach().to(device=device, dtype=torch.float32)
+    with model_guard(model), torch.enable_grad():
+        t = resolve_target(model, x, target)
+        maps = spec.fn(model, x, t, **params)
+    expected = (x.shape[0], 1, *x.shape[2:])
+    if tuple(maps.shape) != expected:
+        raise RuntimeError(f"method {method!r} returned shape {tuple(maps.shape)}, expected {expected}")
+    return maps.detach().to(images.device)
