@@ -1,0 +1,37 @@
+"""Metrics that score any saliency map: the one definition used by the server, CLI and Slicer.
+
+numpy and scipy only: importing this package must not import torch (the 3D Slicer module uses
+these functions in Slicer's own Python). Metrics that need a model live in their own modules and
+are imported from there, never from this ``__init__``.
+"""
+
+from monai_sal_app.metrics.localization import (
+    DEFAULT_PERCENTILES,
+    auprc,
+    hard_dice,
+    iou_at_percentiles,
+    localization_metrics,
+    mean_mask_baseline,
+    minmax,
+    partial_auprc,
+    roc_auc,
+    soft_dice,
+)
+from monai_sal_app.metrics.stats import mean_ci, summarize, to_markdown, write_csv
+
+__all__ = [
+    "DEFAULT_PERCENTILES",
+    "auprc",
+    "hard_dice",
+    "iou_at_percentiles",
+    "localization_metrics",
+    "mean_mask_baseline",
+    "minmax",
+    "partial_auprc",
+    "roc_auc",
+    "soft_dice",
+    "mean_ci",
+    "summarize",
+    "to_markdown",
+    "write_csv",
+]
