@@ -194,7 +194,7 @@ def explain_items(
                 map_path = write_nifti(saliency, out / "maps" / method / f"{item['id']}.nii.gz", affine=metas[k]["affine"])
                 overlay = ""
                 if start + k < overlays:
-                    mask = read_image(item["mask"])[0] > 0.5 if item.get("mask") else None
+                    mask = read_image(item["mask"], allow_constant=True)[0] > 0.5 if item.get("mask") else None
                     title = f"{item['id']} {method} target={int(targets[k])} p={float(probabilities[k, targets[k]]):.2f}"
                     overlay = str(save_overlay(arrays[k], saliency, out / "overlays" / method / f"{item['id']}.png", mask, title))
                 rows.append({

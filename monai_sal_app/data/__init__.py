@@ -1,0 +1,40 @@
+"""Data: the Shepp-Logan subtype generator, image I/O with clear errors, and the dataset manifest.
+
+Importing this package does not import torch (only :func:`load_images`/:func:`load_labels` need it).
+"""
+
+from monai_sal_app.data.io import SUPPORTED_SUFFIXES, ImageError, check_image, read_image, write_nifti
+from monai_sal_app.data.manifest import COLUMNS, load_images, load_labels, read_manifest, write_manifest
+from monai_sal_app.data.shepp_logan import (
+    EVIDENCE_REGION,
+    PRESETS,
+    SUBTYPE_LABELS,
+    SUBTYPES,
+    Preset,
+    Variation,
+    generate_shepp_logan,
+    shepp_logan_phantom,
+    subtype_counts,
+)
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "ImageError",
+    "check_image",
+    "read_image",
+    "write_nifti",
+    "COLUMNS",
+    "load_images",
+    "load_labels",
+    "read_manifest",
+    "write_manifest",
+    "EVIDENCE_REGION",
+    "PRESETS",
+    "SUBTYPE_LABELS",
+    "SUBTYPES",
+    "Preset",
+    "Variation",
+    "generate_shepp_logan",
+    "shepp_logan_phantom",
+    "subtype_counts",
+]
