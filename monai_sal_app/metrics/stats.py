@@ -147,10 +147,11 @@ def write_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
 
     The file is written next to ``path`` under a temporary name and moved into place with
     ``os.replace``, so a reader never sees a half-written table. Floats keep full precision;
-    a missing key is an empty cell. The parent folder must exist. Returns the path.
+    a missing key is an empty cell. Parent folders are created. Returns the path.
     """
     columns = _columns(rows)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(
         "w", newline="", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     )
