@@ -1,0 +1,112 @@
+"""Classifier factory over ``monai.networks.nets`` (2D and 3D), plus the ARAMIS conv5-fc3 CNN.
+
+Every network returns logits of shape (N, num_classes) for images (N, in_channels, *spatial).
+Nothing is ever pretrained or downloaded: weights come from :mod:`monai_sal_app.models.checkpoint`.
+
+Grad-CAM contract: the last module (in order of forward completion) whose output is a
+(N, K, *spatial) tensor and that is not a pooling layer is ``class_layers.relu`` for the DenseNets,
+``layer4`` for the ResNets and ``features`` for :class:`Conv5FC3`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.networks.nets import DenseNet121, DenseNet169, ResNet
+from monai.networks.nets.resnet import get_inplanes
+from torch import nn
+
+ARCHITECTURES = ("densenet121", "densenet169", "resnet18", "resnet34", "resnet50", "conv5fc3")
+
+# arch -> (block type, blocks per stage), as in monai.networks.nets.resnet18/34/50.
+_RESNET_LAYOUTS = {
+    "resnet18": ("basic", [2, 2, 2, 2]),
+    "resnet34": ("basic", [3, 4, 6, 3]),
+    "resnet50": ("bottleneck", [3, 4, 6, 3]),
+}
+_DENSENETS = {"densenet121": DenseNet121, "densenet169": DenseNet169}
+
+
+def _conv_block(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Sequential:
+    """conv k3 pad1 -> BatchNorm -> ReLU; keeps the spatial size."""
+    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+    return nn.Sequential(conv(in_channels, out_channels, 3, padding=1), norm(out_channels), nn.ReLU())
+
+
+class Conv5FC3(nn.Module):
+    """The ARAMIS "conv5-fc3" CNN, 2D or 3D.
+
+    ``features``: 5 conv blocks (conv k3 -> BN -> ReLU) with ``channels`` output channels and a
+    max-pool (kernel 2) between consecutive blocks, so that its last module is a conv block;
+    ``pool``: adaptive average pool to 2 voxels per spatial dim; ``classifier``: Flatten, Dropout,
+    Linear(-> 1300), ReLU, Linear(1300 -> 50), ReLU, Linear(50 -> num_classes).
+
+    Input (N, in_channels, *spatial) with every spatial side >= 16 px; output logits (N, num_classes).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        channels: Sequence[int] = (8, 16, 32, 64, 128),
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        channels = tuple(int(c) for c in channels)
+        if len(channels) != 5 or min(channels) < 1:
+            raise ValueError(f"channels must be 5 positive ints, got {channels!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        max_pool = nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d
+        adaptive_pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
+
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for index, width in enumerate(channels):
+            if index > 0:
+                layers.append(max_pool(2))
+            layers.append(_conv_block(spatial_dims, previous, width))
+            previous = width
+        self.features = nn.Sequential(*layers)
+        self.pool = adaptive_pool(2)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(channels[-1] * 2**spatial_dims, 1300),
+            nn.ReLU(),
+            nn.Linear(1300, 50),
+            nn.ReLU(),
+            nn.Linear(50, num_classes),
+        )
+
+    def forward(self, x):
+        if min(x.shape[2:]) < 16:
+            raise ValueError(f"Conv5FC3 needs every spatial side >= 16 px, got {tuple(x.shape[2:])}")
+        return self.classifier(self.pool(self.features(x)))
+
+
+def build_classifier(arch: str, spatial_dims: int, in_channels: int = 1, num_classes: int = 2, **kwargs) -> nn.Module:
+    """Build an untrained classifier returning logits (N, num_classes).
+
+    ``arch`` is one of :data:`ARCHITECTURES`; ``kwargs`` go to the network: for the DenseNets
+    e.g. ``init_features``, ``growth_rate``, ``block_config``, ``dropout_prob``; for the ResNets
+    ``block_inplanes`` (4 widths) and any ``monai.networks.nets.ResNet`` option
+    (``conv1_t_stride``, ``no_max_pool``, ...); for conv5fc3 ``channels`` and ``dropout``.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if "pretrained" in kwargs:
+        raise ValueError("pretrained weights are not supported: load a checkpoint with load_classifier instead")
+    if arch in _DENSENETS:
+        return _DENSENETS[arch](spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, pretrained=False, **kwargs)
+    if arch in _RESNET_LAYOUTS:
+        block, layers = _RESNET_LAYOUTS[arch]
+        block_inplanes = list(kwargs.pop("block_inplanes", get_inplanes()))
+        return ResNet(block, layers, block_inplanes, spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes, **kwargs)
+    return Conv5FC3(spatial_dims, in_channels=in_channels, num_classes=num_classes, **kwargs)
