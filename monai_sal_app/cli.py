@@ -62,6 +62,7 @@ def cmd_explain(args) -> None:
     items = read_items(source)
     maps_csv = explain_items(
         model, card, items, args.out, methods=methods, params={m: params for m in methods}, target=args.target,
+        postprocess_steps=_split(args.postprocess),
         batch_size=args.batch_size, overlays=args.overlays, progress=not args.quiet,
     )
     print(f"wrote {maps_csv}")
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="gradcam", help="method name or comma list (see `monai-sal methods`)")
     p.add_argument("--param", action="append", default=[], help="method parameter key=value (repeatable)")
     p.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
+    p.add_argument("--postprocess", default="", help="comma list of steps applied before writing: abs,minmax,clip,grayscale")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--overlays", type=int, default=8, help="overlay PNGs per method")
     p.add_argument("--device", default=None)

@@ -58,7 +58,7 @@ def test_train_writes_state_dict_and_card(trained):
 
 def test_explain_then_evaluate(trained, tmp_path):
     out = tmp_path / "maps"
-    assert run("explain", "--model", str(trained / "model.pt"), str(trained / "test" / "manifest.csv"), "--method", "gradient,gradcam", "--overlays", "2", "--out", str(out)) == 0
+    assert run("explain", "--model", str(trained / "model.pt"), str(trained / "test" / "manifest.csv"), "--method", "gradient,gradcam", "--postprocess", "abs", "--overlays", "2", "--out", str(out)) == 0
     rows = list(csv.DictReader(open(out / "maps.csv")))
     assert len(rows) == 12 and {r["method"] for r in rows} == {"gradient", "gradcam"}
     first = rows[0]
@@ -67,6 +67,8 @@ def test_explain_then_evaluate(trained, tmp_path):
     assert saliency_img.shape == input_img.shape
     np.testing.assert_allclose(saliency_img.affine, input_img.affine)
     assert saliency_img.get_data_dtype() == np.float32
+    assert all(r["postprocess"] == "abs" for r in rows)
+    assert min(float(nib.load(r["map"]).get_fdata().min()) for r in rows) >= 0
     assert len(list((out / "overlays").glob("*/*.png"))) == 4
 
     assert run("evaluate", str(out), "--out", str(tmp_path / "eval")) == 0

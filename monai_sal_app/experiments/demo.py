@@ -3,7 +3,7 @@
 1. Shepp-Logan subtype phantoms in 2D: the homogeneous preset for training (fewer images per
    class than the preset's 500 by default, for speed) and the test preset for testing;
 2. a conv5-fc3 classifier trained on them (validation AUC, early stopping, checkpoint + card);
-3. gradient and Grad-CAM maps of every test image, on the input grid, with overlays;
+3. gradient and Grad-CAM maps (absolute values) of every test image, on the input grid, with overlays;
 4. localization metrics against the masks of the atrophied regions, next to the baseline of
    the mean training mask; a report folder with CSV, Markdown and PNG.
 """
@@ -46,7 +46,7 @@ def run_demo(out: str | Path = "demo_report", *, quick: bool = False, per_class:
 
     log(f"[3/4] explain: {', '.join(DEMO_METHODS)} on the test set")
     test_items = read_manifest(test_manifest)
-    maps_csv = explain_items(model, card, test_items, out / "explain", methods=DEMO_METHODS, overlays=8, progress=progress)
+    maps_csv = explain_items(model, card, test_items, out / "explain", methods=DEMO_METHODS, postprocess_steps=("abs",), overlays=8, progress=progress)
 
     log("[4/4] evaluate against the region masks")
     baseline = mean_mask_rows(read_manifest(train_manifest), test_items)
@@ -72,7 +72,7 @@ def run_demo(out: str | Path = "demo_report", *, quick: bool = False, per_class:
         f"**Classifier on the test set:** AUC {metrics.get('test_auc', float('nan')):.3f}, "
         f"balanced accuracy {metrics.get('test_balanced_accuracy', float('nan')):.3f}.",
         "",
-        "**Localization of the atrophied region** (per-image metrics on test patients, mean and 95% CI; "
+        "**Localization of the atrophied region** (per-image metrics of |map| on test patients, mean and 95% CI; "
         "`baseline_mean_mask` is the mean training mask used as a map):",
         "",
         table,

@@ -23,6 +23,7 @@ from monai_sal_app.inference import predict_probabilities, preprocess, resize_to
 from monai_sal_app.metrics.localization import localization_metrics
 from monai_sal_app.metrics.stats import summarize, write_csv
 from monai_sal_app.saliency import explain
+from monai_sal_app.saliency.postprocess import postprocess
 
 __all__ = ["load_inputs", "train_from_manifest", "explain_items", "evaluate_maps", "read_items"]
 
@@ -149,7 +150,7 @@ def train_from_manifest(
     return model, card
 
 
-MAPS_COLUMNS = ["id", "image", "mask", "label", "subtype", "method", "target", "predicted", "probability", "map", "overlay", "seconds_per_image"]
+MAPS_COLUMNS = ["id", "image", "mask", "label", "subtype", "method", "postprocess", "target", "predicted", "probability", "map", "overlay", "seconds_per_image"]
 
 
 def explain_items(
@@ -161,11 +162,15 @@ def explain_items(
     methods: Sequence[str] = ("gradcam",),
     params: dict[str, dict[str, Any]] | None = None,
     target: int | None = None,
+    postprocess_steps: Sequence[str] = (),
     batch_size: int = 16,
     overlays: int = 8,
     progress: bool = True,
 ) -> Path:
     """Explain every item with every method; write maps, overlays and ``maps.csv`` under ``out``.
+
+    ``postprocess_steps`` (e.g. ``("abs",)``, see ``saliency.postprocess``) are applied to the raw
+    maps before they are written, and recorded in the ``postprocess`` column.
 
     Maps are NIfTI float32 on each input's own grid and affine: ``out/maps/<method>/<id>.nii.gz``.
     The first ``overlays`` items of each method also get ``out/overlays/<method>/<id>.png``.
@@ -187,7 +192,7 @@ def explain_items(
         targets = predicted if target is None else torch.full_like(predicted, int(target))
         for method in methods:
             t0 = time.perf_counter()
-            maps = explain(model, x, method, target=targets, **params.get(method, {})).cpu()
+            maps = postprocess(explain(model, x, method, target=targets, **params.get(method, {})), postprocess_steps).cpu()
             per_image = (time.perf_counter() - t0) / len(chunk)
             for k, item in enumerate(chunk):
                 saliency = resize_to(maps[k : k + 1], arrays[k].shape)[0, 0].numpy()
@@ -199,7 +204,7 @@ def explain_items(
                     overlay = str(save_overlay(arrays[k], saliency, out / "overlays" / method / f"{item['id']}.png", mask, title))
                 rows.append({
                     "id": item["id"], "image": item["image"], "mask": item.get("mask") or "", "label": "" if item.get("label") is None else item["label"],
-                    "subtype": item.get("subtype", ""), "method": method, "target": int(targets[k]), "predicted": int(predicted[k]),
+                    "subtype": item.get("subtype", ""), "method": method, "postprocess": "+".join(postprocess_steps), "target": int(targets[k]), "predicted": int(predicted[k]),
                     "probability": float(probabilities[k, targets[k]]), "map": str(map_path), "overlay": overlay, "seconds_per_image": per_image,
                 })
     return write_csv(rows, out / "maps.csv")
