@@ -31,9 +31,13 @@ def _method_params(pairs: list[str]) -> dict:
 
 
 def cmd_data(args) -> None:
-    from monai_sal_app.data.shepp_logan import generate_shepp_logan
+    from monai_sal_app.data.generators import GENERATORS, PRESETS
 
-    manifest = generate_shepp_logan(args.out, preset=args.preset, dim=args.dim, size=args.size, per_class=args.per_class, seed=args.seed, progress=not args.quiet)
+    preset = args.preset or PRESETS[args.generator][0]
+    if preset not in PRESETS[args.generator]:
+        raise ValueError(f"unknown preset {preset!r} for {args.generator}; available: {', '.join(PRESETS[args.generator])}")
+    generate = GENERATORS[args.generator]
+    manifest = generate(args.out, preset=preset, dim=args.dim, size=args.size, per_class=args.per_class, seed=args.seed, progress=not args.quiet)
     print(f"wrote {manifest}")
 
 
@@ -95,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from monai_sal_app.data.generators import GENERATORS, PRESETS
+
     p = sub.add_parser("data", help="generate a dataset with known ground truth")
-    p.add_argument("generator", choices=["shepp-logan"])
-    p.add_argument("--preset", default="homogeneous", choices=["homogeneous", "heterogeneous", "large", "test"])
+    p.add_argument("generator", choices=sorted(GENERATORS))
+    p.add_argument("--preset", default=None, help="; ".join(f"{g}: {', '.join(v)}" for g, v in PRESETS.items()) + " (default: the first)")
     p.add_argument("--dim", type=int, default=2, choices=[2, 3])
-    p.add_argument("--size", type=int, default=None, help="pixels per side (default 128 in 2D, 64 in 3D)")
+    p.add_argument("--size", type=int, default=None, help="pixels per side (generator default, e.g. 128 in 2D, 64 in 3D)")
     p.add_argument("--per-class", type=int, default=None, help="override the preset's images per class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
