@@ -394,8 +394,8 @@ def test_write_csv_round_trips_and_replaces_atomically(tmp_path):
     ]
     assert float(read[0]["auc"]) == 0.1 + 0.2
     assert os.listdir(tmp_path) == ["table.csv"]  # no temporary file left behind
-    with pytest.raises(FileNotFoundError):
-        write_csv(rows, tmp_path / "missing_dir" / "table.csv")
+    nested = write_csv(rows, tmp_path / "new_dir" / "table.csv")  # folders are created
+    assert nested.read_text() == path.read_text()
     with pytest.raises(ValueError, match="no rows"):
         write_csv([], path)
     assert os.listdir(tmp_path) == ["table.csv"]
