@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import psutil
 import torch
 from torch import nn
 
@@ -34,10 +36,12 @@ __all__ = [
     "explain",
     "model_guard",
     "model_input_spec",
+    "model_device",
     "validate_images",
     "resolve_target",
     "target_scores",
     "chunks",
+    "auto_batch_size",
 ]
 
 
@@ -97,7 +101,7 @@ def model_input_spec(model: nn.Module) -> tuple[int, int]:
     raise ValueError("cannot explain a model without a Conv2d/Conv3d layer (spatial dims unknown)")
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -161,6 +165,66 @@ def chunks(n: int, batch_size: int | None) -> Iterator[slice]:
         yield slice(start, min(n, start + step))
 
 
+_ACTIVATION_BYTES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]]" = weakref.WeakKeyDictionary()
+
+
+def _activation_bytes_per_row(model: nn.Module, row: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward when ``row`` (1, C, *spatial) goes through ``model``.
+
+    Measured, not guessed: one forward pass under ``saved_tensors_hooks`` adds up the storages
+    of the tensors saved for the backward pass (each storage once), leaving out the model's own
+    parameters and buffers, which do not grow with the batch. Cached per model (weakly) and
+    input shape, dtype and device, so repeated calls cost nothing; the cache only steers chunk
+    sizes, never results.
+    """
+    key = (tuple(row.shape[1:]), row.dtype, row.device)
+    cached = _ACTIVATION_BYTES.setdefault(model, {})
+    if key in cached:
+        return cached[key]
+    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in shared:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = row[:1].detach().clone().requires_grad_(True)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    cached[key] = sum(seen.values())
+    return cached[key]
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: ``torch.cuda.mem_get_info`` on CUDA, psutil's available RAM otherwise."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(psutil.virtual_memory().available)
+
+
+def auto_batch_size(model: nn.Module, images: torch.Tensor, passes_per_image: int = 1, memory_fraction: float = 0.5) -> int:
+    """Rows (network inputs) per forward+backward pass for a method that needs ``passes_per_image``
+    passes of each of the N images (IG steps, noise samples, occlusion windows...).
+
+    Rule: one row costs ``2 * A + 4 * B`` bytes, with A the activation memory autograd saves for
+    one image (measured by :func:`_activation_bytes_per_row`; the backward pass holds gradients
+    of about the same size) and B the bytes of one input row (the row, its gradient, and the
+    method's own copies such as noise or the weighted sum). The chunk is the number of rows that
+    fit in ``memory_fraction`` of the device's free memory (:func:`free_memory_bytes`), at least
+    1 and at most ``N * passes_per_image`` (everything in one pass when it fits).
+    """
+    if passes_per_image < 1:
+        raise ValueError(f"passes_per_image must be >= 1, got {passes_per_image}")
+    if not 0 < memory_fraction <= 1:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+    row_bytes = images[0].numel() * images.element_size()
+    per_row = 2 * _activation_bytes_per_row(model, images[:1]) + 4 * row_bytes
+    fit = int(memory_fraction * free_memory_bytes(images.device) // per_row)
+    return max(1, min(fit, images.shape[0] * passes_per_image))
+
+
 @contextlib.contextmanager
 def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode, frozen parameters and no in-place activations for the duration; all restored.
@@ -208,7 +272,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam", tar
             f"unknown parameter(s) {sorted(unknown)} for method {method!r}; it takes {sorted(spec.defaults)}"
         )
     validate_images(model, images)
-    device = _model_device(model)
+    device = model_device(model)
     x = images.detach().to(device=device, dtype=torch.float32)
     with model_guard(model), torch.enable_grad():
         t = resolve_target(model, x, target)
