@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the saliency methods and their default parameters")
     p.set_defaults(func=cmd_methods)
 
+    from monai_sal_app import serve
+
+    serve.add_parser(sub)
+
     p = sub.add_parser("demo", help="data -> classifier -> maps -> metrics -> report, on built-in data")
     p.add_argument("--out", default="demo_report")
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests (seconds, not a real result)")

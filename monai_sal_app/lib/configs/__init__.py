@@ -1,0 +1,1 @@
+"""TaskConfigs: one :class:`~monai_sal_app.lib.configs.classifier.ClassifierConfig` per served checkpoint."""

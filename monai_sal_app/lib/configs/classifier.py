@@ -1,0 +1,46 @@
+"""TaskConfig of one served classifier: whatever checkpoint + model card sits in the model folder.
+
+The app makes one :class:`ClassifierConfig` per ``<model_dir>/<name>.pt`` (with ``<name>.json``),
+so serving another model (an X-ray classifier, a 3D CT one) is only a matter of putting its
+checkpoint there. Everything about the network (architecture, dimension, labels, input size)
+comes from the card; nothing is hard-coded per model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from monailabel.interfaces.config import TaskConfig
+
+from monai_sal_app.lib.infers.saliency import SaliencyInfer
+from monai_sal_app.lib.served_model import ServedModel
+from monai_sal_app.lib.trainers.classifier import ClassifierTrainer
+
+__all__ = ["ClassifierConfig"]
+
+
+class ClassifierConfig(TaskConfig):
+    """Infer task (:class:`SaliencyInfer`) and train task (:class:`ClassifierTrainer`) of ``<name>.pt``.
+
+    ``init(name, model_dir, conf, planner, device=torch.device, studies=str)``; check
+    :meth:`problem` before serving: a model whose checkpoint is missing or unloadable is not served.
+    """
+
+    def init(self, name: str, model_dir: str, conf: dict[str, Any], planner: Any, **kwargs) -> None:
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.path = os.path.join(model_dir, f"{name}.pt")
+        self.served = ServedModel(name, self.path, kwargs.get("device") or torch.device("cpu"))
+        self.studies = kwargs.get("studies", "")
+
+    def problem(self) -> str | None:
+        """Why this model cannot be served (missing or unloadable checkpoint), None when it can."""
+        return self.served.problem()
+
+    def infer(self) -> SaliencyInfer:
+        card = self.served.card()
+        return SaliencyInfer(self.name, self.served, description=card.get("description", ""))
+
+    def trainer(self) -> ClassifierTrainer:
+        return ClassifierTrainer(self.name, self.served, self.studies)

@@ -1,0 +1,195 @@
+"""The infer task of one served classifier: class probabilities plus a saliency heatmap.
+
+It implements MONAI Label's ``InferTask`` interface directly rather than ``BasicInferTask``:
+the whole path is ``data.io.read_image`` -> ``inference.explain_array`` (the path shared with the
+CLI) -> a NIfTI written with the input's own affine, so none of BasicInferTask's transform chain,
+writer or network loader would be used. Consequences:
+
+- Gradients: nothing here runs under ``torch.no_grad()``; the explanation still runs inside
+  ``torch.enable_grad()`` so that it also works when called from a no-grad context.
+- Geometry: the heatmap is ``explain_array``'s map on the image's own array grid, saved with the
+  affine ``read_image`` returned (for NIfTI inputs, with the file's own array shape, e.g. a 2D
+  image stored as (H, W, 1) gives an (H, W, 1) heatmap). Reading the heatmap back with
+  ``read_image`` gives an array of the input's shape, voxel for voxel.
+- A mask uploaded as ``label`` is binarised as ``> 0.5`` and scored with
+  ``metrics.localization.localization_metrics``, exactly as ``monai-sal evaluate`` does.
+
+The request keys are read by :func:`monai_sal_app.lib.inputs.parse_explain_request`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from monai_sal_app.data.io import ImageError, read_image, write_nifti
+from monai_sal_app.inference import explain_array
+from monai_sal_app.lib.errors import RequestError
+from monai_sal_app.lib.inputs import DEFAULT_METHOD, IMAGE_NAME_KEY, parse_explain_request
+from monai_sal_app.lib.served_model import ServedModel
+from monai_sal_app.metrics.localization import localization_metrics
+from monai_sal_app.saliency import available_methods
+
+__all__ = ["SaliencyInfer", "json_safe", "nifti_array_shape"]
+
+logger = logging.getLogger(__name__)
+
+INPUT_FORMATS = {2: ["nifti", "nrrd", "png", "jpeg", "dicom"], 3: ["nifti", "nrrd"]}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with tuples as lists and numpy scalars/arrays as Python numbers/lists."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def nifti_array_shape(path: str, spatial_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The array shape stored in the NIfTI file ``path`` (``read_image`` drops trailing singleton axes)."""
+    import nibabel as nib
+
+    shape = tuple(int(s) for s in nib.load(path).shape)
+    return shape if int(np.prod(shape)) == int(np.prod(spatial_shape)) else spatial_shape
+
+
+class SaliencyInfer(InferTask):
+    """``POST /infer/<name>``: probabilities (JSON) and a float32 NIfTI heatmap on the input grid."""
+
+    def __init__(self, name: str, served: ServedModel, description: str = "") -> None:
+        card = served.card()
+        super().__init__(
+            type=InferType.CLASSIFICATION,
+            labels=list(card["labels"]),
+            dimension=int(card["spatial_dims"]),
+            description=description or f"{card['architecture']} {card['spatial_dims']}D classifier with saliency maps",
+            config={"method": DEFAULT_METHOD, "target": None},
+        )
+        self.name = name
+        self.served = served
+
+    def is_valid(self) -> bool:
+        return self.served.problem() is None
+
+    def info(self) -> dict[str, Any]:
+        """What a client needs to build its menus: dimension, labels, input size, methods, device."""
+        card = self.served.card()
+        spatial_dims = int(card["spatial_dims"])
+        return json_safe({
+            "type": self.type,
+            "labels": list(card["labels"]),
+            "dimension": spatial_dims,
+            "description": self.description,
+            "config": self.config(),
+            "architecture": card["architecture"],
+            "input_size": card.get("input_size"),
+            "input_formats": INPUT_FORMATS[spatial_dims],
+            "preprocessing": "per-image min-max to [0, 1], bi/trilinear resize to input_size",
+            "methods": available_methods(),
+            "default_method": DEFAULT_METHOD,
+            "device": str(self.served.device),
+            "checkpoint": {"file": self.served.path.name, "modified": self.served.modified(), "created": card.get("created")},
+            "metrics": card.get("metrics", {}),
+            "output": {"heatmap": "NIfTI float32 on the input's grid", "json": "probabilities, target, method, params, seconds, metrics"},
+        })
+
+    def __call__(self, request: dict) -> tuple[str, dict]:
+        """Explain ``request["image"]`` (a path already checked by the app); returns (heatmap path, JSON)."""
+        start = time.perf_counter()
+        image_path = request["image"]
+        shown = request.get(IMAGE_NAME_KEY, "image")
+        labels = list(self.served.card()["labels"])
+        method, target, options = parse_explain_request(request, labels, self.config())  # fail fast, before reading
+        array, meta = self._read(image_path, shown, allow_constant=False)
+        mask = None
+        if request.get("label"):
+            mask = self._read(request["label"], "mask", allow_constant=True)[0] > 0.5
+            if mask.shape != array.shape:
+                raise RequestError(400, f"mask shape {list(mask.shape)} differs from the image's {list(array.shape)}: send the mask on the image's grid")
+            if not mask.any() or mask.all():
+                raise RequestError(400, "mask must contain both foreground (> 0.5) and background pixels/voxels to score a map")
+        read_seconds = time.perf_counter() - start
+
+        with self.served.use() as (model, card):
+            if list(card["labels"]) != labels:  # the checkpoint was replaced meanwhile
+                labels = list(card["labels"])
+                method, target, options = parse_explain_request(request, labels, self.config())
+            try:
+                with torch.enable_grad():
+                    explanation = explain_array(model, card, array, method, target=target, params=options)
+            except (ValueError, TypeError) as error:
+                raise RequestError(400, f"{shown}: {error}") from error
+            checkpoint = {"file": self.served.path.name, "modified": self.served.modified()}
+
+        metrics_start = time.perf_counter()
+        metrics = localization_metrics(explanation.saliency, mask) if mask is not None else None
+        metrics_seconds = time.perf_counter() - metrics_start
+
+        write_start = time.perf_counter()
+        heatmap_path = self._write_heatmap(explanation.saliency, image_path, meta, method)
+        write_seconds = time.perf_counter() - write_start
+
+        probabilities = explanation.probabilities
+        predicted = int(np.argmax(probabilities))
+        result = {
+            "model": self.name,
+            "labels": labels,
+            "probabilities": {label: p for label, p in zip(labels, probabilities)},
+            "prediction": {"index": predicted, "label": labels[predicted], "probability": probabilities[predicted]},
+            "target": {"index": explanation.target, "label": labels[explanation.target], "probability": probabilities[explanation.target]},
+            "method": method,
+            "params": {**available_methods()[method]["defaults"], **options},
+            "device": str(self.served.device),
+            "checkpoint": checkpoint,
+            "image": {"format": meta["format"], "shape": list(array.shape)},
+            "heatmap": {
+                "format": "nifti",
+                "dtype": "float32",
+                "shape": list(explanation.saliency.shape),
+                "min": float(explanation.saliency.min()),
+                "max": float(explanation.saliency.max()),
+            },
+            "seconds": {
+                "read": read_seconds,
+                **explanation.seconds,
+                "metrics": metrics_seconds,
+                "write": write_seconds,
+                "task_total": time.perf_counter() - start,
+            },
+        }
+        if metrics is not None:
+            result["metrics"] = metrics
+        logger.info("%s %s %s target=%d: %.3f s", self.name, shown, method, explanation.target, result["seconds"]["task_total"])
+        return heatmap_path, json_safe(result)
+
+    @staticmethod
+    def _read(path: str, shown: str, allow_constant: bool) -> tuple[np.ndarray, dict]:
+        try:
+            return read_image(path, allow_constant=allow_constant)
+        except ImageError as error:
+            raise RequestError(400, str(error).replace(str(path), shown)) from error
+
+    def _write_heatmap(self, saliency: np.ndarray, image_path: str, meta: dict, method: str) -> str:
+        """Write the map to a new temporary ``.nii.gz`` (MONAI Label deletes it after the response)."""
+        if meta["format"] == "nifti":
+            saliency = saliency.reshape(nifti_array_shape(image_path, saliency.shape))
+        handle, path = tempfile.mkstemp(prefix=f"heatmap_{self.name}_{method}_", suffix=".nii.gz")
+        os.close(handle)
+        try:
+            write_nifti(saliency.astype(np.float32), path, affine=meta["affine"])
+        except BaseException:
+            os.unlink(path)
+            raise
+        return path

@@ -1,0 +1,137 @@
+"""A served classifier checkpoint: loaded once, reloaded when its files change, never served broken.
+
+A checkpoint is ``<model_dir>/<name>.pt`` (a plain ``state_dict``) plus its model card
+``<name>.json`` (see :mod:`monai_sal_app.models.checkpoint`). :class:`ServedModel` keeps the loaded
+network and reloads it when the size or modification time of either file changes, so a train
+task (or a user copying a new checkpoint in) is picked up by the next request without restarting
+the server. If the files are missing or do not load, the model is unavailable (:meth:`problem`
+says why) and requests get a 503: it never runs with random or stale weights after a failed reload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from monai_sal_app.lib.errors import RequestError
+from monai_sal_app.models.checkpoint import card_path, load_classifier
+
+__all__ = ["MODEL_NAME", "ServedModel", "find_checkpoints"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # usable in a URL path and as a file name
+_RELOAD_ATTEMPTS = 3  # a checkpoint replaced while it is being read is read again
+
+
+def find_checkpoints(model_dir: str | os.PathLike, names: list[str] | None = None) -> tuple[dict[str, Path], dict[str, str]]:
+    """Checkpoints in ``model_dir``: ``({name: weights path}, {name: why it is not served})``.
+
+    ``names`` None takes every ``<name>.pt`` that has a ``<name>.json`` card; otherwise exactly
+    those names. Names must match :data:`MODEL_NAME`. Nothing is loaded here.
+    """
+    model_dir = Path(model_dir)
+    found: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    if names is None:
+        candidates = sorted(p.stem for p in model_dir.glob("*.pt")) if model_dir.is_dir() else []
+    else:
+        candidates = list(names)
+    for name in candidates:
+        weights = model_dir / f"{name}.pt"
+        if not MODEL_NAME.match(name):
+            skipped[name] = f"invalid model name {name!r} (letters, digits, '_', '-', '.' only)"
+        elif not weights.is_file():
+            skipped[name] = f"weights missing: {weights}"
+        elif not card_path(weights).is_file():
+            skipped[name] = f"model card missing: {card_path(weights)}"
+        else:
+            found[name] = weights
+    return found, skipped
+
+
+class ServedModel:
+    """The classifier of one checkpoint, shared by the infer and train tasks of one served model.
+
+    ``use()`` yields ``(model, card)`` while holding the model's lock, so concurrent requests on the
+    same model run one after another (a saliency method hooks into and differentiates through
+    the shared network) and a reload never happens in the middle of a request.
+    """
+
+    def __init__(self, name: str, path: str | os.PathLike, device: torch.device) -> None:
+        self.name = name
+        self.path = Path(path)
+        self.device = torch.device(device)
+        self._lock = threading.RLock()
+        self._stamp: tuple | None = None
+        self._model: nn.Module | None = None
+        self._card: dict | None = None
+        self._error: str | None = None
+
+    def _file_stamp(self) -> tuple:
+        """(mtime_ns, size) of the weights and of the card; FileNotFoundError if either is missing."""
+        weights, card = os.stat(self.path), os.stat(card_path(self.path))
+        return (weights.st_mtime_ns, weights.st_size, card.st_mtime_ns, card.st_size)
+
+    def _refresh(self) -> None:
+        """Load the checkpoint if it changed since the last load (caller holds the lock)."""
+        try:
+            stamp = self._file_stamp()
+        except FileNotFoundError as error:
+            self._forget(f"weights or model card missing ({error.filename})")
+            return
+        if stamp == self._stamp:
+            return
+        for _ in range(_RELOAD_ATTEMPTS):
+            try:
+                model, card = load_classifier(self.path, device=self.device)
+                after = self._file_stamp()
+            except (FileNotFoundError, ValueError) as error:  # CheckpointError is a ValueError
+                self._forget(str(error))
+                return
+            if after == stamp:
+                if self._stamp is not None:
+                    logger.info("model %s: reloaded %s (changed on disk)", self.name, self.path)
+                self._model, self._card, self._stamp, self._error = model, card, stamp, None
+                return
+            stamp = after  # replaced while loading: read the new files
+        self._forget(f"checkpoint kept changing while being read ({self.path})")
+
+    def _forget(self, reason: str) -> None:
+        if self._error != reason:
+            logger.warning("model %s is not served: %s", self.name, reason)
+        self._model, self._card, self._stamp, self._error = None, None, None, reason
+
+    def problem(self) -> str | None:
+        """Why the model cannot be served now (None when it can); loads or reloads it if needed."""
+        with self._lock:
+            self._refresh()
+            return self._error
+
+    def card(self) -> dict:
+        """The current model card; :class:`RequestError` 503 when the model is unavailable."""
+        with self.use() as (_, card):
+            return card
+
+    def modified(self) -> str:
+        """Modification time of the weights now served, ISO 8601 UTC."""
+        seconds = self._stamp[0] / 1e9 if self._stamp else os.stat(self.path).st_mtime
+        return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[tuple[nn.Module, dict]]:
+        """Hold the model's lock and yield the up-to-date ``(model, card)``; 503 if unavailable."""
+        with self._lock:
+            self._refresh()
+            if self._model is None:
+                raise RequestError(503, f"model {self.name!r} is unavailable: {self._error}")
+            yield self._model, self._card

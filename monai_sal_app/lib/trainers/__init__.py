@@ -1,0 +1,1 @@
+"""Train tasks: :class:`~monai_sal_app.lib.trainers.classifier.ClassifierTrainer`."""

@@ -1,0 +1,148 @@
+"""The train task of one served classifier: retrain it from a manifest and replace its checkpoint.
+
+``POST /train/<name>`` with a JSON body of parameters (all optional)::
+
+    {"manifest": "train/manifest.csv", "loss": "ce", "augmentations": ["noise", "erasing"],
+     "epochs": 20, "batch_size": 32, "lr": 0.001, "patience": 5, "val_fraction": 0.2, "seed": 0,
+     "architecture": "conv5fc3"}
+
+``manifest`` is a path inside the studies folder (relative to it, or absolute) or, by default,
+the manifest the current checkpoint was trained on (recorded in its model card). Training is
+:func:`monai_sal_app.experiments.workflows.train_from_manifest`, the same as ``monai-sal train``;
+it writes ``<name>.pt`` and ``<name>.json`` atomically (each written under a temporary name and
+renamed), and the infer task reloads them at its next request because their mtime changed.
+MONAI Label runs this task in a subprocess unless the request says ``run_sync=true``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from monailabel.interfaces.tasks.train import TrainTask
+
+from monai_sal_app.lib.errors import RequestError
+from monai_sal_app.lib.served_model import ServedModel
+from monai_sal_app.models.augment import AUGMENTATIONS
+from monai_sal_app.models.factory import ARCHITECTURES
+from monai_sal_app.models.losses import LOSSES
+
+__all__ = ["ClassifierTrainer", "TRAIN_DEFAULTS"]
+
+logger = logging.getLogger(__name__)
+
+TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 20, "batch_size": 32, "lr": 1e-3, "patience": 5, "val_fraction": 0.2, "seed": 0}
+# Keys MONAI Label's train endpoint and background runner add to the request.
+_MONAILABEL_TRAIN_KEYS = frozenset({"model", "gpus", "local_rank", "bundle_path", "device", "client_id"})
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RequestError(400, f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+        raise RequestError(400, f"{name} must be a number in ({low}, {high}), got {value!r}")
+    return float(value)
+
+
+class ClassifierTrainer(TrainTask):
+    """Retrain the classifier served as ``name`` (its checkpoint is replaced in place)."""
+
+    def __init__(self, name: str, served: ServedModel, studies: str) -> None:
+        super().__init__(f"retrain {name} from a manifest (loss, augmentations and epochs as parameters)")
+        self.name = name
+        self.served = served
+        self.studies = studies
+
+    def _card(self) -> dict:
+        return self.served.card() if self.served.problem() is None else {}
+
+    def config(self) -> dict[str, Any]:
+        card = self._card()
+        training = card.get("training", {})
+        return {
+            "manifest": card.get("data", {}).get("manifest", ""),
+            "architecture": card.get("architecture", "conv5fc3"),
+            "loss": card.get("loss") or "ce",
+            "augmentations": list(card.get("augmentations") or []),
+            **TRAIN_DEFAULTS,
+            **{k: training[k] for k in ("batch_size", "lr", "seed") if k in training},
+        }
+
+    def stats(self) -> dict[str, Any]:
+        card = self._card()
+        if not card:
+            return {}
+        return {
+            "checkpoint": self.served.path.name,
+            "created": card.get("created"),
+            "metrics": card.get("metrics", {}),
+            "epochs_run": card.get("training", {}).get("epochs_run"),
+        }
+
+    def _manifest(self, value: Any, recorded: str) -> str:
+        """The manifest path to train on: inside the studies folder, or the one the card records."""
+        if not isinstance(value, str) or not value:
+            raise RequestError(400, "no manifest: pass 'manifest' (a manifest.csv inside the studies folder)")
+        studies = os.path.realpath(self.studies)
+        path = os.path.realpath(value if os.path.isabs(value) else os.path.join(studies, value))
+        allowed = (recorded and path == os.path.realpath(recorded)) or os.path.commonpath([path, studies]) == studies
+        if not allowed:
+            raise RequestError(400, f"manifest {value!r} is outside the studies folder")
+        if not os.path.isfile(path):
+            raise RequestError(404, f"manifest {value!r} not found")
+        return path
+
+    def parse(self, request: dict) -> dict[str, Any]:
+        """Validated training parameters: the task's :meth:`config` updated by ``request``."""
+        defaults = self.config()
+        unknown = sorted(set(request) - set(defaults) - _MONAILABEL_TRAIN_KEYS)
+        if unknown:
+            raise RequestError(400, f"unknown train parameter(s) {unknown}; known: {sorted(defaults)}")
+        p = {**defaults, **{k: v for k, v in request.items() if k in defaults}}
+        p["manifest"] = self._manifest(p["manifest"], defaults["manifest"])
+        if p["architecture"] not in ARCHITECTURES:
+            raise RequestError(400, f"unknown architecture {p['architecture']!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if p["loss"] not in LOSSES:
+            raise RequestError(400, f"unknown loss {p['loss']!r}; choose one of {', '.join(LOSSES)}")
+        augmentations = p["augmentations"]
+        if isinstance(augmentations, str):
+            augmentations = [a.strip() for a in augmentations.split(",") if a.strip()]
+        if not isinstance(augmentations, list) or any(a not in AUGMENTATIONS for a in augmentations):
+            raise RequestError(400, f"augmentations must be a list drawn from {', '.join(AUGMENTATIONS)}; got {p['augmentations']!r}")
+        p["augmentations"] = augmentations
+        for key in ("epochs", "batch_size", "patience"):
+            p[key] = _positive_int(key, p[key])
+        if isinstance(p["seed"], bool) or not isinstance(p["seed"], int):
+            raise RequestError(400, f"seed must be an integer, got {p['seed']!r}")
+        p["lr"] = _number("lr", p["lr"], 0.0, 10.0)
+        p["val_fraction"] = _number("val_fraction", p["val_fraction"], 0.0, 1.0)
+        return p
+
+    def __call__(self, request: dict, datastore) -> dict[str, Any]:
+        from monai_sal_app.experiments.workflows import train_from_manifest
+
+        p = self.parse(request)
+        labels = self._card().get("labels")
+        logger.info("training %s on %s: %s", self.name, p["manifest"], {k: v for k, v in p.items() if k != "manifest"})
+        start = time.perf_counter()
+        try:
+            _, card = train_from_manifest(
+                p["manifest"], self.served.path, arch=p["architecture"], loss=p["loss"], augmentations=p["augmentations"],
+                epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], patience=p["patience"], val_fraction=p["val_fraction"],
+                labels=labels, seed=p["seed"], device=str(self.served.device), progress=False, log=logger.info,
+            )
+        except ValueError as error:
+            raise RequestError(400, f"training {self.name} failed: {error}") from error
+        return {
+            "model": self.name,
+            "checkpoint": str(self.served.path),
+            "metrics": card.get("metrics", {}),
+            "epochs_run": card.get("training", {}).get("epochs_run"),
+            "seconds": time.perf_counter() - start,
+        }

@@ -1,0 +1,161 @@
+"""The MONAI Label app: ``monailabel start_server --app <path to monai_sal_app> --studies <folder>``.
+
+Serves every classifier checkpoint found in the app's model folder (``<app>/model/<name>.pt`` with
+its ``<name>.json`` card; ``monai-sal serve`` trains ``classifier_2d`` and ``classifier_3d`` there).
+Per model: an infer task (probabilities + saliency heatmap, any registered method) and a train
+task. A checkpoint that is missing or does not load is left out of ``/info`` and the log says why.
+
+Settings (``--conf key value``):
+
+- ``model_dir``: folder of the checkpoints (default ``<app>/model``);
+- ``models``: comma list of model names to serve (default: every checkpoint in ``model_dir``);
+- ``device``: e.g. ``cpu`` or ``cuda:1`` (default: CUDA when available, else CPU).
+
+MONAI Label loads this file as a module named ``main`` and takes the class whose direct base is
+``MONAILabelApp``; the code lives in the ``monai_sal_app`` package, imported by its full name.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+import torch
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+
+from monai_sal_app import __version__
+from monai_sal_app.lib.configs.classifier import ClassifierConfig
+from monai_sal_app.lib.errors import RequestError, install_http_errors
+from monai_sal_app.lib.inputs import IMAGE_NAME_KEY, CheckedSessions, remove_uploads, resolve_image, resolve_label
+from monai_sal_app.lib.served_model import find_checkpoints
+from monai_sal_app.models.device import default_device
+
+logger = logging.getLogger(__name__)
+
+def _load_malloc_trim():
+    """glibc's ``malloc_trim`` (None on other C libraries)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc only; a no-op elsewhere).
+
+    Requests allocate image, activation and gradient buffers of many sizes from several threads
+    (the event loop, and Starlette's thread pool for uploads and clean-up); glibc keeps the freed
+    pages in per-thread arenas, so without trimming the server's RSS grew ~0.8 MiB per request
+    (``scripts/benchmark_server_memory.py``; flat with ``MALLOC_ARENA_MAX=1`` or with this trim).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+class MonaiSalApp(MONAILabelApp):
+    """Saliency maps for the classifiers in the model folder, over the MONAI Label REST API."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        conf = conf or {}
+        self.model_dir = os.path.realpath(conf.get("model_dir") or os.path.join(app_dir, "model"))
+        self.device = torch.device(conf["device"]) if conf.get("device") else default_device()
+        names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or None
+        found, skipped = find_checkpoints(self.model_dir, names)
+        self.task_configs: dict[str, ClassifierConfig] = {}
+        for name, path in found.items():
+            config = ClassifierConfig()
+            config.init(name, self.model_dir, conf, None, device=self.device, studies=studies)
+            problem = config.problem()
+            if problem:
+                skipped[name] = problem
+            else:
+                self.task_configs[name] = config
+        for name, reason in skipped.items():
+            logger.warning("model %s is not served: %s", name, reason)
+        if self.task_configs:
+            logger.info("serving %s on %s from %s", ", ".join(self.task_configs), self.device, self.model_dir)
+        else:
+            logger.warning(
+                "no model is served: no loadable <name>.pt + <name>.json in %s (run `monai-sal serve`, or "
+                "`monai-sal train --out %s/<name>.pt`)", self.model_dir, self.model_dir,
+            )
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="monai-sal",
+            description="Saliency maps for medical image classifiers (2D and 3D)",
+            version=__version__,
+        )
+        server = sys.modules.get("monailabel.app")
+        if server is not None:  # running inside the MONAI Label server (not a train subprocess)
+            install_http_errors(server.app)
+
+    def init_datastore(self) -> Datastore:
+        """The stock local datastore, also listing single-file DICOM X-rays (``*.dcm``)."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        extensions = list(settings.MONAI_LABEL_DATASTORE_FILE_EXT)
+        if "*.dcm" not in extensions:
+            extensions.append("*.dcm")
+        return LocalDatastore(
+            self.studies,
+            extensions=extensions,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _load_sessions(self, load=False):
+        """MONAI Label's session store, refusing ids that are paths (see ``CheckedSessions``)."""
+        if not load:
+            return None
+        return CheckedSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY)
+
+    def init_infers(self):
+        return {name: config.infer() for name, config in self.task_configs.items()}
+
+    def init_trainers(self):
+        return {name: config.trainer() for name, config in self.task_configs.items()}
+
+    def info(self):
+        meta = super().info()
+        meta["device"] = str(self.device)
+        meta["model_dir"] = self.model_dir
+        return meta
+
+    def infer(self, request, datastore=None):
+        """Check the model and the image/label the request points at, then run MONAI Label's infer.
+
+        Raises :class:`RequestError`: 404 for an unknown model or image id, 503 for a model whose
+        checkpoint is currently unavailable, 400 for an image or label that is not a datastore id,
+        a session image or an upload (see :mod:`monai_sal_app.lib.inputs`).
+        """
+        try:
+            model = request.get("model")
+            if model not in self._infers:
+                raise RequestError(404, f"unknown model {model!r}; served: {', '.join(self._infers) or 'none'}")
+            problem = self._infers[model].served.problem()
+            if problem:
+                raise RequestError(503, f"model {model!r} is unavailable: {problem}")
+            checked = copy.deepcopy(request)
+            checked["image"], checked[IMAGE_NAME_KEY] = resolve_image(checked, datastore or self.datastore(), self.sessions())
+            label = resolve_label(checked)
+            if label is not None:
+                checked["label"] = label
+            return super().infer(checked, datastore)
+        except BaseException:
+            remove_uploads(request)  # MONAI Label only cleans them up after a successful response
+            raise
+        finally:
+            release_free_memory()

@@ -1,0 +1,236 @@
+"""``monai-sal serve``: prepare the built-in data and default models, then start the MONAI Label server.
+
+1. Data: Shepp-Logan subtype phantoms (2D 64 px and 3D 32^3, ``data.shepp_logan``) under
+   ``<workdir>/data``; a few held-out test images go to the datastore ``<workdir>/studies``, with
+   their evidence masks as labels (``studies/labels/final/<id>.nii.gz``).
+2. Models: ``classifier_2d`` and ``classifier_3d`` (conv5-fc3, ``experiments.workflows
+   .train_from_manifest``) are trained into the app's model folder unless they are already there.
+3. Server: MONAI Label's own ``start_server`` (the same as ``monailabel start_server --app
+   <monai_sal_app> --studies <workdir>/studies``), in the foreground.
+
+:func:`start_background_server` runs the same app under uvicorn in a subprocess (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["APP_DIR", "add_parser", "run", "prepare", "start_server", "start_background_server", "BackgroundServer", "free_port"]
+
+APP_DIR = Path(__file__).resolve().parent
+DEFAULT_MODELS = {"classifier_2d": {"dim": 2, "size": 64, "per_class": 150}, "classifier_3d": {"dim": 3, "size": 32, "per_class": 60}}
+LABELS = ["control", "patient"]
+STUDY_IMAGES_PER_CLASS = 4
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``serve`` sub-command on an argparse ``subparsers`` object."""
+    p = subparsers.add_parser("serve", help="prepare built-in data and models, then start the MONAI Label server")
+    p.add_argument("--workdir", default="monai-sal-serve", help="folder for the generated data and the datastore")
+    p.add_argument("--studies", default=None, help="datastore folder (default <workdir>/studies, filled with sample phantoms)")
+    p.add_argument("--model-dir", default=None, help=f"checkpoint folder (default {APP_DIR / 'model'})")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--epochs", type=int, default=10, help="epochs for the default models")
+    p.add_argument("--per-class", type=int, default=None, help="training images per class (default 150 in 2D, 60 in 3D)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: CUDA when available)")
+    p.add_argument("--retrain", action="store_true", help="train the default models even if their checkpoints exist")
+    p.add_argument("--prepare-only", action="store_true", help="prepare data and models, do not start the server")
+    p.set_defaults(func=run)
+    return p
+
+
+def prepare(
+    workdir: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    *,
+    studies: str | os.PathLike | None = None,
+    epochs: int = 10,
+    per_class: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    retrain: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Generate the data and train the default models that are missing; returns the studies folder."""
+    from monai_sal_app.data.manifest import read_manifest
+    from monai_sal_app.data.shepp_logan import generate_shepp_logan
+    from monai_sal_app.experiments.workflows import train_from_manifest
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    workdir, model_dir = Path(workdir).resolve(), Path(model_dir).resolve()
+    studies = Path(studies).resolve() if studies else workdir / "studies"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for name, spec in DEFAULT_MODELS.items():
+        dim, size = spec["dim"], spec["size"]
+        data = workdir / "data" / f"shepp_logan_{dim}d"
+        train_manifest = data / "train" / "manifest.csv"
+        if not train_manifest.is_file():
+            log(f"generating {dim}D Shepp-Logan training phantoms in {train_manifest.parent}")
+            generate_shepp_logan(train_manifest.parent, preset="homogeneous", dim=dim, size=size,
+                                 per_class=per_class or spec["per_class"], seed=seed, progress=progress)
+        test_manifest = data / "test" / "manifest.csv"
+        if not test_manifest.is_file():
+            generate_shepp_logan(test_manifest.parent, preset="test", dim=dim, size=size,
+                                 per_class=STUDY_IMAGES_PER_CLASS, seed=seed + 1, progress=progress)
+        for item in read_manifest(test_manifest):
+            image = Path(item["image"])
+            target = studies / image.name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(image, target)
+                if item.get("mask"):
+                    label = studies / "labels" / "final" / image.name
+                    label.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(item["mask"], label)
+        checkpoint = model_dir / f"{name}.pt"
+        if retrain or not (checkpoint.is_file() and checkpoint.with_suffix(".json").is_file()):
+            log(f"training {name} ({dim}D, {size} px, {epochs} epochs) -> {checkpoint}")
+            train_from_manifest(train_manifest, checkpoint, arch="conv5fc3", epochs=epochs, labels=LABELS,
+                                test_manifest=test_manifest, seed=seed, device=device, progress=progress, log=log)
+        else:
+            log(f"{name}: using {checkpoint}")
+    return studies
+
+
+def _conf(model_dir: Path, device: str | None) -> dict[str, str]:
+    conf = {}
+    if model_dir.resolve() != (APP_DIR / "model").resolve():
+        conf["model_dir"] = str(model_dir.resolve())
+    if device:
+        conf["device"] = device
+    return conf
+
+
+def start_server(app_dir: str | os.PathLike, studies: str | os.PathLike, host: str, port: int, conf: dict[str, str]) -> None:
+    """Run MONAI Label's ``start_server`` (blocks until the server stops)."""
+    from monailabel.main import Main
+
+    main = Main()
+    parser = argparse.ArgumentParser()
+    main.args_start_server(parser)
+    argv = ["--app", str(app_dir), "--studies", str(studies), "--host", host, "--port", str(port)]
+    for key, value in conf.items():
+        argv += ["--conf", key, value]
+    main.action_start_server(parser.parse_args(argv))
+
+
+def run(args) -> None:
+    """The ``serve`` sub-command."""
+    model_dir = Path(args.model_dir) if args.model_dir else APP_DIR / "model"
+    studies = prepare(args.workdir, model_dir, studies=args.studies, epochs=args.epochs, per_class=args.per_class,
+                      seed=args.seed, device=args.device, retrain=args.retrain, progress=not getattr(args, "quiet", False))
+    if args.prepare_only:
+        print(f"ready: monailabel start_server --app {APP_DIR} --studies {studies}"
+              + "".join(f" --conf {k} {v}" for k, v in _conf(model_dir, args.device).items()))
+        return
+    start_server(APP_DIR, studies, args.host, args.port, _conf(model_dir, args.device))
+
+
+# ------------------------------------------------------------------------------------------------
+# background server (tests, benchmarks)
+# ------------------------------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """A MONAI Label server running this app in a subprocess; ``url``, ``pid``, :meth:`stop`."""
+
+    def __init__(self, process: subprocess.Popen, url: str, log_path: Path) -> None:
+        self.process, self.url, self.log_path = process, url, log_path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGINT (uvicorn's graceful shutdown), then kill after ``timeout`` seconds; also ends its children."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_background_server(
+    studies: str | os.PathLike,
+    *,
+    conf: dict[str, str] | None = None,
+    workdir: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    timeout: float = 120.0,
+    extra_env: dict[str, str] | None = None,
+) -> BackgroundServer:
+    """Start ``uvicorn monailabel.app:app`` serving this app and wait until ``/info/`` answers.
+
+    Settings go through the environment as ``monailabel start_server`` passes them (so MONAI Label's
+    train subprocesses see them too); sessions are kept in ``<workdir>/sessions`` and the server's
+    output goes to ``<workdir>/server.log``. Raises RuntimeError (with the log) if it does not start.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port(host)
+    env = {
+        **os.environ,
+        "MONAI_LABEL_APP_DIR": str(APP_DIR),
+        "MONAI_LABEL_STUDIES": str(Path(studies).resolve()),
+        "MONAI_LABEL_APP_CONF": json.dumps(conf or {}),
+        "MONAI_LABEL_SERVER_PORT": str(port),
+        "MONAI_LABEL_SESSION_PATH": str((workdir / "sessions").resolve()),
+        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
+        # start_server exports PYTHONPATH (+ the app dir); MONAI Label's train runner fails without it.
+        "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(APP_DIR)) if p),
+        **(extra_env or {}),
+    }
+    log_path = workdir / "server.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "monailabel.app:app", "--host", host, "--port", str(port), "--log-level", "warning"],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=str(workdir),
+        )
+    server = BackgroundServer(process, f"http://{host}:{port}", log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode}:\n{server.log()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/info/", timeout=5) as response:
+                if response.status == 200:
+                    return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.25)
+    server.stop()
+    raise RuntimeError(f"server did not answer within {timeout} s:\n{server.log()}")

@@ -1,0 +1,174 @@
+"""Tiny checkpoints, images in every input format, and HTTP helpers for the server tests.
+
+Images are smooth random fields (non-constant, finite) written as PNG, DICOM (MONOCHROME1 with a
+PixelSpacing), 2D NIfTI stored as (H, W, 1), 3D NIfTI with an oblique affine and NRRD with a
+non-trivial direction, so that geometry mistakes (a transposed or dropped axis, a lost spacing
+or origin) show up as failures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from requests_toolbelt.multipart.decoder import MultipartDecoder
+from scipy import ndimage
+
+from monai_sal_app.data.io import write_nifti
+from monai_sal_app.models.checkpoint import save_classifier
+from monai_sal_app.models.factory import build_classifier
+
+TINY_CHANNELS = [4, 4, 8, 8, 8]
+LABELS = ["control", "patient"]
+INPUT_SIZE = {2: [32, 32], 3: [16, 16, 16]}
+DICOM_SPACING = (0.5, 0.7)  # (row, column) mm
+
+
+def save_tiny_checkpoint(path: Path, spatial_dims: int, seed: int = 0) -> Path:
+    """An untrained conv5-fc3 with channels (4, 4, 8, 8, 8), saved as a real checkpoint + card."""
+    torch.manual_seed(seed)
+    model = build_classifier("conv5fc3", spatial_dims, channels=TINY_CHANNELS)
+    card = {
+        "architecture": "conv5fc3", "spatial_dims": spatial_dims, "in_channels": 1, "num_classes": 2, "labels": LABELS,
+        "input_size": INPUT_SIZE[spatial_dims], "arch_kwargs": {"channels": TINY_CHANNELS},
+    }
+    return save_classifier(model, path, card)
+
+
+def smooth_field(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """A smooth random float32 field in [0, 1] of ``shape``."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=2.0)
+    return ((field - field.min()) / (field.max() - field.min())).astype(np.float32)
+
+
+def write_png(array: np.ndarray, path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.round(array * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def write_dicom_xray(raw: np.ndarray, path: Path, monochrome1: bool = True) -> Path:
+    """A single-frame DX DICOM of uint16 ``raw`` (rows, cols) with PixelSpacing :data:`DICOM_SPACING`."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = raw.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = [str(DICOM_SPACING[0]), str(DICOM_SPACING[1])]
+    ds.PixelData = raw.astype(np.uint16).tobytes()
+    ds.save_as(str(path), write_like_original=False)
+    return path
+
+
+def oblique_affine(spacing: tuple[float, float, float], origin: tuple[float, float, float], degrees: float) -> np.ndarray:
+    """A 4x4 affine: rotation about the third axis, then per-axis spacing, then origin."""
+    t = np.deg2rad(degrees)
+    rotation = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+def write_nrrd(array: np.ndarray, path: Path, spacing: tuple, origin: tuple, direction: np.ndarray) -> Path:
+    """NRRD through ITK: ``array`` in numpy (z, y, x) order; spacing/origin (x, y, z); LPS direction."""
+    import itk
+
+    image = itk.image_from_array(np.ascontiguousarray(array, dtype=np.float32))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in origin])
+    image.SetDirection(itk.matrix_from_array(np.asarray(direction, dtype=np.float64)))
+    itk.imwrite(image, str(path))
+    return path
+
+
+def make_studies(studies: Path) -> dict[str, dict]:
+    """Write every test image into ``studies``; returns {id: {"path", "dim", "mask" (path or None)}}."""
+    studies.mkdir(parents=True, exist_ok=True)
+    masks = studies.parent / "masks"
+    masks.mkdir(exist_ok=True)
+    items: dict[str, dict] = {}
+
+    png = smooth_field((48, 40), seed=1)
+    items["xray_png"] = {"path": write_png(png, studies / "xray_png.png"), "dim": 2, "mask": None}
+
+    raw = np.round(smooth_field((44, 52), seed=2) * 4000 + 10).astype(np.uint16)
+    items["xray_dcm"] = {"path": write_dicom_xray(raw, studies / "xray_dcm.dcm"), "dim": 2, "mask": None, "raw": raw}
+
+    ct2d = smooth_field((36, 40), seed=3)
+    affine2d = np.diag([0.8, 0.6, 2.0, 1.0])
+    affine2d[:3, 3] = [-10.0, 5.0, 3.0]
+    write_nifti(ct2d[..., None], studies / "slice_nii.nii.gz", affine=affine2d)  # stored (H, W, 1)
+    mask2d = np.zeros((36, 40), dtype=np.uint8)
+    mask2d[8:20, 10:24] = 1
+    items["slice_nii"] = {"path": studies / "slice_nii.nii.gz", "dim": 2, "mask": write_nifti(mask2d, masks / "slice_nii_mask.nii.gz", affine=affine2d)}
+
+    vol = smooth_field((20, 18, 17), seed=4)
+    affine3d = oblique_affine((1.5, 1.2, 2.5), (12.0, -30.0, 7.5), degrees=20)
+    write_nifti(vol, studies / "volume_nii.nii.gz", affine=affine3d)
+    mask3d = np.zeros(vol.shape, dtype=np.uint8)
+    mask3d[4:10, 5:12, 3:9] = 1
+    items["volume_nii"] = {"path": studies / "volume_nii.nii.gz", "dim": 3, "mask": write_nifti(mask3d, masks / "volume_nii_mask.nii.gz", affine=affine3d)}
+
+    direction = oblique_affine((1, 1, 1), (0, 0, 0), degrees=-15)[:3, :3]
+    nrrd = smooth_field((17, 19, 21), seed=5)  # (z, y, x)
+    items["volume_nrrd"] = {"path": write_nrrd(nrrd, studies / "volume_nrrd.nrrd", (0.9, 1.1, 2.0), (-5.0, 8.0, 40.0), direction), "dim": 3, "mask": None}
+    return items
+
+
+def post_infer(url: str, model: str, *, image: str = "", session_id: str = "", params: dict | str | None = None,
+               file: Path | tuple | None = None, label: Path | tuple | None = None, output: str | None = "all", timeout: float = 120):
+    """Raw-HTTP infer. Returns ``(status, json or None, heatmap NIfTI bytes or None, response)``.
+
+    ``file``/``label``: a path, or ``(filename, bytes)``. ``params`` dict is JSON-encoded; a str is sent as is.
+    """
+    query = {"image": image}
+    if session_id:
+        query["session_id"] = session_id
+    if output:
+        query["output"] = output
+    files = {}
+    for field, value in (("file", file), ("label", label)):
+        if value is not None:
+            files[field] = (value.name, value.read_bytes()) if isinstance(value, Path) else value
+    data = {"params": params if isinstance(params, str) else json.dumps(params or {})}
+    response = requests.post(f"{url}/infer/{model}", params=query, data=data, files=files or None, timeout=timeout)
+    if response.status_code != 200:
+        return response.status_code, None, None, response
+    content_type = response.headers.get("content-type", "")
+    if content_type.startswith("multipart/"):
+        parts = MultipartDecoder(response.content, content_type).parts
+        result, heatmap = None, None
+        for part in parts:
+            disposition = part.headers.get(b"Content-Disposition", b"").decode()
+            if 'name="params"' in disposition:
+                result = json.loads(part.content)
+            elif 'name="image"' in disposition:
+                heatmap = part.content
+        return response.status_code, result, heatmap, response
+    return response.status_code, response.json(), None, response
+
+
+def load_nifti_bytes(data: bytes):
+    """A nibabel image from the bytes of a .nii.gz file."""
+    import gzip
+
+    import nibabel as nib
+
+    return nib.Nifti1Image.from_bytes(gzip.decompress(data))
+

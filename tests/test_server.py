@@ -1,0 +1,426 @@
+"""The MONAI Label app over real HTTP: uvicorn on 127.0.0.1 in a subprocess, tiny checkpoints, tiny images.
+
+Every answer is checked against the in-process path (``load_classifier`` + ``explain_array`` on the
+same checkpoint and ``read_image`` of the same file), mask metrics against ``monai-sal evaluate``'s
+own function, and heatmap geometry against the input's (nibabel affine, and ITK's physical points
+for NRRD). The server is started once for the module and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+import torch
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from monai_sal_app.data.io import read_image, write_nifti
+from monai_sal_app.data.shepp_logan import generate_shepp_logan
+from monai_sal_app.experiments.workflows import evaluate_maps
+from monai_sal_app.inference import explain_array
+from monai_sal_app.lib.infers.saliency import json_safe
+from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.models.device import default_device
+from monai_sal_app.saliency import available_methods
+from monai_sal_app.lib.served_model import find_checkpoints
+from monai_sal_app.serve import add_parser, start_background_server
+from server_fixtures import DICOM_SPACING, LABELS, load_nifti_bytes, make_studies, post_infer, save_tiny_checkpoint
+
+MODEL_OF_DIM = {2: "classifier_2d", 3: "classifier_3d"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Model folder (2 servable + 2 broken checkpoints), studies, a training manifest, and the running server."""
+    root = tmp_path_factory.mktemp("server")
+    model_dir = root / "model"
+    save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0)
+    save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
+    (model_dir / "broken.pt").write_bytes(b"these are not weights")
+    shutil.copyfile(model_dir / "classifier_2d.json", model_dir / "broken.json")
+    shutil.copyfile(model_dir / "classifier_2d.pt", model_dir / "no_card.pt")
+    studies = root / "studies"
+    items = make_studies(studies)
+    generate_shepp_logan(studies / "train2d", preset="homogeneous", dim=2, size=32, per_class=6, seed=0, progress=False)
+    bad = root / "bad"
+    bad.mkdir()
+    server = start_background_server(
+        studies, conf={"model_dir": str(model_dir)}, workdir=root / "run", extra_env={"OMP_NUM_THREADS": "1"}, timeout=240
+    )
+    try:
+        yield {"root": root, "model_dir": model_dir, "studies": studies, "items": items, "bad": bad, "url": server.url, "server": server}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Same thread count as the server (OMP_NUM_THREADS=1), so in-process numbers compare tightly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def in_process(env, model: str, path: Path, method: str = "gradcam", target=None, params=None, array=None):
+    """The CLI's path on the same checkpoint and file: ``(Explanation, read_image meta)``."""
+    network, card = load_classifier(env["model_dir"] / f"{model}.pt", device="cpu")
+    image, meta = read_image(path)
+    return explain_array(network, card, image if array is None else array, method, target=target, params=params), meta
+
+
+def assert_matches_in_process(env, result: dict, heatmap: nib.Nifti1Image, model: str, path: Path, method="gradcam", target=None, params=None, array=None):
+    expected, meta = in_process(env, model, path, method, target, params, array)
+    np.testing.assert_allclose([result["probabilities"][label] for label in LABELS], expected.probabilities, rtol=1e-5, atol=1e-7)
+    assert result["target"]["index"] == expected.target
+    assert result["method"] == method
+    data = np.asarray(heatmap.dataobj)
+    assert data.dtype == np.float32
+    np.testing.assert_allclose(data.reshape(expected.saliency.shape), expected.saliency, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(expected.saliency).max())))
+    np.testing.assert_allclose(heatmap.affine, meta["affine"], atol=1e-5)
+    return expected
+
+
+# ------------------------------------------------------------------------------------------------
+# /info
+# ------------------------------------------------------------------------------------------------
+
+
+def test_info_lists_servable_models_with_methods_and_device(env):
+    info = requests.get(f"{env['url']}/info/", timeout=30).json()
+    assert set(info["models"]) == {"classifier_2d", "classifier_3d"}  # broken.pt and no_card.pt are left out
+    assert info["device"] == str(default_device())
+    for dim, name in MODEL_OF_DIM.items():
+        model = info["models"][name]
+        assert model["dimension"] == dim
+        assert model["labels"] == LABELS
+        assert model["input_size"] == ([32, 32] if dim == 2 else [16, 16, 16])
+        assert model["methods"] == json_safe(available_methods())
+        assert model["device"] == str(default_device())
+        assert model["default_method"] in model["methods"]
+    assert set(info["trainers"]) == {"classifier_2d", "classifier_3d"}
+    log = env["server"].log()
+    assert "model broken is not served" in log and "model no_card is not served: model card missing" in log
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs: datastore, session, direct upload; 2D PNG / DICOM / NIfTI and 3D NIfTI / NRRD
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_id", ["xray_png", "xray_dcm", "slice_nii", "volume_nii", "volume_nrrd"])
+def test_datastore_image_with_monailabel_client(env, tmp_path, image_id):
+    item = env["items"][image_id]
+    client = MONAILabelClient(env["url"], tmpdir=str(tmp_path))
+    model = MODEL_OF_DIM[item["dim"]]
+    heatmap_file, result = client.infer(model, image_id, {"method": "gradcam"})
+    heatmap = nib.load(heatmap_file)
+    input_array, meta = read_image(item["path"])
+    assert assert_matches_in_process(env, result, heatmap, model, item["path"]).saliency.shape == input_array.shape
+    assert result["image"]["shape"] == list(input_array.shape) == result["heatmap"]["shape"]
+    if image_id == "slice_nii":  # stored (H, W, 1): the heatmap keeps the file's own shape and affine
+        source = nib.load(item["path"])
+        assert heatmap.shape == source.shape == (36, 40, 1)
+        np.testing.assert_allclose(heatmap.affine, source.affine)
+    else:
+        assert heatmap.shape == input_array.shape
+    if image_id == "xray_dcm":
+        assert heatmap.header.get_zooms()[:2] == pytest.approx(DICOM_SPACING)
+
+
+def test_dicom_monochrome1_is_inverted(env, tmp_path):
+    item = env["items"]["xray_dcm"]
+    raw = item["raw"].astype(np.float32)
+    inverted = raw.max() + raw.min() - raw  # MONOCHROME1: high value = dark
+    status, result, heatmap, _ = post_infer(env["url"], "classifier_2d", image="xray_dcm")
+    assert status == 200
+    assert_matches_in_process(env, result, load_nifti_bytes(heatmap), "classifier_2d", item["path"], array=inverted)
+
+
+def test_nrrd_heatmap_has_the_input_physical_grid(env):
+    import itk
+
+    item = env["items"]["volume_nrrd"]
+    status, _, heatmap_bytes, _ = post_infer(env["url"], "classifier_3d", image="volume_nrrd")
+    assert status == 200
+    heatmap = load_nifti_bytes(heatmap_bytes)
+    source = itk.imread(str(item["path"]))
+    size = list(source.GetLargestPossibleRegion().GetSize())  # (x, y, z)
+    assert heatmap.shape == tuple(reversed(size))  # numpy (z, y, x), as read_image returns the NRRD
+    for index in ([0, 0, 0], [size[0] - 1, 0, 0], [0, size[1] - 1, size[2] - 1], [3, 5, 7]):
+        lps = np.array(source.TransformIndexToPhysicalPoint([int(i) for i in index]))
+        ras = heatmap.affine @ np.array([index[2], index[1], index[0], 1.0])
+        np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-4)
+
+
+@pytest.mark.parametrize("image_id", ["xray_png", "xray_dcm", "slice_nii", "volume_nii"])
+def test_session_upload(env, tmp_path, image_id):
+    item = env["items"][image_id]
+    client = MONAILabelClient(env["url"], tmpdir=str(tmp_path))
+    session_id = client.create_session(str(item["path"]))["session_id"]
+    model = MODEL_OF_DIM[item["dim"]]
+    heatmap_file, result = client.infer(model, "", {"method": "gradient"}, session_id=session_id)
+    assert_matches_in_process(env, result, nib.load(heatmap_file), model, item["path"], method="gradient")
+
+
+@pytest.mark.parametrize("image_id", ["xray_png", "xray_dcm", "slice_nii", "volume_nii", "volume_nrrd"])
+def test_direct_upload_raw_http(env, image_id):
+    item = env["items"][image_id]
+    model = MODEL_OF_DIM[item["dim"]]
+    status, result, heatmap, response = post_infer(env["url"], model, file=item["path"], params={"method": "gradcam", "target": 1})
+    assert status == 200, response.text
+    assert result["target"] == {"index": 1, "label": "patient", "probability": result["probabilities"]["patient"]}
+    assert_matches_in_process(env, result, load_nifti_bytes(heatmap), model, item["path"], target=1)
+
+
+def test_direct_upload_with_monailabel_client(env, tmp_path):
+    item = env["items"]["volume_nii"]
+    client = MONAILabelClient(env["url"], tmpdir=str(tmp_path))
+    heatmap_file, result = client.infer("classifier_3d", "", {"target": "patient"}, file=str(item["path"]))
+    assert result["target"]["label"] == "patient"
+    assert_matches_in_process(env, result, nib.load(heatmap_file), "classifier_3d", item["path"], target=1)
+
+
+def test_output_json_has_no_heatmap_and_same_numbers(env):
+    status, result, heatmap, response = post_infer(env["url"], "classifier_2d", image="slice_nii", output="json")
+    assert status == 200 and heatmap is None
+    assert response.headers["content-type"].startswith("application/json")
+    expected, _ = in_process(env, "classifier_2d", env["items"]["slice_nii"]["path"])
+    np.testing.assert_allclose(list(result["probabilities"].values()), expected.probabilities, rtol=1e-5)
+    assert set(result["seconds"]) >= {"read", "predict", "explain", "total", "write", "task_total"}
+    assert result["device"] == str(default_device())
+    assert result["params"] == json_safe(available_methods()["gradcam"]["defaults"])
+
+
+@pytest.mark.parametrize("method", sorted(available_methods()))
+def test_every_registered_method_runs_under_the_server(env, method):
+    """Gradient-based methods need autograd although MONAI Label serves under no_grad."""
+    item = env["items"]["slice_nii"]
+    status, result, heatmap, response = post_infer(env["url"], "classifier_2d", image="slice_nii", params={"method": method})
+    assert status == 200, response.text
+    assert_matches_in_process(env, result, load_nifti_bytes(heatmap), "classifier_2d", item["path"], method=method)
+
+
+def test_method_options_are_passed_and_echoed(env):
+    status, result, heatmap, response = post_infer(env["url"], "classifier_2d", image="xray_png", params={"method": "gradcam", "layer": "features.2", "target": 0})
+    assert status == 200, response.text
+    assert result["params"]["layer"] == "features.2"
+    assert_matches_in_process(env, result, load_nifti_bytes(heatmap), "classifier_2d", env["items"]["xray_png"]["path"], target=0, params={"layer": "features.2"})
+
+
+# ------------------------------------------------------------------------------------------------
+# masks in, metrics out
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_id", ["slice_nii", "volume_nii"])
+def test_mask_gives_the_evaluate_metrics(env, tmp_path, image_id):
+    item = env["items"][image_id]
+    model = MODEL_OF_DIM[item["dim"]]
+    status, result, heatmap, response = post_infer(env["url"], model, image=image_id, label=item["mask"], params={"method": "gradient"})
+    assert status == 200, response.text
+    map_path = tmp_path / "map.nii.gz"
+    map_path.write_bytes(heatmap)
+    maps_csv = tmp_path / "maps.csv"
+    with open(maps_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "map", "mask", "method"])
+        writer.writeheader()
+        writer.writerow({"id": image_id, "map": str(map_path), "mask": str(item["mask"]), "method": "gradient"})
+    rows, _ = evaluate_maps(maps_csv, tmp_path / "evaluation", log=lambda message: None)  # what `monai-sal evaluate` runs
+    expected = {k: v for k, v in rows[0].items() if k not in ("id", "method", "subtype")}
+    assert result["metrics"].keys() == expected.keys()
+    for key, value in expected.items():
+        assert result["metrics"][key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_mask_with_monailabel_client(env, tmp_path):
+    item = env["items"]["volume_nii"]
+    client = MONAILabelClient(env["url"], tmpdir=str(tmp_path))
+    _, result = client.infer("classifier_3d", "volume_nii", {"method": "gradcam"}, label_in=str(item["mask"]))
+    assert 0.0 <= result["metrics"]["roc_auc"] <= 1.0 and "auprc" in result["metrics"]
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: 4xx with a message, and the server keeps answering
+# ------------------------------------------------------------------------------------------------
+
+
+def _bad_file(env, name: str, content: bytes | None = None, array: np.ndarray | None = None) -> Path:
+    path = env["bad"] / name
+    if array is not None:
+        write_nifti(array, path)
+    else:
+        path.write_bytes(content)
+    return path
+
+
+BAD_REQUESTS = {
+    # name: (request kwargs built from env, expected status, words the message must contain)
+    "3d volume to the 2d model": (lambda e: dict(model="classifier_2d", image="volume_nii"), 400, "2D"),
+    "2d image to the 3d model": (lambda e: dict(model="classifier_3d", image="xray_png"), 400, "3D"),
+    "unreadable nifti": (lambda e: dict(file=_bad_file(e, "garbage.nii.gz", b"this is not a nifti file")), 400, "cannot read"),
+    "unsupported file type": (lambda e: dict(file=_bad_file(e, "notes.txt", b"hello")), 400, "unsupported"),
+    "empty file": (lambda e: dict(file=_bad_file(e, "empty.png", b"")), 400, "cannot read"),
+    "nan image": (lambda e: dict(file=_bad_file(e, "nan.nii.gz", array=np.where(np.eye(32) > 0, np.nan, 1.0).astype(np.float32))), 400, "NaN"),
+    "constant image": (lambda e: dict(file=_bad_file(e, "constant.nii.gz", array=np.full((32, 32), 7.0, np.float32))), 400, "constant"),
+    "unknown model": (lambda e: dict(model="no_such_model", image="xray_png"), 404, "unknown model"),
+    "broken model": (lambda e: dict(model="broken", image="xray_png"), 404, "unknown model"),
+    "unknown method": (lambda e: dict(params={"method": "no_such_method"}), 400, "unknown saliency method"),
+    "target out of range": (lambda e: dict(params={"target": 2}), 400, "out of range"),
+    "negative target": (lambda e: dict(params={"target": -1}), 400, "out of range"),
+    "target not a class": (lambda e: dict(params={"target": "tumour"}), 400, "neither"),
+    "float target": (lambda e: dict(params={"target": 1.5}), 400, "class index"),
+    "unknown parameter": (lambda e: dict(params={"method": "gradcam", "stpes": 5}), 400, "stpes"),
+    "bad method option": (lambda e: dict(params={"method": "gradcam", "layer": "no.such.layer"}), 400, "layer"),
+    "params not json": (lambda e: dict(params="{method: gradcam"), 400, "not valid JSON"),
+    "no input at all": (lambda e: dict(image=""), 400, "no input image"),
+    "relative path as id": (lambda e: dict(image="../../etc/passwd"), 400, "not a datastore id"),
+    "absolute path as id": (lambda e: dict(image="/etc/passwd"), 400, "not a datastore id"),
+    "path injected in params": (lambda e: dict(params={"image": "/etc/passwd"}), 400, "not a datastore id"),
+    "label path injected in params": (lambda e: dict(params={"label": "/etc/passwd"}), 400, "'label' form field"),
+    "unknown image id": (lambda e: dict(image="no_such_image"), 404, "not found"),
+    "unknown session": (lambda e: dict(image="", session_id="../../etc"), 404, "session"),
+    "mask on another grid": (lambda e: dict(image="slice_nii", label=e["items"]["volume_nii"]["mask"]), 400, "mask shape"),
+    "empty mask": (lambda e: dict(image="slice_nii", label=_bad_file(e, "empty_mask.nii.gz", array=np.zeros((36, 40), np.uint8))), 400, "foreground"),
+    "unreadable mask": (lambda e: dict(image="slice_nii", label=_bad_file(e, "bad_mask.nii.gz", b"nope")), 400, "mask"),
+}
+
+
+def uploads_left_with(content: bytes) -> list[Path]:
+    """Files named like MONAI Label's upload temp files (``tmpXXXXXXXX*``) in the temp folder holding ``content``."""
+    pattern = re.compile(r"^tmp[a-z0-9_]{8}")
+    return [p for p in Path(tempfile.gettempdir()).iterdir()
+            if pattern.match(p.name) and p.is_file() and p.stat().st_size == len(content) and p.read_bytes() == content]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_input_gets_a_4xx_and_the_server_still_answers(env, case):
+    build, expected_status, words = BAD_REQUESTS[case]
+    kwargs = {"model": "classifier_2d", "image": "xray_png", **build(env)}
+    uploads = [kwargs[f].read_bytes() for f in ("file", "label") if isinstance(kwargs.get(f), Path) and kwargs[f].stat().st_size]
+    before = {content: set(uploads_left_with(content)) for content in uploads}
+    status, _, _, response = post_infer(env["url"], kwargs.pop("model"), **kwargs)
+    assert status == expected_status, response.text
+    assert words.lower() in response.json()["detail"].lower(), response.text
+    assert "/tmp" not in response.json()["detail"]  # no server path leaks into messages
+    for content in uploads:  # a failed request leaves no uploaded file behind
+        assert not set(uploads_left_with(content)) - before[content]
+    status, result, _, response = post_infer(env["url"], "classifier_2d", image="xray_png", output="json")
+    assert status == 200, response.text
+    assert requests.get(f"{env['url']}/info/", timeout=30).status_code == 200
+
+
+def test_monailabel_client_sees_the_4xx_message(env, tmp_path):
+    client = MONAILabelClient(env["url"], tmpdir=str(tmp_path))
+    with pytest.raises(MONAILabelClientException, match="Status: 400.*unknown saliency method"):
+        client.infer("classifier_2d", "xray_png", {"method": "nope"})
+
+
+# ------------------------------------------------------------------------------------------------
+# concurrency
+# ------------------------------------------------------------------------------------------------
+
+
+def test_16_concurrent_requests_all_succeed_with_correct_results(env):
+    jobs = [("xray_png", "gradcam"), ("xray_dcm", "gradient"), ("slice_nii", "gradcam"), ("volume_nii", "gradient")] * 4
+
+    def run(job):
+        image_id, method = job
+        item = env["items"][image_id]
+        return job, post_infer(env["url"], MODEL_OF_DIM[item["dim"]], image=image_id, params={"method": method})
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(run, jobs))
+    expected = {}
+    for (image_id, method), (status, result, heatmap, response) in answers:
+        assert status == 200, response.text
+        item = env["items"][image_id]
+        if (image_id, method) not in expected:
+            expected[image_id, method] = in_process(env, MODEL_OF_DIM[item["dim"]], item["path"], method)[0]
+        want = expected[image_id, method]
+        np.testing.assert_allclose(list(result["probabilities"].values()), want.probabilities, rtol=1e-5, atol=1e-7)
+        got = np.asarray(load_nifti_bytes(heatmap).dataobj).reshape(want.saliency.shape)
+        np.testing.assert_allclose(got, want.saliency, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(want.saliency).max())))
+
+
+# ------------------------------------------------------------------------------------------------
+# training over the API (last: it replaces classifier_2d's checkpoint)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_train_parameters_get_a_4xx(env):
+    manifest = {"manifest": "train2d/manifest.csv"}
+    for params, status, words in (
+        ({"loss": "hinge", **manifest}, 400, "unknown loss"), ({"epochs": 0, **manifest}, 400, "epochs"),
+        ({"manifest": "/etc/passwd"}, 400, "outside"), ({"manifest": "../../etc/passwd"}, 400, "outside"),
+        ({"manifest": "nope.csv"}, 404, "not found"), ({}, 400, "no manifest"),  # the tiny checkpoints record no manifest
+        ({"augmentations": ["rotate"], **manifest}, 400, "augmentations"), ({"epoch": 3, **manifest}, 400, "unknown train parameter"),
+    ):
+        response = requests.post(f"{env['url']}/train/classifier_2d", params={"run_sync": "true"}, json=params, timeout=60)
+        assert response.status_code == status, (params, response.text)
+        assert words in response.json()["detail"]
+
+
+def test_training_over_the_api_is_served_without_restart(env):
+    url = env["url"]
+    before = post_infer(url, "classifier_2d", image="xray_png", output="json")[1]
+    params = {"manifest": "train2d/manifest.csv", "epochs": 1, "loss": "ce", "augmentations": ["noise"], "batch_size": 8, "patience": 1}
+    response = requests.post(f"{url}/train/classifier_2d", json=params, timeout=60)
+    assert response.status_code == 200, response.text
+    deadline = time.monotonic() + 180
+    while True:
+        task = requests.get(f"{url}/train/", timeout=30).json()
+        if task["status"] in ("DONE", "ERROR") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert task["status"] == "DONE", json.dumps(task, indent=1)
+    card = json.loads((env["model_dir"] / "classifier_2d.json").read_text())
+    assert card["loss"] == "ce" and card["augmentations"] == ["noise"] and card["input_size"] == [32, 32]
+    status, after, heatmap, response = post_infer(url, "classifier_2d", image="xray_png")
+    assert status == 200, response.text
+    assert after["checkpoint"]["modified"] != before["checkpoint"]["modified"]
+    assert_matches_in_process(env, after, load_nifti_bytes(heatmap), "classifier_2d", env["items"]["xray_png"]["path"])
+    info = requests.get(f"{url}/info/", timeout=30).json()
+    assert info["models"]["classifier_2d"]["input_size"] == [32, 32]
+    assert info["train_stats"]["classifier_2d"]["epochs_run"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# monai-sal serve: data, datastore and default models (the server start itself is MONAI Label's)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    argv = ["serve", "--prepare-only", "--workdir", str(tmp_path / "work"), "--model-dir", str(tmp_path / "model"), "--epochs", "1", "--per-class", "2"]
+    args = parser.parse_args(argv)
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    args.func(args)
+    printed = capsys.readouterr().out
+    assert f"--conf model_dir {tmp_path / 'model'}" in printed and "monailabel start_server --app" in printed
+    found, skipped = find_checkpoints(tmp_path / "model")
+    assert set(found) == {"classifier_2d", "classifier_3d"} and not skipped
+    for name, dim, size in (("classifier_2d", 2, 64), ("classifier_3d", 3, 32)):
+        _, card = load_classifier(found[name], device="cpu")
+        assert (card["spatial_dims"], card["input_size"], card["labels"]) == (dim, [size] * dim, ["control", "patient"])
+    studies = tmp_path / "work" / "studies"
+    assert len(list(studies.glob("sl2d-test-*.nii.gz"))) == len(list(studies.glob("sl3d-test-*.nii.gz"))) == 8
+    labels = list((studies / "labels" / "final").glob("*.nii.gz"))
+    assert labels and all((studies / label.name).is_file() for label in labels)
+    stamps = {name: path.stat().st_mtime_ns for name, path in found.items()}
+    args.func(parser.parse_args(argv))  # a second run reuses the checkpoints
+    assert "training" not in capsys.readouterr().out
+    assert {name: path.stat().st_mtime_ns for name, path in found.items()} == stamps
