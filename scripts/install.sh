@@ -7,3 +7,5 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# The real-anatomy bases (docs/DATA_REAL.md); warns and goes on when one cannot be had.
+bash scripts/install_data.sh || echo "install: warning: some real-anatomy bases are missing (see above)" >&2

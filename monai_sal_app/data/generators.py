@@ -3,6 +3,9 @@
 Every generator has the signature
 ``generate(out_dir, preset=..., dim=..., size=None, per_class=None, seed=0, progress=True) -> Path``
 and returns the path of the manifest it wrote (see ``data.manifest``).
+
+The real-anatomy generators (``brain-atrophy``, ``chest-xray``, ``ct-lesions``) need the bases that
+``scripts/install_data.sh`` installs (docs/DATA_REAL.md); their modules are imported only when called.
 """
 
 from __future__ import annotations
@@ -14,5 +17,37 @@ from monai_sal_app.data.shepp_logan import generate_shepp_logan
 
 __all__ = ["GENERATORS", "PRESETS"]
 
-GENERATORS: dict[str, Callable] = {"shepp-logan": generate_shepp_logan}
-PRESETS: dict[str, tuple[str, ...]] = {"shepp-logan": tuple(SHEPP_LOGAN_PRESETS)}
+
+def generate_brain_atrophy(out_dir, preset="homogeneous", dim=3, size=None, per_class=None, seed=0, progress=True):
+    """Brain atrophy on the Colin27 T1 (see :func:`monai_sal_app.data.brain_atrophy.generate_brain_atrophy`)."""
+    from monai_sal_app.data.brain_atrophy import generate_brain_atrophy as generate
+
+    return generate(out_dir, preset=preset, dim=dim, size=size, per_class=per_class, seed=seed, progress=progress)
+
+
+def generate_chest_xray(out_dir, preset="train", dim=2, size=None, per_class=None, seed=0, progress=True):
+    """Chest X-ray opacities in the RSNA layout (see :func:`monai_sal_app.data.chest_xray.generate_chest_xray`)."""
+    from monai_sal_app.data.chest_xray import generate_chest_xray as generate
+
+    return generate(out_dir, preset=preset, dim=dim, size=size, per_class=per_class, seed=seed, progress=progress)
+
+
+def generate_ct_lesions(out_dir, preset="train", dim=3, size=None, per_class=None, seed=0, progress=True):
+    """CT lesions on pyradiomics' lung CTs (see :func:`monai_sal_app.data.ct_lesions.generate_ct_lesions`)."""
+    from monai_sal_app.data.ct_lesions import generate_ct_lesions as generate
+
+    return generate(out_dir, preset=preset, dim=dim, size=size, per_class=per_class, seed=seed, progress=progress)
+
+
+GENERATORS: dict[str, Callable] = {
+    "shepp-logan": generate_shepp_logan,
+    "brain-atrophy": generate_brain_atrophy,
+    "chest-xray": generate_chest_xray,
+    "ct-lesions": generate_ct_lesions,
+}
+PRESETS: dict[str, tuple[str, ...]] = {
+    "shepp-logan": tuple(SHEPP_LOGAN_PRESETS),
+    "brain-atrophy": ("homogeneous", "heterogeneous", "test", "mild"),
+    "chest-xray": ("train", "test", "subtle"),
+    "ct-lesions": ("train", "test"),
+}
