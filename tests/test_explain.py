@@ -228,3 +228,32 @@ def test_bad_arguments_raise_clear_errors():
         explain(model, x.long(), "gradient")
     with pytest.raises(TypeError, match=r"torch.Tensor"):
         explain(model, x.numpy(), "gradient")
+
+
+# The cheapest work of every registered method (a new method must be added here).
+CHEAP = {
+    "gradient": {}, "gradient_x_input": {}, "gradcam": {}, "guided_backprop": {}, "guided_gradcam": {},
+    "smoothgrad": {"n_samples": 2}, "integrated_gradients": {"steps": 2}, "smoothgrad_ig": {"n_samples": 1, "steps": 2},
+    "occlusion": {"window": 16, "stride": 16}, "xrai": {"steps": 2}, "meaningful_perturbation": {"steps": 1},
+}
+
+
+def test_cheap_work_covers_every_method():
+    assert set(CHEAP) == set(available_methods())
+
+
+@pytest.mark.parametrize("method", sorted(CHEAP))
+def test_a_given_target_is_checked_without_an_extra_forward_pass(method):
+    model, x = tiny_cnn(2), images_for(2, n=2)
+    rows = []
+    handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        with pytest.raises(ValueError, match=r"out of range for a model with 3 classes"):
+            explain(model, x, method, target=[0, 3], **CHEAP[method])
+        with pytest.raises(ValueError, match=r"out of range"):
+            explain(model, x, method, target=-1, **CHEAP[method])
+        rows.clear()
+        explain(model, x, "gradient", target=[0, 2])
+    finally:
+        handle.remove()
+    assert rows == [2]  # the gradient pass itself, nothing to count the classes

@@ -470,9 +470,9 @@ class FailsOnCall(nn.Module):
 
 @pytest.mark.parametrize(
     "method,fail_at",
-    # guided_gradcam: call 2 is its Grad-CAM pass, call 3 the guided one; occlusion: call 3 is the
-    # first occluded chunk
-    [("guided_backprop", 2), ("guided_gradcam", 3), ("smoothgrad", 2), ("integrated_gradients", 2), ("occlusion", 3)],
+    # a given target costs no forward pass, so call 1 is the method's first; guided_gradcam: call 1
+    # is its Grad-CAM pass, call 2 the guided one; occlusion: call 2 is the first occluded chunk
+    [("guided_backprop", 1), ("guided_gradcam", 2), ("smoothgrad", 1), ("integrated_gradients", 1), ("occlusion", 2)],
 )
 def test_no_trace_after_a_failure_inside_a_method(method, fail_at):
     model = FailsOnCall(fail_at).train()
@@ -524,6 +524,18 @@ def test_auto_batch_size_follows_free_memory(monkeypatch):
     assert auto_batch_size(model, x, passes_per_image=50) == 1
     monkeypatch.setattr(core, "free_memory_bytes", lambda device: 10**15)
     assert auto_batch_size(model, x, passes_per_image=50) == 150  # never more rows than needed
+
+
+def test_auto_batch_size_caps_cpu_chunks_and_splits_rows_evenly(monkeypatch):
+    model, x = tiny_resnet(2), images_for(2, n=3)
+    per_row = 2 * core._activation_bytes_per_row(model, x[:1]) + 4 * x[0].numel() * 4
+    monkeypatch.setattr(core, "free_memory_bytes", lambda device: 10**15)
+    monkeypatch.setattr(core, "CPU_CHUNK_BYTES", 16 * per_row)
+    # 150 rows at most 16 per pass -> 10 passes of 15 (not 9 x 16 + 6)
+    assert auto_batch_size(model, x, passes_per_image=50) == 15
+    assert auto_batch_size(model, x, passes_per_image=5) == 15
+    assert auto_batch_size(model, x, passes_per_image=1) == 3
+    assert core.max_rows_in_memory(model, x) > 10**6  # the memory rule alone knows no CPU cap
 
 
 def test_activation_memory_is_measured_and_scales_with_the_image(dims):

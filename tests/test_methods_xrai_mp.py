@@ -352,6 +352,27 @@ def test_perturbation_shapes_mixed_targets_batches_and_seed():
     torch.testing.assert_close(single, still[1:2], rtol=1e-4, atol=1e-5)
 
 
+def test_perturbation_jitter_copies_share_one_pass_per_step():
+    model = tiny_cnn(2)
+    x = textured_images(2, 2, 64)
+    target = torch.tensor([2, 0])
+    rows = []
+    handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        # batch_size given: the automatic one measures the model's activations with a one-row pass
+        explain(model, x, "meaningful_perturbation", target=target, steps=5, jitter_copies=3, batch_size=2)
+    finally:
+        handle.remove()
+    assert rows == [6] * 5  # 2 images x 3 jittered copies in each of the 5 sequential passes
+    # without jitter the copies are identical, so their mean score is the single copy's
+    one = explain(model, x, "meaningful_perturbation", target=target, steps=8, jitter=0)
+    three = explain(model, x, "meaningful_perturbation", target=target, steps=8, jitter=0, jitter_copies=3)
+    torch.testing.assert_close(three, one, rtol=1e-4, atol=1e-5)
+    # with jitter they are different draws, so the result changes
+    jittered = explain(model, x, "meaningful_perturbation", target=target, steps=8, jitter_copies=3)
+    assert not torch.allclose(jittered, explain(model, x, "meaningful_perturbation", target=target, steps=8))
+
+
 def test_perturbation_3d_shapes():
     model = tiny_cnn(3)
     x = textured_images(3, 2, 24)
@@ -372,6 +393,10 @@ def test_perturbation_bad_parameters_raise():
         explain(model, x, "meaningful_perturbation", steps=0)
     with pytest.raises(ValueError, match="lr"):
         explain(model, x, "meaningful_perturbation", steps=2, lr=-1.0)
+    with pytest.raises(ValueError, match="jitter_copies"):
+        explain(model, x, "meaningful_perturbation", steps=2, jitter_copies=0)
+    with pytest.raises(ValueError, match="out of range"):
+        explain(model, x, "meaningful_perturbation", steps=2, target=3)
 
 
 # ------------------------------------------------------------------------------------ both

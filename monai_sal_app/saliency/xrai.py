@@ -54,8 +54,9 @@ from skimage.transform import resize
 from torch import nn
 
 from monai_sal_app.saliency.core import (
-    model_device,
+    auto_batch_size,
     chunks,
+    model_device,
     get_method,
     model_guard,
     register,
@@ -126,6 +127,8 @@ def _integrated_gradients_min_max(
     alphas = torch.linspace(0.0, 1.0, steps, device=images.device, dtype=images.dtype)
     view = (-1,) + (1,) * (images.ndim - 1)
     grad_sums = torch.zeros((n * 2, *images.shape[1:]), device=images.device, dtype=images.dtype)
+    if batch_size is None:
+        batch_size = auto_batch_size(model, images, 2 * steps)
     for sl in chunks(n * 2 * steps, batch_size):
         index = torch.arange(sl.start, sl.stop, device=images.device)
         path, k = index // steps, index % steps  # path = image * 2 + baseline
@@ -392,7 +395,7 @@ def xrai(
 
     Args:
         steps: IG steps per baseline (two baselines: the image's min and max).
-        batch_size: interpolated inputs per forward/backward pass (None: all at once).
+        batch_size: interpolated inputs per forward/backward pass (None: :func:`auto_batch_size`).
         scales, sigma, min_size, dilation_px: 2D Felzenszwalb segmentation (PAIR's values;
             ``min_size`` in pixels of the 224 x 224 segmentation grid, ``dilation_px`` in pixels
             of the image). ``sigma`` is also SLIC's pre-smoothing in 3D.
