@@ -48,8 +48,19 @@ def cmd_train(args) -> None:
         args.data, args.out, arch=args.arch, loss=args.loss, augmentations=_split(args.aug), epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, val_fraction=args.val_fraction,
         labels=_split(args.labels) if args.labels else None, test_manifest=args.test, seed=args.seed,
-        device=args.device, progress=not args.quiet,
+        input_size=_input_size(args.input_size), device=args.device, progress=not args.quiet,
     )
+
+
+def _input_size(text: str | None) -> int | tuple[int, ...] | None:
+    """``--input-size``: "128" (every axis) or "96,96,64" (one per axis)."""
+    if not text:
+        return None
+    try:
+        sides = tuple(int(v) for v in _split(text))
+    except ValueError:
+        raise ValueError(f"--input-size takes one int or a comma list of ints, got {text!r}") from None
+    return sides[0] if len(sides) == 1 else sides
 
 
 def cmd_explain(args) -> None:
@@ -124,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--labels", default=None, help="comma list of class names, e.g. control,patient")
+    p.add_argument("--input-size", default=None, help="network input grid: 128 (every axis) or 96,96,64 (default: the first image's shape)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train)

@@ -1,10 +1,13 @@
 """``monai-sal serve``: prepare the built-in data and default models, then start the MONAI Label server.
 
-1. Data: Shepp-Logan subtype phantoms (2D 64 px and 3D 32^3, ``data.shepp_logan``) under
-   ``<workdir>/data``; a few held-out test images go to the datastore ``<workdir>/studies``, with
-   their evidence masks as labels (``studies/labels/final/<id>.nii.gz``).
-2. Models: ``classifier_2d`` and ``classifier_3d`` (conv5-fc3, ``experiments.workflows
-   .train_from_manifest``) are trained into the app's model folder unless they are already there.
+1. Data (``--data real``, the default): chest X-rays with opacities (``data.chest_xray``, 2D) and
+   lung CT crops with real and inserted lesions (``data.ct_lesions``, 3D), generated under
+   ``<workdir>/data`` from the bases ``scripts/install_data.sh`` installs; ``--data shepp-logan``
+   uses the Shepp-Logan subtype phantoms instead (no bases needed). A few held-out test images
+   go to the datastore ``<workdir>/studies``, with their lesion masks as labels
+   (``studies/labels/final/<id>.nii.gz``).
+2. Models: one conv5-fc3 per data set (:data:`DEFAULT_MODELS`, ``experiments.workflows
+   .train_from_manifest``) is trained into the app's model folder unless it is already there.
 3. Server: MONAI Label's own ``start_server`` (the same as ``monailabel start_server --app
    <monai_sal_app> --studies <workdir>/studies``), in the foreground.
 
@@ -24,27 +27,65 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["APP_DIR", "add_parser", "run", "prepare", "start_server", "start_background_server", "BackgroundServer", "free_port"]
+__all__ = ["APP_DIR", "DEFAULT_MODELS", "DefaultModel", "add_parser", "run", "prepare", "start_server",
+           "start_background_server", "BackgroundServer", "free_port"]
 
 APP_DIR = Path(__file__).resolve().parent
-DEFAULT_MODELS = {"classifier_2d": {"dim": 2, "size": 64, "per_class": 150}, "classifier_3d": {"dim": 3, "size": 32, "per_class": 60}}
-LABELS = ["control", "patient"]
 STUDY_IMAGES_PER_CLASS = 4
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """A model ``monai-sal serve`` trains when its checkpoint is missing.
+
+    ``generator``/``dim``/``train_preset``/``test_preset``/``per_class``: the data
+    (``data.generators``); ``input_size``: the network's input side in pixels/voxels (images are
+    resized to it); ``epochs``/``lr``: training; ``labels``: class names served in ``/info``.
+    """
+
+    generator: str
+    dim: int
+    train_preset: str
+    test_preset: str
+    per_class: int
+    input_size: int
+    labels: tuple[str, ...]
+    epochs: int
+    lr: float
+
+
+# name -> model, per --data choice. Real: a PA chest radiograph classifier (opacity vs normal,
+# 256^2 images seen at 128^2) and a 3D CT classifier (lung lesion vs none, 64^3 crops at 1.5 mm
+# seen at 32^3, i.e. 3 mm voxels).
+DEFAULT_MODELS: dict[str, dict[str, DefaultModel]] = {
+    "real": {
+        "chest_xray_2d": DefaultModel("chest-xray", 2, "train", "test", 150, 128, ("normal", "opacity"), 25, 1e-3),
+        "ct_lesion_3d": DefaultModel("ct-lesions", 3, "train", "test", 100, 32, ("no lesion", "lesion"), 25, 3e-4),
+    },
+    "shepp-logan": {
+        "classifier_2d": DefaultModel("shepp-logan", 2, "homogeneous", "test", 150, 64, ("control", "patient"), 10, 1e-3),
+        "classifier_3d": DefaultModel("shepp-logan", 3, "homogeneous", "test", 60, 32, ("control", "patient"), 10, 1e-3),
+    },
+}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``serve`` sub-command on an argparse ``subparsers`` object."""
     p = subparsers.add_parser("serve", help="prepare built-in data and models, then start the MONAI Label server")
+    p.add_argument("--data", choices=sorted(DEFAULT_MODELS), default="real",
+                   help="real: chest X-ray (2D) + lung CT (3D) models on the installed bases (default); "
+                        "shepp-logan: phantom models, no bases needed")
     p.add_argument("--workdir", default="monai-sal-serve", help="folder for the generated data and the datastore")
-    p.add_argument("--studies", default=None, help="datastore folder (default <workdir>/studies, filled with sample phantoms)")
+    p.add_argument("--studies", default=None, help="datastore folder (default <workdir>/studies, filled with held-out test images)")
     p.add_argument("--model-dir", default=None, help=f"checkpoint folder (default {APP_DIR / 'model'})")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--epochs", type=int, default=10, help="epochs for the default models")
-    p.add_argument("--per-class", type=int, default=None, help="training images per class (default 150 in 2D, 60 in 3D)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for the default models (default: per model, 25 real, 10 shepp-logan)")
+    p.add_argument("--per-class", type=int, default=None, help="training images per class (default: per model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: CUDA when available)")
     p.add_argument("--retrain", action="store_true", help="train the default models even if their checkpoints exist")
@@ -57,8 +98,9 @@ def prepare(
     workdir: str | os.PathLike,
     model_dir: str | os.PathLike,
     *,
+    data: str = "real",
     studies: str | os.PathLike | None = None,
-    epochs: int = 10,
+    epochs: int | None = None,
     per_class: int | None = None,
     seed: int = 0,
     device: str | None = None,
@@ -66,28 +108,34 @@ def prepare(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Generate the data and train the default models that are missing; returns the studies folder."""
+    """Generate the data and train the default models of ``data`` that are missing; returns the
+    studies folder. A missing base (``--data real`` without ``scripts/install_data.sh``) raises
+    ``BaseNotInstalled`` naming the install command, before anything is written."""
+    from monai_sal_app.data.generators import GENERATORS
     from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.data.shepp_logan import generate_shepp_logan
     from monai_sal_app.experiments.workflows import train_from_manifest
 
-    if epochs < 1:
+    if data not in DEFAULT_MODELS:
+        raise ValueError(f"unknown data {data!r}; choose one of {', '.join(sorted(DEFAULT_MODELS))}")
+    if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if data == "real":
+        _check_real_bases()
     workdir, model_dir = Path(workdir).resolve(), Path(model_dir).resolve()
     studies = Path(studies).resolve() if studies else workdir / "studies"
     model_dir.mkdir(parents=True, exist_ok=True)
-    for name, spec in DEFAULT_MODELS.items():
-        dim, size = spec["dim"], spec["size"]
-        data = workdir / "data" / f"shepp_logan_{dim}d"
-        train_manifest = data / "train" / "manifest.csv"
+    for name, spec in DEFAULT_MODELS[data].items():
+        generate = GENERATORS[spec.generator]
+        folder = workdir / "data" / f"{spec.generator}_{spec.dim}d"
+        train_manifest = folder / "train" / "manifest.csv"
         if not train_manifest.is_file():
-            log(f"generating {dim}D Shepp-Logan training phantoms in {train_manifest.parent}")
-            generate_shepp_logan(train_manifest.parent, preset="homogeneous", dim=dim, size=size,
-                                 per_class=per_class or spec["per_class"], seed=seed, progress=progress)
-        test_manifest = data / "test" / "manifest.csv"
+            log(f"generating {spec.dim}D {spec.generator} training data in {train_manifest.parent}")
+            generate(train_manifest.parent, preset=spec.train_preset, dim=spec.dim,
+                     per_class=per_class or spec.per_class, seed=seed, progress=progress)
+        test_manifest = folder / "test" / "manifest.csv"
         if not test_manifest.is_file():
-            generate_shepp_logan(test_manifest.parent, preset="test", dim=dim, size=size,
-                                 per_class=STUDY_IMAGES_PER_CLASS, seed=seed + 1, progress=progress)
+            generate(test_manifest.parent, preset=spec.test_preset, dim=spec.dim,
+                     per_class=STUDY_IMAGES_PER_CLASS, seed=seed + 1, progress=progress)
         for item in read_manifest(test_manifest):
             image = Path(item["image"])
             target = studies / image.name
@@ -100,12 +148,25 @@ def prepare(
                     shutil.copyfile(item["mask"], label)
         checkpoint = model_dir / f"{name}.pt"
         if retrain or not (checkpoint.is_file() and checkpoint.with_suffix(".json").is_file()):
-            log(f"training {name} ({dim}D, {size} px, {epochs} epochs) -> {checkpoint}")
-            train_from_manifest(train_manifest, checkpoint, arch="conv5fc3", epochs=epochs, labels=LABELS,
-                                test_manifest=test_manifest, seed=seed, device=device, progress=progress, log=log)
+            n_epochs = epochs or spec.epochs
+            log(f"training {name} ({spec.dim}D {spec.generator}, input {spec.input_size} px, {n_epochs} epochs) -> {checkpoint}")
+            train_from_manifest(train_manifest, checkpoint, arch="conv5fc3", epochs=n_epochs, lr=spec.lr, patience=10,
+                                labels=spec.labels, test_manifest=test_manifest, input_size=spec.input_size,
+                                seed=seed, device=device, progress=progress, log=log)
         else:
             log(f"{name}: using {checkpoint}")
     return studies
+
+
+def _check_real_bases() -> None:
+    """Raise ``BaseNotInstalled`` (with the install command) if the chest or CT base is missing."""
+    from monai_sal_app.data.bases import BaseNotInstalled, chest_radiograph_file, lung_ct_files
+
+    try:
+        chest_radiograph_file()
+        lung_ct_files()
+    except BaseNotInstalled as err:
+        raise BaseNotInstalled(f"{err}; or serve the phantom models: monai-sal serve --data shepp-logan") from None
 
 
 def _conf(model_dir: Path, device: str | None) -> dict[str, str]:
@@ -133,7 +194,7 @@ def start_server(app_dir: str | os.PathLike, studies: str | os.PathLike, host: s
 def run(args) -> None:
     """The ``serve`` sub-command."""
     model_dir = Path(args.model_dir) if args.model_dir else APP_DIR / "model"
-    studies = prepare(args.workdir, model_dir, studies=args.studies, epochs=args.epochs, per_class=args.per_class,
+    studies = prepare(args.workdir, model_dir, data=args.data, studies=args.studies, epochs=args.epochs, per_class=args.per_class,
                       seed=args.seed, device=args.device, retrain=args.retrain, progress=not getattr(args, "quiet", False))
     if args.prepare_only:
         print(f"ready: monailabel start_server --app {APP_DIR} --studies {studies}"

@@ -74,7 +74,7 @@ from monai.networks.nets import DenseNet121
 from torch import nn
 
 from monai_sal_app.saliency import available_methods, explain, model_guard
-from monai_sal_app.saliency.core import auto_batch_size, free_memory_bytes
+from monai_sal_app.saliency.core import auto_batch_size, free_memory_bytes, max_rows_in_memory
 from monai_sal_app.saliency.occlusion import occlusion_geometry
 
 CONFIGS = {"2d224b1": (2, 224, 1), "2d224b8": (2, 224, 8), "3d64": (3, 64, 1), "3d96": (3, 96, 1)}
@@ -267,7 +267,7 @@ def make_setup(name: str, device: torch.device, memory_fraction: float) -> Setup
     with torch.no_grad():
         target = model(images).argmax(1)
     # rows whose forward+backward fit in memory_fraction of the free memory (measured activations)
-    max_grad_rows = auto_batch_size(model, images[:1], 10**9, memory_fraction=memory_fraction)
+    max_grad_rows = max_rows_in_memory(model, images[:1], memory_fraction=memory_fraction)
     return Setup(name, spatial_dims, side, batch, device, model, images, target,
                  PassTimer(model, tuple(images.shape[1:]), device), max_grad_rows)
 
@@ -590,11 +590,12 @@ def largest_pass(timing_passes: list[tuple[int, bool]], grad: bool) -> int | Non
 def warm_up(setup: Setup, method: str, per_image: int, grad: bool) -> None:
     """One untimed pass at the chunk size ours is expected to use (and its remainder), so that
     ours, which runs first, does not pay alone for a new batch shape (allocator, oneDNN/cuDNN
-    primitives). The expectation mirrors the library: the whole batch for meaningful
-    perturbation, ``auto_batch_size`` otherwise."""
+    primitives). The expectation mirrors the library: ``auto_batch_size`` rows, of the images
+    alone for meaningful perturbation (one jittered copy per image and step by default)."""
     rows = setup.batch * per_image
-    if method == "meaningful_perturbation":
-        chunk = setup.batch
+    if method == "meaningful_perturbation":  # sequential steps: only the images share a pass
+        chunk = min(setup.batch, auto_batch_size(setup.model, setup.images, 1))
+        rows = setup.batch
     else:
         chunk = min(auto_batch_size(setup.model, setup.images, per_image), setup.max_grad_rows)
     for size in {chunk, rows % chunk} - {0}:

@@ -56,6 +56,18 @@ def test_train_writes_state_dict_and_card(trained):
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
+def test_train_resizes_to_the_requested_input_size(trained, tmp_path, capsys):
+    manifest = str(trained / "train" / "manifest.csv")
+    assert run("train", "--data", manifest, "--epochs", "1", "--input-size", "16", "--out", str(tmp_path / "small.pt")) == 0
+    assert json.loads((tmp_path / "small.json").read_text())["input_size"] == [16, 16]
+    assert run("train", "--data", manifest, "--epochs", "1", "--input-size", "24,16", "--out", str(tmp_path / "wide.pt")) == 0
+    assert json.loads((tmp_path / "wide.json").read_text())["input_size"] == [24, 16]
+    capsys.readouterr()
+    assert run("train", "--data", manifest, "--input-size", "big", "--out", str(tmp_path / "bad.pt")) == 2
+    assert "--input-size takes one int" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()
+
+
 def test_explain_then_evaluate(trained, tmp_path):
     out = tmp_path / "maps"
     assert run("explain", "--model", str(trained / "model.pt"), str(trained / "test" / "manifest.csv"), "--method", "gradient,gradcam", "--postprocess", "abs", "--overlays", "2", "--out", str(out)) == 0

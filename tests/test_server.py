@@ -13,6 +13,7 @@ import csv
 import json
 import re
 import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -402,25 +403,48 @@ def test_training_over_the_api_is_served_without_restart(env):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "data,models,study_glob",
+    [
+        # the defaults: a chest X-ray classifier and a 3D CT one, on the bases install_data.sh installs
+        ("real", {"chest_xray_2d": (2, 128, ["normal", "opacity"]), "ct_lesion_3d": (3, 32, ["no lesion", "lesion"])},
+         {"*-*-*-*-*.nii.gz": 8, "ct3d-test-*.nii.gz": 8}),
+        ("shepp-logan", {"classifier_2d": (2, 64, ["control", "patient"]), "classifier_3d": (3, 32, ["control", "patient"])},
+         {"sl2d-test-*.nii.gz": 8, "sl3d-test-*.nii.gz": 8}),
+    ],
+)
+def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, capsys, data, models, study_glob):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
-    argv = ["serve", "--prepare-only", "--workdir", str(tmp_path / "work"), "--model-dir", str(tmp_path / "model"), "--epochs", "1", "--per-class", "2"]
+    argv = ["serve", "--prepare-only", "--data", data, "--workdir", str(tmp_path / "work"), "--model-dir", str(tmp_path / "model"),
+            "--epochs", "1", "--per-class", "2"]
     args = parser.parse_args(argv)
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     args.func(args)
     printed = capsys.readouterr().out
     assert f"--conf model_dir {tmp_path / 'model'}" in printed and "monailabel start_server --app" in printed
     found, skipped = find_checkpoints(tmp_path / "model")
-    assert set(found) == {"classifier_2d", "classifier_3d"} and not skipped
-    for name, dim, size in (("classifier_2d", 2, 64), ("classifier_3d", 3, 32)):
+    assert set(found) == set(models) and not skipped
+    for name, (dim, size, labels) in models.items():
         _, card = load_classifier(found[name], device="cpu")
-        assert (card["spatial_dims"], card["input_size"], card["labels"]) == (dim, [size] * dim, ["control", "patient"])
+        assert (card["spatial_dims"], card["input_size"], card["labels"]) == (dim, [size] * dim, labels)
     studies = tmp_path / "work" / "studies"
-    assert len(list(studies.glob("sl2d-test-*.nii.gz"))) == len(list(studies.glob("sl3d-test-*.nii.gz"))) == 8
+    assert {pattern: len(list(studies.glob(pattern))) for pattern in study_glob} == study_glob
     labels = list((studies / "labels" / "final").glob("*.nii.gz"))
-    assert labels and all((studies / label.name).is_file() for label in labels)
+    assert len(labels) == 8 and all((studies / label.name).is_file() for label in labels)  # every positive has its mask
     stamps = {name: path.stat().st_mtime_ns for name, path in found.items()}
     args.func(parser.parse_args(argv))  # a second run reuses the checkpoints
     assert "training" not in capsys.readouterr().out
     assert {name: path.stat().st_mtime_ns for name, path in found.items()} == stamps
+
+
+def test_serve_real_data_without_the_bases_names_the_fix(tmp_path, monkeypatch):
+    from monai_sal_app.data import bases
+    from monai_sal_app.serve import prepare
+
+    monkeypatch.delenv("MONAI_SAL_DATA", raising=False)
+    monkeypatch.setattr(bases, "REPO_DATA", tmp_path / "no-bases")
+    monkeypatch.setitem(sys.modules, "data_store", None)  # hides pydicom-data's radiograph as well
+    with pytest.raises(bases.BaseNotInstalled, match=r"install_data.sh.*monai-sal serve --data shepp-logan"):
+        prepare(tmp_path / "work", tmp_path / "model", data="real")
+    assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()  # nothing written

@@ -91,6 +91,7 @@ def train_from_manifest(
     val_fraction: float = 0.2,
     labels: Sequence[str] | None = None,
     test_manifest: str | Path | None = None,
+    input_size: int | Sequence[int] | None = None,
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
@@ -100,6 +101,8 @@ def train_from_manifest(
 
     A stratified ``val_fraction`` of the manifest is held out for validation AUC, balanced
     accuracy and early stopping; ``test_manifest``, when given, is scored once at the end.
+    ``input_size``: the network's input grid in pixels/voxels (one int for every axis, or one per
+    axis); images are resized to it (:func:`preprocess`). Default: the first image's shape.
     """
     from monai_sal_app.models.checkpoint import save_classifier
     from monai_sal_app.models.device import default_device
@@ -107,7 +110,11 @@ def train_from_manifest(
     from monai_sal_app.models.train import evaluate_classifier, train_classifier
 
     items = read_manifest(manifest)
-    x, input_size = load_inputs(items, progress=progress)
+    if isinstance(input_size, int):
+        input_size = (input_size,) * read_image(items[0]["image"])[0].ndim
+    if input_size is not None and (len(input_size) not in (2, 3) or min(input_size) < 1):
+        raise ValueError(f"input_size must give 2 or 3 positive sides, got {input_size!r}")
+    x, input_size = load_inputs(items, input_size, progress=progress)
     y = torch.tensor([int(i["label"]) for i in items])
     num_classes = int(y.max()) + 1
     if num_classes < 2:
