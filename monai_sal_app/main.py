@@ -1,7 +1,7 @@
 """The MONAI Label app: ``monailabel start_server --app <path to monai_sal_app> --studies <folder>``.
 
 Serves every classifier checkpoint found in the app's model folder (``<app>/model/<name>.pt`` with
-its ``<name>.json`` card; ``monai-sal serve`` trains ``classifier_2d`` and ``classifier_3d`` there).
+its ``<name>.json`` card; ``monai-sal serve`` trains ``chest_xray_2d`` and ``ct_lesion_3d`` there).
 Per model: an infer task (probabilities + saliency heatmap, any registered method) and a train
 task. A checkpoint that is missing or does not load is left out of ``/info`` and the log says why.
 

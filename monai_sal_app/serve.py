@@ -3,9 +3,9 @@
 1. Data (``--data real``, the default): chest X-rays with opacities (``data.chest_xray``, 2D) and
    lung CT crops with real and inserted lesions (``data.ct_lesions``, 3D), generated under
    ``<workdir>/data`` from the bases ``scripts/install_data.sh`` installs; ``--data shepp-logan``
-   uses the Shepp-Logan subtype phantoms instead (no bases needed). A few held-out test images
-   go to the datastore ``<workdir>/studies``, with their lesion masks as labels
-   (``studies/labels/final/<id>.nii.gz``).
+   uses the Shepp-Logan subtype phantoms instead (no bases needed). Eight held-out test images per
+   model go to the datastore ``<workdir>/studies`` as ``<model>-000`` ... ``<model>-007``, with
+   their lesion masks as labels (``studies/labels/final/<id>.nii.gz``).
 2. Models: one conv5-fc3 per data set (:data:`DEFAULT_MODELS`, ``experiments.workflows
    .train_from_manifest``) is trained into the app's model folder unless it is already there.
 3. Server: MONAI Label's own ``start_server`` (the same as ``monailabel start_server --app
@@ -136,14 +136,13 @@ def prepare(
         if not test_manifest.is_file():
             generate(test_manifest.parent, preset=spec.test_preset, dim=spec.dim,
                      per_class=STUDY_IMAGES_PER_CLASS, seed=seed + 1, progress=progress)
-        for item in read_manifest(test_manifest):
-            image = Path(item["image"])
-            target = studies / image.name
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(image, target)
+        for k, item in enumerate(read_manifest(test_manifest)):
+            study = f"{name}-{k:03d}.nii.gz"  # the model it is meant for, readable in curl commands
+            if not (studies / study).exists():
+                studies.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(item["image"], studies / study)
                 if item.get("mask"):
-                    label = studies / "labels" / "final" / image.name
+                    label = studies / "labels" / "final" / study
                     label.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(item["mask"], label)
         checkpoint = model_dir / f"{name}.pt"

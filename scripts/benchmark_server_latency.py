@@ -1,7 +1,8 @@
 """Server latency against in-process ``explain_array`` time for the same input: the server's overhead.
 
-For each model (``classifier_2d`` 64 px, ``classifier_3d`` 32^3, prepared by ``serve.prepare``
-as in ``benchmark_server_memory.py``) and each method, the same image is explained ``--repeats``
+For each default model of ``monai-sal serve --data DATA`` (real: ``chest_xray_2d`` 128^2 on
+256^2 images and ``ct_lesion_3d`` 32^3 on 64^3 volumes; prepared by ``serve.prepare`` as in
+``benchmark_server_memory.py``) and each method, the same image is explained ``--repeats``
 times by a POST to the running server (datastore id, ``output=all``: JSON + NIfTI heatmap, timed
 end to end by the client) and in this process by ``inference.explain_array`` on the same
 checkpoint (``read_image`` + ``explain_array``, the work the server's task does, minus HTTP,
@@ -28,10 +29,9 @@ import torch
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from monai_sal_app.data.io import read_image
-from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.inference import explain_array
 from monai_sal_app.models.checkpoint import load_classifier
-from monai_sal_app.serve import prepare, start_background_server
+from monai_sal_app.serve import DEFAULT_MODELS, prepare, start_background_server
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--methods", default="gradcam,gradient,integrated_gradients", help="comma list")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
+    p.add_argument("--data", choices=sorted(DEFAULT_MODELS), default="real", help="which default models (monai-sal serve --data)")
     p.add_argument("--workdir", default=None, help="keep data, models and the server log here (default: a temporary folder)")
     return p.parse_args(argv)
 
@@ -78,15 +79,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="monai-sal-bench-") as tmp:
         work = Path(args.workdir).resolve() if args.workdir else Path(tmp)
         model_dir = work / "model"
-        studies = prepare(work, model_dir, epochs=1, per_class=2, progress=False, log=lambda m: print(m, flush=True))
+        studies = prepare(work, model_dir, data=args.data, epochs=1, per_class=2, progress=False,
+                          log=lambda m: print(m, flush=True))
         server = start_background_server(studies, conf={"model_dir": str(model_dir)}, workdir=work / "run",
                                          extra_env={"OMP_NUM_THREADS": str(args.threads)})
         try:
             print(f"{'model':<14} {'method':<22} {'server ms':>10} {'task ms':>9} {'in-process ms':>14} {'ratio':>6} {'overhead ms':>12}")
-            for dim in (2, 3):
-                model = f"classifier_{dim}d"
-                image = Path(read_manifest(work / "data" / f"shepp_logan_{dim}d" / "test" / "manifest.csv")[0]["image"])
-                image_id = image.name.removesuffix(".nii.gz")
+            for model in DEFAULT_MODELS[args.data]:
+                image_id = f"{model}-000"
+                image = studies / f"{image_id}.nii.gz"
                 for method in methods:
                     time_server(server.url, model, image_id, method, 1)  # warm-up (first forward/backward)
                     time_in_process(model_dir / f"{model}.pt", image, method, 1)

@@ -1,8 +1,9 @@
 """Does the server's memory grow over repeated rounds of infer requests? Prints the RSS per round.
 
 Starts the MONAI Label app under uvicorn (``monai_sal_app.serve.start_background_server``) on the
-default models (``classifier_2d`` 64 px, ``classifier_3d`` 32^3; trained for 1 epoch on a few
-phantoms by ``serve.prepare`` unless ``--workdir`` already holds them: the weights do not matter
+default models of ``monai-sal serve --data DATA`` (real: ``chest_xray_2d`` 128^2 and
+``ct_lesion_3d`` 32^3; shepp-logan: ``classifier_2d``/``classifier_3d``; trained for 1 epoch on a
+few images by ``serve.prepare`` unless ``--workdir`` already holds them: the weights do not matter
 for memory), then sends rounds of requests mixing 2D and 3D, datastore ids and direct uploads,
 masks, and the methods given. After each round it prints the server process's resident set size.
 
@@ -25,8 +26,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from monai_sal_app.data.manifest import read_manifest
-from monai_sal_app.serve import prepare, start_background_server
+from monai_sal_app.serve import DEFAULT_MODELS, prepare, start_background_server
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,24 +34,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--requests", type=int, default=20, help="infer requests per round")
     p.add_argument("--methods", default="gradcam,gradient,integrated_gradients", help="comma list, used in turn")
+    p.add_argument("--data", choices=sorted(DEFAULT_MODELS), default="real", help="which default models (monai-sal serve --data)")
     p.add_argument("--workdir", default=None, help="keep data, models and the server log here (default: a temporary folder)")
     p.add_argument("--max-growth-mb", type=float, default=None, help="fail if RSS grows more than this from round 1 to the end")
     return p.parse_args(argv)
 
 
-def request_plan(test_manifests: dict[int, Path], methods: list[str], n: int) -> list[dict]:
-    """``n`` request descriptions cycling over dims, datastore vs upload, with/without mask, methods."""
+def request_plan(studies: Path, models: list[str], methods: list[str], n: int) -> list[dict]:
+    """``n`` request descriptions cycling over the models, datastore vs upload, with/without mask,
+    methods; on the studies that have a mask (``<model>-NNN`` with ``labels/final/<model>-NNN``)."""
     plans = []
-    items = {dim: [i for i in read_manifest(m) if i.get("mask")] for dim, m in test_manifests.items()}
+    images = {m: sorted(p.name for p in (studies / "labels" / "final").glob(f"{m}-*.nii.gz")) for m in models}
     for k in range(n):
-        dim = 2 if k % 2 == 0 else 3
-        item = items[dim][(k // 2) % len(items[dim])]
-        image = Path(item["image"])
-        plan = {"model": f"classifier_{dim}d", "method": methods[k % len(methods)], "mask": Path(item["mask"]) if k % 3 == 0 else None}
+        model = models[k % len(models)]
+        name = images[model][(k // len(models)) % len(images[model])]
+        plan = {"model": model, "method": methods[k % len(methods)],
+                "mask": studies / "labels" / "final" / name if k % 3 == 0 else None}
         if k % 4 < 2:
-            plan["image_id"] = image.name.removesuffix(".nii.gz")
+            plan["image_id"] = name.removesuffix(".nii.gz")
         else:
-            plan["file"] = image
+            plan["file"] = studies / name
         plans.append(plan)
     return plans
 
@@ -75,9 +77,9 @@ def main(argv=None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     with tempfile.TemporaryDirectory(prefix="monai-sal-bench-") as tmp:
         work = Path(args.workdir).resolve() if args.workdir else Path(tmp)
-        studies = prepare(work, work / "model", epochs=1, per_class=2, progress=False, log=lambda m: print(m, flush=True))
-        manifests = {dim: work / "data" / f"shepp_logan_{dim}d" / "test" / "manifest.csv" for dim in (2, 3)}
-        plans = request_plan(manifests, methods, args.requests)
+        studies = prepare(work, work / "model", data=args.data, epochs=1, per_class=2, progress=False,
+                          log=lambda m: print(m, flush=True))
+        plans = request_plan(studies, list(DEFAULT_MODELS[args.data]), methods, args.requests)
         server = start_background_server(studies, conf={"model_dir": str(work / "model")}, workdir=work / "run")
         try:
             process = psutil.Process(server.pid)

@@ -408,9 +408,9 @@ def test_training_over_the_api_is_served_without_restart(env):
     [
         # the defaults: a chest X-ray classifier and a 3D CT one, on the bases install_data.sh installs
         ("real", {"chest_xray_2d": (2, 128, ["normal", "opacity"]), "ct_lesion_3d": (3, 32, ["no lesion", "lesion"])},
-         {"*-*-*-*-*.nii.gz": 8, "ct3d-test-*.nii.gz": 8}),
+         {"chest_xray_2d-00?.nii.gz": 8, "ct_lesion_3d-00?.nii.gz": 8}),
         ("shepp-logan", {"classifier_2d": (2, 64, ["control", "patient"]), "classifier_3d": (3, 32, ["control", "patient"])},
-         {"sl2d-test-*.nii.gz": 8, "sl3d-test-*.nii.gz": 8}),
+         {"classifier_2d-00?.nii.gz": 8, "classifier_3d-00?.nii.gz": 8}),
     ],
 )
 def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, capsys, data, models, study_glob):
