@@ -231,11 +231,14 @@ def _row_bytes(model: nn.Module, images: torch.Tensor) -> int:
 
 
 # On a CPU, rows per pass stop paying once a chunk's working set leaves the caches and memory
-# bandwidth is the limit: DenseNet121 forward+backward on 2 cores, per row, at 1/2/4/8/12/16/32
-# rows of 224^2 took 0.34/0.26/0.27/0.21/0.19/0.17/0.20 s, and at 1/2/4/8/16 rows of 64^3
-# 0.70/0.41/0.33/0.29/0.31 s, while the memory rule alone picked 31 rows (0.41 s/row on the same
-# machine under load). The best chunks hold about 2-4 GiB of rows as costed by _row_bytes.
-CPU_CHUNK_BYTES = 3 * 2**30
+# bandwidth and page faults are the limit. DenseNet121 forward+backward on 2 cores, seconds per
+# row (best of 3) against rows per pass, with the rows' cost by _row_bytes (249 MiB per 224^2 row,
+# 230 MiB per 64^3 row):
+#   224^2: 1: 0.39, 4: 0.22, 8: 0.21, 12: 0.19, 16: 0.21, 20: 0.17, 25: 0.20, 32: 0.21, 50: 0.29
+#   64^3:  1: 0.57, 4: 0.33, 8: 0.30, 12: 0.29, 16: 0.25, 24: 0.29
+# i.e. a plateau from about 2 to 6 GiB of rows, and 50 rows (12 GiB, what the memory rule alone
+# allows on a 24 GiB machine) 1.5x slower per row. The cap sits inside the plateau.
+CPU_CHUNK_BYTES = 4 * 2**30
 
 
 def auto_batch_size(model: nn.Module, images: torch.Tensor, passes_per_image: int = 1, memory_fraction: float = 0.5) -> int:
