@@ -25,7 +25,8 @@ For each configuration and method the script measures, back to back:
 
 Nominal passes per image (forward+backward unless said): gradient 1, gradient_x_input 1,
 smoothgrad n_samples, integrated_gradients steps (ours includes both path ends in ``steps``, no
-extra pass), smoothgrad_ig n_samples * steps, guided_backprop 1, gradcam 1, guided_gradcam 2,
+extra pass), smoothgrad_ig n_samples * steps, guided_backprop 1, gradcam 1, guided_gradcam 2 (captum's count; ours
+shares one forward pass between its plain and its guided backward pass),
 occlusion one *forward-only* pass per window, xrai 2 * steps (+ segmentation and region
 selection, timed separately), meaningful_perturbation ``steps`` (each step depends on the
 previous one, so only the images of a batch share a pass). Passes the run makes beyond these

@@ -470,9 +470,9 @@ class FailsOnCall(nn.Module):
 
 @pytest.mark.parametrize(
     "method,fail_at",
-    # a given target costs no forward pass, so call 1 is the method's first; guided_gradcam: call 1
-    # is its Grad-CAM pass, call 2 the guided one; occlusion: call 2 is the first occluded chunk
-    [("guided_backprop", 1), ("guided_gradcam", 2), ("smoothgrad", 1), ("integrated_gradients", 1), ("occlusion", 2)],
+    # a given target costs no forward pass, so call 1 is the method's first (guided_gradcam's one
+    # forward serves both its backward passes); occlusion: call 2 is the first occluded chunk
+    [("guided_backprop", 1), ("guided_gradcam", 1), ("smoothgrad", 1), ("integrated_gradients", 1), ("occlusion", 2)],
 )
 def test_no_trace_after_a_failure_inside_a_method(method, fail_at):
     model = FailsOnCall(fail_at).train()

@@ -62,9 +62,14 @@ def gradcam_layer_maps(model: nn.Module, images: torch.Tensor, target: torch.Ten
         x = images[sl].detach().clone().requires_grad_(True)
         logits, _, activation = _capture_layer(model, layer, spatial_dims, x)
         (grad,) = torch.autograd.grad(target_scores(logits, target[sl]).sum(), activation)
-        alpha = grad.mean(dim=tuple(range(2, grad.ndim)), keepdim=True)
-        maps.append(F.relu((alpha * activation).sum(dim=1, keepdim=True)).detach())
+        maps.append(cam_from_gradient(activation, grad))
     return torch.cat(maps)
+
+
+def cam_from_gradient(activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """ReLU(sum_k alpha_k A_k), alpha_k = spatial mean of ``grad`` (both (N, K, *s)); (N, 1, *s), detached."""
+    alpha = grad.mean(dim=tuple(range(2, grad.ndim)), keepdim=True)
+    return F.relu((alpha * activation).sum(dim=1, keepdim=True)).detach()
 
 
 def upsample_to(maps: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:

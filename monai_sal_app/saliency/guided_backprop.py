@@ -32,39 +32,44 @@ from monai_sal_app.saliency.core import auto_batch_size, register
 from monai_sal_app.saliency.gradient import input_gradients
 
 
-def _guided_grad(grad_out: torch.Tensor, relu_out: torch.Tensor) -> torch.Tensor:
-    return torch.where(relu_out > 0, grad_out.clamp(min=0), torch.zeros_like(grad_out))
+def _relu_grad(grad_out: torch.Tensor, relu_out: torch.Tensor, guided: bool) -> torch.Tensor:
+    """ReLU's backward: guided (max(grad, 0) where the ReLU's output is positive) or plain."""
+    passed = grad_out.clamp(min=0) if guided else grad_out
+    return torch.where(relu_out > 0, passed, torch.zeros_like(grad_out))
 
 
 class _GuidedReLU(torch.autograd.Function):
-    """ReLU forward; backward max(grad, 0) where the input was positive, 0 elsewhere."""
+    """ReLU forward; backward max(grad, 0) where the input was positive, 0 elsewhere (the plain
+    ReLU backward while ``mode.guided`` is False, see :class:`_GuidedReLUMode`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, mode: "_GuidedReLUMode") -> torch.Tensor:
         out = x.clamp(min=0)
         ctx.save_for_backward(out)
+        ctx.mode = mode
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad_out: torch.Tensor):
         (out,) = ctx.saved_tensors
-        return _guided_grad(grad_out, out)
+        return _relu_grad(grad_out, out, ctx.mode.guided), None
 
 
 class _GuidedReLUInplace(torch.autograd.Function):
     """In-place variant (``relu_``, ``F.relu(inplace=True)``): modifies and returns ``x``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, mode: "_GuidedReLUMode") -> torch.Tensor:
         ctx.mark_dirty(x)
         x.clamp_(min=0)
         ctx.save_for_backward(x)
+        ctx.mode = mode
         return x
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad_out: torch.Tensor):
         (out,) = ctx.saved_tensors
-        return _guided_grad(grad_out, out)
+        return _relu_grad(grad_out, out, ctx.mode.guided), None
 
 
 _OUT_OF_PLACE_RELUS = frozenset({torch.relu, torch.Tensor.relu})
@@ -72,23 +77,29 @@ _IN_PLACE_RELUS = frozenset({torch.relu_, torch.Tensor.relu_})  # F.relu_ is tor
 
 
 class _GuidedReLUMode(TorchFunctionMode):
-    """Routes every ReLU call through the guided autograd functions and counts them."""
+    """Routes every ReLU call through the guided autograd functions and counts them.
+
+    ``guided`` (True) is read by those functions when the backward pass runs, so one forward
+    pass can serve a plain backward (``guided = False``, e.g. Grad-CAM's layer gradient) and a
+    guided one (guided Grad-CAM).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.relu_calls = 0
+        self.guided = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.relu:  # F.relu always forwards ``inplace`` by keyword
             self.relu_calls += 1
-            return (_GuidedReLUInplace if kwargs.get("inplace", False) else _GuidedReLU).apply(args[0])
+            return (_GuidedReLUInplace if kwargs.get("inplace", False) else _GuidedReLU).apply(args[0], self)
         if func in _OUT_OF_PLACE_RELUS:
             self.relu_calls += 1
-            return _GuidedReLU.apply(args[0])
+            return _GuidedReLU.apply(args[0], self)
         if func in _IN_PLACE_RELUS:
             self.relu_calls += 1
-            return _GuidedReLUInplace.apply(args[0])
+            return _GuidedReLUInplace.apply(args[0], self)
         return func(*args, **kwargs)
 
 
@@ -103,6 +114,15 @@ def guided_relus() -> Iterator[_GuidedReLUMode]:
         yield mode
 
 
+def require_relu_calls(mode: _GuidedReLUMode, model: nn.Module) -> None:
+    """``ValueError`` if no ReLU went through ``mode``: guided backprop would be the plain gradient."""
+    if mode.relu_calls == 0:
+        raise ValueError(
+            f"guided backprop needs ReLU activations, and {type(model).__name__} calls none "
+            "(nn.ReLU, torch.relu, F.relu or Tensor.relu); it would equal the plain gradient"
+        )
+
+
 def guided_input_gradients(model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Guided-backprop gradient (N, C, *spatial) of the target logit; ``batch_size`` images per
     pass, None picks it from free memory. ``ValueError`` if the model calls no ReLU."""
@@ -110,11 +130,7 @@ def guided_input_gradients(model: nn.Module, images: torch.Tensor, target: torch
         batch_size = auto_batch_size(model, images, 1)
     with guided_relus() as mode:
         grads = input_gradients(model, images, target, batch_size)
-    if mode.relu_calls == 0:
-        raise ValueError(
-            f"guided backprop needs ReLU activations, and {type(model).__name__} calls none "
-            "(nn.ReLU, torch.relu, F.relu or Tensor.relu); it would equal the plain gradient"
-        )
+    require_relu_calls(mode, model)
     return grads
 
 

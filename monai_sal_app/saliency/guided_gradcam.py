@@ -5,6 +5,10 @@ see ``saliency.guided_backprop``) and CAM our Grad-CAM upsampled bi/trilinearly 
 (``saliency.gradcam``, same ``layer`` choice). captum's ``GuidedGradCam`` computes the same product
 (with ``interpolate_mode`` bilinear/trilinear) on networks whose ReLUs are modules; the tests
 compare against it.
+
+Both parts come from one forward pass per chunk: the ReLUs run through the guided autograd
+function, whose backward is the plain ReLU's for Grad-CAM's layer gradient and the guided one for
+the input gradient (captum and the two-call version run the network forward twice).
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from monai_sal_app.saliency.core import auto_batch_size, register
-from monai_sal_app.saliency.gradcam import gradcam
-from monai_sal_app.saliency.guided_backprop import guided_backprop
+from monai_sal_app.saliency.core import auto_batch_size, chunks, register, target_scores
+from monai_sal_app.saliency.gradcam import _capture_layer, cam_from_gradient, upsample_to
+from monai_sal_app.saliency.guided_backprop import guided_relus, require_relu_calls
 
 
 @register("guided_gradcam", "guided backprop times Grad-CAM (upsampled to the input grid)")
@@ -27,5 +31,18 @@ def guided_gradcam(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
     """
     if batch_size is None:
         batch_size = auto_batch_size(model, images, 1)
-    cam = gradcam(model, images, target, layer=layer, batch_size=batch_size)
-    return guided_backprop(model, images, target, batch_size=batch_size) * cam
+    spatial_dims = images.ndim - 2
+    maps = []
+    with guided_relus() as mode:
+        for sl in chunks(images.shape[0], batch_size):
+            x = images[sl].detach().clone().requires_grad_(True)
+            logits, _, activation = _capture_layer(model, layer, spatial_dims, x)
+            score = target_scores(logits, target[sl]).sum()
+            mode.guided = False
+            (layer_grad,) = torch.autograd.grad(score, activation, retain_graph=True)
+            mode.guided = True
+            (input_grad,) = torch.autograd.grad(score, x)
+            cam = upsample_to(cam_from_gradient(activation, layer_grad), images.shape[2:])
+            maps.append(input_grad.sum(dim=1, keepdim=True) * cam)
+    require_relu_calls(mode, model)
+    return torch.cat(maps).detach()
