@@ -42,8 +42,10 @@ Felzenszwalb runs, which both share.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -178,6 +180,17 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def _map_in_threads(fn: Callable, values: Sequence) -> list:
+    """``[fn(v) for v in values]``, one thread per CPU core: skimage's segmentations release the
+    GIL for much of their work (224^2, 6 Felzenszwalb scales: 0.34 s in a loop, 0.25 s in 2 threads)."""
+    values = list(values)
+    workers = min(len(values), os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(v) for v in values]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, values))
+
+
 def segment_membership_2d(
     image: np.ndarray,
     scales: Sequence[float] = (50, 100, 150, 250, 500, 1200),
@@ -200,13 +213,12 @@ def segment_membership_2d(
     normalised = (hwc - lo) / (hi - lo) * 2.0 - 1.0 if hi > lo else np.zeros_like(hwc)
     side = SEGMENTATION_SIDE_2D
     resized = resize(normalised, (side, side), order=3, mode="constant", preserve_range=True, anti_aliasing=True)
-    label_maps = []
-    for scale in scales:
+
+    def segment(scale: float) -> np.ndarray:
         labels = felzenszwalb(resized, scale=scale, sigma=sigma, min_size=min_size)
-        label_maps.append(
-            resize(labels, hwc.shape[:2], order=0, preserve_range=True, mode="constant", anti_aliasing=False).astype(int)
-        )
-    return _dilated_membership(label_maps, dilation_px)
+        return resize(labels, hwc.shape[:2], order=0, preserve_range=True, mode="constant", anti_aliasing=False).astype(int)
+
+    return _dilated_membership(_map_in_threads(segment, scales), dilation_px)
 
 
 def segment_membership_3d(
@@ -234,18 +246,12 @@ def segment_membership_3d(
         image, channel_axis = normalised[0], None
     else:
         image, channel_axis = np.moveaxis(normalised, 0, -1), -1
-    label_maps = [
-        slic(
-            image,
-            n_segments=_check_int("n_segments entry", n, 1),
-            compactness=compactness,
-            sigma=sigma,
-            start_label=0,
-            channel_axis=channel_axis,
-        )
-        for n in n_segments
-    ]
-    return _dilated_membership(label_maps, dilation_voxels)
+    counts = [_check_int("n_segments entry", n, 1) for n in n_segments]
+
+    def segment(n: int) -> np.ndarray:
+        return slic(image, n_segments=n, compactness=compactness, sigma=sigma, start_label=0, channel_axis=channel_axis)
+
+    return _dilated_membership(_map_in_threads(segment, counts), dilation_voxels)
 
 
 def _gather(indptr: np.ndarray, indices: np.ndarray, major: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
