@@ -55,8 +55,8 @@ class _GuidedReLU(torch.autograd.Function):
         return _relu_grad(grad_out, out, ctx.mode.guided), None
 
 
-class _GuidedReLUInplace(torch.autograd.Function):
-    """In-place variant (``relu_``, ``F.relu(inplace=True)``): modifies and returns ``x``."""
+class _GuidedReLUInplace(_GuidedReLU):
+    """In-place variant (``relu_``, ``F.relu(inplace=True)``): modifies and returns ``x``; same backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, mode: "_GuidedReLUMode") -> torch.Tensor:
@@ -65,11 +65,6 @@ class _GuidedReLUInplace(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.mode = mode
         return x
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (out,) = ctx.saved_tensors
-        return _relu_grad(grad_out, out, ctx.mode.guided), None
 
 
 _OUT_OF_PLACE_RELUS = frozenset({torch.relu, torch.Tensor.relu})
