@@ -29,9 +29,9 @@ extra pass), smoothgrad_ig n_samples * steps, guided_backprop 1, gradcam 1, guid
 shares one forward pass between its plain and its guided backward pass),
 occlusion one *forward-only* pass per window, xrai 2 * steps (+ segmentation and region
 selection, timed separately), meaningful_perturbation ``steps`` (each step depends on the
-previous one, so only the images of a batch share a pass). Passes the run makes beyond these
-(``explain`` checks the target with a one-row forward pass; occlusion's unoccluded pass) are
-counted and shown, and count against ours.
+previous one, so only the images of a batch share a pass). Rows the run passes beyond these
+(occlusion's unoccluded image, one more row per image) are counted and shown, and count
+against ours.
 
 Work per configuration: the library's defaults, or ``--quick`` (a few steps, large occlusion
 windows: a run-through in a few minutes, not a measurement), then ``--trimmed`` (less work for
@@ -597,6 +597,9 @@ def warm_up(setup: Setup, method: str, per_image: int, grad: bool) -> None:
     if method == "meaningful_perturbation":  # sequential steps: only the images share a pass
         chunk = min(setup.batch, auto_batch_size(setup.model, setup.images, 1))
         rows = setup.batch
+    elif method == "occlusion":  # forward-only chunks, the unoccluded image being one more row
+        rows = setup.batch * (per_image + 1)
+        chunk = auto_batch_size(setup.model, setup.images, per_image + 1, forward_only=True)
     else:
         chunk = min(auto_batch_size(setup.model, setup.images, per_image), setup.max_grad_rows)
     for size in {chunk, rows % chunk} - {0}:

@@ -471,7 +471,7 @@ class FailsOnCall(nn.Module):
 @pytest.mark.parametrize(
     "method,fail_at",
     # a given target costs no forward pass, so call 1 is the method's first (guided_gradcam's one
-    # forward serves both its backward passes); occlusion: call 2 is the first occluded chunk
+    # forward serves both its backward passes); occlusion: call 2 is its second chunk of rows
     [("guided_backprop", 1), ("guided_gradcam", 1), ("smoothgrad", 1), ("integrated_gradients", 1), ("occlusion", 2)],
 )
 def test_no_trace_after_a_failure_inside_a_method(method, fail_at):
@@ -536,6 +536,22 @@ def test_auto_batch_size_caps_cpu_chunks_and_splits_rows_evenly(monkeypatch):
     assert auto_batch_size(model, x, passes_per_image=5) == 15
     assert auto_batch_size(model, x, passes_per_image=1) == 3
     assert core.max_rows_in_memory(model, x) > 10**6  # the memory rule alone knows no CPU cap
+    # forward-only passes have their own, smaller cap: 150 rows at most 4 per pass -> 38 passes of 4
+    monkeypatch.setattr(core, "CPU_FORWARD_CHUNK_BYTES", 4 * per_row)
+    assert auto_batch_size(model, x, passes_per_image=50, forward_only=True) == 4
+    assert auto_batch_size(model, x, passes_per_image=50) == 15
+
+
+def test_occlusion_runs_the_unoccluded_images_in_its_chunks():
+    """One forward pass per chunk of rows, the unoccluded image being one more row per image."""
+    model, x = tiny_resnet(2), images_for(2, n=2, side=16)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        explain(model, x, "occlusion", target=0, window=8, stride=8, batch_size=3)
+    finally:
+        handle.remove()
+    assert calls == [3, 3, 3, 1]  # 2 images x (4 windows + 1 unoccluded) = 10 rows
 
 
 def test_activation_memory_is_measured_and_scales_with_the_image(dims):

@@ -87,7 +87,8 @@ def occlusion(
         window: window side in voxels, one int or one per spatial axis; None scales the default.
         stride: step between windows, likewise; None keeps the default window/stride ratio.
         baseline_value: the value written into the occluded window (every channel).
-        batch_size: occluded copies per forward pass; None picks it from free memory.
+        batch_size: images per forward pass, occluded copies and the unoccluded image alike;
+            None picks it with :func:`auto_batch_size` (forward-only passes).
     """
     if isinstance(baseline_value, bool) or not isinstance(baseline_value, (int, float)):
         raise TypeError(f"baseline_value must be a number, got {baseline_value!r}")
@@ -96,29 +97,33 @@ def occlusion(
     indicators = [window_indicators(*geom, like=images) for geom in zip(spatial, window, stride)]
     grid = tuple(m.shape[0] for m in indicators)
     n_windows = math.prod(grid)
+    # Row r of the work is image r // (n_windows + 1) with window r % (n_windows + 1) - 1 set to the
+    # baseline, window -1 being none: the unoccluded images share the chunks with the occluded ones.
+    per_image = n_windows + 1
     if batch_size is None:
-        batch_size = auto_batch_size(model, images, n_windows)
+        batch_size = auto_batch_size(model, images, per_image, forward_only=True)
 
     n, dims = images.shape[0], len(spatial)
-    drops = torch.empty(n * n_windows, dtype=images.dtype, device=images.device)
+    probabilities = torch.empty(n * per_image, dtype=images.dtype, device=images.device)
     fill = torch.tensor(float(baseline_value), dtype=images.dtype, device=images.device)
     with torch.no_grad():
-        unoccluded = _target_probability(model, images, target)
-        for sl in chunks(n * n_windows, batch_size):
+        for sl in chunks(n * per_image, batch_size):
             rows = torch.arange(sl.start, sl.stop, device=images.device)
-            image_idx, window_idx = rows // n_windows, rows % n_windows
-            covered = torch.ones((rows.numel(), 1, *spatial), dtype=torch.bool, device=images.device)
-            for axis, position in enumerate(torch.unravel_index(window_idx, grid)):
+            image_idx, window_idx = rows // per_image, rows % per_image - 1
+            covered = (window_idx >= 0).view(-1, *[1] * (dims + 1))
+            for axis, position in enumerate(torch.unravel_index(window_idx.clamp(min=0), grid)):
                 shape = [rows.numel(), 1] + [1] * dims
                 shape[2 + axis] = spatial[axis]
                 covered = covered & indicators[axis][position].bool().view(shape)
             occluded = torch.where(covered, fill, images[image_idx])
-            drops[sl] = unoccluded[image_idx] - _target_probability(model, occluded, target[image_idx])
+            probabilities[sl] = _target_probability(model, occluded, target[image_idx])
+    probabilities = probabilities.view(n, per_image)
+    drops = probabilities[:, :1] - probabilities[:, 1:]
 
     # sum over windows of drop * window mask, and the number of windows per voxel, as
     # contractions of the (N, *grid) drops with the per-axis indicators.
     grid_letters, voxel_letters = string.ascii_lowercase[:dims], string.ascii_uppercase[:dims]
     operands = ",".join(f"{g}{v}" for g, v in zip(grid_letters, voxel_letters))
-    summed = torch.einsum(f"n{grid_letters},{operands}->n{voxel_letters}", drops.view(n, *grid), *indicators)
+    summed = torch.einsum(f"n{grid_letters},{operands}->n{voxel_letters}", drops.reshape(n, *grid), *indicators)
     counts = torch.einsum(f"{operands}->{voxel_letters}", *indicators)
     return (summed / counts).unsqueeze(1)
