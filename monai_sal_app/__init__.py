@@ -6,7 +6,7 @@ MONAI Label server; ``main.py`` and ``lib/`` are the server adapter, ``cli.py`` 
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "explain", "available_methods"]
+__all__ = ["__version__", "available_methods", "explain"]
 
 
 def __getattr__(name):

@@ -76,7 +76,7 @@ def cmd_explain(args) -> None:
     source = args.images[0] if len(args.images) == 1 and args.images[0].endswith(".csv") else args.images
     items = read_items(source)
     maps_csv = explain_items(
-        model, card, items, args.out, methods=methods, params={m: params for m in methods}, target=args.target,
+        model, card, items, args.out, methods=methods, params=dict.fromkeys(methods, params), target=args.target,
         postprocess_steps=_split(args.postprocess),
         batch_size=args.batch_size, overlays=args.overlays, progress=not args.quiet,
     )

@@ -19,7 +19,7 @@ from torch import nn
 
 from monai_sal_app.saliency import explain
 
-__all__ = ["preprocess", "resize_to", "Explanation", "explain_array", "predict_probabilities"]
+__all__ = ["Explanation", "explain_array", "predict_probabilities", "preprocess", "resize_to"]
 
 
 def resize_to(tensor: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:

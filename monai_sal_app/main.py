@@ -73,7 +73,7 @@ class MonaiSalApp(MONAILabelApp):
         names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or None
         found, skipped = find_checkpoints(self.model_dir, names)
         self.task_configs: dict[str, ClassifierConfig] = {}
-        for name, path in found.items():
+        for name, _path in found.items():
             config = ClassifierConfig()
             config.init(name, self.model_dir, conf, None, device=self.device, studies=studies)
             problem = config.problem()

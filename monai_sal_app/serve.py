@@ -27,12 +27,22 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-__all__ = ["APP_DIR", "DEFAULT_MODELS", "DefaultModel", "add_parser", "run", "prepare", "start_server",
-           "start_background_server", "BackgroundServer", "free_port"]
+__all__ = [
+    "APP_DIR",
+    "DEFAULT_MODELS",
+    "BackgroundServer",
+    "DefaultModel",
+    "add_parser",
+    "free_port",
+    "prepare",
+    "run",
+    "start_background_server",
+    "start_server",
+]
 
 APP_DIR = Path(__file__).resolve().parent
 STUDY_IMAGES_PER_CLASS = 4
@@ -237,7 +247,7 @@ class BackgroundServer:
                 self.process.kill()
                 self.process.wait(timeout)
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -64,18 +64,18 @@ import shlex
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.networks.nets import DenseNet121
 from torch import nn
 
 from monai_sal_app.saliency import available_methods, explain, model_guard
-from monai_sal_app.saliency.core import auto_batch_size, free_memory_bytes, max_rows_in_memory
+from monai_sal_app.saliency.core import auto_batch_size, max_rows_in_memory
 from monai_sal_app.saliency.occlusion import occlusion_geometry
 
 CONFIGS = {"2d224b1": (2, 224, 1), "2d224b8": (2, 224, 8), "3d64": (3, 64, 1), "3d96": (3, 96, 1)}

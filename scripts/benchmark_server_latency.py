@@ -93,8 +93,8 @@ def main(argv=None) -> int:
                     time_in_process(model_dir / f"{model}.pt", image, method, 1)
                     wall, task = time_server(server.url, model, image_id, method, args.repeats)
                     local = time_in_process(model_dir / f"{model}.pt", image, method, args.repeats)
-                    w, t, l = (1000 * statistics.median(v) for v in (wall, task, local))
-                    print(f"{model:<14} {method:<22} {w:>10.1f} {t:>9.1f} {l:>14.1f} {w / l:>6.2f} {w - l:>12.1f}", flush=True)
+                    w, t, in_process = (1000 * statistics.median(v) for v in (wall, task, local))
+                    print(f"{model:<14} {method:<22} {w:>10.1f} {t:>9.1f} {in_process:>14.1f} {w / in_process:>6.2f} {w - in_process:>12.1f}", flush=True)
         finally:
             server.stop()
     return 0

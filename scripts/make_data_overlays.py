@@ -17,10 +17,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from monai_sal_app.data.bases import BaseNotInstalled  # noqa: E402
+from monai_sal_app.data.bases import BaseNotInstalled
 
 
 def _show(ax, image, mask=None, title="", vmin=None, vmax=None):

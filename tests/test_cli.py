@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
 
 
 def test_data_writes_manifest_images_and_masks(trained):
-    rows = list(csv.DictReader(open(trained / "train" / "manifest.csv")))
+    rows = list(csv.DictReader(Path(trained / "train" / "manifest.csv").read_text().splitlines()))
     assert len(rows) == 16
     assert {r["label"] for r in rows} == {"0", "1"}
     image, meta = read_image(trained / "train" / rows[0]["image"])
@@ -71,7 +71,7 @@ def test_train_resizes_to_the_requested_input_size(trained, tmp_path, capsys):
 def test_explain_then_evaluate(trained, tmp_path):
     out = tmp_path / "maps"
     assert run("explain", "--model", str(trained / "model.pt"), str(trained / "test" / "manifest.csv"), "--method", "gradient,gradcam", "--postprocess", "abs", "--overlays", "2", "--out", str(out)) == 0
-    rows = list(csv.DictReader(open(out / "maps.csv")))
+    rows = list(csv.DictReader(Path(out / "maps.csv").read_text().splitlines()))
     assert len(rows) == 12 and {r["method"] for r in rows} == {"gradient", "gradcam"}
     first = rows[0]
     saliency_img = nib.load(first["map"])
@@ -84,7 +84,7 @@ def test_explain_then_evaluate(trained, tmp_path):
     assert len(list((out / "overlays").glob("*/*.png"))) == 4
 
     assert run("evaluate", str(out), "--out", str(tmp_path / "eval")) == 0
-    per_image = list(csv.DictReader(open(tmp_path / "eval" / "per_image.csv")))
+    per_image = list(csv.DictReader(Path(tmp_path / "eval" / "per_image.csv").read_text().splitlines()))
     with_mask = [r for r in rows if r["mask"]]
     assert len(per_image) == len(with_mask) == 6  # 3 patients x 2 methods; controls have no mask
     # The numbers in the table are exactly the library's metric on the written files.

@@ -23,7 +23,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from captum.attr import GuidedBackprop, GuidedGradCam, InputXGradient, IntegratedGradients, NoiseTunnel, Occlusion, Saliency
+from captum.attr import (
+    GuidedBackprop,
+    GuidedGradCam,
+    InputXGradient,
+    IntegratedGradients,
+    NoiseTunnel,
+    Occlusion,
+    Saliency,
+)
 from monai.networks.nets import DenseNet121, ResNet
 from scipy.ndimage import gaussian_filter
 from torch import nn
@@ -36,6 +44,7 @@ from monai_sal_app.saliency.integrated_gradients import make_baseline
 from monai_sal_app.saliency.occlusion import occlusion_geometry
 from monai_sal_app.saliency.postprocess import clip_percentile, postprocess
 from monai_sal_app.saliency.smoothgrad import noise_levels, noise_patterns
+
 
 def relu_functions() -> dict:
     """Every ReLU entry point a guided backprop implementation might patch."""
@@ -485,10 +494,9 @@ def test_no_trace_after_a_failure_inside_a_method(method, fail_at):
 
 
 def test_guided_relus_context_is_gone_after_an_exception():
-    with pytest.raises(KeyError):
-        with guided_relus():
-            assert len(_get_current_function_mode_stack()) == 1
-            raise KeyError("inside")
+    with pytest.raises(KeyError), guided_relus():
+        assert len(_get_current_function_mode_stack()) == 1
+        raise KeyError("inside")
     assert _get_current_function_mode_stack() == []
     x = torch.tensor([-1.0, 2.0], requires_grad=True)
     (g,) = torch.autograd.grad((torch.relu(x) * torch.tensor([1.0, -3.0])).sum(), x)

@@ -384,7 +384,7 @@ def test_to_markdown_table():
 def test_write_csv_creates_missing_folders(tmp_path):
     rows = [{"method": "gradcam", "auc": 0.5}]
     nested = write_csv(rows, tmp_path / "a" / "b" / "table.csv")
-    assert list(csv.DictReader(open(nested))) == [{"method": "gradcam", "auc": "0.5"}]
+    assert list(csv.DictReader(Path(nested).read_text().splitlines())) == [{"method": "gradcam", "auc": "0.5"}]
 
 
 def test_write_csv_round_trips_and_replaces_atomically(tmp_path):

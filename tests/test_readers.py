@@ -20,13 +20,15 @@ from monai_sal_app.data.readers import (
 )
 from monai_sal_app.data.rsna import (
     box_mask,
-    main as rsna_main,
     read_rsna_tables,
     rsna_dataset,
     rsna_items,
     rsna_to_manifest,
     write_rsna_dicom,
     write_rsna_tables,
+)
+from monai_sal_app.data.rsna import (
+    main as rsna_main,
 )
 
 # --- RSNA ---------------------------------------------------------------------------------------------

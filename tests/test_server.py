@@ -26,18 +26,18 @@ import requests
 import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
+from server_fixtures import DICOM_SPACING, LABELS, load_nifti_bytes, make_studies, post_infer, save_tiny_checkpoint
 
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.shepp_logan import generate_shepp_logan
 from monai_sal_app.experiments.workflows import evaluate_maps
 from monai_sal_app.inference import explain_array
 from monai_sal_app.lib.infers.saliency import json_safe
+from monai_sal_app.lib.served_model import find_checkpoints
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.device import default_device
 from monai_sal_app.saliency import available_methods
-from monai_sal_app.lib.served_model import find_checkpoints
 from monai_sal_app.serve import add_parser, start_background_server
-from server_fixtures import DICOM_SPACING, LABELS, load_nifti_bytes, make_studies, post_infer, save_tiny_checkpoint
 
 MODEL_OF_DIM = {2: "classifier_2d", 3: "classifier_3d"}
 
@@ -128,7 +128,7 @@ def test_datastore_image_with_monailabel_client(env, tmp_path, image_id):
     model = MODEL_OF_DIM[item["dim"]]
     heatmap_file, result = client.infer(model, image_id, {"method": "gradcam"})
     heatmap = nib.load(heatmap_file)
-    input_array, meta = read_image(item["path"])
+    input_array, _meta = read_image(item["path"])
     assert assert_matches_in_process(env, result, heatmap, model, item["path"]).saliency.shape == input_array.shape
     assert result["image"]["shape"] == list(input_array.shape) == result["heatmap"]["shape"]
     if image_id == "slice_nii":  # stored (H, W, 1): the heatmap keeps the file's own shape and affine
@@ -318,7 +318,7 @@ def test_bad_input_gets_a_4xx_and_the_server_still_answers(env, case):
     assert "/tmp" not in response.json()["detail"]  # no server path leaks into messages
     for content in uploads:  # a failed request leaves no uploaded file behind
         assert not set(uploads_left_with(content)) - before[content]
-    status, result, _, response = post_infer(env["url"], "classifier_2d", image="xray_png", output="json")
+    status, _result, _, response = post_infer(env["url"], "classifier_2d", image="xray_png", output="json")
     assert status == 200, response.text
     assert requests.get(f"{env['url']}/info/", timeout=30).status_code == 200
 

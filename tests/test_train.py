@@ -134,7 +134,7 @@ def test_single_class_validation_reports_nan_and_still_trains():
 def test_trains_3d_with_augmentations_and_progress_bar(capsys):
     train_x, train_y = squares(8, seed=0, spatial_dims=3, side=16)
     val_x, val_y = squares(4, seed=1, spatial_dims=3, side=16)
-    model, history = train_classifier(
+    _model, history = train_classifier(
         tiny_conv5fc3(spatial_dims=3), train_x, train_y, val_x, val_y, augmentations=["croppad", "erasing", "smoothing", "noise"],
         loss="msenorm", epochs=1, batch_size=3, progress=True, log=print,
     )

@@ -31,17 +31,17 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
-    "BaseNotInstalled",
     "INSTALL_HINT",
     "REPO_DATA",
-    "data_roots",
-    "colin27_files",
-    "mni152_available",
+    "BaseNotInstalled",
     "chest_radiograph_file",
-    "lung_ct_files",
-    "smooth_random_field",
-    "rotation_matrix",
+    "colin27_files",
+    "data_roots",
     "deterministic_uuid",
+    "lung_ct_files",
+    "mni152_available",
+    "rotation_matrix",
+    "smooth_random_field",
 ]
 
 REPO_DATA = Path(__file__).resolve().parents[2] / ".data"

@@ -62,16 +62,16 @@ from monai_sal_app.data.manifest import write_manifest
 from monai_sal_app.data.shepp_logan import SUBTYPE_LABELS, SUBTYPES, Preset, subtype_counts
 
 __all__ = [
-    "TYPICAL_REGIONS",
     "ATYPICAL_REGIONS",
-    "SLICE_Z_MM",
-    "AtrophyPreset",
     "PRESETS",
-    "BrainVariation",
+    "SLICE_Z_MM",
+    "TYPICAL_REGIONS",
+    "AtrophyPreset",
     "BrainBase",
-    "load_brain_base",
+    "BrainVariation",
     "brain_atrophy_subject",
     "generate_brain_atrophy",
+    "load_brain_base",
 ]
 
 TYPICAL_REGIONS = ("Hippocampus_L", "Hippocampus_R", "Amygdala_L", "Amygdala_R")

@@ -45,13 +45,13 @@ from monai_sal_app.data.rsna import IMAGE_DIR, RSNA_SIZE, write_rsna_dicom, writ
 
 __all__ = [
     "CLASS_LABELS",
-    "ChestPreset",
     "PRESETS",
+    "ChestPreset",
     "ChestVariation",
-    "segment_lungs",
     "chest_base",
     "chest_xray_subject",
     "generate_chest_xray",
+    "segment_lungs",
 ]
 
 CLASS_LABELS = {"Normal": 0, "Lung Opacity": 1}

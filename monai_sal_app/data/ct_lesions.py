@@ -45,18 +45,18 @@ from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.manifest import write_manifest
 
 __all__ = [
+    "CASES",
+    "PRESETS",
     "SUBTYPES",
     "SUBTYPE_LABELS",
-    "CASES",
     "WINDOW_HU",
     "CTPreset",
-    "PRESETS",
     "CTVariation",
     "LungCase",
-    "segment_lung_ct",
-    "load_lung_case",
     "ct_lesion_subject",
     "generate_ct_lesions",
+    "load_lung_case",
+    "segment_lung_ct",
 ]
 
 SUBTYPES = ("control", "real", "synthetic")

@@ -10,7 +10,7 @@ The real-anatomy generators (``brain-atrophy``, ``chest-xray``, ``ct-lesions``) 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from monai_sal_app.data.shepp_logan import PRESETS as SHEPP_LOGAN_PRESETS
 from monai_sal_app.data.shepp_logan import generate_shepp_logan

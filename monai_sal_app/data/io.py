@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImageError", "SUPPORTED_SUFFIXES", "read_image", "check_image", "write_nifti"]
+__all__ = ["SUPPORTED_SUFFIXES", "ImageError", "check_image", "read_image", "write_nifti"]
 
 SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm")
 _DICOM_MAGIC_OFFSET = 128

@@ -29,7 +29,7 @@ from monai_sal_app.data.io import read_image
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["COLUMNS", "REQUIRED_COLUMNS", "PATH_COLUMNS", "write_manifest", "read_manifest", "load_images", "load_labels"]
+__all__ = ["COLUMNS", "PATH_COLUMNS", "REQUIRED_COLUMNS", "load_images", "load_labels", "read_manifest", "write_manifest"]
 
 COLUMNS = ("id", "image", "label", "subtype", "mask", "mask_top", "mask_bottom")
 REQUIRED_COLUMNS = ("id", "image", "label")
@@ -165,7 +165,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
     return items
 
 
-def load_images(items: list[dict], key: str = "image") -> "torch.Tensor":
+def load_images(items: list[dict], key: str = "image") -> torch.Tensor:
     """Stack the files ``item[key]`` into a float32 tensor (N, 1, *spatial).
 
     All arrays must have the same shape (``ValueError`` naming the first mismatching id). Images
@@ -194,7 +194,7 @@ def load_images(items: list[dict], key: str = "image") -> "torch.Tensor":
     return torch.from_numpy(stacked)
 
 
-def load_labels(items: list[dict]) -> "torch.Tensor":
+def load_labels(items: list[dict]) -> torch.Tensor:
     """Labels of ``items`` as a long tensor (N,); ``ValueError`` naming the item if one is missing."""
     import torch
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import csv
 import os
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -35,13 +35,13 @@ from monai_sal_app.data.io import ImageError, check_image, read_image, write_nif
 __all__ = [
     "IMAGE_SUFFIXES",
     "MASK_SUFFIXES",
-    "image_folder_items",
-    "image_folder_dataset",
-    "find_dicom_series",
-    "read_dicom_series",
-    "dicom_series_items",
-    "dicom_series_dataset",
     "LoadItemd",
+    "dicom_series_dataset",
+    "dicom_series_items",
+    "find_dicom_series",
+    "image_folder_dataset",
+    "image_folder_items",
+    "read_dicom_series",
 ]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")

@@ -25,8 +25,8 @@ import io
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -35,22 +35,22 @@ from monai_sal_app.data.io import ImageError, read_image, write_nifti
 from monai_sal_app.data.manifest import write_manifest
 
 __all__ = [
-    "LABELS_CSV",
+    "CLASSES",
+    "CLASS_COLUMNS",
     "CLASS_CSV",
     "IMAGE_DIR",
     "LABELS_COLUMNS",
-    "CLASS_COLUMNS",
-    "CLASSES",
-    "TWO_CLASS_LABELS",
+    "LABELS_CSV",
     "RSNA_SIZE",
+    "TWO_CLASS_LABELS",
+    "box_mask",
+    "main",
+    "read_rsna_tables",
+    "rsna_dataset",
+    "rsna_items",
+    "rsna_to_manifest",
     "write_rsna_dicom",
     "write_rsna_tables",
-    "read_rsna_tables",
-    "box_mask",
-    "rsna_items",
-    "rsna_dataset",
-    "rsna_to_manifest",
-    "main",
 ]
 
 LABELS_CSV = "stage_2_train_labels.csv"
@@ -84,7 +84,7 @@ def write_rsna_dicom(
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEGBaseline8Bit, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
     pixels = np.asarray(pixels)
     if pixels.dtype != np.uint8 or pixels.ndim != 2:

@@ -37,15 +37,15 @@ from monai_sal_app.data.io import write_nifti
 from monai_sal_app.data.manifest import write_manifest
 
 __all__ = [
+    "EVIDENCE_REGION",
+    "PRESETS",
     "SUBTYPES",
     "SUBTYPE_LABELS",
-    "EVIDENCE_REGION",
     "Preset",
-    "PRESETS",
     "Variation",
+    "generate_shepp_logan",
     "shepp_logan_phantom",
     "subtype_counts",
-    "generate_shepp_logan",
 ]
 
 SUBTYPES = ("control", "typical", "atypical", "error")
@@ -120,7 +120,7 @@ class _Ellipse:
     axes: tuple[float, float, float]
     angle: float = 0.0
 
-    def scaled(self, factors) -> "_Ellipse":
+    def scaled(self, factors) -> _Ellipse:
         return _Ellipse(self.center, tuple(a * f for a, f in zip(self.axes, np.broadcast_to(factors, 3))), self.angle)
 
     def inside(self, grid: tuple[np.ndarray, ...]) -> np.ndarray:

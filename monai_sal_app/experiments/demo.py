@@ -15,7 +15,13 @@ from pathlib import Path
 
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.data.shepp_logan import generate_shepp_logan
-from monai_sal_app.experiments.workflows import evaluate_maps, explain_items, mean_mask_rows, train_from_manifest, write_json
+from monai_sal_app.experiments.workflows import (
+    evaluate_maps,
+    explain_items,
+    mean_mask_rows,
+    train_from_manifest,
+    write_json,
+)
 from monai_sal_app.metrics.stats import to_markdown
 
 DEMO_METHODS = ("gradient", "gradcam")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from monai_sal_app.metrics.stats import summarize, write_csv
 from monai_sal_app.saliency import explain
 from monai_sal_app.saliency.postprocess import postprocess
 
-__all__ = ["load_inputs", "train_from_manifest", "explain_items", "evaluate_maps", "read_items"]
+__all__ = ["evaluate_maps", "explain_items", "load_inputs", "read_items", "train_from_manifest"]
 
 Log = Callable[[str], None]
 

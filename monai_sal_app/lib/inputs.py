@@ -29,7 +29,7 @@ from monailabel.utils.sessions import Sessions
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.saliency import available_methods
 
-__all__ = ["CheckedSessions", "DEFAULT_METHOD", "IMAGE_NAME_KEY", "MONAILABEL_REQUEST_KEYS", "remove_uploads", "resolve_image", "resolve_label", "parse_explain_request", "parse_target"]
+__all__ = ["DEFAULT_METHOD", "IMAGE_NAME_KEY", "MONAILABEL_REQUEST_KEYS", "CheckedSessions", "parse_explain_request", "parse_target", "remove_uploads", "resolve_image", "resolve_label"]
 
 DEFAULT_METHOD = "gradcam"
 

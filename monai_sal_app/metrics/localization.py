@@ -30,15 +30,15 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_PERCENTILES",
-    "roc_auc",
     "auprc",
-    "partial_auprc",
-    "minmax",
-    "soft_dice",
     "hard_dice",
     "iou_at_percentiles",
     "localization_metrics",
     "mean_mask_baseline",
+    "minmax",
+    "partial_auprc",
+    "roc_auc",
+    "soft_dice",
 ]
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (80, 85, 90, 95, 98)

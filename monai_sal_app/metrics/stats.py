@@ -152,7 +152,7 @@ def write_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
     columns = _columns(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by `with handle` below)
         "w", newline="", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     )
     try:

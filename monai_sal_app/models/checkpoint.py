@@ -50,7 +50,7 @@ def _build_from_card(card: dict) -> nn.Module:
 
 def _atomic_write(path: Path, write) -> None:
     """Call ``write(file)`` on a temporary file in ``path``'s directory, then rename it to ``path``."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)  # noqa: SIM115 (closed by `with handle` below)
     try:
         with handle:
             write(handle)

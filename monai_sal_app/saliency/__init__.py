@@ -12,4 +12,4 @@ from monai_sal_app.saliency.core import available_methods, explain, get_method, 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["explain", "available_methods", "get_method", "model_guard", "register"]
+__all__ = ["available_methods", "explain", "get_method", "model_guard", "register"]

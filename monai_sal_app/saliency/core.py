@@ -22,8 +22,9 @@ import contextlib
 import inspect
 import math
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psutil
 import torch
@@ -31,19 +32,19 @@ from torch import nn
 
 __all__ = [
     "MethodSpec",
-    "register",
+    "auto_batch_size",
     "available_methods",
-    "get_method",
+    "chunks",
     "explain",
+    "get_method",
+    "max_rows_in_memory",
+    "model_device",
     "model_guard",
     "model_input_spec",
-    "model_device",
-    "validate_images",
+    "register",
     "resolve_target",
     "target_scores",
-    "chunks",
-    "auto_batch_size",
-    "max_rows_in_memory",
+    "validate_images",
 ]
 
 
@@ -173,7 +174,7 @@ def chunks(n: int, batch_size: int | None) -> Iterator[slice]:
         yield slice(start, min(n, start + step))
 
 
-_ACTIVATION_BYTES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]]" = weakref.WeakKeyDictionary()
+_ACTIVATION_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
 def _activation_bytes_per_row(model: nn.Module, row: torch.Tensor) -> int:

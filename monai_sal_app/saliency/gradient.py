@@ -7,7 +7,7 @@ cross-checked against captum in the tests.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

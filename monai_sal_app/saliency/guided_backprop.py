@@ -21,7 +21,7 @@ gradient.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ class _GuidedReLU(torch.autograd.Function):
     ReLU backward while ``mode.guided`` is False, see :class:`_GuidedReLUMode`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mode: "_GuidedReLUMode") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, mode: _GuidedReLUMode) -> torch.Tensor:
         out = x.clamp(min=0)
         ctx.save_for_backward(out)
         ctx.mode = mode
@@ -63,7 +63,7 @@ class _GuidedReLUInplace(_GuidedReLU):
     """In-place variant (``relu_``, ``F.relu(inplace=True)``): modifies and returns ``x``; same backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mode: "_GuidedReLUMode") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, mode: _GuidedReLUMode) -> torch.Tensor:
         ctx.mark_dirty(x)
         x.clamp_(min=0)
         ctx.save_for_backward(x)

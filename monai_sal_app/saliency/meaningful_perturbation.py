@@ -53,7 +53,7 @@ from torch import nn
 
 from monai_sal_app.saliency.core import auto_batch_size, chunks, register, target_scores
 
-__all__ = ["meaningful_perturbation", "gaussian_blur", "perturb"]
+__all__ = ["gaussian_blur", "meaningful_perturbation", "perturb"]
 
 # The paper's ImageNet input side: blur sigma and jitter are given in its pixels.
 REFERENCE_SIDE = 224

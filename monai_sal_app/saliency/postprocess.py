@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["POSTPROCESSING", "absolute", "minmax", "clip_percentile", "grayscale", "postprocess"]
+__all__ = ["POSTPROCESSING", "absolute", "clip_percentile", "grayscale", "minmax", "postprocess"]
 
 
 def _per_image(maps: torch.Tensor) -> torch.Tensor:

@@ -43,9 +43,9 @@ Felzenszwalb runs, which both share.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -58,8 +58,8 @@ from torch import nn
 from monai_sal_app.saliency.core import (
     auto_batch_size,
     chunks,
-    model_device,
     get_method,
+    model_device,
     model_guard,
     register,
     resolve_target,
@@ -67,7 +67,7 @@ from monai_sal_app.saliency.core import (
 )
 from monai_sal_app.saliency.gradient import input_gradients
 
-__all__ = ["XRAIRegions", "xrai", "xrai_regions", "segment_membership_2d", "segment_membership_3d", "select_regions"]
+__all__ = ["XRAIRegions", "segment_membership_2d", "segment_membership_3d", "select_regions", "xrai", "xrai_regions"]
 
 # PAIR segments every 2D image on a 224 x 224 grid, so Felzenszwalb's scale and min size
 # (in pixels of that grid) mean the same thing whatever the image size.

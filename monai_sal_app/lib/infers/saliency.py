@@ -146,7 +146,7 @@ class SaliencyInfer(InferTask):
         result = {
             "model": self.name,
             "labels": labels,
-            "probabilities": {label: p for label, p in zip(labels, probabilities)},
+            "probabilities": dict(zip(labels, probabilities)),
             "prediction": {"index": predicted, "label": labels[predicted], "probability": probabilities[predicted]},
             "target": {"index": explanation.target, "label": labels[explanation.target], "probability": probabilities[explanation.target]},
             "method": method,

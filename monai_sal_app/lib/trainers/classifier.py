@@ -29,7 +29,7 @@ from monai_sal_app.models.augment import AUGMENTATIONS
 from monai_sal_app.models.factory import ARCHITECTURES
 from monai_sal_app.models.losses import LOSSES
 
-__all__ = ["ClassifierTrainer", "TRAIN_DEFAULTS"]
+__all__ = ["TRAIN_DEFAULTS", "ClassifierTrainer"]
 
 logger = logging.getLogger(__name__)
 
