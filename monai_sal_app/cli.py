@@ -35,9 +35,19 @@ def cmd_data(args) -> None:
 
     preset = args.preset or PRESETS[args.generator][0]
     if preset not in PRESETS[args.generator]:
-        raise ValueError(f"unknown preset {preset!r} for {args.generator}; available: {', '.join(PRESETS[args.generator])}")
+        raise ValueError(
+            f"unknown preset {preset!r} for {args.generator}; available: {', '.join(PRESETS[args.generator])}"
+        )
     generate = GENERATORS[args.generator]
-    manifest = generate(args.out, preset=preset, dim=args.dim, size=args.size, per_class=args.per_class, seed=args.seed, progress=not args.quiet)
+    manifest = generate(
+        args.out,
+        preset=preset,
+        dim=args.dim,
+        size=args.size,
+        per_class=args.per_class,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     print(f"wrote {manifest}")
 
 
@@ -45,10 +55,22 @@ def cmd_train(args) -> None:
     from monai_sal_app.experiments.workflows import train_from_manifest
 
     train_from_manifest(
-        args.data, args.out, arch=args.arch, loss=args.loss, augmentations=_split(args.aug), epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, patience=args.patience, val_fraction=args.val_fraction,
-        labels=_split(args.labels) if args.labels else None, test_manifest=args.test, seed=args.seed,
-        input_size=_input_size(args.input_size), device=args.device, progress=not args.quiet,
+        args.data,
+        args.out,
+        arch=args.arch,
+        loss=args.loss,
+        augmentations=_split(args.aug),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        val_fraction=args.val_fraction,
+        labels=_split(args.labels) if args.labels else None,
+        test_manifest=args.test,
+        seed=args.seed,
+        input_size=_input_size(args.input_size),
+        device=args.device,
+        progress=not args.quiet,
     )
 
 
@@ -76,9 +98,17 @@ def cmd_explain(args) -> None:
     source = args.images[0] if len(args.images) == 1 and args.images[0].endswith(".csv") else args.images
     items = read_items(source)
     maps_csv = explain_items(
-        model, card, items, args.out, methods=methods, params=dict.fromkeys(methods, params), target=args.target,
+        model,
+        card,
+        items,
+        args.out,
+        methods=methods,
+        params=dict.fromkeys(methods, params),
+        target=args.target,
         postprocess_steps=_split(args.postprocess),
-        batch_size=args.batch_size, overlays=args.overlays, progress=not args.quiet,
+        batch_size=args.batch_size,
+        overlays=args.overlays,
+        progress=not args.quiet,
     )
     print(f"wrote {maps_csv}")
 
@@ -102,7 +132,14 @@ def cmd_methods(args) -> None:
 def cmd_demo(args) -> None:
     from monai_sal_app.experiments.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, per_class=args.per_class, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    run_demo(
+        args.out,
+        quick=args.quick,
+        per_class=args.per_class,
+        epochs=args.epochs,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,9 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="generate a dataset with known ground truth")
     p.add_argument("generator", choices=sorted(GENERATORS))
-    p.add_argument("--preset", default=None, help="; ".join(f"{g}: {', '.join(v)}" for g, v in PRESETS.items()) + " (default: the first)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="; ".join(f"{g}: {', '.join(v)}" for g, v in PRESETS.items()) + " (default: the first)",
+    )
     p.add_argument("--dim", type=int, default=2, choices=[2, 3])
-    p.add_argument("--size", type=int, default=None, help="pixels per side (generator default, e.g. 128 in 2D, 64 in 3D)")
+    p.add_argument(
+        "--size", type=int, default=None, help="pixels per side (generator default, e.g. 128 in 2D, 64 in 3D)"
+    )
     p.add_argument("--per-class", type=int, default=None, help="override the preset's images per class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -135,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--labels", default=None, help="comma list of class names, e.g. control,patient")
-    p.add_argument("--input-size", default=None, help="network input grid: 128 (every axis) or 96,96,64 (default: the first image's shape)")
+    p.add_argument(
+        "--input-size",
+        default=None,
+        help="network input grid: 128 (every axis) or 96,96,64 (default: the first image's shape)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train)
@@ -146,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="gradcam", help="method name or comma list (see `monai-sal methods`)")
     p.add_argument("--param", action="append", default=[], help="method parameter key=value (repeatable)")
     p.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
-    p.add_argument("--postprocess", default="", help="comma list of steps applied before writing: abs,minmax,clip,grayscale")
+    p.add_argument(
+        "--postprocess", default="", help="comma list of steps applied before writing: abs,minmax,clip,grayscale"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--overlays", type=int, default=8, help="overlay PNGs per method")
     p.add_argument("--device", default=None)

@@ -39,6 +39,7 @@ from monai_sal_app.models.device import default_device
 
 logger = logging.getLogger(__name__)
 
+
 def _load_malloc_trim():
     """glibc's ``malloc_trim`` (None on other C libraries)."""
     name = ctypes.util.find_library("c")
@@ -88,7 +89,9 @@ class MonaiSalApp(MONAILabelApp):
         else:
             logger.warning(
                 "no model is served: no loadable <name>.pt + <name>.json in %s (run `monai-sal serve`, or "
-                "`monai-sal train --out %s/<name>.pt`)", self.model_dir, self.model_dir,
+                "`monai-sal train --out %s/<name>.pt`)",
+                self.model_dir,
+                self.model_dir,
             )
         super().__init__(
             app_dir=app_dir,
@@ -149,7 +152,9 @@ class MonaiSalApp(MONAILabelApp):
             if problem:
                 raise RequestError(503, f"model {model!r} is unavailable: {problem}")
             checked = copy.deepcopy(request)
-            checked["image"], checked[IMAGE_NAME_KEY] = resolve_image(checked, datastore or self.datastore(), self.sessions())
+            checked["image"], checked[IMAGE_NAME_KEY] = resolve_image(
+                checked, datastore or self.datastore(), self.sessions()
+            )
             label = resolve_label(checked)
             if label is not None:
                 checked["label"] = label

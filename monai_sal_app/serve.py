@@ -77,8 +77,12 @@ DEFAULT_MODELS: dict[str, dict[str, DefaultModel]] = {
         "ct_lesion_3d": DefaultModel("ct-lesions", 3, "train", "test", 100, 32, ("no lesion", "lesion"), 25, 3e-4),
     },
     "shepp-logan": {
-        "classifier_2d": DefaultModel("shepp-logan", 2, "homogeneous", "test", 150, 64, ("control", "patient"), 10, 1e-3),
-        "classifier_3d": DefaultModel("shepp-logan", 3, "homogeneous", "test", 60, 32, ("control", "patient"), 10, 1e-3),
+        "classifier_2d": DefaultModel(
+            "shepp-logan", 2, "homogeneous", "test", 150, 64, ("control", "patient"), 10, 1e-3
+        ),
+        "classifier_3d": DefaultModel(
+            "shepp-logan", 3, "homogeneous", "test", 60, 32, ("control", "patient"), 10, 1e-3
+        ),
     },
 }
 
@@ -86,15 +90,26 @@ DEFAULT_MODELS: dict[str, dict[str, DefaultModel]] = {
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``serve`` sub-command on an argparse ``subparsers`` object."""
     p = subparsers.add_parser("serve", help="prepare built-in data and models, then start the MONAI Label server")
-    p.add_argument("--data", choices=sorted(DEFAULT_MODELS), default="real",
-                   help="real: chest X-ray (2D) + lung CT (3D) models on the installed bases (default); "
-                        "shepp-logan: phantom models, no bases needed")
+    p.add_argument(
+        "--data",
+        choices=sorted(DEFAULT_MODELS),
+        default="real",
+        help="real: chest X-ray (2D) + lung CT (3D) models on the installed bases (default); "
+        "shepp-logan: phantom models, no bases needed",
+    )
     p.add_argument("--workdir", default="monai-sal-serve", help="folder for the generated data and the datastore")
-    p.add_argument("--studies", default=None, help="datastore folder (default <workdir>/studies, filled with held-out test images)")
+    p.add_argument(
+        "--studies", default=None, help="datastore folder (default <workdir>/studies, filled with held-out test images)"
+    )
     p.add_argument("--model-dir", default=None, help=f"checkpoint folder (default {APP_DIR / 'model'})")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--epochs", type=int, default=None, help="epochs for the default models (default: per model, 25 real, 10 shepp-logan)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs for the default models (default: per model, 25 real, 10 shepp-logan)",
+    )
     p.add_argument("--per-class", type=int, default=None, help="training images per class (default: per model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: CUDA when available)")
@@ -140,12 +155,24 @@ def prepare(
         train_manifest = folder / "train" / "manifest.csv"
         if not train_manifest.is_file():
             log(f"generating {spec.dim}D {spec.generator} training data in {train_manifest.parent}")
-            generate(train_manifest.parent, preset=spec.train_preset, dim=spec.dim,
-                     per_class=per_class or spec.per_class, seed=seed, progress=progress)
+            generate(
+                train_manifest.parent,
+                preset=spec.train_preset,
+                dim=spec.dim,
+                per_class=per_class or spec.per_class,
+                seed=seed,
+                progress=progress,
+            )
         test_manifest = folder / "test" / "manifest.csv"
         if not test_manifest.is_file():
-            generate(test_manifest.parent, preset=spec.test_preset, dim=spec.dim,
-                     per_class=STUDY_IMAGES_PER_CLASS, seed=seed + 1, progress=progress)
+            generate(
+                test_manifest.parent,
+                preset=spec.test_preset,
+                dim=spec.dim,
+                per_class=STUDY_IMAGES_PER_CLASS,
+                seed=seed + 1,
+                progress=progress,
+            )
         for k, item in enumerate(read_manifest(test_manifest)):
             study = f"{name}-{k:03d}.nii.gz"  # the model it is meant for, readable in curl commands
             if not (studies / study).exists():
@@ -158,10 +185,24 @@ def prepare(
         checkpoint = model_dir / f"{name}.pt"
         if retrain or not (checkpoint.is_file() and checkpoint.with_suffix(".json").is_file()):
             n_epochs = epochs or spec.epochs
-            log(f"training {name} ({spec.dim}D {spec.generator}, input {spec.input_size} px, {n_epochs} epochs) -> {checkpoint}")
-            train_from_manifest(train_manifest, checkpoint, arch="conv5fc3", epochs=n_epochs, lr=spec.lr, patience=10,
-                                labels=spec.labels, test_manifest=test_manifest, input_size=spec.input_size,
-                                seed=seed, device=device, progress=progress, log=log)
+            log(
+                f"training {name} ({spec.dim}D {spec.generator}, input {spec.input_size} px, {n_epochs} epochs) -> {checkpoint}"
+            )
+            train_from_manifest(
+                train_manifest,
+                checkpoint,
+                arch="conv5fc3",
+                epochs=n_epochs,
+                lr=spec.lr,
+                patience=10,
+                labels=spec.labels,
+                test_manifest=test_manifest,
+                input_size=spec.input_size,
+                seed=seed,
+                device=device,
+                progress=progress,
+                log=log,
+            )
         else:
             log(f"{name}: using {checkpoint}")
     return studies
@@ -187,7 +228,9 @@ def _conf(model_dir: Path, device: str | None) -> dict[str, str]:
     return conf
 
 
-def start_server(app_dir: str | os.PathLike, studies: str | os.PathLike, host: str, port: int, conf: dict[str, str]) -> None:
+def start_server(
+    app_dir: str | os.PathLike, studies: str | os.PathLike, host: str, port: int, conf: dict[str, str]
+) -> None:
     """Run MONAI Label's ``start_server`` (blocks until the server stops)."""
     from monailabel.main import Main
 
@@ -203,11 +246,23 @@ def start_server(app_dir: str | os.PathLike, studies: str | os.PathLike, host: s
 def run(args) -> None:
     """The ``serve`` sub-command."""
     model_dir = Path(args.model_dir) if args.model_dir else APP_DIR / "model"
-    studies = prepare(args.workdir, model_dir, data=args.data, studies=args.studies, epochs=args.epochs, per_class=args.per_class,
-                      seed=args.seed, device=args.device, retrain=args.retrain, progress=not getattr(args, "quiet", False))
+    studies = prepare(
+        args.workdir,
+        model_dir,
+        data=args.data,
+        studies=args.studies,
+        epochs=args.epochs,
+        per_class=args.per_class,
+        seed=args.seed,
+        device=args.device,
+        retrain=args.retrain,
+        progress=not getattr(args, "quiet", False),
+    )
     if args.prepare_only:
-        print(f"ready: monailabel start_server --app {APP_DIR} --studies {studies}"
-              + "".join(f" --conf {k} {v}" for k, v in _conf(model_dir, args.device).items()))
+        print(
+            f"ready: monailabel start_server --app {APP_DIR} --studies {studies}"
+            + "".join(f" --conf {k} {v}" for k, v in _conf(model_dir, args.device).items())
+        )
         return
     start_server(APP_DIR, studies, args.host, args.port, _conf(model_dir, args.device))
 
@@ -288,8 +343,22 @@ def start_background_server(
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "monailabel.app:app", "--host", host, "--port", str(port), "--log-level", "warning"],
-            stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=str(workdir),
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "monailabel.app:app",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(workdir),
         )
     server = BackgroundServer(process, f"http://{host}:{port}", log_path)
     deadline = time.monotonic() + timeout

@@ -101,17 +101,35 @@ QUICK_WORK = {
 # --trimmed: the work that makes the full run feasible (~20 min on 2 idle CPU cores). 2d224b1 keeps
 # the library's defaults (the reference numbers); the batch of 8 and the volumes do less.
 TRIMMED_WORK = {
-    "2d224b8": {"integrated_gradients": {"steps": 20}, "smoothgrad": {"n_samples": 10},
-                "smoothgrad_ig": {"n_samples": 2, "steps": 10}, "occlusion": {"window": 32, "stride": 32},
-                "xrai": {"steps": 10}, "meaningful_perturbation": {"steps": 20}},
-    "3d64": {"integrated_gradients": {"steps": 10}, "smoothgrad_ig": {"n_samples": 2, "steps": 10},
-             "occlusion": {"window": 16, "stride": 16}, "meaningful_perturbation": {"steps": 10}},
-    "3d96": {"integrated_gradients": {"steps": 8}, "smoothgrad": {"n_samples": 10},
-             "smoothgrad_ig": {"n_samples": 2, "steps": 8}, "occlusion": {"window": 32, "stride": 32},
-             "xrai": {"steps": 8}, "meaningful_perturbation": {"steps": 8}},
+    "2d224b8": {
+        "integrated_gradients": {"steps": 20},
+        "smoothgrad": {"n_samples": 10},
+        "smoothgrad_ig": {"n_samples": 2, "steps": 10},
+        "occlusion": {"window": 32, "stride": 32},
+        "xrai": {"steps": 10},
+        "meaningful_perturbation": {"steps": 20},
+    },
+    "3d64": {
+        "integrated_gradients": {"steps": 10},
+        "smoothgrad_ig": {"n_samples": 2, "steps": 10},
+        "occlusion": {"window": 16, "stride": 16},
+        "meaningful_perturbation": {"steps": 10},
+    },
+    "3d96": {
+        "integrated_gradients": {"steps": 8},
+        "smoothgrad": {"n_samples": 10},
+        "smoothgrad_ig": {"n_samples": 2, "steps": 8},
+        "occlusion": {"window": 32, "stride": 32},
+        "xrai": {"steps": 8},
+        "meaningful_perturbation": {"steps": 8},
+    },
 }
-STEP_PARAMS_3D = {"integrated_gradients": "steps", "smoothgrad_ig": "steps", "xrai": "steps",
-                  "meaningful_perturbation": "steps"}
+STEP_PARAMS_3D = {
+    "integrated_gradients": "steps",
+    "smoothgrad_ig": "steps",
+    "xrai": "steps",
+    "meaningful_perturbation": "steps",
+}
 
 
 def log(message: str) -> None:
@@ -146,8 +164,10 @@ class PassLog:
             sizes = [r for r, g in self.calls if g == grad]
             if sizes:
                 distinct = sorted(set(sizes), reverse=True)
-                parts.append(f"{sum(sizes)} {name} in {len(sizes)} pass{'es' if len(sizes) > 1 else ''}"
-                             f" (rows {','.join(map(str, distinct[:3]))}{'..' if len(distinct) > 3 else ''})")
+                parts.append(
+                    f"{sum(sizes)} {name} in {len(sizes)} pass{'es' if len(sizes) > 1 else ''}"
+                    f" (rows {','.join(map(str, distinct[:3]))}{'..' if len(distinct) > 3 else ''})"
+                )
         return " + ".join(parts) or "none"
 
 
@@ -269,8 +289,18 @@ def make_setup(name: str, device: torch.device, memory_fraction: float) -> Setup
         target = model(images).argmax(1)
     # rows whose forward+backward fit in memory_fraction of the free memory (measured activations)
     max_grad_rows = max_rows_in_memory(model, images[:1], memory_fraction=memory_fraction)
-    return Setup(name, spatial_dims, side, batch, device, model, images, target,
-                 PassTimer(model, tuple(images.shape[1:]), device), max_grad_rows)
+    return Setup(
+        name,
+        spatial_dims,
+        side,
+        batch,
+        device,
+        model,
+        images,
+        target,
+        PassTimer(model, tuple(images.shape[1:]), device),
+        max_grad_rows,
+    )
 
 
 def config_work(setup: Setup, method: str, args) -> dict[str, Any]:
@@ -280,7 +310,9 @@ def config_work(setup: Setup, method: str, args) -> dict[str, Any]:
     defaults = available_methods()[method]["defaults"]
     work = {p: defaults[p] for p in WORK_PARAMS[method]}
     if args.quick:
-        work.update({"window": setup.side // 2, "stride": setup.side // 2} if method == "occlusion" else QUICK_WORK[method])
+        work.update(
+            {"window": setup.side // 2, "stride": setup.side // 2} if method == "occlusion" else QUICK_WORK[method]
+        )
     if args.trimmed:
         work.update(TRIMMED_WORK.get(setup.name, {}).get(method, {}))
     if args.steps_3d and setup.spatial_dims == 3 and method in STEP_PARAMS_3D:
@@ -291,8 +323,10 @@ def config_work(setup: Setup, method: str, args) -> dict[str, Any]:
             work[param] = value
     if method == "occlusion":  # explicit geometry, so that the peers get exactly the same windows
         window, stride = occlusion_geometry(setup.spatial, work["window"], work["stride"])
-        work = {"window": window[0] if len(set(window)) == 1 else list(window),
-                "stride": stride[0] if len(set(stride)) == 1 else list(stride)}
+        work = {
+            "window": window[0] if len(set(window)) == 1 else list(window),
+            "stride": stride[0] if len(set(stride)) == 1 else list(stride),
+        }
     return work
 
 
@@ -393,7 +427,9 @@ def _captum():
     return captum_attr
 
 
-def peers_for(method: str, work: dict[str, Any], setup: Setup, peer_images: int) -> list[tuple[str, Callable[[], Any], int, str]]:
+def peers_for(
+    method: str, work: dict[str, Any], setup: Setup, peer_images: int
+) -> list[tuple[str, Callable[[], Any], int, str]]:
     """(name, call, images explained by the call, note) for every peer of ``method``."""
     model, x, t, dims = setup.model, setup.images, setup.target, setup.spatial_dims
     k = min(peer_images, setup.batch)
@@ -413,18 +449,28 @@ def peers_for(method: str, work: dict[str, Any], setup: Setup, peer_images: int)
         peers.append(("captum Saliency", lambda: ca.Saliency(model).attribute(x, target=t, abs=False), setup.batch, ""))
         import monai.visualize as mv
 
-        peers.append(("monai VanillaGrad", one_by_one(lambda xi, ti: mv.VanillaGrad(model)(xi, index=ti)), k, per_image_note))
+        peers.append(
+            ("monai VanillaGrad", one_by_one(lambda xi, ti: mv.VanillaGrad(model)(xi, index=ti)), k, per_image_note)
+        )
     elif method == "gradient_x_input":
         ca = _captum()
-        peers.append(("captum InputXGradient", lambda: ca.InputXGradient(model).attribute(x, target=t), setup.batch, ""))
+        peers.append(
+            ("captum InputXGradient", lambda: ca.InputXGradient(model).attribute(x, target=t), setup.batch, "")
+        )
     elif method == "smoothgrad":
         ca = _captum()
         n, sigma = work["n_samples"], available_methods()["smoothgrad"]["defaults"]["sigma"]
 
         def nt(batch_size):
             return lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(
-                x, nt_type="smoothgrad", nt_samples=n, nt_samples_batch_size=batch_size, stdevs=noise_std(sigma),
-                target=t, abs=False)
+                x,
+                nt_type="smoothgrad",
+                nt_samples=n,
+                nt_samples_batch_size=batch_size,
+                stdevs=noise_std(sigma),
+                target=t,
+                abs=False,
+            )
 
         peers.append(("captum NoiseTunnel(Saliency)", nt(None), setup.batch, "nt_samples_batch_size default (all)"))
         peers.append((f"captum NoiseTunnel(Saliency) nt_samples_batch_size={n}", nt(n), setup.batch, ""))
@@ -435,29 +481,69 @@ def peers_for(method: str, work: dict[str, Any], setup: Setup, peer_images: int)
     elif method == "integrated_gradients":
         ca = _captum()
         steps = work["steps"]
-        peers.append(("captum IG (one batch)", lambda: ca.IntegratedGradients(model).attribute(x, target=t, n_steps=steps),
-                      setup.batch, "default call"))
-        peers.append(("captum IG internal_batch_size=10", lambda: ca.IntegratedGradients(model).attribute(
-            x, target=t, n_steps=steps, internal_batch_size=10), setup.batch, ""))
+        peers.append(
+            (
+                "captum IG (one batch)",
+                lambda: ca.IntegratedGradients(model).attribute(x, target=t, n_steps=steps),
+                setup.batch,
+                "default call",
+            )
+        )
+        peers.append(
+            (
+                "captum IG internal_batch_size=10",
+                lambda: ca.IntegratedGradients(model).attribute(x, target=t, n_steps=steps, internal_batch_size=10),
+                setup.batch,
+                "",
+            )
+        )
     elif method == "smoothgrad_ig":
         ca = _captum()
         n, steps = work["n_samples"], work["steps"]
         sigma = available_methods()["smoothgrad_ig"]["defaults"]["sigma"]
-        peers.append(("captum NoiseTunnel(IG) internal_batch_size=10", lambda: ca.NoiseTunnel(ca.IntegratedGradients(model)).attribute(
-            x, nt_type="smoothgrad", nt_samples=n, stdevs=noise_std(sigma), target=t, n_steps=steps,
-            internal_batch_size=10), setup.batch, ""))
+        peers.append(
+            (
+                "captum NoiseTunnel(IG) internal_batch_size=10",
+                lambda: ca.NoiseTunnel(ca.IntegratedGradients(model)).attribute(
+                    x,
+                    nt_type="smoothgrad",
+                    nt_samples=n,
+                    stdevs=noise_std(sigma),
+                    target=t,
+                    n_steps=steps,
+                    internal_batch_size=10,
+                ),
+                setup.batch,
+                "",
+            )
+        )
     elif method == "guided_backprop":
         ca = _captum()
-        peers.append(("captum GuidedBackprop", lambda: ca.GuidedBackprop(model).attribute(x, target=t), setup.batch, ""))
+        peers.append(
+            ("captum GuidedBackprop", lambda: ca.GuidedBackprop(model).attribute(x, target=t), setup.batch, "")
+        )
         import monai.visualize as mv
 
-        peers.append(("monai GuidedBackpropGrad", one_by_one(lambda xi, ti: mv.GuidedBackpropGrad(model)(xi, index=ti)),
-                      k, per_image_note))
+        peers.append(
+            (
+                "monai GuidedBackpropGrad",
+                one_by_one(lambda xi, ti: mv.GuidedBackpropGrad(model)(xi, index=ti)),
+                k,
+                per_image_note,
+            )
+        )
     elif method == "gradcam":
         ca = _captum()
-        peers.append(("captum LayerGradCam (+upsample)", lambda: ca.LayerAttribution.interpolate(
-            ca.LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True), setup.spatial, interp),
-            setup.batch, ""))
+        peers.append(
+            (
+                "captum LayerGradCam (+upsample)",
+                lambda: ca.LayerAttribution.interpolate(
+                    ca.LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True), setup.spatial, interp
+                ),
+                setup.batch,
+                "",
+            )
+        )
         from pytorch_grad_cam import GradCAM as PGCGradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -468,25 +554,52 @@ def peers_for(method: str, work: dict[str, Any], setup: Setup, peer_images: int)
         peers.append(("pytorch-grad-cam GradCAM", pytorch_grad_cam_call, setup.batch, ""))
         import monai.visualize as mv
 
-        peers.append(("monai GradCAM", lambda: mv.GradCAM(nn_module=model, target_layers=GRADCAM_LAYER)(x, class_idx=None),
-                      setup.batch, "class_idx=None (= the predicted targets)"))
+        peers.append(
+            (
+                "monai GradCAM",
+                lambda: mv.GradCAM(nn_module=model, target_layers=GRADCAM_LAYER)(x, class_idx=None),
+                setup.batch,
+                "class_idx=None (= the predicted targets)",
+            )
+        )
     elif method == "guided_gradcam":
         ca = _captum()
-        peers.append(("captum GuidedGradCam", lambda: ca.GuidedGradCam(model, layer).attribute(
-            x, target=t, interpolate_mode=interp), setup.batch, ""))
+        peers.append(
+            (
+                "captum GuidedGradCam",
+                lambda: ca.GuidedGradCam(model, layer).attribute(x, target=t, interpolate_mode=interp),
+                setup.batch,
+                "",
+            )
+        )
     elif method == "occlusion":
         ca = _captum()
         window, stride = per_axis(work["window"], dims), per_axis(work["stride"], dims)
-        peers.append(("captum Occlusion perturbations_per_eval=16", lambda: ca.Occlusion(model).attribute(
-            x, sliding_window_shapes=(1, *window), strides=(1, *stride), baselines=0.0, target=t,
-            perturbations_per_eval=16), setup.batch, ""))
+        peers.append(
+            (
+                "captum Occlusion perturbations_per_eval=16",
+                lambda: ca.Occlusion(model).attribute(
+                    x,
+                    sliding_window_shapes=(1, *window),
+                    strides=(1, *stride),
+                    baselines=0.0,
+                    target=t,
+                    perturbations_per_eval=16,
+                ),
+                setup.batch,
+                "",
+            )
+        )
         import monai.visualize as mv
 
         overlaps = {1.0 - s / w for s, w in zip(stride, window)}
         if len(overlaps) == 1:
-            occ = mv.OcclusionSensitivity(model, mask_size=list(window), n_batch=16, verbose=False, mode=0.0,
-                                          overlap=overlaps.pop())
-            peers.append(("monai OcclusionSensitivity n_batch=16", one_by_one(lambda xi, ti: occ(xi)), k, per_image_note))
+            occ = mv.OcclusionSensitivity(
+                model, mask_size=list(window), n_batch=16, verbose=False, mode=0.0, overlap=overlaps.pop()
+            )
+            peers.append(
+                ("monai OcclusionSensitivity n_batch=16", one_by_one(lambda xi, ti: occ(xi)), k, per_image_note)
+            )
         else:
             peers.append(("monai OcclusionSensitivity", None, k, "n/a: one overlap for all axes only"))
     elif method == "xrai" and dims == 2:
@@ -495,6 +608,7 @@ def peers_for(method: str, work: dict[str, Any], setup: Setup, peer_images: int)
         except ImportError as exc:
             peers.append(("PAIR XRAI", None, k, f"n/a (not importable: {exc})"))
         else:
+
             def call_model(x_batch, call_model_args=None, expected_keys=None):
                 xb = torch.as_tensor(np.moveaxis(x_batch, -1, 1), dtype=torch.float32, device=setup.device)
                 xb.requires_grad_(True)
@@ -504,9 +618,23 @@ def peers_for(method: str, work: dict[str, Any], setup: Setup, peer_images: int)
 
             images_hwc = np.moveaxis(x.detach().cpu().numpy(), 1, -1)
             params = XRAIParameters(steps=work["steps"])
-            peers.append(("PAIR XRAI batch_size=20", lambda: [XRAI().GetMask(
-                images_hwc[i], call_model, call_model_args={"target": int(t[i])}, batch_size=20,
-                extra_parameters=params) for i in range(k)], k, per_image_note))
+            peers.append(
+                (
+                    "PAIR XRAI batch_size=20",
+                    lambda: [
+                        XRAI().GetMask(
+                            images_hwc[i],
+                            call_model,
+                            call_model_args={"target": int(t[i])},
+                            batch_size=20,
+                            extra_parameters=params,
+                        )
+                        for i in range(k)
+                    ],
+                    k,
+                    per_image_note,
+                )
+            )
     elif method == "meaningful_perturbation":
         if dims != 2:
             peers.append(("TorchRay extremal_perturbation", None, k, "n/a (2D only)"))
@@ -514,12 +642,19 @@ def peers_for(method: str, work: dict[str, Any], setup: Setup, peer_images: int)
             try:
                 from torchray.attribution.extremal_perturbation import extremal_perturbation
             except Exception as exc:  # any import failure is reported in the cell
-                peers.append(("TorchRay extremal_perturbation", None, k, f"n/a (not installable: {type(exc).__name__}: {exc})"))
+                peers.append(
+                    ("TorchRay extremal_perturbation", None, k, f"n/a (not installable: {type(exc).__name__}: {exc})")
+                )
             else:
                 steps = work["steps"]
-                peers.append(("TorchRay extremal_perturbation areas=[0.1]", one_by_one(
-                    lambda xi, ti: extremal_perturbation(model, xi, ti, areas=[0.1], max_iter=steps)), k,
-                    (per_image_note + "; " if per_image_note else "") + "max_iter=steps"))
+                peers.append(
+                    (
+                        "TorchRay extremal_perturbation areas=[0.1]",
+                        one_by_one(lambda xi, ti: extremal_perturbation(model, xi, ti, areas=[0.1], max_iter=steps)),
+                        k,
+                        (per_image_note + "; " if per_image_note else "") + "max_iter=steps",
+                    )
+                )
     return peers
 
 
@@ -555,8 +690,14 @@ def xrai_own_work(setup: Setup, peer_images: int) -> tuple[Timing, Timing | None
     def pair() -> None:
         for i in range(k):
             segments = _get_segments_felzenszwalb(images_hwc[i])
-            XRAI._xrai(attr=attribution[i], segs=segments, gain_fun=_gain_density, area_perc_th=1.0,
-                       min_pixel_diff=50, integer_segments=True)
+            XRAI._xrai(
+                attr=attribution[i],
+                segs=segments,
+                gain_fun=_gain_density,
+                area_perc_th=1.0,
+                min_pixel_diff=50,
+                integer_segments=True,
+            )
 
     return ours_timing, run_once("PAIR _get_segments_felzenszwalb + _xrai", pair, k, setup)
 
@@ -624,11 +765,15 @@ def bench_method(setup: Setup, method: str, args) -> Row:
     if ours.seconds_per_image is None and ours.note.startswith("skipped"):
         # the guard refused a pass of ours' default chunk: pass the automatic chunk, and say so
         params["batch_size"] = auto_batch_size(setup.model, setup.images, per_image)
-        note = (f"the default batch_size would run {ours.note.split('skipped: ')[1]}; "
-                f"timed with batch_size={params['batch_size']} (auto_batch_size) instead")
+        note = (
+            f"the default batch_size would run {ours.note.split('skipped: ')[1]}; "
+            f"timed with batch_size={params['batch_size']} (auto_batch_size) instead"
+        )
         ours = run_once("ours (batch_size=auto)", ours_call, setup.batch, setup)
     peers = peers_for(method, work, setup, args.peer_images)
-    peer_best: list[Timing | None] = [None if call else Timing(name, None, peer_note) for name, call, _, peer_note in peers]
+    peer_best: list[Timing | None] = [
+        None if call else Timing(name, None, peer_note) for name, call, _, peer_note in peers
+    ]
     for round_index in range(repeats):
         if round_index:
             ours = faster(ours, run_once("ours", ours_call, setup.batch, setup))
@@ -639,8 +784,18 @@ def bench_method(setup: Setup, method: str, args) -> Row:
             peer_best[k] = faster(done, run_once(name, call, images_done, setup, peer_note))
     # ours' chunk: its largest pass of the floor's kind (forward+backward, or forward for occlusion)
     chunk = largest_pass(ours.calls, grad)
-    row = Row(setup.name, method, work, formula, per_image, ours, note=note, chunk=chunk,
-              peers=[t for t in peer_best if t is not None], load=os.getloadavg()[0])
+    row = Row(
+        setup.name,
+        method,
+        work,
+        formula,
+        per_image,
+        ours,
+        note=note,
+        chunk=chunk,
+        peers=[t for t in peer_best if t is not None],
+        load=os.getloadavg()[0],
+    )
 
     rows_total = setup.batch * per_image
     max_batch = setup.batch if method == "meaningful_perturbation" else rows_total
@@ -694,13 +849,17 @@ def render_table(rows: list[Row]) -> str:
                 peer_cells.append(f"{peer.name}: {peer.note}")
             else:
                 extra = f"; {peer.note}" if peer.note else ""
-                peer_cells.append(f"{peer.name}: {fmt_seconds(peer.seconds_per_image)} ({fmt_ratio(ratio(peer.seconds_per_image, ours))}{extra})")
+                peer_cells.append(
+                    f"{peer.name}: {fmt_seconds(peer.seconds_per_image)} ({fmt_ratio(ratio(peer.seconds_per_image, ours))}{extra})"
+                )
         if row.own_work:
             mine, pair = row.own_work
             cell = f"segmentation+selection: ours {fmt_seconds(mine.seconds_per_image)}"
             if pair is not None:
-                cell += (f", PAIR {fmt_seconds(pair.seconds_per_image) if pair.seconds_per_image is not None else pair.note}"
-                         f" ({fmt_ratio(ratio(pair.seconds_per_image, mine.seconds_per_image))})")
+                cell += (
+                    f", PAIR {fmt_seconds(pair.seconds_per_image) if pair.seconds_per_image is not None else pair.note}"
+                    f" ({fmt_ratio(ratio(pair.seconds_per_image, mine.seconds_per_image))})"
+                )
             cell += f"; ours / IG-passes floor {fmt_ratio(ratio(ours, row.ig_passes_floor))}"
             peer_cells.append(cell)
         ours_cell = fmt_seconds(ours) if ours is not None else row.ours.note
@@ -730,49 +889,75 @@ def verdict(ok: bool | None) -> str:
 def render_targets(rows: list[Row]) -> str:
     """One line per target and configuration, with the measured numbers."""
     out = []
-    misses = [r for r in rows if ratio(r.ours.seconds_per_image, r.floor_best) is not None
-              and ratio(r.ours.seconds_per_image, r.floor_best) > 1.2]
+    misses = [
+        r
+        for r in rows
+        if ratio(r.ours.seconds_per_image, r.floor_best) is not None
+        and ratio(r.ours.seconds_per_image, r.floor_best) > 1.2
+    ]
     measured = [r for r in rows if ratio(r.ours.seconds_per_image, r.floor_best) is not None]
-    out.append(f"- Every method within 1.2x of floor@best: {verdict(not misses if measured else None)} "
-               f"({len(measured) - len(misses)}/{len(measured)} rows)"
-               + ("; over: " + ", ".join(f"{r.config} {r.method} {ratio(r.ours.seconds_per_image, r.floor_best):.2f}x"
-                                          for r in misses) if misses else ""))
+    out.append(
+        f"- Every method within 1.2x of floor@best: {verdict(not misses if measured else None)} "
+        f"({len(measured) - len(misses)}/{len(measured)} rows)"
+        + (
+            "; over: "
+            + ", ".join(f"{r.config} {r.method} {ratio(r.ours.seconds_per_image, r.floor_best):.2f}x" for r in misses)
+            if misses
+            else ""
+        )
+    )
     for row in rows:
         ours = row.ours.seconds_per_image
         if row.method == "integrated_gradients":
             peer = find_peer(row, "captum IG (one batch)")
             r = ratio(peer.seconds_per_image if peer else None, ours)
-            out.append(f"- {row.config} IG >= 1.5x faster than captum's default call: "
-                       f"{verdict(None if r is None else r >= 1.5)} ({fmt_ratio(r)})")
+            out.append(
+                f"- {row.config} IG >= 1.5x faster than captum's default call: "
+                f"{verdict(None if r is None else r >= 1.5)} ({fmt_ratio(r)})"
+            )
         if row.method == "smoothgrad":
             monai_peer = find_peer(row, "monai SmoothGrad")
             captum_peers = [p for p in row.peers if p.name.startswith("captum NoiseTunnel") and p.seconds_per_image]
             r_monai = ratio(monai_peer.seconds_per_image if monai_peer else None, ours)
             r_captum = ratio(min(p.seconds_per_image for p in captum_peers), ours) if captum_peers else None
-            out.append(f"- {row.config} SmoothGrad >= 1.7x faster than monai.visualize: "
-                       f"{verdict(None if r_monai is None else r_monai >= 1.7)} ({fmt_ratio(r_monai)}); "
-                       f"no slower than captum NoiseTunnel (its faster variant): "
-                       f"{verdict(None if r_captum is None else r_captum >= 1.0)} ({fmt_ratio(r_captum)})")
+            out.append(
+                f"- {row.config} SmoothGrad >= 1.7x faster than monai.visualize: "
+                f"{verdict(None if r_monai is None else r_monai >= 1.7)} ({fmt_ratio(r_monai)}); "
+                f"no slower than captum NoiseTunnel (its faster variant): "
+                f"{verdict(None if r_captum is None else r_captum >= 1.0)} ({fmt_ratio(r_captum)})"
+            )
         if row.method == "xrai" and row.own_work:
             mine, pair = row.own_work
             if pair is not None:
                 r = ratio(pair.seconds_per_image, mine.seconds_per_image)
-                out.append(f"- {row.config} XRAI segmentation+selection >= 4x faster than PAIR's: "
-                           f"{verdict(None if r is None else r >= 4)} ({fmt_ratio(r)})")
+                out.append(
+                    f"- {row.config} XRAI segmentation+selection >= 4x faster than PAIR's: "
+                    f"{verdict(None if r is None else r >= 4)} ({fmt_ratio(r)})"
+                )
             if row.config == "3d64":
                 r = ratio(ours, row.ig_passes_floor)
-                out.append(f"- 3d64 XRAI <= 1.3x its IG passes (floor@best of 2*steps passes): "
-                           f"{verdict(None if r is None else r <= 1.3)} ({fmt_ratio(r)}, steps={row.work['steps']})")
+                out.append(
+                    f"- 3d64 XRAI <= 1.3x its IG passes (floor@best of 2*steps passes): "
+                    f"{verdict(None if r is None else r <= 1.3)} ({fmt_ratio(r)}, steps={row.work['steps']})"
+                )
         if row.method in ("occlusion", "meaningful_perturbation"):
-            cells = [f"{p.name} {fmt_ratio(ratio(p.seconds_per_image, ours)) if p.seconds_per_image else p.note}"
-                     for p in row.peers]
+            cells = [
+                f"{p.name} {fmt_ratio(ratio(p.seconds_per_image, ours)) if p.seconds_per_image else p.note}"
+                for p in row.peers
+            ]
             out.append(f"- {row.config} {row.method} (batched) peer/ours: " + "; ".join(cells))
     return "\n".join(out)
 
 
 def versions() -> str:
-    names = {"torch": "torch", "monai": "monai", "captum": "captum", "grad-cam": "pytorch_grad_cam",
-             "saliency": "saliency (PAIR)", "torchray": "torchray"}
+    names = {
+        "torch": "torch",
+        "monai": "monai",
+        "captum": "captum",
+        "grad-cam": "pytorch_grad_cam",
+        "saliency": "saliency (PAIR)",
+        "torchray": "torchray",
+    }
     parts = []
     for dist, label in names.items():
         try:
@@ -787,25 +972,27 @@ def header(device: torch.device, args, load_start: tuple[float, ...]) -> str:
         device_text = f"cuda ({torch.cuda.get_device_name(device)})"
     else:
         device_text = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores)"
-    return "\n".join([
-        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- device: {device_text}; torch threads: {torch.get_num_threads()}; "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
-        f"- versions: {versions()}",
-        f"- command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- load average at start (1/5/15 min): {' / '.join(f'{v:.2f}' for v in load_start)}",
-        "- model: monai DenseNet121(spatial_dims, in_channels=1, out_channels=2), eval mode, random init "
-        f"(seed {SEED}); speed does not depend on the weights. Inputs: seed-{SEED} standard normal images; "
-        "target: each image's predicted class, passed explicitly to every implementation.",
-        f"- repeats: best of {args.repeats} for methods of <= 2 passes/image, best of {args.repeats_slow} otherwise "
-        "(ours and its peers round robin); pass timings best of 2.",
-        "- columns: *floor passes/img* = the method's nominal network passes per image (fb = forward+backward, "
-        "f = forward only); *ours: passes run* = what the call actually ran, seen by a hook on the model; "
-        "*floor@chunk* = nominal passes at ours' own chunk size (measured right after ours); *floor@best* = "
-        "nominal passes at the fastest batch size found (the floor of the targets); for XRAI both floors include "
-        "ours' segmentation + selection time; *peer/ours* > 1 means ours is faster; *load* = 1-min load average "
-        "after the method.",
-    ])
+    return "\n".join(
+        [
+            f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+            f"- device: {device_text}; torch threads: {torch.get_num_threads()}; "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
+            f"- versions: {versions()}",
+            f"- command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
+            f"- load average at start (1/5/15 min): {' / '.join(f'{v:.2f}' for v in load_start)}",
+            "- model: monai DenseNet121(spatial_dims, in_channels=1, out_channels=2), eval mode, random init "
+            f"(seed {SEED}); speed does not depend on the weights. Inputs: seed-{SEED} standard normal images; "
+            "target: each image's predicted class, passed explicitly to every implementation.",
+            f"- repeats: best of {args.repeats} for methods of <= 2 passes/image, best of {args.repeats_slow} otherwise "
+            "(ours and its peers round robin); pass timings best of 2.",
+            "- columns: *floor passes/img* = the method's nominal network passes per image (fb = forward+backward, "
+            "f = forward only); *ours: passes run* = what the call actually ran, seen by a hook on the model; "
+            "*floor@chunk* = nominal passes at ours' own chunk size (measured right after ours); *floor@best* = "
+            "nominal passes at the fastest batch size found (the floor of the targets); for XRAI both floors include "
+            "ours' segmentation + selection time; *peer/ours* > 1 means ours is faster; *load* = 1-min load average "
+            "after the method.",
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------- main
@@ -828,26 +1015,51 @@ def parse_set(text: str) -> tuple[str, str, str, Any]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: all registered)")
-    parser.add_argument("--quick", action="store_true", help="a few steps/samples and large occlusion windows, for ours and peers")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few steps/samples and large occlusion windows, for ours and peers"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="best of R for methods of <= 2 passes per image")
     parser.add_argument("--repeats-slow", type=int, default=1, help="best of R for the other methods")
-    parser.add_argument("--trimmed", action="store_true",
-                        help="less work for 2d224b8, 3d64 and 3d96 (TRIMMED_WORK) so that the full run is feasible")
-    parser.add_argument("--steps-3d", type=int, default=None,
-                        help="steps of IG, SmoothGrad-IG, XRAI and meaningful perturbation in 3D configs (after --trimmed)")
-    parser.add_argument("--set", action="append", type=parse_set, default=[], metavar="CONFIG:METHOD.PARAM=VALUE",
-                        help="override one work parameter, e.g. 3d96:occlusion.window=24 (repeatable)")
-    parser.add_argument("--peer-images", type=int, default=2,
-                        help="images timed for peers that explain one image per call (per-image time reported)")
+    parser.add_argument(
+        "--trimmed",
+        action="store_true",
+        help="less work for 2d224b8, 3d64 and 3d96 (TRIMMED_WORK) so that the full run is feasible",
+    )
+    parser.add_argument(
+        "--steps-3d",
+        type=int,
+        default=None,
+        help="steps of IG, SmoothGrad-IG, XRAI and meaningful perturbation in 3D configs (after --trimmed)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        type=parse_set,
+        default=[],
+        metavar="CONFIG:METHOD.PARAM=VALUE",
+        help="override one work parameter, e.g. 3d96:occlusion.window=24 (repeatable)",
+    )
+    parser.add_argument(
+        "--peer-images",
+        type=int,
+        default=2,
+        help="images timed for peers that explain one image per call (per-image time reported)",
+    )
     parser.add_argument("--sweep-max", type=int, default=64, help="largest batch tried for the floor@best sweep")
-    parser.add_argument("--memory-fraction", type=float, default=0.7,
-                        help="refuse a forward+backward pass needing more than this fraction of the free memory")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice, one per core)")
+    parser.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.7,
+        help="refuse a forward+backward pass needing more than this fraction of the free memory",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice, one per core)"
+    )
     parser.add_argument("--out", default=None, help="also write the Markdown report to this file")
     args = parser.parse_args(argv)
     if args.quick:  # a run-through, not a measurement: one repeat, short floor sweep
@@ -867,16 +1079,23 @@ def parse_args(argv=None):
 
 def render_report(rows: list[Row], reference: list[str], device: torch.device, args, load_start, done: bool) -> str:
     load_now = os.getloadavg()
-    return "\n\n".join([
-        "## Run",
-        header(device, args, load_start) + f"\n- load average at {'end' if done else 'last write'}: "
-        + " / ".join(f"{v:.2f}" for v in load_now)
-        + ("" if done else "\n- **partial**: the run had not finished when this was written")
-        + ("\n- quick mode: reduced work for ours and peers alike (not a measurement of the default settings)" if args.quick else ""),
-        "## Reference passes\n\n" + "\n".join(reference),
-        "## Results (seconds per image)\n\n" + render_table(rows),
-        "## Targets\n\n" + render_targets(rows),
-    ])
+    return "\n\n".join(
+        [
+            "## Run",
+            header(device, args, load_start)
+            + f"\n- load average at {'end' if done else 'last write'}: "
+            + " / ".join(f"{v:.2f}" for v in load_now)
+            + ("" if done else "\n- **partial**: the run had not finished when this was written")
+            + (
+                "\n- quick mode: reduced work for ours and peers alike (not a measurement of the default settings)"
+                if args.quick
+                else ""
+            ),
+            "## Reference passes\n\n" + "\n".join(reference),
+            "## Results (seconds per image)\n\n" + render_table(rows),
+            "## Targets\n\n" + render_targets(rows),
+        ]
+    )
 
 
 def main(argv=None) -> None:
@@ -891,9 +1110,11 @@ def main(argv=None) -> None:
     for name in args.configs:
         setup = make_setup(name, device, args.memory_fraction)
         one_pass = setup.timer.time(1, True)
-        reference.append(f"- {name}: one forward+backward pass of 1 row {one_pass:.3f} s; "
-                         f"forward only {setup.timer.time(1, False):.3f} s; at most {setup.max_grad_rows} rows per "
-                         f"forward+backward pass in {args.memory_fraction:.0%} of the free memory")
+        reference.append(
+            f"- {name}: one forward+backward pass of 1 row {one_pass:.3f} s; "
+            f"forward only {setup.timer.time(1, False):.3f} s; at most {setup.max_grad_rows} rows per "
+            f"forward+backward pass in {args.memory_fraction:.0%} of the free memory"
+        )
         log(f"{name}: {reference[-1][2:]}")
         for method in args.methods:
             rows.append(bench_method(setup, method, args))
@@ -901,8 +1122,11 @@ def main(argv=None) -> None:
         report = render_report(rows, reference, device, args, load_start, done=name == args.configs[-1])
         if args.out:  # after every configuration, so that a long run that is stopped keeps its results
             with open(args.out, "w", encoding="utf-8") as handle:
-                handle.write("# Saliency methods: speed benchmark\n\nGenerated by `scripts/benchmark_methods.py`.\n\n"
-                             + report + "\n")
+                handle.write(
+                    "# Saliency methods: speed benchmark\n\nGenerated by `scripts/benchmark_methods.py`.\n\n"
+                    + report
+                    + "\n"
+                )
             log(f"wrote {args.out}")
     print(report)
     log("done")

@@ -57,7 +57,9 @@ def main() -> None:
     print(f"localization_metrics (all {len(ours)} metrics): {ours_s:.3f} s")
     print(f"sklearn roc_auc_score + average_precision_score: {sklearn_s:.3f} s")
     print(f"ratio sklearn / ours: {sklearn_s / ours_s:.1f}x")
-    print(f"|roc_auc - sklearn| = {abs(ours['roc_auc'] - sk_auc):.2e}, |auprc - sklearn| = {abs(ours['auprc'] - sk_ap):.2e}")
+    print(
+        f"|roc_auc - sklearn| = {abs(ours['roc_auc'] - sk_auc):.2e}, |auprc - sklearn| = {abs(ours['auprc'] - sk_ap):.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--methods", default="gradcam,gradient,integrated_gradients", help="comma list")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
-    p.add_argument("--data", choices=sorted(DEFAULT_MODELS), default="real", help="which default models (monai-sal serve --data)")
-    p.add_argument("--workdir", default=None, help="keep data, models and the server log here (default: a temporary folder)")
+    p.add_argument(
+        "--data", choices=sorted(DEFAULT_MODELS), default="real", help="which default models (monai-sal serve --data)"
+    )
+    p.add_argument(
+        "--workdir", default=None, help="keep data, models and the server log here (default: a temporary folder)"
+    )
     return p.parse_args(argv)
 
 
@@ -49,8 +53,12 @@ def time_server(url: str, model: str, image_id: str, method: str, repeats: int) 
     wall, task = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        response = requests.post(f"{url}/infer/{model}", params={"image": image_id, "output": "all"},
-                                 data={"params": json.dumps({"method": method})}, timeout=600)
+        response = requests.post(
+            f"{url}/infer/{model}",
+            params={"image": image_id, "output": "all"},
+            data={"params": json.dumps({"method": method})},
+            timeout=600,
+        )
         wall.append(time.perf_counter() - start)
         if response.status_code != 200:
             raise RuntimeError(f"{model} {method}: HTTP {response.status_code} {response.text[:300]}")
@@ -79,12 +87,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="monai-sal-bench-") as tmp:
         work = Path(args.workdir).resolve() if args.workdir else Path(tmp)
         model_dir = work / "model"
-        studies = prepare(work, model_dir, data=args.data, epochs=1, per_class=2, progress=False,
-                          log=lambda m: print(m, flush=True))
-        server = start_background_server(studies, conf={"model_dir": str(model_dir)}, workdir=work / "run",
-                                         extra_env={"OMP_NUM_THREADS": str(args.threads)})
+        studies = prepare(
+            work, model_dir, data=args.data, epochs=1, per_class=2, progress=False, log=lambda m: print(m, flush=True)
+        )
+        server = start_background_server(
+            studies,
+            conf={"model_dir": str(model_dir)},
+            workdir=work / "run",
+            extra_env={"OMP_NUM_THREADS": str(args.threads)},
+        )
         try:
-            print(f"{'model':<14} {'method':<22} {'server ms':>10} {'task ms':>9} {'in-process ms':>14} {'ratio':>6} {'overhead ms':>12}")
+            print(
+                f"{'model':<14} {'method':<22} {'server ms':>10} {'task ms':>9} {'in-process ms':>14} {'ratio':>6} {'overhead ms':>12}"
+            )
             for model in DEFAULT_MODELS[args.data]:
                 image_id = f"{model}-000"
                 image = studies / f"{image_id}.nii.gz"
@@ -94,7 +109,10 @@ def main(argv=None) -> int:
                     wall, task = time_server(server.url, model, image_id, method, args.repeats)
                     local = time_in_process(model_dir / f"{model}.pt", image, method, args.repeats)
                     w, t, in_process = (1000 * statistics.median(v) for v in (wall, task, local))
-                    print(f"{model:<14} {method:<22} {w:>10.1f} {t:>9.1f} {in_process:>14.1f} {w / in_process:>6.2f} {w - in_process:>12.1f}", flush=True)
+                    print(
+                        f"{model:<14} {method:<22} {w:>10.1f} {t:>9.1f} {in_process:>14.1f} {w / in_process:>6.2f} {w - in_process:>12.1f}",
+                        flush=True,
+                    )
         finally:
             server.stop()
     return 0

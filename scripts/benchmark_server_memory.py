@@ -34,9 +34,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--requests", type=int, default=20, help="infer requests per round")
     p.add_argument("--methods", default="gradcam,gradient,integrated_gradients", help="comma list, used in turn")
-    p.add_argument("--data", choices=sorted(DEFAULT_MODELS), default="real", help="which default models (monai-sal serve --data)")
-    p.add_argument("--workdir", default=None, help="keep data, models and the server log here (default: a temporary folder)")
-    p.add_argument("--max-growth-mb", type=float, default=None, help="fail if RSS grows more than this from round 1 to the end")
+    p.add_argument(
+        "--data", choices=sorted(DEFAULT_MODELS), default="real", help="which default models (monai-sal serve --data)"
+    )
+    p.add_argument(
+        "--workdir", default=None, help="keep data, models and the server log here (default: a temporary folder)"
+    )
+    p.add_argument(
+        "--max-growth-mb", type=float, default=None, help="fail if RSS grows more than this from round 1 to the end"
+    )
     return p.parse_args(argv)
 
 
@@ -48,8 +54,11 @@ def request_plan(studies: Path, models: list[str], methods: list[str], n: int) -
     for k in range(n):
         model = models[k % len(models)]
         name = images[model][(k // len(models)) % len(images[model])]
-        plan = {"model": model, "method": methods[k % len(methods)],
-                "mask": studies / "labels" / "final" / name if k % 3 == 0 else None}
+        plan = {
+            "model": model,
+            "method": methods[k % len(methods)],
+            "mask": studies / "labels" / "final" / name if k % 3 == 0 else None,
+        }
         if k % 4 < 2:
             plan["image_id"] = name.removesuffix(".nii.gz")
         else:
@@ -65,8 +74,11 @@ def send(url: str, plan: dict) -> None:
     if plan["mask"] is not None:
         files["label"] = (plan["mask"].name, plan["mask"].read_bytes())
     response = requests.post(
-        f"{url}/infer/{plan['model']}", params={"image": plan.get("image_id", ""), "output": "all"},
-        data={"params": json.dumps({"method": plan["method"]})}, files=files or None, timeout=600,
+        f"{url}/infer/{plan['model']}",
+        params={"image": plan.get("image_id", ""), "output": "all"},
+        data={"params": json.dumps({"method": plan["method"]})},
+        files=files or None,
+        timeout=600,
     )
     if response.status_code != 200:
         raise RuntimeError(f"{plan}: HTTP {response.status_code} {response.text[:300]}")
@@ -77,8 +89,15 @@ def main(argv=None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     with tempfile.TemporaryDirectory(prefix="monai-sal-bench-") as tmp:
         work = Path(args.workdir).resolve() if args.workdir else Path(tmp)
-        studies = prepare(work, work / "model", data=args.data, epochs=1, per_class=2, progress=False,
-                          log=lambda m: print(m, flush=True))
+        studies = prepare(
+            work,
+            work / "model",
+            data=args.data,
+            epochs=1,
+            per_class=2,
+            progress=False,
+            log=lambda m: print(m, flush=True),
+        )
         plans = request_plan(studies, list(DEFAULT_MODELS[args.data]), methods, args.requests)
         server = start_background_server(studies, conf={"model_dir": str(work / "model")}, workdir=work / "run")
         try:
@@ -92,7 +111,10 @@ def main(argv=None) -> int:
                     send(server.url, plan)
                 rss = process.memory_info().rss / 2**20
                 first = rss if first is None else first
-                print(f"{round_index:>5} {len(plans):>8} {time.perf_counter() - start:>8.2f} {rss:>9.1f} {rss - first:>+10.1f}", flush=True)
+                print(
+                    f"{round_index:>5} {len(plans):>8} {time.perf_counter() - start:>8.2f} {rss:>9.1f} {rss - first:>+10.1f}",
+                    flush=True,
+                )
             growth = rss - first
             per_round = growth / max(1, args.rounds - 1)
             print(f"growth after round 1: {growth:+.1f} MiB over {args.rounds - 1} rounds ({per_round:+.2f} MiB/round)")

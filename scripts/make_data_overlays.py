@@ -38,12 +38,19 @@ def brain_figure(out: Path, seed: int) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(10, 7))
     for row, (dim, size) in enumerate(((2, 128), (3, 64))):
         for col, subtype in enumerate(("control", "typical", "atypical")):
-            image, mask = brain_atrophy_subject(subtype, size, dim, np.random.default_rng(seed), base, shrink_mm=3.0, intensity_loss=0.25)
+            image, mask = brain_atrophy_subject(
+                subtype, size, dim, np.random.default_rng(seed), base, shrink_mm=3.0, intensity_loss=0.25
+            )
             if dim == 3:  # axial slice through the atrophy (or the middle)
                 k = int(np.argmax(mask.sum((0, 1)))) if mask.any() else size // 2 - 4
                 image, mask = image[:, :, k], mask[:, :, k]
             # arrays are (left->right, posterior->anterior): rotate so anterior is up
-            _show(axes[row, col], np.rot90(image), np.rot90(mask), f"{subtype} ({dim}D {size}{'^3' if dim == 3 else '^2'})")
+            _show(
+                axes[row, col],
+                np.rot90(image),
+                np.rot90(mask),
+                f"{subtype} ({dim}D {size}{'^3' if dim == 3 else '^2'})",
+            )
     fig.suptitle(f"Brain atrophy on {base.name}: red = voxels the atrophy changed", fontsize=11)
     return _save(fig, out / "brain_atrophy.png")
 

@@ -32,8 +32,13 @@ def save_tiny_checkpoint(path: Path, spatial_dims: int, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = build_classifier("conv5fc3", spatial_dims, channels=TINY_CHANNELS)
     card = {
-        "architecture": "conv5fc3", "spatial_dims": spatial_dims, "in_channels": 1, "num_classes": 2, "labels": LABELS,
-        "input_size": INPUT_SIZE[spatial_dims], "arch_kwargs": {"channels": TINY_CHANNELS},
+        "architecture": "conv5fc3",
+        "spatial_dims": spatial_dims,
+        "in_channels": 1,
+        "num_classes": 2,
+        "labels": LABELS,
+        "input_size": INPUT_SIZE[spatial_dims],
+        "arch_kwargs": {"channels": TINY_CHANNELS},
     }
     return save_classifier(model, path, card)
 
@@ -75,7 +80,9 @@ def write_dicom_xray(raw: np.ndarray, path: Path, monochrome1: bool = True) -> P
     return path
 
 
-def oblique_affine(spacing: tuple[float, float, float], origin: tuple[float, float, float], degrees: float) -> np.ndarray:
+def oblique_affine(
+    spacing: tuple[float, float, float], origin: tuple[float, float, float], degrees: float
+) -> np.ndarray:
     """A 4x4 affine: rotation about the third axis, then per-axis spacing, then origin."""
     t = np.deg2rad(degrees)
     rotation = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
@@ -116,23 +123,45 @@ def make_studies(studies: Path) -> dict[str, dict]:
     write_nifti(ct2d[..., None], studies / "slice_nii.nii.gz", affine=affine2d)  # stored (H, W, 1)
     mask2d = np.zeros((36, 40), dtype=np.uint8)
     mask2d[8:20, 10:24] = 1
-    items["slice_nii"] = {"path": studies / "slice_nii.nii.gz", "dim": 2, "mask": write_nifti(mask2d, masks / "slice_nii_mask.nii.gz", affine=affine2d)}
+    items["slice_nii"] = {
+        "path": studies / "slice_nii.nii.gz",
+        "dim": 2,
+        "mask": write_nifti(mask2d, masks / "slice_nii_mask.nii.gz", affine=affine2d),
+    }
 
     vol = smooth_field((20, 18, 17), seed=4)
     affine3d = oblique_affine((1.5, 1.2, 2.5), (12.0, -30.0, 7.5), degrees=20)
     write_nifti(vol, studies / "volume_nii.nii.gz", affine=affine3d)
     mask3d = np.zeros(vol.shape, dtype=np.uint8)
     mask3d[4:10, 5:12, 3:9] = 1
-    items["volume_nii"] = {"path": studies / "volume_nii.nii.gz", "dim": 3, "mask": write_nifti(mask3d, masks / "volume_nii_mask.nii.gz", affine=affine3d)}
+    items["volume_nii"] = {
+        "path": studies / "volume_nii.nii.gz",
+        "dim": 3,
+        "mask": write_nifti(mask3d, masks / "volume_nii_mask.nii.gz", affine=affine3d),
+    }
 
     direction = oblique_affine((1, 1, 1), (0, 0, 0), degrees=-15)[:3, :3]
     nrrd = smooth_field((17, 19, 21), seed=5)  # (z, y, x)
-    items["volume_nrrd"] = {"path": write_nrrd(nrrd, studies / "volume_nrrd.nrrd", (0.9, 1.1, 2.0), (-5.0, 8.0, 40.0), direction), "dim": 3, "mask": None}
+    items["volume_nrrd"] = {
+        "path": write_nrrd(nrrd, studies / "volume_nrrd.nrrd", (0.9, 1.1, 2.0), (-5.0, 8.0, 40.0), direction),
+        "dim": 3,
+        "mask": None,
+    }
     return items
 
 
-def post_infer(url: str, model: str, *, image: str = "", session_id: str = "", params: dict | str | None = None,
-               file: Path | tuple | None = None, label: Path | tuple | None = None, output: str | None = "all", timeout: float = 120):
+def post_infer(
+    url: str,
+    model: str,
+    *,
+    image: str = "",
+    session_id: str = "",
+    params: dict | str | None = None,
+    file: Path | tuple | None = None,
+    label: Path | tuple | None = None,
+    output: str | None = "all",
+    timeout: float = 120,
+):
     """Raw-HTTP infer. Returns ``(status, json or None, heatmap NIfTI bytes or None, response)``.
 
     ``file``/``label``: a path, or ``(filename, bytes)``. ``params`` dict is JSON-encoded; a str is sent as is.
@@ -171,4 +200,3 @@ def load_nifti_bytes(data: bytes):
     import nibabel as nib
 
     return nib.Nifti1Image.from_bytes(gzip.decompress(data))
-

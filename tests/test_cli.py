@@ -26,12 +26,62 @@ def run(*argv: str) -> int:
 def trained(tmp_path_factory):
     """A tiny 2D dataset, test set and a conv5fc3 trained for two epochs on it."""
     root = tmp_path_factory.mktemp("cli")
-    assert run("data", "shepp-logan", "--preset", "homogeneous", "--dim", "2", "--size", "32", "--per-class", "8", "--out", str(root / "train")) == 0
-    assert run("data", "shepp-logan", "--preset", "test", "--dim", "2", "--size", "32", "--per-class", "3", "--seed", "1", "--out", str(root / "test")) == 0
-    assert run(
-        "train", "--data", str(root / "train" / "manifest.csv"), "--test", str(root / "test" / "manifest.csv"),
-        "--epochs", "2", "--aug", "noise,croppad", "--loss", "l1norm", "--labels", "control,patient", "--out", str(root / "model.pt"),
-    ) == 0
+    assert (
+        run(
+            "data",
+            "shepp-logan",
+            "--preset",
+            "homogeneous",
+            "--dim",
+            "2",
+            "--size",
+            "32",
+            "--per-class",
+            "8",
+            "--out",
+            str(root / "train"),
+        )
+        == 0
+    )
+    assert (
+        run(
+            "data",
+            "shepp-logan",
+            "--preset",
+            "test",
+            "--dim",
+            "2",
+            "--size",
+            "32",
+            "--per-class",
+            "3",
+            "--seed",
+            "1",
+            "--out",
+            str(root / "test"),
+        )
+        == 0
+    )
+    assert (
+        run(
+            "train",
+            "--data",
+            str(root / "train" / "manifest.csv"),
+            "--test",
+            str(root / "test" / "manifest.csv"),
+            "--epochs",
+            "2",
+            "--aug",
+            "noise,croppad",
+            "--loss",
+            "l1norm",
+            "--labels",
+            "control,patient",
+            "--out",
+            str(root / "model.pt"),
+        )
+        == 0
+    )
     return root
 
 
@@ -58,9 +108,15 @@ def test_train_writes_state_dict_and_card(trained):
 
 def test_train_resizes_to_the_requested_input_size(trained, tmp_path, capsys):
     manifest = str(trained / "train" / "manifest.csv")
-    assert run("train", "--data", manifest, "--epochs", "1", "--input-size", "16", "--out", str(tmp_path / "small.pt")) == 0
+    assert (
+        run("train", "--data", manifest, "--epochs", "1", "--input-size", "16", "--out", str(tmp_path / "small.pt"))
+        == 0
+    )
     assert json.loads((tmp_path / "small.json").read_text())["input_size"] == [16, 16]
-    assert run("train", "--data", manifest, "--epochs", "1", "--input-size", "24,16", "--out", str(tmp_path / "wide.pt")) == 0
+    assert (
+        run("train", "--data", manifest, "--epochs", "1", "--input-size", "24,16", "--out", str(tmp_path / "wide.pt"))
+        == 0
+    )
     assert json.loads((tmp_path / "wide.json").read_text())["input_size"] == [24, 16]
     capsys.readouterr()
     assert run("train", "--data", manifest, "--input-size", "big", "--out", str(tmp_path / "bad.pt")) == 2
@@ -70,7 +126,23 @@ def test_train_resizes_to_the_requested_input_size(trained, tmp_path, capsys):
 
 def test_explain_then_evaluate(trained, tmp_path):
     out = tmp_path / "maps"
-    assert run("explain", "--model", str(trained / "model.pt"), str(trained / "test" / "manifest.csv"), "--method", "gradient,gradcam", "--postprocess", "abs", "--overlays", "2", "--out", str(out)) == 0
+    assert (
+        run(
+            "explain",
+            "--model",
+            str(trained / "model.pt"),
+            str(trained / "test" / "manifest.csv"),
+            "--method",
+            "gradient,gradcam",
+            "--postprocess",
+            "abs",
+            "--overlays",
+            "2",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     rows = list(csv.DictReader(Path(out / "maps.csv").read_text().splitlines()))
     assert len(rows) == 12 and {r["method"] for r in rows} == {"gradient", "gradcam"}
     first = rows[0]
@@ -89,7 +161,10 @@ def test_explain_then_evaluate(trained, tmp_path):
     assert len(per_image) == len(with_mask) == 6  # 3 patients x 2 methods; controls have no mask
     # The numbers in the table are exactly the library's metric on the written files.
     r = next(p for p in per_image if p["id"] == with_mask[0]["id"] and p["method"] == with_mask[0]["method"])
-    expected = localization_metrics(read_image(with_mask[0]["map"], allow_constant=True)[0], read_image(with_mask[0]["mask"], allow_constant=True)[0] > 0.5)
+    expected = localization_metrics(
+        read_image(with_mask[0]["map"], allow_constant=True)[0],
+        read_image(with_mask[0]["mask"], allow_constant=True)[0] > 0.5,
+    )
     assert float(r["roc_auc"]) == pytest.approx(expected["roc_auc"], abs=1e-12)
     summary = (tmp_path / "eval" / "summary.md").read_text()
     assert "roc_auc_mean" in summary and "gradcam" in summary
@@ -103,7 +178,19 @@ def test_explain_image_files_on_their_own_grid(trained, tmp_path):
     affine[:3, 3] = [10, -5, 3]
     path = tmp_path / "case.nii.gz"
     nib.save(nib.Nifti1Image(big, affine), path)
-    assert run("explain", "--model", str(trained / "model.pt"), str(path), "--method", "gradcam", "--out", str(tmp_path / "o")) == 0
+    assert (
+        run(
+            "explain",
+            "--model",
+            str(trained / "model.pt"),
+            str(path),
+            "--method",
+            "gradcam",
+            "--out",
+            str(tmp_path / "o"),
+        )
+        == 0
+    )
     out = nib.load(tmp_path / "o" / "maps" / "gradcam" / "case.nii.gz")
     assert out.shape == (64, 64)
     np.testing.assert_allclose(out.affine, affine)
@@ -129,7 +216,10 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path, capsys):
         (["explain", "--model", model, str(not_an_image), "--out", str(tmp_path / "a")], "notes"),
         (["explain", "--model", model, str(nan_image), "--out", str(tmp_path / "b")], "NaN"),
         (["explain", "--model", model, str(volume), "--out", str(tmp_path / "c")], "takes 2D images"),
-        (["explain", "--model", model, str(volume), "--method", "gradcamm", "--out", str(tmp_path / "d")], "unknown saliency method"),
+        (
+            ["explain", "--model", model, str(volume), "--method", "gradcamm", "--out", str(tmp_path / "d")],
+            "unknown saliency method",
+        ),
         (["explain", "--model", str(tmp_path / "missing.pt"), str(volume), "--out", str(tmp_path / "e")], "missing.pt"),
         (["evaluate", str(tmp_path / "nothing.csv"), "--out", str(tmp_path / "f")], "nothing.csv"),
     ]

@@ -21,9 +21,16 @@ def tiny_cnn(spatial_dims: int, in_channels: int = 1, num_classes: int = 3) -> n
     pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
     torch.manual_seed(0)
     return nn.Sequential(
-        conv(in_channels, 6, 3, padding=1), norm(6), nn.ReLU(inplace=True),
-        conv(6, 8, 3, padding=1, stride=2), norm(8), nn.ReLU(inplace=True),
-        pool(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(8, num_classes),
+        conv(in_channels, 6, 3, padding=1),
+        norm(6),
+        nn.ReLU(inplace=True),
+        conv(6, 8, 3, padding=1, stride=2),
+        norm(8),
+        nn.ReLU(inplace=True),
+        pool(1),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(8, num_classes),
     )
 
 
@@ -85,7 +92,9 @@ def test_batch_size_chunks_give_same_maps(dims):
     model = tiny_cnn(dims)
     x = images_for(dims, n=5)
     for method in ("gradient", "gradcam"):
-        torch.testing.assert_close(explain(model, x, method, batch_size=2), explain(model, x, method), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            explain(model, x, method, batch_size=2), explain(model, x, method), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_gradient_matches_captum_saliency(dims):
@@ -232,9 +241,17 @@ def test_bad_arguments_raise_clear_errors():
 
 # The cheapest work of every registered method (a new method must be added here).
 CHEAP = {
-    "gradient": {}, "gradient_x_input": {}, "gradcam": {}, "guided_backprop": {}, "guided_gradcam": {},
-    "smoothgrad": {"n_samples": 2}, "integrated_gradients": {"steps": 2}, "smoothgrad_ig": {"n_samples": 1, "steps": 2},
-    "occlusion": {"window": 16, "stride": 16}, "xrai": {"steps": 2}, "meaningful_perturbation": {"steps": 1},
+    "gradient": {},
+    "gradient_x_input": {},
+    "gradcam": {},
+    "guided_backprop": {},
+    "guided_gradcam": {},
+    "smoothgrad": {"n_samples": 2},
+    "integrated_gradients": {"steps": 2},
+    "smoothgrad_ig": {"n_samples": 1, "steps": 2},
+    "occlusion": {"window": 16, "stride": 16},
+    "xrai": {"steps": 2},
+    "meaningful_perturbation": {"steps": 1},
 }
 
 

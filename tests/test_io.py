@@ -283,8 +283,16 @@ def make_dataset(folder, n=3, shape=(6, 5)):
         mask = np.zeros(shape, dtype=bool)
         mask[k, :2] = True
         mask_path = write_nifti(mask, folder / "masks" / f"s{k}.nii.gz")
-        rows.append({"id": f"s{k}", "image": image, "label": k % 2, "subtype": "typical" if k % 2 else "control",
-                     "mask": mask_path if k % 2 else None, "mask_bottom": f"masks/s{k}.nii.gz"})
+        rows.append(
+            {
+                "id": f"s{k}",
+                "image": image,
+                "label": k % 2,
+                "subtype": "typical" if k % 2 else "control",
+                "mask": mask_path if k % 2 else None,
+                "mask_bottom": f"masks/s{k}.nii.gz",
+            }
+        )
     return rows
 
 
@@ -328,7 +336,15 @@ def test_manifest_with_only_required_columns_and_an_absolute_path_outside(tmp_pa
     folder.mkdir()
     path = write_csv(folder / "m.csv", ["label", "image", "id"], [["1", str(outside), "a"]])
     (item,) = read_manifest(path)
-    assert item == {"id": "a", "image": str(outside), "label": 1, "subtype": "", "mask": None, "mask_top": None, "mask_bottom": None}
+    assert item == {
+        "id": "a",
+        "image": str(outside),
+        "label": 1,
+        "subtype": "",
+        "mask": None,
+        "mask_top": None,
+        "mask_bottom": None,
+    }
 
 
 @pytest.mark.parametrize(
@@ -357,7 +373,9 @@ def test_manifest_missing_empty_or_duplicated(tmp_path):
     with pytest.raises(ValueError, match="no rows"):
         read_manifest(write_csv(tmp_path / "empty.csv", ["id", "image", "label"], []))
     with pytest.raises(ValueError, match="duplicate id 'a'"):
-        read_manifest(write_csv(tmp_path / "dup.csv", ["id", "image", "label"], [["a", "x.nii", "0"], ["a", "y.nii", "1"]]))
+        read_manifest(
+            write_csv(tmp_path / "dup.csv", ["id", "image", "label"], [["a", "x.nii", "0"], ["a", "y.nii", "1"]])
+        )
 
 
 def test_write_manifest_validates_rows_and_is_atomic(tmp_path, monkeypatch):

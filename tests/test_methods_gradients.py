@@ -49,8 +49,13 @@ from monai_sal_app.saliency.smoothgrad import noise_levels, noise_patterns
 def relu_functions() -> dict:
     """Every ReLU entry point a guided backprop implementation might patch."""
     return {
-        "torch.relu": torch.relu, "torch.relu_": torch.relu_, "F.relu": F.relu, "F.relu_": F.relu_,
-        "Tensor.relu": torch.Tensor.relu, "Tensor.relu_": torch.Tensor.relu_, "nn.ReLU.forward": nn.ReLU.forward,
+        "torch.relu": torch.relu,
+        "torch.relu_": torch.relu_,
+        "F.relu": F.relu,
+        "F.relu_": F.relu_,
+        "Tensor.relu": torch.Tensor.relu,
+        "Tensor.relu_": torch.Tensor.relu_,
+        "nn.ReLU.forward": nn.ReLU.forward,
     }
 
 
@@ -71,7 +76,9 @@ METHODS = list(FAST)
 
 def tiny_resnet(spatial_dims: int) -> nn.Module:
     torch.manual_seed(0)
-    return ResNet("basic", [1, 1, 1, 1], [4, 4, 8, 8], spatial_dims=spatial_dims, n_input_channels=1, num_classes=2).eval()
+    return ResNet(
+        "basic", [1, 1, 1, 1], [4, 4, 8, 8], spatial_dims=spatial_dims, n_input_channels=1, num_classes=2
+    ).eval()
 
 
 def tiny_densenet(spatial_dims: int) -> nn.Module:
@@ -135,7 +142,9 @@ class SmoothNet(nn.Module):
         return 10 * self.fc(torch.cat([h.mean(2), (h * h).mean(2)], 1))
 
 
-def images_for(spatial_dims: int, n: int = 3, channels: int = 1, side: int | None = None, seed: int = 1) -> torch.Tensor:
+def images_for(
+    spatial_dims: int, n: int = 3, channels: int = 1, side: int | None = None, seed: int = 1
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     side = side or (32 if spatial_dims == 2 else 16)
     return torch.rand((n, channels, *(side,) * spatial_dims), generator=g)
@@ -188,8 +197,12 @@ def test_smoothgrad_matches_captum_noise_tunnel_with_the_same_noise(dims, square
     for i in range(3):
         torch.manual_seed(7)  # NoiseTunnel draws its noise from the global generator
         theirs = NoiseTunnel(Saliency(model)).attribute(
-            x[i : i + 1], nt_type="smoothgrad_sq" if squared else "smoothgrad", nt_samples=4,
-            stdevs=float(noise[i]), target=int(target[i]), abs=False,
+            x[i : i + 1],
+            nt_type="smoothgrad_sq" if squared else "smoothgrad",
+            nt_samples=4,
+            stdevs=float(noise[i]),
+            target=int(target[i]),
+            abs=False,
         )
         torch.testing.assert_close(ours[i : i + 1], theirs.sum(1, keepdim=True), rtol=1e-4, atol=1e-8)
 
@@ -238,7 +251,9 @@ def test_integrated_gradients_matches_captum_trapezoid(dims, baseline):
     params = {"baseline": baseline, "baseline_value": 0.25, "blur_sigma": 2.0}
     ours = explain(model, x, "integrated_gradients", target=target, steps=steps, **params)
     base = make_baseline(x, **params)
-    theirs = IntegratedGradients(model).attribute(x, baselines=base, target=target, n_steps=steps, method="riemann_trapezoid")
+    theirs = IntegratedGradients(model).attribute(
+        x, baselines=base, target=target, n_steps=steps, method="riemann_trapezoid"
+    )
     torch.testing.assert_close(ours, theirs.sum(1, keepdim=True) * steps / (steps - 1), rtol=1e-4, atol=1e-7)
 
 
@@ -276,15 +291,25 @@ def test_smoothgrad_ig_matches_captum_noise_tunnel_over_ig(dims):
     x = images_for(dims, n=2)
     target = torch.tensor([1, 0])
     k, steps = 3, 4
-    ours = explain(model, x, "smoothgrad_ig", target=target, n_samples=k, steps=steps, sigma=0.15, baseline="min", seed=11)
+    ours = explain(
+        model, x, "smoothgrad_ig", target=target, n_samples=k, steps=steps, sigma=0.15, baseline="min", seed=11
+    )
     noise, base = noise_levels(x, 0.15).flatten(), make_baseline(x, "min")
     for i in range(2):
         torch.manual_seed(11)
         theirs = NoiseTunnel(IntegratedGradients(model)).attribute(
-            x[i : i + 1], nt_type="smoothgrad", nt_samples=k, stdevs=float(noise[i]), target=int(target[i]),
-            baselines=base[i : i + 1], n_steps=steps, method="riemann_trapezoid",
+            x[i : i + 1],
+            nt_type="smoothgrad",
+            nt_samples=k,
+            stdevs=float(noise[i]),
+            target=int(target[i]),
+            baselines=base[i : i + 1],
+            n_steps=steps,
+            method="riemann_trapezoid",
         )
-        torch.testing.assert_close(ours[i : i + 1], theirs.sum(1, keepdim=True) * steps / (steps - 1), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            ours[i : i + 1], theirs.sum(1, keepdim=True) * steps / (steps - 1), rtol=1e-4, atol=1e-7
+        )
 
 
 # ---------------------------------------------------------------- guided backprop, guided Grad-CAM
@@ -339,7 +364,9 @@ def test_guided_gradcam_matches_captum(arch, dims, layer_name):
         assert torch.equal(ours, explain(model, x, "guided_gradcam", target=target))
     captum_model = without_inplace(model)
     layer = dict(captum_model.named_modules())[layer_name]
-    theirs = GuidedGradCam(captum_model, layer).attribute(x.clone(), target=target, interpolate_mode=interpolation(dims))
+    theirs = GuidedGradCam(captum_model, layer).attribute(
+        x.clone(), target=target, interpolate_mode=interpolation(dims)
+    )
     torch.testing.assert_close(ours, theirs.sum(1, keepdim=True), rtol=1e-4, atol=1e-8)
 
 

@@ -45,9 +45,16 @@ def tiny_cnn(spatial_dims: int, in_channels: int = 1, num_classes: int = 3) -> n
     pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
     torch.manual_seed(0)
     return nn.Sequential(
-        conv(in_channels, 6, 3, padding=1), norm(6), nn.ReLU(inplace=True),
-        conv(6, 8, 3, padding=1, stride=2), norm(8), nn.ReLU(inplace=True),
-        pool(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(8, num_classes),
+        conv(in_channels, 6, 3, padding=1),
+        norm(6),
+        nn.ReLU(inplace=True),
+        conv(6, 8, 3, padding=1, stride=2),
+        norm(8),
+        nn.ReLU(inplace=True),
+        pool(1),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(8, num_classes),
     )
 
 
@@ -108,7 +115,10 @@ def test_integrated_gradients_match_pair_min_max_baselines():
         image = x[i].movedim(0, -1).numpy()
         call = pair_call_model_function(model, int(target[i]))
         theirs = np.mean(
-            [ig.GetMask(image, call, x_baseline=np.full_like(image, v), x_steps=12, batch_size=5) for v in (image.min(), image.max())],
+            [
+                ig.GetMask(image, call, x_baseline=np.full_like(image, v), x_steps=12, batch_size=5)
+                for v in (image.min(), image.max())
+            ],
             axis=0,
         )
         np.testing.assert_allclose(ours[i].movedim(0, -1).numpy(), theirs, rtol=1e-4, atol=1e-6)
@@ -131,8 +141,12 @@ def test_region_selection_matches_pair_xrai(area_threshold, min_pixel_diff):
     attribution = ndi.gaussian_filter(rng.normal(size=(48, 48)), 2.0)
     segments = pair_xrai._get_segments_felzenszwalb(image[..., None])
     membership = np.array([s.ravel() for s in segments], dtype=float)
-    theirs_map, theirs_ranks = XRAI._xrai(attribution, segments, area_perc_th=area_threshold, min_pixel_diff=min_pixel_diff)
-    xrai_map, step, gains = select_regions(attribution.ravel(), sp.csr_matrix(membership), area_threshold, min_pixel_diff)
+    theirs_map, theirs_ranks = XRAI._xrai(
+        attribution, segments, area_perc_th=area_threshold, min_pixel_diff=min_pixel_diff
+    )
+    xrai_map, step, gains = select_regions(
+        attribution.ravel(), sp.csr_matrix(membership), area_threshold, min_pixel_diff
+    )
     np.testing.assert_allclose(xrai_map.reshape(48, 48), theirs_map, rtol=1e-10, atol=1e-12)
     # Same steps: each pixel covered at the same step (PAIR's ranks sort steps by gain).
     order = np.argsort(-gains, kind="stable")
@@ -170,7 +184,9 @@ def test_xrai_shapes_mixed_targets_and_chunks(spatial_dims, side):
     maps = explain(model, x, "xrai", target=target, **params)
     assert maps.shape == (3, 1, *x.shape[2:]) and maps.dtype == torch.float32
     assert torch.isfinite(maps).all()
-    torch.testing.assert_close(explain(model, x, "xrai", target=target, batch_size=5, **params), maps, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        explain(model, x, "xrai", target=target, batch_size=5, **params), maps, rtol=1e-5, atol=1e-7
+    )
     for i in range(3):
         single = explain(model, x[i : i + 1], "xrai", target=int(target[i]), **params)
         torch.testing.assert_close(single, maps[i : i + 1], rtol=1e-5, atol=1e-7)
@@ -269,12 +285,17 @@ class BlobModel(nn.Module):
 
 def blob_mask(spatial_dims: int, side: int, centre, radius: float) -> torch.Tensor:
     grid = torch.stack(torch.meshgrid(*[torch.arange(float(side))] * spatial_dims, indexing="ij"))
-    return (((grid - torch.tensor(centre, dtype=torch.float32).view(-1, *[1] * spatial_dims)) ** 2).sum(0) <= radius**2).float()
+    return (
+        ((grid - torch.tensor(centre, dtype=torch.float32).view(-1, *[1] * spatial_dims)) ** 2).sum(0) <= radius**2
+    ).float()
 
 
 def blob_images(spatial_dims: int, side: int, centres, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    images = [torch.maximum(0.2 * torch.rand((side,) * spatial_dims, generator=g), blob_mask(spatial_dims, side, c, 3.0)) for c in centres]
+    images = [
+        torch.maximum(0.2 * torch.rand((side,) * spatial_dims, generator=g), blob_mask(spatial_dims, side, c, 3.0))
+        for c in centres
+    ]
     return torch.stack(images).unsqueeze(1)
 
 

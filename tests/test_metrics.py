@@ -227,7 +227,9 @@ def test_iou_at_percentiles_matches_reference_and_jaccard(case):
 def test_localization_metrics_is_flat_ordered_json_and_consistent(case):
     saliency, mask = case
     metrics = localization_metrics(saliency, mask)
-    expected_keys = ["roc_auc", "auprc", "soft_dice", "dice_area", "dice_p95"] + [f"iou_p{p}" for p in DEFAULT_PERCENTILES]
+    expected_keys = ["roc_auc", "auprc", "soft_dice", "dice_area", "dice_p95"] + [
+        f"iou_p{p}" for p in DEFAULT_PERCENTILES
+    ]
     assert list(metrics) == expected_keys
     assert all(type(value) is float for value in metrics.values())
     assert json.loads(json.dumps(metrics)) == metrics
@@ -345,9 +347,14 @@ def test_summarize_groups_in_order_with_mean_ci():
     assert [row["method"] for row in summary] == ["gradcam", "gradient"]
     gradcam = summary[0]
     assert list(gradcam) == [
-        "method", "n",
-        "roc_auc_mean", "roc_auc_ci_low", "roc_auc_ci_high",
-        "dice_mean", "dice_ci_low", "dice_ci_high",
+        "method",
+        "n",
+        "roc_auc_mean",
+        "roc_auc_ci_low",
+        "roc_auc_ci_high",
+        "dice_mean",
+        "dice_ci_low",
+        "dice_ci_high",
     ]  # strings ("data", "image") and bools ("hit") are not metrics
     assert gradcam["n"] == 3
     assert (gradcam["roc_auc_mean"], gradcam["roc_auc_ci_low"], gradcam["roc_auc_ci_high"]) == mean_ci([0.8, 0.7, 0.9])
@@ -357,7 +364,9 @@ def test_summarize_groups_in_order_with_mean_ci():
 def test_summarize_by_several_keys_and_chosen_metrics():
     summary = summarize(ROWS, ("method", "data"), metrics=["roc_auc", "hit"])
     assert [(row["method"], row["data"], row["n"]) for row in summary] == [
-        ("gradcam", "2d", 2), ("gradient", "2d", 2), ("gradcam", "3d", 1)
+        ("gradcam", "2d", 2),
+        ("gradient", "2d", 2),
+        ("gradcam", "3d", 1),
     ]
     assert summary[0]["hit_mean"] == 0.5
     assert summary[2]["roc_auc_mean"] == 0.9 and np.isnan(summary[2]["roc_auc_ci_low"])
@@ -368,7 +377,10 @@ def test_summarize_by_several_keys_and_chosen_metrics():
 
 
 def test_to_markdown_table():
-    rows = [{"method": "grad|cam", "n": 3, "auc": 0.81234}, {"method": "gradient", "n": 2, "auc": float("nan"), "note": "x"}]
+    rows = [
+        {"method": "grad|cam", "n": 3, "auc": 0.81234},
+        {"method": "gradient", "n": 2, "auc": float("nan"), "note": "x"},
+    ]
     lines = to_markdown(rows).splitlines()
     assert lines == [
         "| method | n | auc | note |",
@@ -413,6 +425,8 @@ def test_write_csv_round_trips_and_replaces_atomically(tmp_path):
 def test_metrics_import_pulls_neither_torch_nor_sklearn():
     code = "import sys, monai_sal_app.metrics; print('torch' in sys.modules, 'sklearn' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]

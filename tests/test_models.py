@@ -100,6 +100,7 @@ def last_feature_map_module(model: nn.Module, x: torch.Tensor) -> tuple[str, tor
     handles = []
     for name, module in model.named_modules():
         if name:
+
             def hook(module, inputs, output, name=name):
                 if isinstance(output, torch.Tensor) and output.ndim == x.ndim and not isinstance(module, POOLING):
                     finished.append(name)
@@ -340,7 +341,11 @@ def test_smoothing_kernel_is_a_normalised_separable_gaussian(dims):
 def test_build_augmentation_is_reproducible_from_seed(names, dims):
     x = batch_for(dims)
     original = x.clone()
-    first, second, other = build_augmentation(names, seed=3), build_augmentation(names, seed=3), build_augmentation(names, seed=4)
+    first, second, other = (
+        build_augmentation(names, seed=3),
+        build_augmentation(names, seed=3),
+        build_augmentation(names, seed=4),
+    )
     a1, a2 = first(x), first(x)
     b1, b2 = second(x), second(x)
     assert torch.equal(a1, b1) and torch.equal(a2, b2)  # same seed, same sequence
@@ -401,7 +406,9 @@ def tiny_card(**overrides) -> dict:
 def trained_looking(card: dict) -> nn.Module:
     """A network built from ``card`` with non-default weights and BatchNorm statistics."""
     torch.manual_seed(1)
-    model = build_classifier(card["architecture"], card["spatial_dims"], card["in_channels"], card["num_classes"], **card["arch_kwargs"])
+    model = build_classifier(
+        card["architecture"], card["spatial_dims"], card["in_channels"], card["num_classes"], **card["arch_kwargs"]
+    )
     model.train()
     with torch.no_grad():
         model(random_images((4, card["in_channels"], *card["input_size"])))  # moves the running stats
@@ -410,7 +417,15 @@ def trained_looking(card: dict) -> nn.Module:
 
 @pytest.mark.parametrize(
     "card",
-    [tiny_card(), tiny_card(architecture="resnet18", spatial_dims=3, input_size=[16, 16, 16], arch_kwargs={"block_inplanes": [4, 4, 8, 8]})],
+    [
+        tiny_card(),
+        tiny_card(
+            architecture="resnet18",
+            spatial_dims=3,
+            input_size=[16, 16, 16],
+            arch_kwargs={"block_inplanes": [4, 4, 8, 8]},
+        ),
+    ],
     ids=["conv5fc3-2d", "resnet18-3d"],
 )
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, card):
@@ -436,7 +451,13 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, card):
 
 
 def test_save_fills_defaults_for_optional_card_fields(tmp_path):
-    card = {"architecture": "conv5fc3", "spatial_dims": 2, "in_channels": 1, "num_classes": 3, "arch_kwargs": {"channels": [4, 4, 8, 8, 8]}}
+    card = {
+        "architecture": "conv5fc3",
+        "spatial_dims": 2,
+        "in_channels": 1,
+        "num_classes": 3,
+        "arch_kwargs": {"channels": [4, 4, 8, 8, 8]},
+    }
     torch.manual_seed(0)
     save_classifier(build_classifier("conv5fc3", 2, 1, 3, channels=(4, 4, 8, 8, 8)), tmp_path / "m.pt", card)
     saved = read_card(tmp_path / "m.json")
@@ -480,7 +501,13 @@ def test_corrupt_card_raises_checkpoint_error(tmp_path):
 
 @pytest.mark.parametrize(
     "change",
-    [{"num_classes": 3, "labels": ["a", "b", "c"]}, {"arch_kwargs": {"channels": [4, 4, 8, 8, 16]}}, {"in_channels": 2}, {"architecture": "resnet18", "arch_kwargs": {}}, {"architecture": "vgg"}],
+    [
+        {"num_classes": 3, "labels": ["a", "b", "c"]},
+        {"arch_kwargs": {"channels": [4, 4, 8, 8, 16]}},
+        {"in_channels": 2},
+        {"architecture": "resnet18", "arch_kwargs": {}},
+        {"architecture": "vgg"},
+    ],
     ids=["classes", "widths", "channels", "arch", "unknown-arch"],
 )
 def test_weights_not_matching_the_card_raise_checkpoint_error(tmp_path, change):

@@ -47,7 +47,11 @@ CLASSES_TEXT = """patientId,class
 00436515-870c-4b36-a041-de91049b9ab4,Lung Opacity
 00436515-870c-4b36-a041-de91049b9ab4,Lung Opacity
 """
-NORMAL, OPACITY, NOT_NORMAL = "003d8fa0-6bf1-40ed-b54c-ac657f8495c5", "00436515-870c-4b36-a041-de91049b9ab4", "0004cfab-14fd-4e49-80ba-63a80b6bddd6"
+NORMAL, OPACITY, NOT_NORMAL = (
+    "003d8fa0-6bf1-40ed-b54c-ac657f8495c5",
+    "00436515-870c-4b36-a041-de91049b9ab4",
+    "0004cfab-14fd-4e49-80ba-63a80b6bddd6",
+)
 
 
 def _radiograph(seed):
@@ -103,14 +107,21 @@ def test_box_mask_is_end_exclusive_and_scales():
     assert box_mask([(1000, 1000, 2, 2)], (16, 16)).sum() == 1, "a tiny box keeps one pixel"
 
 
-@pytest.mark.parametrize("labels,classes,message", [
-    (LABELS_TEXT.replace("patientId,x,y,width,height,Target", "patientId,y,x,width,height,Target"), CLASSES_TEXT, "expected exactly"),
-    (LABELS_TEXT.replace("6bddd6,,,,,0", "6bddd6,1.0,,,,0"), CLASSES_TEXT, "empty box"),
-    (LABELS_TEXT.replace("264.0,152.0,213.0,379.0,1", ",,,,1"), CLASSES_TEXT, "numeric"),
-    (LABELS_TEXT, CLASSES_TEXT.replace("c5,Normal", "c5,Lung Opacity"), "disagrees"),
-    (LABELS_TEXT, CLASSES_TEXT.replace("c5,Normal", "c5,Healthy"), "unknown class"),
-    (LABELS_TEXT, "patientId,class\n" + CLASSES_TEXT.splitlines()[1] + "\n", "without a class"),
-])
+@pytest.mark.parametrize(
+    "labels,classes,message",
+    [
+        (
+            LABELS_TEXT.replace("patientId,x,y,width,height,Target", "patientId,y,x,width,height,Target"),
+            CLASSES_TEXT,
+            "expected exactly",
+        ),
+        (LABELS_TEXT.replace("6bddd6,,,,,0", "6bddd6,1.0,,,,0"), CLASSES_TEXT, "empty box"),
+        (LABELS_TEXT.replace("264.0,152.0,213.0,379.0,1", ",,,,1"), CLASSES_TEXT, "numeric"),
+        (LABELS_TEXT, CLASSES_TEXT.replace("c5,Normal", "c5,Lung Opacity"), "disagrees"),
+        (LABELS_TEXT, CLASSES_TEXT.replace("c5,Normal", "c5,Healthy"), "unknown class"),
+        (LABELS_TEXT, "patientId,class\n" + CLASSES_TEXT.splitlines()[1] + "\n", "without a class"),
+    ],
+)
 def test_rsna_tables_are_checked(tmp_path, labels, classes, message):
     (tmp_path / "stage_2_train_labels.csv").write_text(labels)
     (tmp_path / "stage_2_detailed_class_info.csv").write_text(classes)
@@ -119,9 +130,11 @@ def test_rsna_tables_are_checked(tmp_path, labels, classes, message):
 
 
 def test_rsna_missing_image_and_table_writer_round_trip(tmp_path, rsna_root):
-    records = [{"patientId": NORMAL, "class": "Normal", "boxes": []},
-               {"patientId": OPACITY, "class": "Lung Opacity", "boxes": [(264, 152, 213, 379), (562, 152, 256, 453)]},
-               {"patientId": NOT_NORMAL, "class": "No Lung Opacity / Not Normal"}]
+    records = [
+        {"patientId": NORMAL, "class": "Normal", "boxes": []},
+        {"patientId": OPACITY, "class": "Lung Opacity", "boxes": [(264, 152, 213, 379), (562, 152, 256, 453)]},
+        {"patientId": NOT_NORMAL, "class": "No Lung Opacity / Not Normal"},
+    ]
     write_rsna_tables(tmp_path, records)
     assert read_rsna_tables(tmp_path) == read_rsna_tables(rsna_root)
     with pytest.raises(FileNotFoundError, match="2 image"):
@@ -141,7 +154,10 @@ def test_rsna_to_manifest_for_training(rsna_root, tmp_path):
     mask = read_image(items[1]["mask"], allow_constant=True)[0] > 0.5
     np.testing.assert_array_equal(mask, box_mask([(264, 152, 213, 379), (562, 152, 256, 453)], (64, 64)))
     kept = read_manifest(rsna_to_manifest(rsna_root, tmp_path / "dicom", size=None, progress=False))
-    assert kept[1]["image"].endswith(".dcm") and read_image(kept[1]["mask"], allow_constant=True)[0].shape == (1024, 1024)
+    assert kept[1]["image"].endswith(".dcm") and read_image(kept[1]["mask"], allow_constant=True)[0].shape == (
+        1024,
+        1024,
+    )
     assert rsna_main([str(rsna_root), "--out", str(tmp_path / "cli"), "--size", "32", "--quiet"]) == 0
     assert load_images(read_manifest(tmp_path / "cli" / "manifest.csv")).shape == (2, 1, 32, 32)
     assert rsna_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
@@ -181,7 +197,11 @@ def test_class_folders_with_masks_next_to_the_images(tmp_path):
     write_nifti(_volume(5) > 1, tmp_path / "patient" / "p2_mask.nii.gz")
     items = image_folder_items(tmp_path)
     assert [(i["id"], i["label"], i["subtype"]) for i in items] == [
-        ("c1", 0, "control"), ("c2", 0, "control"), ("lung1", 1, "patient"), ("p2", 1, "patient")]
+        ("c1", 0, "control"),
+        ("c2", 0, "control"),
+        ("lung1", 1, "patient"),
+        ("p2", 1, "patient"),
+    ]
     by_id = {i["id"]: i for i in items}
     assert by_id["c1"]["mask"] is None and by_id["lung1"]["mask"].endswith("lung1_label.nrrd")
     assert by_id["p2"]["mask"].endswith("p2_mask.nii.gz")
@@ -208,7 +228,10 @@ def test_flat_folder_with_labels_csv_and_mask_folder(tmp_path):
         writer.writerows([["id", "label", "subtype"], ["a", 0, "control"], ["b", 1, "typical"], ["c", 1, "atypical"]])
     items = image_folder_items(images, labels=tmp_path / "labels.csv", mask_dir=masks)
     assert [(i["id"], i["label"], i["subtype"], i["mask"] is not None) for i in items] == [
-        ("a", 0, "control", False), ("b", 1, "typical", True), ("c", 1, "atypical", False)]
+        ("a", 0, "control", False),
+        ("b", 1, "typical", True),
+        ("c", 1, "atypical", False),
+    ]
     assert [i["label"] for i in image_folder_items(images)] == [None, None, None]
     with pytest.raises(ValueError, match="no label for image"):
         image_folder_items(images, labels={"a": 0})
@@ -232,7 +255,9 @@ def _ct_small():
     return pydicom.dcmread(os.path.join(os.path.dirname(pydicom.data.__file__), "test_files", "CT_small.dcm"))
 
 
-def _write_series(folder, n_slices=5, spacing=2.5, orientation=(1, 0, 0, 0, 1, 0), series_uid="1.2.826.0.1.3680043.8.498.1", skip=()):
+def _write_series(
+    folder, n_slices=5, spacing=2.5, orientation=(1, 0, 0, 0, 1, 0), series_uid="1.2.826.0.1.3680043.8.498.1", skip=()
+):
     """Slices of CT_small with distinct pixel data, shuffled file names and instance numbers that run backwards."""
     from pydicom.uid import generate_uid
 
@@ -297,7 +322,13 @@ def test_dicom_series_errors_and_items(tmp_path):
     items = dicom_series_items(tmp_path, labels={"pat1_ct": 0, "pat2_ct": 1}, progress=False)
     assert [(i["id"], i["label"]) for i in items] == [("pat1_ct", 0), ("pat2_ct", 1)]
     assert LoadItemd()(items[1])["image"].shape == (1, 4, 128, 128)
-    converted = dicom_series_dataset(tmp_path, labels={"pat1_ct": 0, "pat2_ct": 1}, out_dir=tmp_path.parent / f"{tmp_path.name}_nifti")
-    assert converted[0]["image"].endswith("pat1_ct.nii.gz") and read_image(converted[0]["image"])[0].shape == (5, 128, 128)
+    converted = dicom_series_dataset(
+        tmp_path, labels={"pat1_ct": 0, "pat2_ct": 1}, out_dir=tmp_path.parent / f"{tmp_path.name}_nifti"
+    )
+    assert converted[0]["image"].endswith("pat1_ct.nii.gz") and read_image(converted[0]["image"])[0].shape == (
+        5,
+        128,
+        128,
+    )
     with pytest.raises(ValueError, match="no label for series"):
         dicom_series_items(tmp_path, labels={"pat1_ct": 0}, progress=False)

@@ -47,7 +47,9 @@ def brain():
 def _subject(subtype, seed, brain, size, dim, **kwargs):
     from monai_sal_app.data.brain_atrophy import brain_atrophy_subject
 
-    return brain_atrophy_subject(subtype, size, dim, np.random.default_rng(seed), brain, shrink_mm=3.0, intensity_loss=0.2, **kwargs)
+    return brain_atrophy_subject(
+        subtype, size, dim, np.random.default_rng(seed), brain, shrink_mm=3.0, intensity_loss=0.2, **kwargs
+    )
 
 
 def _mni_of_mask(brain, mask, size, dim):
@@ -101,8 +103,12 @@ def test_brain_generator_writes_a_deterministic_manifest(brain, tmp_path):
     from monai_sal_app.data.generators import GENERATORS
 
     preset = AtrophyPreset(4, 0.5, 0.5, 0.0)
-    first = GENERATORS["brain-atrophy"](tmp_path / "a", preset="test", dim=2, size=48, per_class=3, seed=7, progress=False)
-    again = GENERATORS["brain-atrophy"](tmp_path / "b", preset="test", dim=2, size=48, per_class=3, seed=7, progress=False)
+    first = GENERATORS["brain-atrophy"](
+        tmp_path / "a", preset="test", dim=2, size=48, per_class=3, seed=7, progress=False
+    )
+    again = GENERATORS["brain-atrophy"](
+        tmp_path / "b", preset="test", dim=2, size=48, per_class=3, seed=7, progress=False
+    )
     items, items_again = read_manifest(first), read_manifest(again)
     assert [i["subtype"] for i in items].count("control") == 3 and len(items) == 6
     for item, other in zip(items, items_again):
@@ -114,7 +120,9 @@ def test_brain_generator_writes_a_deterministic_manifest(brain, tmp_path):
             assert read_image(item["mask"], allow_constant=True)[0].any()
     from monai_sal_app.data.brain_atrophy import generate_brain_atrophy
 
-    custom = read_manifest(generate_brain_atrophy(tmp_path / "c", preset=preset, dim=2, size=32, seed=7, progress=False))
+    custom = read_manifest(
+        generate_brain_atrophy(tmp_path / "c", preset=preset, dim=2, size=32, seed=7, progress=False)
+    )
     assert len(custom) == 8 and custom[0]["id"].startswith("ba2d-custom-")
     with pytest.raises(ValueError, match="unknown preset"):
         generate_brain_atrophy(tmp_path / "d", preset="nope")
@@ -139,10 +147,52 @@ def test_mni152_fallback_regions_overlap_the_aal_regions(brain):
 
 # Lung fields drawn by hand on the base radiograph (x, y in a 256 x 256 view of the 1024 x 1024 base),
 # checked on an overlay: apex, lateral rib border, costophrenic angle, diaphragm, heart/mediastinum border.
-RIGHT_LUNG = [(72, 24), (88, 26), (98, 32), (104, 44), (106, 64), (106, 96), (106, 128), (104, 150), (102, 168), (98, 178),
-              (80, 180), (60, 184), (44, 190), (30, 196), (26, 184), (24, 160), (26, 128), (30, 96), (38, 64), (50, 40), (60, 30)]
-LEFT_LUNG = [(160, 24), (176, 26), (190, 34), (204, 48), (212, 64), (218, 96), (222, 128), (222, 160), (221, 190), (218, 205),
-             (204, 200), (192, 194), (184, 186), (176, 170), (166, 150), (158, 128), (152, 110), (150, 96), (148, 64), (150, 40), (154, 30)]
+RIGHT_LUNG = [
+    (72, 24),
+    (88, 26),
+    (98, 32),
+    (104, 44),
+    (106, 64),
+    (106, 96),
+    (106, 128),
+    (104, 150),
+    (102, 168),
+    (98, 178),
+    (80, 180),
+    (60, 184),
+    (44, 190),
+    (30, 196),
+    (26, 184),
+    (24, 160),
+    (26, 128),
+    (30, 96),
+    (38, 64),
+    (50, 40),
+    (60, 30),
+]
+LEFT_LUNG = [
+    (160, 24),
+    (176, 26),
+    (190, 34),
+    (204, 48),
+    (212, 64),
+    (218, 96),
+    (222, 128),
+    (222, 160),
+    (221, 190),
+    (218, 205),
+    (204, 200),
+    (192, 194),
+    (184, 186),
+    (176, 170),
+    (166, 150),
+    (158, 128),
+    (152, 110),
+    (150, 96),
+    (148, 64),
+    (150, 40),
+    (154, 30),
+]
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +266,14 @@ def test_chest_generator_writes_the_rsna_layout(chest, tmp_path):
         path = tmp_path / IMAGE_DIR / f"{item['id']}.dcm"
         ds = pydicom.dcmread(str(path))
         assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
-        assert (ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (1024, 1024, 8, 8, 7, 0)
+        assert (ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (
+            1024,
+            1024,
+            8,
+            8,
+            7,
+            0,
+        )
         assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.SamplesPerPixel == 1 and ds.Modality == "CR"
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and ds.PatientID == item["id"] == ds.PatientName
         assert ds.ViewPosition in ("PA", "AP") and ds.SeriesDescription == f"view: {ds.ViewPosition}"
@@ -289,7 +346,9 @@ def test_real_tumour_crops_keep_the_expert_mask(lung_cases):
 def test_ct_generator_manifest(lung_cases, tmp_path):
     from monai_sal_app.data.generators import GENERATORS
 
-    items = read_manifest(GENERATORS["ct-lesions"](tmp_path, preset="test", dim=2, size=32, per_class=3, seed=1, progress=False))
+    items = read_manifest(
+        GENERATORS["ct-lesions"](tmp_path, preset="test", dim=2, size=32, per_class=3, seed=1, progress=False)
+    )
     assert len(items) == 6 and sorted(i["label"] for i in items) == [0, 0, 0, 1, 1, 1]
     assert {i["subtype"] for i in items if i["label"] == 1} <= {"real", "synthetic"}
     for item in items:

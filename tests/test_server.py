@@ -58,10 +58,22 @@ def env(tmp_path_factory):
     bad = root / "bad"
     bad.mkdir()
     server = start_background_server(
-        studies, conf={"model_dir": str(model_dir)}, workdir=root / "run", extra_env={"OMP_NUM_THREADS": "1"}, timeout=240
+        studies,
+        conf={"model_dir": str(model_dir)},
+        workdir=root / "run",
+        extra_env={"OMP_NUM_THREADS": "1"},
+        timeout=240,
     )
     try:
-        yield {"root": root, "model_dir": model_dir, "studies": studies, "items": items, "bad": bad, "url": server.url, "server": server}
+        yield {
+            "root": root,
+            "model_dir": model_dir,
+            "studies": studies,
+            "items": items,
+            "bad": bad,
+            "url": server.url,
+            "server": server,
+        }
     finally:
         server.stop()
 
@@ -82,14 +94,31 @@ def in_process(env, model: str, path: Path, method: str = "gradcam", target=None
     return explain_array(network, card, image if array is None else array, method, target=target, params=params), meta
 
 
-def assert_matches_in_process(env, result: dict, heatmap: nib.Nifti1Image, model: str, path: Path, method="gradcam", target=None, params=None, array=None):
+def assert_matches_in_process(
+    env,
+    result: dict,
+    heatmap: nib.Nifti1Image,
+    model: str,
+    path: Path,
+    method="gradcam",
+    target=None,
+    params=None,
+    array=None,
+):
     expected, meta = in_process(env, model, path, method, target, params, array)
-    np.testing.assert_allclose([result["probabilities"][label] for label in LABELS], expected.probabilities, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        [result["probabilities"][label] for label in LABELS], expected.probabilities, rtol=1e-5, atol=1e-7
+    )
     assert result["target"]["index"] == expected.target
     assert result["method"] == method
     data = np.asarray(heatmap.dataobj)
     assert data.dtype == np.float32
-    np.testing.assert_allclose(data.reshape(expected.saliency.shape), expected.saliency, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(expected.saliency).max())))
+    np.testing.assert_allclose(
+        data.reshape(expected.saliency.shape),
+        expected.saliency,
+        rtol=1e-4,
+        atol=1e-6 * max(1.0, float(np.abs(expected.saliency).max())),
+    )
     np.testing.assert_allclose(heatmap.affine, meta["affine"], atol=1e-5)
     return expected
 
@@ -180,7 +209,9 @@ def test_session_upload(env, tmp_path, image_id):
 def test_direct_upload_raw_http(env, image_id):
     item = env["items"][image_id]
     model = MODEL_OF_DIM[item["dim"]]
-    status, result, heatmap, response = post_infer(env["url"], model, file=item["path"], params={"method": "gradcam", "target": 1})
+    status, result, heatmap, response = post_infer(
+        env["url"], model, file=item["path"], params={"method": "gradcam", "target": 1}
+    )
     assert status == 200, response.text
     assert result["target"] == {"index": 1, "label": "patient", "probability": result["probabilities"]["patient"]}
     assert_matches_in_process(env, result, load_nifti_bytes(heatmap), model, item["path"], target=1)
@@ -209,16 +240,28 @@ def test_output_json_has_no_heatmap_and_same_numbers(env):
 def test_every_registered_method_runs_under_the_server(env, method):
     """Gradient-based methods need autograd although MONAI Label serves under no_grad."""
     item = env["items"]["slice_nii"]
-    status, result, heatmap, response = post_infer(env["url"], "classifier_2d", image="slice_nii", params={"method": method})
+    status, result, heatmap, response = post_infer(
+        env["url"], "classifier_2d", image="slice_nii", params={"method": method}
+    )
     assert status == 200, response.text
     assert_matches_in_process(env, result, load_nifti_bytes(heatmap), "classifier_2d", item["path"], method=method)
 
 
 def test_method_options_are_passed_and_echoed(env):
-    status, result, heatmap, response = post_infer(env["url"], "classifier_2d", image="xray_png", params={"method": "gradcam", "layer": "features.2", "target": 0})
+    status, result, heatmap, response = post_infer(
+        env["url"], "classifier_2d", image="xray_png", params={"method": "gradcam", "layer": "features.2", "target": 0}
+    )
     assert status == 200, response.text
     assert result["params"]["layer"] == "features.2"
-    assert_matches_in_process(env, result, load_nifti_bytes(heatmap), "classifier_2d", env["items"]["xray_png"]["path"], target=0, params={"layer": "features.2"})
+    assert_matches_in_process(
+        env,
+        result,
+        load_nifti_bytes(heatmap),
+        "classifier_2d",
+        env["items"]["xray_png"]["path"],
+        target=0,
+        params={"layer": "features.2"},
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,7 +273,9 @@ def test_method_options_are_passed_and_echoed(env):
 def test_mask_gives_the_evaluate_metrics(env, tmp_path, image_id):
     item = env["items"][image_id]
     model = MODEL_OF_DIM[item["dim"]]
-    status, result, heatmap, response = post_infer(env["url"], model, image=image_id, label=item["mask"], params={"method": "gradient"})
+    status, result, heatmap, response = post_infer(
+        env["url"], model, image=image_id, label=item["mask"], params={"method": "gradient"}
+    )
     assert status == 200, response.text
     map_path = tmp_path / "map.nii.gz"
     map_path.write_bytes(heatmap)
@@ -239,7 +284,9 @@ def test_mask_gives_the_evaluate_metrics(env, tmp_path, image_id):
         writer = csv.DictWriter(f, fieldnames=["id", "map", "mask", "method"])
         writer.writeheader()
         writer.writerow({"id": image_id, "map": str(map_path), "mask": str(item["mask"]), "method": "gradient"})
-    rows, _ = evaluate_maps(maps_csv, tmp_path / "evaluation", log=lambda message: None)  # what `monai-sal evaluate` runs
+    rows, _ = evaluate_maps(
+        maps_csv, tmp_path / "evaluation", log=lambda message: None
+    )  # what `monai-sal evaluate` runs
     expected = {k: v for k, v in rows[0].items() if k not in ("id", "method", "subtype")}
     assert result["metrics"].keys() == expected.keys()
     for key, value in expected.items():
@@ -271,11 +318,23 @@ BAD_REQUESTS = {
     # name: (request kwargs built from env, expected status, words the message must contain)
     "3d volume to the 2d model": (lambda e: dict(model="classifier_2d", image="volume_nii"), 400, "2D"),
     "2d image to the 3d model": (lambda e: dict(model="classifier_3d", image="xray_png"), 400, "3D"),
-    "unreadable nifti": (lambda e: dict(file=_bad_file(e, "garbage.nii.gz", b"this is not a nifti file")), 400, "cannot read"),
+    "unreadable nifti": (
+        lambda e: dict(file=_bad_file(e, "garbage.nii.gz", b"this is not a nifti file")),
+        400,
+        "cannot read",
+    ),
     "unsupported file type": (lambda e: dict(file=_bad_file(e, "notes.txt", b"hello")), 400, "unsupported"),
     "empty file": (lambda e: dict(file=_bad_file(e, "empty.png", b"")), 400, "cannot read"),
-    "nan image": (lambda e: dict(file=_bad_file(e, "nan.nii.gz", array=np.where(np.eye(32) > 0, np.nan, 1.0).astype(np.float32))), 400, "NaN"),
-    "constant image": (lambda e: dict(file=_bad_file(e, "constant.nii.gz", array=np.full((32, 32), 7.0, np.float32))), 400, "constant"),
+    "nan image": (
+        lambda e: dict(file=_bad_file(e, "nan.nii.gz", array=np.where(np.eye(32) > 0, np.nan, 1.0).astype(np.float32))),
+        400,
+        "NaN",
+    ),
+    "constant image": (
+        lambda e: dict(file=_bad_file(e, "constant.nii.gz", array=np.full((32, 32), 7.0, np.float32))),
+        400,
+        "constant",
+    ),
     "unknown model": (lambda e: dict(model="no_such_model", image="xray_png"), 404, "unknown model"),
     "broken model": (lambda e: dict(model="broken", image="xray_png"), 404, "unknown model"),
     "unknown method": (lambda e: dict(params={"method": "no_such_method"}), 400, "unknown saliency method"),
@@ -293,8 +352,16 @@ BAD_REQUESTS = {
     "label path injected in params": (lambda e: dict(params={"label": "/etc/passwd"}), 400, "'label' form field"),
     "unknown image id": (lambda e: dict(image="no_such_image"), 404, "not found"),
     "unknown session": (lambda e: dict(image="", session_id="../../etc"), 404, "session"),
-    "mask on another grid": (lambda e: dict(image="slice_nii", label=e["items"]["volume_nii"]["mask"]), 400, "mask shape"),
-    "empty mask": (lambda e: dict(image="slice_nii", label=_bad_file(e, "empty_mask.nii.gz", array=np.zeros((36, 40), np.uint8))), 400, "foreground"),
+    "mask on another grid": (
+        lambda e: dict(image="slice_nii", label=e["items"]["volume_nii"]["mask"]),
+        400,
+        "mask shape",
+    ),
+    "empty mask": (
+        lambda e: dict(image="slice_nii", label=_bad_file(e, "empty_mask.nii.gz", array=np.zeros((36, 40), np.uint8))),
+        400,
+        "foreground",
+    ),
     "unreadable mask": (lambda e: dict(image="slice_nii", label=_bad_file(e, "bad_mask.nii.gz", b"nope")), 400, "mask"),
 }
 
@@ -302,15 +369,22 @@ BAD_REQUESTS = {
 def uploads_left_with(content: bytes) -> list[Path]:
     """Files named like MONAI Label's upload temp files (``tmpXXXXXXXX*``) in the temp folder holding ``content``."""
     pattern = re.compile(r"^tmp[a-z0-9_]{8}")
-    return [p for p in Path(tempfile.gettempdir()).iterdir()
-            if pattern.match(p.name) and p.is_file() and p.stat().st_size == len(content) and p.read_bytes() == content]
+    return [
+        p
+        for p in Path(tempfile.gettempdir()).iterdir()
+        if pattern.match(p.name) and p.is_file() and p.stat().st_size == len(content) and p.read_bytes() == content
+    ]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
 def test_bad_input_gets_a_4xx_and_the_server_still_answers(env, case):
     build, expected_status, words = BAD_REQUESTS[case]
     kwargs = {"model": "classifier_2d", "image": "xray_png", **build(env)}
-    uploads = [kwargs[f].read_bytes() for f in ("file", "label") if isinstance(kwargs.get(f), Path) and kwargs[f].stat().st_size]
+    uploads = [
+        kwargs[f].read_bytes()
+        for f in ("file", "label")
+        if isinstance(kwargs.get(f), Path) and kwargs[f].stat().st_size
+    ]
     before = {content: set(uploads_left_with(content)) for content in uploads}
     status, _, _, response = post_infer(env["url"], kwargs.pop("model"), **kwargs)
     assert status == expected_status, response.text
@@ -353,7 +427,9 @@ def test_16_concurrent_requests_all_succeed_with_correct_results(env):
         want = expected[image_id, method]
         np.testing.assert_allclose(list(result["probabilities"].values()), want.probabilities, rtol=1e-5, atol=1e-7)
         got = np.asarray(load_nifti_bytes(heatmap).dataobj).reshape(want.saliency.shape)
-        np.testing.assert_allclose(got, want.saliency, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(want.saliency).max())))
+        np.testing.assert_allclose(
+            got, want.saliency, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(want.saliency).max()))
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,12 +440,18 @@ def test_16_concurrent_requests_all_succeed_with_correct_results(env):
 def test_bad_train_parameters_get_a_4xx(env):
     manifest = {"manifest": "train2d/manifest.csv"}
     for params, status, words in (
-        ({"loss": "hinge", **manifest}, 400, "unknown loss"), ({"epochs": 0, **manifest}, 400, "epochs"),
-        ({"manifest": "/etc/passwd"}, 400, "outside"), ({"manifest": "../../etc/passwd"}, 400, "outside"),
-        ({"manifest": "nope.csv"}, 404, "not found"), ({}, 400, "no manifest"),  # the tiny checkpoints record no manifest
-        ({"augmentations": ["rotate"], **manifest}, 400, "augmentations"), ({"epoch": 3, **manifest}, 400, "unknown train parameter"),
+        ({"loss": "hinge", **manifest}, 400, "unknown loss"),
+        ({"epochs": 0, **manifest}, 400, "epochs"),
+        ({"manifest": "/etc/passwd"}, 400, "outside"),
+        ({"manifest": "../../etc/passwd"}, 400, "outside"),
+        ({"manifest": "nope.csv"}, 404, "not found"),
+        ({}, 400, "no manifest"),  # the tiny checkpoints record no manifest
+        ({"augmentations": ["rotate"], **manifest}, 400, "augmentations"),
+        ({"epoch": 3, **manifest}, 400, "unknown train parameter"),
     ):
-        response = requests.post(f"{env['url']}/train/classifier_2d", params={"run_sync": "true"}, json=params, timeout=60)
+        response = requests.post(
+            f"{env['url']}/train/classifier_2d", params={"run_sync": "true"}, json=params, timeout=60
+        )
         assert response.status_code == status, (params, response.text)
         assert words in response.json()["detail"]
 
@@ -377,7 +459,14 @@ def test_bad_train_parameters_get_a_4xx(env):
 def test_training_over_the_api_is_served_without_restart(env):
     url = env["url"]
     before = post_infer(url, "classifier_2d", image="xray_png", output="json")[1]
-    params = {"manifest": "train2d/manifest.csv", "epochs": 1, "loss": "ce", "augmentations": ["noise"], "batch_size": 8, "patience": 1}
+    params = {
+        "manifest": "train2d/manifest.csv",
+        "epochs": 1,
+        "loss": "ce",
+        "augmentations": ["noise"],
+        "batch_size": 8,
+        "patience": 1,
+    }
     response = requests.post(f"{url}/train/classifier_2d", json=params, timeout=60)
     assert response.status_code == 200, response.text
     deadline = time.monotonic() + 180
@@ -407,17 +496,35 @@ def test_training_over_the_api_is_served_without_restart(env):
     "data,models,study_glob",
     [
         # the defaults: a chest X-ray classifier and a 3D CT one, on the bases install_data.sh installs
-        ("real", {"chest_xray_2d": (2, 128, ["normal", "opacity"]), "ct_lesion_3d": (3, 32, ["no lesion", "lesion"])},
-         {"chest_xray_2d-00?.nii.gz": 8, "ct_lesion_3d-00?.nii.gz": 8}),
-        ("shepp-logan", {"classifier_2d": (2, 64, ["control", "patient"]), "classifier_3d": (3, 32, ["control", "patient"])},
-         {"classifier_2d-00?.nii.gz": 8, "classifier_3d-00?.nii.gz": 8}),
+        (
+            "real",
+            {"chest_xray_2d": (2, 128, ["normal", "opacity"]), "ct_lesion_3d": (3, 32, ["no lesion", "lesion"])},
+            {"chest_xray_2d-00?.nii.gz": 8, "ct_lesion_3d-00?.nii.gz": 8},
+        ),
+        (
+            "shepp-logan",
+            {"classifier_2d": (2, 64, ["control", "patient"]), "classifier_3d": (3, 32, ["control", "patient"])},
+            {"classifier_2d-00?.nii.gz": 8, "classifier_3d-00?.nii.gz": 8},
+        ),
     ],
 )
 def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, capsys, data, models, study_glob):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
-    argv = ["serve", "--prepare-only", "--data", data, "--workdir", str(tmp_path / "work"), "--model-dir", str(tmp_path / "model"),
-            "--epochs", "1", "--per-class", "2"]
+    argv = [
+        "serve",
+        "--prepare-only",
+        "--data",
+        data,
+        "--workdir",
+        str(tmp_path / "work"),
+        "--model-dir",
+        str(tmp_path / "model"),
+        "--epochs",
+        "1",
+        "--per-class",
+        "2",
+    ]
     args = parser.parse_args(argv)
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     args.func(args)

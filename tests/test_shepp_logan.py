@@ -50,7 +50,9 @@ def test_masks_are_exactly_the_pixels_with_the_region_grey_level(subtype, dim, s
 
 
 def test_grey_level_varies_between_subjects():
-    levels = {float(np.unique(image[masks["top"]])[0]) for image, masks in (phantom("control", s, **CLEAN) for s in range(5))}
+    levels = {
+        float(np.unique(image[masks["top"]])[0]) for image, masks in (phantom("control", s, **CLEAN) for s in range(5))
+    }
     assert len(levels) == 5
 
 
@@ -176,7 +178,9 @@ def test_generate_writes_a_readable_dataset_matching_its_manifest(tmp_path):
     assert len(items) == 12
     counts = {s: sum(i["subtype"] == s for i in items) for s in SUBTYPES}
     assert counts == subtype_counts(PRESETS["homogeneous"], 6)
-    assert [i["subtype"] for i in items] != sorted((i["subtype"] for i in items), key=SUBTYPES.index), "order is shuffled"
+    assert [i["subtype"] for i in items] != sorted((i["subtype"] for i in items), key=SUBTYPES.index), (
+        "order is shuffled"
+    )
     for item in items:
         assert re.fullmatch(r"sl2d-homogeneous-\d{6}", item["id"])
         assert item["label"] == SUBTYPE_LABELS[item["subtype"]]

@@ -72,9 +72,19 @@ def run_short(seed: int, model_seed: int = 0) -> tuple[nn.Module, list[dict]]:
     train_x, train_y = squares(40, seed=2)
     val_x, val_y = squares(20, seed=3)
     return train_classifier(
-        tiny_conv5fc3(seed=model_seed), train_x, train_y, val_x, val_y,
-        loss="smoothl1norm", augmentations=["noise", "erasing", "croppad", "smoothing"],
-        epochs=3, batch_size=8, seed=seed, device="cpu", progress=False, log=None,
+        tiny_conv5fc3(seed=model_seed),
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        loss="smoothl1norm",
+        augmentations=["noise", "erasing", "croppad", "smoothing"],
+        epochs=3,
+        batch_size=8,
+        seed=seed,
+        device="cpu",
+        progress=False,
+        log=None,
     )
 
 
@@ -98,7 +108,17 @@ def test_early_stopping_stops_after_patience_epochs_without_gain():
     messages: list[str] = []
     torch.manual_seed(0)
     _, history = train_classifier(
-        MeanIntensity(), train_x, train_y, val_x, val_y, epochs=20, lr=0.0, weight_decay=0.0, patience=3, progress=False, log=messages.append
+        MeanIntensity(),
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        epochs=20,
+        lr=0.0,
+        weight_decay=0.0,
+        patience=3,
+        progress=False,
+        log=messages.append,
     )
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert len({h["val_auc"] for h in history}) == 1  # lr=0: nothing changes, so nothing improves
@@ -112,7 +132,16 @@ def test_best_epoch_weights_are_restored():
     train_x, train_y = squares(64, seed=0)
     val_x, val_y = squares(32, seed=1)
     model, history = train_classifier(
-        tiny_conv5fc3(), train_x, train_y, val_x, 1 - val_y, epochs=5, batch_size=16, patience=10, progress=False, log=None
+        tiny_conv5fc3(),
+        train_x,
+        train_y,
+        val_x,
+        1 - val_y,
+        epochs=5,
+        batch_size=16,
+        patience=10,
+        progress=False,
+        log=None,
     )
     aucs = [h["val_auc"] for h in history]
     assert len(history) == 5 and aucs[-1] < max(aucs)
@@ -135,8 +164,17 @@ def test_trains_3d_with_augmentations_and_progress_bar(capsys):
     train_x, train_y = squares(8, seed=0, spatial_dims=3, side=16)
     val_x, val_y = squares(4, seed=1, spatial_dims=3, side=16)
     _model, history = train_classifier(
-        tiny_conv5fc3(spatial_dims=3), train_x, train_y, val_x, val_y, augmentations=["croppad", "erasing", "smoothing", "noise"],
-        loss="msenorm", epochs=1, batch_size=3, progress=True, log=print,
+        tiny_conv5fc3(spatial_dims=3),
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        augmentations=["croppad", "erasing", "smoothing", "noise"],
+        loss="msenorm",
+        epochs=1,
+        batch_size=3,
+        progress=True,
+        log=print,
     )
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
     captured = capsys.readouterr()

@@ -83,7 +83,12 @@ def colin27_files() -> dict[str, Path]:
             + ", ".join(str(c) for c in candidates)
             + f"; install it with: {INSTALL_HINT} (or: apt-get install mricron-data)"
         )
-    return {"t1": folder / names[0], "t1_head": folder / names[1], "atlas": folder / names[2], "atlas_names": folder / names[3]}
+    return {
+        "t1": folder / names[0],
+        "t1_head": folder / names[1],
+        "atlas": folder / names[2],
+        "atlas_names": folder / names[3],
+    }
 
 
 def mni152_available() -> bool:
@@ -132,7 +137,9 @@ def lung_ct_files() -> dict[str, dict[str, Path]]:
 # --- helpers shared by the real-anatomy generators ------------------------------------------------
 
 
-def smooth_random_field(shape: tuple[int, ...], control_points: int, rng: np.random.Generator, components: int = 1) -> np.ndarray:
+def smooth_random_field(
+    shape: tuple[int, ...], control_points: int, rng: np.random.Generator, components: int = 1
+) -> np.ndarray:
     """Smooth random field of ``shape``: N(0, 1) values on a coarse grid, cubic-upsampled, rescaled to unit std.
 
     Returns float64 ``(components, *shape)``. ``control_points`` (>= 2) per axis sets the smoothness (a few

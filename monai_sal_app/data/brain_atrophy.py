@@ -75,7 +75,14 @@ __all__ = [
 ]
 
 TYPICAL_REGIONS = ("Hippocampus_L", "Hippocampus_R", "Amygdala_L", "Amygdala_R")
-ATYPICAL_REGIONS = ("Occipital_Sup_L", "Occipital_Sup_R", "Occipital_Mid_L", "Occipital_Mid_R", "Occipital_Inf_L", "Occipital_Inf_R")
+ATYPICAL_REGIONS = (
+    "Occipital_Sup_L",
+    "Occipital_Sup_R",
+    "Occipital_Mid_L",
+    "Occipital_Mid_R",
+    "Occipital_Inf_L",
+    "Occipital_Inf_R",
+)
 SLICE_Z_MM = -11.0
 _ATROPHIED = {"control": None, "typical": "typical", "atypical": "atypical", "error": None}
 
@@ -111,7 +118,9 @@ class AtrophyPreset(Preset):
         for name in ("shrink_mm", "intensity_loss"):
             low, high = getattr(self, name)
             if not 0 <= low <= high:
-                raise ValueError(f"{name} must be a (low, high) range with 0 <= low <= high, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be a (low, high) range with 0 <= low <= high, got {getattr(self, name)!r}"
+                )
         if self.intensity_loss[1] >= 1:
             raise ValueError(f"intensity_loss must stay below 1, got {self.intensity_loss!r}")
 
@@ -199,7 +208,9 @@ def _region_fields(region: np.ndarray, parts: list[np.ndarray]) -> tuple[np.ndar
     """
     idx = np.argwhere(region)
     reach = int(math.ceil(4 * _WEIGHT_SIGMA_MM)) + 1
-    box = tuple(slice(max(0, lo - reach), min(n, hi + reach + 1)) for lo, hi, n in zip(idx.min(0), idx.max(0), region.shape))
+    box = tuple(
+        slice(max(0, lo - reach), min(n, hi + reach + 1)) for lo, hi, n in zip(idx.min(0), idx.max(0), region.shape)
+    )
     weight, outward = np.zeros(region.shape, dtype=np.float32), np.zeros((3,) + region.shape, dtype=np.float32)
     weight[box], outward[(slice(None),) + box] = _region_fields_in_box(region[box], [p[box] for p in parts])
     return weight, outward
@@ -223,7 +234,9 @@ def _region_fields_in_box(region: np.ndarray, parts: list[np.ndarray]) -> tuple[
         inside = parts[n][tuple(coords.T)]
         radius[n] = np.linalg.norm(offset[inside], axis=1).max() if inside.any() else 1.0
     outward = np.zeros((3,) + region.shape, dtype=np.float32)
-    outward[(slice(None),) + tuple(coords.T)] = (weight[support][:, None] * offset / radius[owner[support] - 1][:, None]).T
+    outward[(slice(None),) + tuple(coords.T)] = (
+        weight[support][:, None] * offset / radius[owner[support] - 1][:, None]
+    ).T
     return weight, outward
 
 
@@ -283,7 +296,9 @@ def _load_base(name: str) -> BrainBase:
     for region, parts in part_masks.items():
         regions[region] = np.logical_or.reduce(parts)
         weights[region], outward[region] = _region_fields(regions[region], parts)
-    return BrainBase(name, _normalised(t1, brain), brain, regions, weights, outward, np.asarray(affine, dtype=np.float64))
+    return BrainBase(
+        name, _normalised(t1, brain), brain, regions, weights, outward, np.asarray(affine, dtype=np.float64)
+    )
 
 
 @lru_cache(maxsize=4)
@@ -360,7 +375,9 @@ def brain_atrophy_subject(
         params = BrainVariation(**variation)
     except TypeError:
         unknown = sorted(set(variation) - {f.name for f in fields(BrainVariation)})
-        raise ValueError(f"unknown variation parameter(s) {unknown}; expected {[f.name for f in fields(BrainVariation)]}") from None
+        raise ValueError(
+            f"unknown variation parameter(s) {unknown}; expected {[f.name for f in fields(BrainVariation)]}"
+        ) from None
     if shrink_mm < 0 or not 0 <= intensity_loss < 1:
         raise ValueError(f"need shrink_mm >= 0 and 0 <= intensity_loss < 1, got {shrink_mm!r}, {intensity_loss!r}")
     rng = np.random.default_rng() if rng is None else rng
@@ -398,7 +415,9 @@ def brain_atrophy_subject(
         mask = np.zeros(shape, dtype=bool)
     else:
         weight = ndimage.map_coordinates(base.weights[region], points, order=1, mode="constant", cval=0.0)
-        outward = np.stack([ndimage.map_coordinates(c, points, order=1, mode="constant", cval=0.0) for c in base.outward[region]])
+        outward = np.stack(
+            [ndimage.map_coordinates(c, points, order=1, mode="constant", cval=0.0) for c in base.outward[region]]
+        )
         moved = points + shrink_mm / voxel_mm.reshape((3,) + (1,) * dim) * outward
         clean = ndimage.map_coordinates(t1, moved, order=1, mode="constant", cval=0.0) * (1.0 - intensity_loss * weight)
         mask = np.abs(clean - control) > params.mask_tolerance
@@ -454,11 +473,18 @@ def generate_brain_atrophy(
         shrink = rng.uniform(*composition.shrink_mm)
         loss = rng.uniform(*composition.intensity_loss)
         image, mask = brain_atrophy_subject(subtype, size, dim, rng, template, shrink_mm=shrink, intensity_loss=loss)
-        row = {"id": subject_id, "label": SUBTYPE_LABELS[subtype], "subtype": subtype, "image": f"images/{subject_id}.nii.gz"}
+        row = {
+            "id": subject_id,
+            "label": SUBTYPE_LABELS[subtype],
+            "subtype": subtype,
+            "image": f"images/{subject_id}.nii.gz",
+        }
         write_nifti(image, out_dir / row["image"], affine=affine)
         if _ATROPHIED[subtype] is not None:
             if not mask.any():
-                raise RuntimeError(f"{subject_id}: the atrophy changed no voxel (strength {shrink:.2f} mm, {loss:.2f}); raise the preset's strength")
+                raise RuntimeError(
+                    f"{subject_id}: the atrophy changed no voxel (strength {shrink:.2f} mm, {loss:.2f}); raise the preset's strength"
+                )
             row["mask"] = f"masks/{subject_id}.nii.gz"
             write_nifti(mask, out_dir / row["mask"], affine=affine)
         rows.append(row)

@@ -78,7 +78,9 @@ class ChestPreset:
         if not 0 < self.radius[0] <= self.radius[1] < 0.5:
             raise ValueError(f"radius must be a (low, high) fraction with 0 < low <= high < 0.5, got {self.radius!r}")
         if not 0 < self.contrast[0] <= self.contrast[1] <= 1:
-            raise ValueError(f"contrast must be a (low, high) fraction with 0 < low <= high <= 1, got {self.contrast!r}")
+            raise ValueError(
+                f"contrast must be a (low, high) fraction with 0 < low <= high <= 1, got {self.contrast!r}"
+            )
 
 
 PRESETS = {
@@ -111,7 +113,16 @@ class ChestVariation:
     mask_tolerance: float = 0.02
 
     def __post_init__(self):
-        for name in ("rotation_deg", "scale_jitter", "shift", "deform", "offset", "bias", "noise_std", "mask_tolerance"):
+        for name in (
+            "rotation_deg",
+            "scale_jitter",
+            "shift",
+            "deform",
+            "offset",
+            "bias",
+            "noise_std",
+            "mask_tolerance",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("gamma", "gain"):
@@ -233,7 +244,9 @@ def chest_xray_subject(
         params = ChestVariation(**variation)
     except TypeError:
         unknown = sorted(set(variation) - {f.name for f in fields(ChestVariation)})
-        raise ValueError(f"unknown variation parameter(s) {unknown}; expected {[f.name for f in fields(ChestVariation)]}") from None
+        raise ValueError(
+            f"unknown variation parameter(s) {unknown}; expected {[f.name for f in fields(ChestVariation)]}"
+        ) from None
     if not isinstance(preset, ChestPreset):
         raise TypeError(f"preset must be a ChestPreset, got {type(preset).__name__}")
     rng = np.random.default_rng() if rng is None else rng
@@ -242,7 +255,9 @@ def chest_xray_subject(
     shape = (n, n)
 
     angle = math.radians(rng.uniform(-params.rotation_deg, params.rotation_deg))
-    scale = rng.uniform(1 - params.scale_jitter, 1 + params.scale_jitter) * rng.uniform(1 - params.scale_jitter / 2, 1 + params.scale_jitter / 2, size=2)
+    scale = rng.uniform(1 - params.scale_jitter, 1 + params.scale_jitter) * rng.uniform(
+        1 - params.scale_jitter / 2, 1 + params.scale_jitter / 2, size=2
+    )
     shift = rng.uniform(-params.shift, params.shift, size=2) * n
     coarse_shape = (n // 8, n // 8)
     displacement = smooth_random_field(coarse_shape, 5, rng, components=2) * params.deform * n
@@ -290,7 +305,14 @@ def chest_xray_subject(
         for k in range(len(contributions)):
             rows, cols = np.nonzero(mask & (owner == k))
             if len(rows):
-                boxes.append((int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)))
+                boxes.append(
+                    (
+                        int(cols.min()),
+                        int(rows.min()),
+                        int(cols.max() - cols.min() + 1),
+                        int(rows.max() - rows.min() + 1),
+                    )
+                )
     image = np.clip(clean + params.noise_std * noise, 0.0, 1.0)
     return image.astype(np.float32), mask, boxes, lungs
 
@@ -349,12 +371,23 @@ def generate_chest_xray(
         class_name = classes[order[index]]
         rng = np.random.default_rng(subject_seeds[index])
         patient_id = deterministic_uuid(rng)
-        sex, age, view = ("F", "M")[int(rng.integers(2))], int(rng.integers(18, 90)), ("PA" if rng.random() < 0.7 else "AP")
+        sex, age, view = (
+            ("F", "M")[int(rng.integers(2))],
+            int(rng.integers(18, 90)),
+            ("PA" if rng.random() < 0.7 else "AP"),
+        )
         image, mask, boxes, _ = chest_xray_subject(class_name == "Lung Opacity", rng, composition)
         pixels = np.round(image * 255).astype(np.uint8)
-        write_rsna_dicom(out_dir / IMAGE_DIR / f"{patient_id}.dcm", pixels, patient_id, sex, age, view, compress=compress)
+        write_rsna_dicom(
+            out_dir / IMAGE_DIR / f"{patient_id}.dcm", pixels, patient_id, sex, age, view, compress=compress
+        )
         records.append({"patientId": patient_id, "class": class_name, "boxes": boxes})
-        row = {"id": patient_id, "label": CLASS_LABELS[class_name], "subtype": class_name, "image": f"images/{patient_id}.nii.gz"}
+        row = {
+            "id": patient_id,
+            "label": CLASS_LABELS[class_name],
+            "subtype": class_name,
+            "image": f"images/{patient_id}.nii.gz",
+        }
         write_nifti(_downsample(pixels / 255.0, size), out_dir / row["image"])
         if boxes:
             row["mask"] = f"masks/{patient_id}.nii.gz"

@@ -160,7 +160,11 @@ def segment_lung_ct(image: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
     labels, count = ndimage.label(air)
     if count == 0:
         raise ValueError("segment_lung_ct: no air in the image")
-    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    border = np.unique(
+        np.concatenate(
+            [labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]
+        )
+    )
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     keep = np.zeros(count + 1, dtype=bool)
     keep[1:] = True
@@ -193,7 +197,14 @@ def load_lung_case(name: str) -> LungCase:
     return LungCase(name, image, tumour, lungs, depth, spacing, affine, np.argwhere(tumour).mean(0))
 
 
-def _nodule(rng: np.random.Generator, case: LungCase, box: tuple[slice, ...], centre_mm: np.ndarray, radius: float, density: float) -> tuple[np.ndarray, np.ndarray]:
+def _nodule(
+    rng: np.random.Generator,
+    case: LungCase,
+    box: tuple[slice, ...],
+    centre_mm: np.ndarray,
+    radius: float,
+    density: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(weight, hu)`` on the native sub-grid ``box``: the nodule's weight in [0, 1] (a lobulated sphere with a
     1.5 mm soft rim, averaged over 5 positions across each slice's thickness: partial volume; exactly 0 beyond
     1.15 radius + 1 mm) and its HU values (``density`` +- 25 HU of smooth texture)."""
@@ -202,7 +213,9 @@ def _nodule(rng: np.random.Generator, case: LungCase, box: tuple[slice, ...], ce
     shape = tuple(b.stop - b.start for b in box)
     reach = (1.15 * radius + 1.0 + case.spacing) / case.spacing  # voxels, per axis
     centre = centre_mm / case.spacing - np.array([b.start for b in box])
-    near = tuple(slice(int(max(0, np.floor(c - r))), int(min(n, np.ceil(c + r) + 1))) for c, r, n in zip(centre, reach, shape))
+    near = tuple(
+        slice(int(max(0, np.floor(c - r))), int(min(n, np.ceil(c + r) + 1))) for c, r, n in zip(centre, reach, shape)
+    )
     z, y, x = ((np.arange(b.start, b.stop) + s.start) * sp for b, s, sp in zip(near, box, case.spacing))
     weight = np.zeros(shape)
     local = np.zeros(tuple(b.stop - b.start for b in near))
@@ -259,7 +272,9 @@ def ct_lesion_subject(
         params = CTVariation(**variation)
     except TypeError:
         unknown = sorted(set(variation) - {f.name for f in fields(CTVariation)})
-        raise ValueError(f"unknown variation parameter(s) {unknown}; expected {[f.name for f in fields(CTVariation)]}") from None
+        raise ValueError(
+            f"unknown variation parameter(s) {unknown}; expected {[f.name for f in fields(CTVariation)]}"
+        ) from None
     if not isinstance(preset, CTPreset):
         raise TypeError(f"preset must be a CTPreset, got {type(preset).__name__}")
     rng = np.random.default_rng() if rng is None else rng
@@ -367,8 +382,15 @@ def generate_ct_lesions(
     for index in tqdm(range(len(subtypes)), desc=f"CT lesions {dim}D {name}", disable=not progress):
         subtype = subtypes[order[index]]
         subject_id = f"ct{dim}d-{name}-{index:06d}"
-        image, mask, affine = ct_lesion_subject(subtype, size, dim, np.random.default_rng(subject_seeds[index]), composition)
-        row = {"id": subject_id, "label": SUBTYPE_LABELS[subtype], "subtype": subtype, "image": f"images/{subject_id}.nii.gz"}
+        image, mask, affine = ct_lesion_subject(
+            subtype, size, dim, np.random.default_rng(subject_seeds[index]), composition
+        )
+        row = {
+            "id": subject_id,
+            "label": SUBTYPE_LABELS[subtype],
+            "subtype": subtype,
+            "image": f"images/{subject_id}.nii.gz",
+        }
         write_nifti(image, out_dir / row["image"], affine=affine)
         if subtype != "control":
             if not mask.any():
@@ -377,4 +399,3 @@ def generate_ct_lesions(
             write_nifti(mask, out_dir / row["mask"], affine=affine)
         rows.append(row)
     return write_manifest(out_dir / "manifest.csv", rows)
-

@@ -92,7 +92,9 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     image = itk.imread(str(path))
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ImageError(f"{path}: {image.GetNumberOfComponentsPerPixel()} components per pixel; expected a scalar image")
+        raise ImageError(
+            f"{path}: {image.GetNumberOfComponentsPerPixel()} components per pixel; expected a scalar image"
+        )
     array = np.array(itk.array_view_from_image(image), dtype=np.float32)  # (z, y, x) or (y, x)
     n = array.ndim
     direction = np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64).reshape(n, n)

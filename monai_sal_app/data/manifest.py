@@ -29,7 +29,15 @@ from monai_sal_app.data.io import read_image
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["COLUMNS", "PATH_COLUMNS", "REQUIRED_COLUMNS", "load_images", "load_labels", "read_manifest", "write_manifest"]
+__all__ = [
+    "COLUMNS",
+    "PATH_COLUMNS",
+    "REQUIRED_COLUMNS",
+    "load_images",
+    "load_labels",
+    "read_manifest",
+    "write_manifest",
+]
 
 COLUMNS = ("id", "image", "label", "subtype", "mask", "mask_top", "mask_bottom")
 REQUIRED_COLUMNS = ("id", "image", "label")
@@ -54,7 +62,9 @@ def _path_for_csv(value: Any, folder: Path, where: str) -> str:
     p = Path(value)
     if not p.is_absolute():
         if _leaves_folder(str(p)):
-            raise ValueError(f"{where}: relative path {str(value)!r} leaves the manifest's folder; use an absolute path")
+            raise ValueError(
+                f"{where}: relative path {str(value)!r} leaves the manifest's folder; use an absolute path"
+            )
         return p.as_posix()
     try:
         return Path(os.path.abspath(p)).relative_to(os.path.abspath(folder)).as_posix()
@@ -155,8 +165,12 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
             image = _resolve(row.get("image") or "", folder, where)
             if image is None:
                 raise ValueError(f"{where}: empty image path for id {item_id!r}")
-            item = {"id": item_id, "image": image, "label": _parse_label(row.get("label"), where),
-                    "subtype": (row.get("subtype") or "").strip()}
+            item = {
+                "id": item_id,
+                "image": image,
+                "label": _parse_label(row.get("label"), where),
+                "subtype": (row.get("subtype") or "").strip(),
+            }
             for column in ("mask", "mask_top", "mask_bottom"):
                 item[column] = _resolve(row.get(column) or "", folder, where)
             items.append(item)

@@ -53,7 +53,7 @@ def _split_suffix(name: str) -> tuple[str, str] | None:
     lower = name.lower()
     for suffix in IMAGE_SUFFIXES:
         if lower.endswith(suffix):
-            return name[: -len(suffix)], name[-len(suffix):]
+            return name[: -len(suffix)], name[-len(suffix) :]
     return None
 
 
@@ -68,7 +68,9 @@ def _is_mask(stem: str, mask_suffixes: Sequence[str]) -> bool:
     return any(stem.lower().endswith(s) for s in mask_suffixes)
 
 
-def _find_mask(image: Path, case_id: str, relative_folder: Path, mask_dir: Path | None, mask_suffixes: Sequence[str]) -> str | None:
+def _find_mask(
+    image: Path, case_id: str, relative_folder: Path, mask_dir: Path | None, mask_suffixes: Sequence[str]
+) -> str | None:
     folders = [image.parent] + ([mask_dir / relative_folder, mask_dir] if mask_dir is not None else [])
     names = [case_id + s for s in mask_suffixes]
     in_mask_dir = [case_id, _split_suffix(image.name)[0]]
@@ -161,15 +163,23 @@ def image_folder_items(
             label, subtype = table[case_id]
         else:
             label, subtype = None, ""
-        items.append({
-            "id": case_id, "image": str(path.resolve()), "label": label, "subtype": subtype,
-            "mask": _find_mask(path, case_id, relative_folders[path], mask_root, mask_suffixes),
-            "mask_top": None, "mask_bottom": None,
-        })
+        items.append(
+            {
+                "id": case_id,
+                "image": str(path.resolve()),
+                "label": label,
+                "subtype": subtype,
+                "mask": _find_mask(path, case_id, relative_folders[path], mask_root, mask_suffixes),
+                "mask_top": None,
+                "mask_bottom": None,
+            }
+        )
     return sorted(items, key=lambda item: item["id"])
 
 
-def image_folder_dataset(root, labels=None, mask_dir=None, class_names=None, transform=None, mask_suffixes=MASK_SUFFIXES):
+def image_folder_dataset(
+    root, labels=None, mask_dir=None, class_names=None, transform=None, mask_suffixes=MASK_SUFFIXES
+):
     """A ``monai.data.Dataset`` of :func:`image_folder_items` with an optional MONAI ``transform``."""
     from monai.data import Dataset
 
@@ -215,7 +225,9 @@ def _slice_geometry(ds, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return orientation[:3], orientation[3:], position
 
 
-def read_dicom_series(source: str | os.PathLike | Sequence[str | os.PathLike], series_uid: str | None = None, max_gap_ratio: float = 0.05) -> tuple[np.ndarray, dict]:
+def read_dicom_series(
+    source: str | os.PathLike | Sequence[str | os.PathLike], series_uid: str | None = None, max_gap_ratio: float = 0.05
+) -> tuple[np.ndarray, dict]:
     """Read a DICOM series as a float32 volume ``(slices, rows, cols)`` in modality units (e.g. HU).
 
     ``source``: a folder (its only series, or ``series_uid``) or a list of files of one series. Slices are
@@ -256,7 +268,9 @@ def read_dicom_series(source: str | os.PathLike | Sequence[str | os.PathLike], s
     _, first, row_dir, col_dir, _ = slices[0]
     for path, ds, r, c, _ in slices[1:]:
         if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
-            raise ValueError(f"{path}: size {ds.Rows}x{ds.Columns} differs from {first.Rows}x{first.Columns} of the series")
+            raise ValueError(
+                f"{path}: size {ds.Rows}x{ds.Columns} differs from {first.Rows}x{first.Columns} of the series"
+            )
         if not (np.allclose(r, row_dir, atol=1e-4) and np.allclose(c, col_dir, atol=1e-4)):
             raise ValueError(f"{path}: orientation differs from the rest of the series")
     normal = np.cross(row_dir, col_dir)
@@ -267,7 +281,9 @@ def read_dicom_series(source: str | os.PathLike | Sequence[str | os.PathLike], s
         raise ValueError(f"{where}: two slices share one position ({depths[np.argmin(gaps)]:.3f} mm along the normal)")
     slice_spacing = float(np.median(gaps)) if len(gaps) else float(getattr(first, "SliceThickness", 1.0) or 1.0)
     if len(gaps) and np.abs(gaps - slice_spacing).max() > max_gap_ratio * slice_spacing:
-        raise ValueError(f"{where}: slice spacing varies from {gaps.min():.3f} to {gaps.max():.3f} mm (missing slices?)")
+        raise ValueError(
+            f"{where}: slice spacing varies from {gaps.min():.3f} to {gaps.max():.3f} mm (missing slices?)"
+        )
     volume = np.stack([np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32) for _, ds, *_ in slices])
     check_image(volume, where)
     row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
@@ -277,8 +293,13 @@ def read_dicom_series(source: str | os.PathLike | Sequence[str | os.PathLike], s
     lps[:3, 2] = row_dir * col_spacing  # axis 2: column index moves along the row direction
     lps[:3, 3] = slices[0][4]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
-    return volume, {"affine": affine, "spatial_shape": tuple(volume.shape), "format": "dicom-series",
-                    "series_uid": series_uid, "files": [str(s[0]) for s in slices]}
+    return volume, {
+        "affine": affine,
+        "spatial_shape": tuple(volume.shape),
+        "format": "dicom-series",
+        "series_uid": series_uid,
+        "files": [str(s[0]) for s in slices],
+    }
 
 
 def dicom_series_items(
@@ -297,7 +318,9 @@ def dicom_series_items(
     root = Path(root)
     groups = find_dicom_series(root)
     folders = {uid: {f.parent for f in files} for uid, files in groups.items()}
-    one_per_folder = all(len(f) == 1 for f in folders.values()) and len({next(iter(f)) for f in folders.values()}) == len(groups)
+    one_per_folder = all(len(f) == 1 for f in folders.values()) and len(
+        {next(iter(f)) for f in folders.values()}
+    ) == len(groups)
     table = _read_labels(labels, root) if labels is not None else None
     items = []
     for uid in tqdm(sorted(groups), desc="DICOM series", disable=not progress):
@@ -315,9 +338,21 @@ def dicom_series_items(
             if out_dir is None:
                 raise ValueError(f"{root}: several series share a folder; pass out_dir to convert them to NIfTI")
             volume, meta = read_dicom_series(groups[uid])
-            image = str(write_nifti(volume, Path(out_dir) / "images" / f"{series_id}.nii.gz", affine=meta["affine"]).resolve())
-        items.append({"id": series_id, "image": image, "label": label, "subtype": subtype, "mask": None,
-                      "mask_top": None, "mask_bottom": None, "series_uid": uid})
+            image = str(
+                write_nifti(volume, Path(out_dir) / "images" / f"{series_id}.nii.gz", affine=meta["affine"]).resolve()
+            )
+        items.append(
+            {
+                "id": series_id,
+                "image": image,
+                "label": label,
+                "subtype": subtype,
+                "mask": None,
+                "mask_top": None,
+                "mask_bottom": None,
+                "series_uid": uid,
+            }
+        )
     return items
 
 

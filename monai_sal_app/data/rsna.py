@@ -205,7 +205,9 @@ def _read_csv(path: Path, expected: tuple[str, ...]) -> list[dict]:
         return [dict(zip(expected, (v.strip() for v in row)), line=n) for n, row in enumerate(reader, start=2) if row]
 
 
-def read_rsna_tables(root: str | os.PathLike, labels_csv: str | os.PathLike | None = None, class_csv: str | os.PathLike | None = None) -> dict[str, dict]:
+def read_rsna_tables(
+    root: str | os.PathLike, labels_csv: str | os.PathLike | None = None, class_csv: str | os.PathLike | None = None
+) -> dict[str, dict]:
     """Parse and check the two CSVs: ``{patientId: {"class": str, "target": int, "boxes": [(x, y, w, h)]}}``.
 
     Checks (``ValueError`` naming file and line): exact column order, Target 0/1, empty box cells on
@@ -260,7 +262,9 @@ def read_rsna_tables(root: str | os.PathLike, labels_csv: str | os.PathLike | No
     return patients
 
 
-def box_mask(boxes: Sequence[Sequence[float]], shape: Sequence[int], source_shape: Sequence[int] = (RSNA_SIZE, RSNA_SIZE)) -> np.ndarray:
+def box_mask(
+    boxes: Sequence[Sequence[float]], shape: Sequence[int], source_shape: Sequence[int] = (RSNA_SIZE, RSNA_SIZE)
+) -> np.ndarray:
     """Union of boxes as a boolean (rows, cols) mask of ``shape``.
 
     ``boxes``: ``(x, y, width, height)`` in pixels of an image of ``source_shape`` (rows, cols), x the column.
@@ -306,8 +310,18 @@ def rsna_items(
         if not image.is_file():
             missing.append(str(image))
             continue
-        items.append({"id": pid, "image": str(image.resolve()), "label": label_of[entry["class"]], "subtype": entry["class"],
-                      "mask": None, "mask_top": None, "mask_bottom": None, "boxes": list(entry["boxes"])})
+        items.append(
+            {
+                "id": pid,
+                "image": str(image.resolve()),
+                "label": label_of[entry["class"]],
+                "subtype": entry["class"],
+                "mask": None,
+                "mask_top": None,
+                "mask_bottom": None,
+                "boxes": list(entry["boxes"]),
+            }
+        )
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) listed in the CSVs are missing, e.g. {missing[0]}")
     if not items:
@@ -328,7 +342,9 @@ def _write_box_masks(items: list[dict], mask_dir: Path, mask_size: Sequence[int]
         item["mask"] = str(write_nifti(box_mask(item["boxes"], shape), mask_dir / f"{item['id']}.nii.gz"))
 
 
-def rsna_dataset(root, classes=("Normal", "Lung Opacity"), transform=None, mask_dir=None, mask_size=None, progress=False, **paths):
+def rsna_dataset(
+    root, classes=("Normal", "Lung Opacity"), transform=None, mask_dir=None, mask_size=None, progress=False, **paths
+):
     """A ``monai.data.Dataset`` of :func:`rsna_items` with an optional MONAI ``transform``.
 
     With ``mask_dir``, box-union masks are written there (uint8 NIfTI at ``mask_size`` (rows, cols) or each
@@ -387,15 +403,21 @@ def rsna_to_manifest(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m monai_sal_app.data.rsna ROOT --out DIR [--size 256 | --keep-dicom]``: write a manifest."""
-    parser = argparse.ArgumentParser(prog="python -m monai_sal_app.data.rsna", description="RSNA pneumonia layout -> monai-sal manifest")
-    parser.add_argument("root", help="folder with stage_2_train_labels.csv, stage_2_detailed_class_info.csv, stage_2_train_images/")
+    parser = argparse.ArgumentParser(
+        prog="python -m monai_sal_app.data.rsna", description="RSNA pneumonia layout -> monai-sal manifest"
+    )
+    parser.add_argument(
+        "root", help="folder with stage_2_train_labels.csv, stage_2_detailed_class_info.csv, stage_2_train_images/"
+    )
     parser.add_argument("--out", required=True, help="output folder (manifest.csv, images/, masks/)")
     parser.add_argument("--size", type=int, default=256, help="convert images to SIZE x SIZE NIfTI (default 256)")
     parser.add_argument("--keep-dicom", action="store_true", help="point the manifest at the DICOM files instead")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
-        manifest = rsna_to_manifest(args.root, args.out, size=None if args.keep_dicom else args.size, progress=not args.quiet)
+        manifest = rsna_to_manifest(
+            args.root, args.out, size=None if args.keep_dicom else args.size, progress=not args.quiet
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

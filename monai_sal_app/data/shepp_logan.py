@@ -139,7 +139,10 @@ class _Ellipse:
 _SKULL = _Ellipse((0.0, 0.0, 0.0), (0.69, 0.92, 0.81))
 _BRAIN = _Ellipse((0.0, -0.0184, 0.0), (0.6624, 0.874, 0.78))
 _CENTRAL = _Ellipse((0.0, 0.08, 0.0), (0.045, 0.045, 0.045))
-_VENTRICLES = (_Ellipse((0.22, 0.0, 0.0), (0.11, 0.31, 0.22), -18.0), _Ellipse((-0.22, 0.0, 0.0), (0.16, 0.41, 0.28), 18.0))
+_VENTRICLES = (
+    _Ellipse((0.22, 0.0, 0.0), (0.11, 0.31, 0.22), -18.0),
+    _Ellipse((-0.22, 0.0, 0.0), (0.16, 0.41, 0.28), 18.0),
+)
 _TOP = (_Ellipse((0.0, 0.46, 0.0), (0.17, 0.19, 0.28)),)
 _BOTTOM = (
     _Ellipse((-0.24, -0.58, 0.0), (0.08, 0.05, 0.06)),
@@ -188,7 +191,9 @@ def shepp_logan_phantom(
         params = Variation(**variation)
     except TypeError:
         unknown = sorted(set(variation) - {f.name for f in fields(Variation)})
-        raise ValueError(f"unknown variation parameter(s) {unknown}; expected {[f.name for f in fields(Variation)]}") from None
+        raise ValueError(
+            f"unknown variation parameter(s) {unknown}; expected {[f.name for f in fields(Variation)]}"
+        ) from None
     rng = np.random.default_rng() if rng is None else rng
     shape = (size,) * dim
 
@@ -294,11 +299,13 @@ def generate_shepp_logan(
         write_nifti(masks["top"], out_dir / files["mask_top"])
         write_nifti(masks["bottom"], out_dir / files["mask_bottom"])
         evidence = EVIDENCE_REGION[subtype]
-        rows.append({
-            "id": subject_id,
-            "label": SUBTYPE_LABELS[subtype],
-            "subtype": subtype,
-            "mask": files[f"mask_{evidence}"] if evidence else "",
-            **files,
-        })
+        rows.append(
+            {
+                "id": subject_id,
+                "label": SUBTYPE_LABELS[subtype],
+                "subtype": subtype,
+                "mask": files[f"mask_{evidence}"] if evidence else "",
+                **files,
+            }
+        )
     return write_manifest(out_dir / "manifest.csv", rows)

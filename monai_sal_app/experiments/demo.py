@@ -27,7 +27,16 @@ from monai_sal_app.metrics.stats import to_markdown
 DEMO_METHODS = ("gradient", "gradcam")
 
 
-def run_demo(out: str | Path = "demo_report", *, quick: bool = False, per_class: int | None = None, epochs: int | None = None, seed: int = 0, progress: bool = True, log=print) -> dict:
+def run_demo(
+    out: str | Path = "demo_report",
+    *,
+    quick: bool = False,
+    per_class: int | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Run the demo into ``out``; returns the summary dict also written to ``out/summary.json``.
 
     ``quick`` shrinks everything (32 px, a handful of images, 2 epochs) for smoke tests: its
@@ -41,18 +50,51 @@ def run_demo(out: str | Path = "demo_report", *, quick: bool = False, per_class:
     epochs = epochs or (2 if quick else 30)
 
     log(f"[1/4] data: Shepp-Logan 2D, {per_class}/class (homogeneous) + {test_per_class}/class (test), {size} px")
-    train_manifest = generate_shepp_logan(out / "data" / "train", preset="homogeneous", dim=2, size=size, per_class=per_class, seed=seed, progress=progress)
-    test_manifest = generate_shepp_logan(out / "data" / "test", preset="test", dim=2, size=size, per_class=test_per_class, seed=seed + 1, progress=progress)
+    train_manifest = generate_shepp_logan(
+        out / "data" / "train",
+        preset="homogeneous",
+        dim=2,
+        size=size,
+        per_class=per_class,
+        seed=seed,
+        progress=progress,
+    )
+    test_manifest = generate_shepp_logan(
+        out / "data" / "test",
+        preset="test",
+        dim=2,
+        size=size,
+        per_class=test_per_class,
+        seed=seed + 1,
+        progress=progress,
+    )
 
     log(f"[2/4] classifier: conv5fc3, up to {epochs} epochs")
     model, card = train_from_manifest(
-        train_manifest, out / "model" / "model.pt", arch="conv5fc3", epochs=epochs, patience=3 if quick else 8,
-        labels=["control", "patient"], test_manifest=test_manifest, seed=seed, progress=progress, log=log,
+        train_manifest,
+        out / "model" / "model.pt",
+        arch="conv5fc3",
+        epochs=epochs,
+        patience=3 if quick else 8,
+        labels=["control", "patient"],
+        test_manifest=test_manifest,
+        seed=seed,
+        progress=progress,
+        log=log,
     )
 
     log(f"[3/4] explain: {', '.join(DEMO_METHODS)} on the test set")
     test_items = read_manifest(test_manifest)
-    maps_csv = explain_items(model, card, test_items, out / "explain", methods=DEMO_METHODS, postprocess_steps=("abs",), overlays=8, progress=progress)
+    maps_csv = explain_items(
+        model,
+        card,
+        test_items,
+        out / "explain",
+        methods=DEMO_METHODS,
+        postprocess_steps=("abs",),
+        overlays=8,
+        progress=progress,
+    )
 
     log("[4/4] evaluate against the region masks")
     baseline = mean_mask_rows(read_manifest(train_manifest), test_items)
@@ -66,7 +108,17 @@ def run_demo(out: str | Path = "demo_report", *, quick: bool = False, per_class:
         "quick": quick,
     }
     write_json(result, out / "summary.json")
-    columns = ["method", "n", "roc_auc_mean", "roc_auc_ci_low", "roc_auc_ci_high", "auprc_mean", "soft_dice_mean", "dice_area_mean", "iou_p95_mean"]
+    columns = [
+        "method",
+        "n",
+        "roc_auc_mean",
+        "roc_auc_ci_low",
+        "roc_auc_ci_high",
+        "auprc_mean",
+        "soft_dice_mean",
+        "dice_area_mean",
+        "iou_p95_mean",
+    ]
     table = to_markdown([{k: row.get(k) for k in columns} for row in summary])
     overlays = sorted((out / "explain" / "overlays").glob("*/*.png"))
     report = [
@@ -94,5 +146,7 @@ def run_demo(out: str | Path = "demo_report", *, quick: bool = False, per_class:
     ]
     (out / "report.md").write_text("\n".join(report) + "\n")
     log("\n" + table)
-    log(f"classifier test AUC {metrics.get('test_auc', float('nan')):.3f}; report: {out / 'report.md'} ({result['seconds']:.0f} s)")
+    log(
+        f"classifier test AUC {metrics.get('test_auc', float('nan')):.3f}; report: {out / 'report.md'} ({result['seconds']:.0f} s)"
+    )
     return result

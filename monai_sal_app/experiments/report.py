@@ -19,7 +19,9 @@ def representative_slice(volume: np.ndarray, mask: np.ndarray | None = None, axi
     return volume.shape[axis] // 2
 
 
-def save_overlay(image: np.ndarray, saliency: np.ndarray, path: str | Path, mask: np.ndarray | None = None, title: str = "") -> Path:
+def save_overlay(
+    image: np.ndarray, saliency: np.ndarray, path: str | Path, mask: np.ndarray | None = None, title: str = ""
+) -> Path:
     """PNG with the image in grey, the min-max map as a translucent heat layer and the mask outlined.
 
     2D arrays are drawn as they are; a 3D array is cut at :func:`representative_slice`.

@@ -48,7 +48,9 @@ def read_items(source: str | Path | Sequence[str | Path]) -> list[dict]:
     return items
 
 
-def load_inputs(items: list[dict], input_size: Sequence[int] | None = None, progress: bool = True) -> tuple[torch.Tensor, tuple[int, ...]]:
+def load_inputs(
+    items: list[dict], input_size: Sequence[int] | None = None, progress: bool = True
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Model inputs (N, 1, *input_size) for ``items`` via :func:`preprocess`.
 
     ``input_size`` defaults to the first image's shape. Errors name the offending item.
@@ -125,11 +127,28 @@ def train_from_manifest(
     model = build_classifier(arch, spatial_dims=len(input_size), in_channels=1, num_classes=num_classes)
     dev = torch.device(device) if device else default_device()
     model, history = train_classifier(
-        model, x[train_idx], y[train_idx], x[val_idx], y[val_idx], loss=loss, augmentations=tuple(augmentations),
-        epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=dev, progress=progress, log=log,
+        model,
+        x[train_idx],
+        y[train_idx],
+        x[val_idx],
+        y[val_idx],
+        loss=loss,
+        augmentations=tuple(augmentations),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        patience=patience,
+        seed=seed,
+        device=dev,
+        progress=progress,
+        log=log,
     )
     best = max(history, key=lambda h: (np.nan_to_num(h["val_auc"], nan=-1.0), -h["epoch"]))
-    metrics: dict[str, Any] = {"val_auc": best["val_auc"], "val_balanced_accuracy": best["val_balanced_accuracy"], "best_epoch": best["epoch"]}
+    metrics: dict[str, Any] = {
+        "val_auc": best["val_auc"],
+        "val_balanced_accuracy": best["val_balanced_accuracy"],
+        "best_epoch": best["epoch"],
+    }
     if test_manifest is not None:
         test_items = read_manifest(test_manifest)
         tx, _ = load_inputs(test_items, input_size, progress=progress)
@@ -154,11 +173,28 @@ def train_from_manifest(
     if len(card["labels"]) != num_classes:
         raise ValueError(f"{len(card['labels'])} label names for {num_classes} classes")
     save_classifier(model, out, card)
-    log(f"saved {out} ({arch}, {len(input_size)}D, input {input_size}); " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+    log(
+        f"saved {out} ({arch}, {len(input_size)}D, input {input_size}); "
+        + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+    )
     return model, card
 
 
-MAPS_COLUMNS = ["id", "image", "mask", "label", "subtype", "method", "postprocess", "target", "predicted", "probability", "map", "overlay", "seconds_per_image"]
+MAPS_COLUMNS = [
+    "id",
+    "image",
+    "mask",
+    "label",
+    "subtype",
+    "method",
+    "postprocess",
+    "target",
+    "predicted",
+    "probability",
+    "map",
+    "overlay",
+    "seconds_per_image",
+]
 
 
 def explain_items(
@@ -200,21 +236,41 @@ def explain_items(
         targets = predicted if target is None else torch.full_like(predicted, int(target))
         for method in methods:
             t0 = time.perf_counter()
-            maps = postprocess(explain(model, x, method, target=targets, **params.get(method, {})), postprocess_steps).cpu()
+            maps = postprocess(
+                explain(model, x, method, target=targets, **params.get(method, {})), postprocess_steps
+            ).cpu()
             per_image = (time.perf_counter() - t0) / len(chunk)
             for k, item in enumerate(chunk):
                 saliency = resize_to(maps[k : k + 1], arrays[k].shape)[0, 0].numpy()
-                map_path = write_nifti(saliency, out / "maps" / method / f"{item['id']}.nii.gz", affine=metas[k]["affine"])
+                map_path = write_nifti(
+                    saliency, out / "maps" / method / f"{item['id']}.nii.gz", affine=metas[k]["affine"]
+                )
                 overlay = ""
                 if start + k < overlays:
                     mask = read_image(item["mask"], allow_constant=True)[0] > 0.5 if item.get("mask") else None
-                    title = f"{item['id']} {method} target={int(targets[k])} p={float(probabilities[k, targets[k]]):.2f}"
-                    overlay = str(save_overlay(arrays[k], saliency, out / "overlays" / method / f"{item['id']}.png", mask, title))
-                rows.append({
-                    "id": item["id"], "image": item["image"], "mask": item.get("mask") or "", "label": "" if item.get("label") is None else item["label"],
-                    "subtype": item.get("subtype", ""), "method": method, "postprocess": "+".join(postprocess_steps), "target": int(targets[k]), "predicted": int(predicted[k]),
-                    "probability": float(probabilities[k, targets[k]]), "map": str(map_path), "overlay": overlay, "seconds_per_image": per_image,
-                })
+                    title = (
+                        f"{item['id']} {method} target={int(targets[k])} p={float(probabilities[k, targets[k]]):.2f}"
+                    )
+                    overlay = str(
+                        save_overlay(arrays[k], saliency, out / "overlays" / method / f"{item['id']}.png", mask, title)
+                    )
+                rows.append(
+                    {
+                        "id": item["id"],
+                        "image": item["image"],
+                        "mask": item.get("mask") or "",
+                        "label": "" if item.get("label") is None else item["label"],
+                        "subtype": item.get("subtype", ""),
+                        "method": method,
+                        "postprocess": "+".join(postprocess_steps),
+                        "target": int(targets[k]),
+                        "predicted": int(predicted[k]),
+                        "probability": float(probabilities[k, targets[k]]),
+                        "map": str(map_path),
+                        "overlay": overlay,
+                        "seconds_per_image": per_image,
+                    }
+                )
     return write_csv(rows, out / "maps.csv")
 
 

@@ -61,7 +61,9 @@ async def _monailabel_error(request: Request, exc: MONAILabelException) -> JSONR
 async def _http_error(request: Request, exc: StarletteHTTPException):
     if exc.status_code == 500 and str(exc.detail).startswith(_NO_INPUT_DETAIL):
         return JSONResponse(
-            {"detail": "no input image: send ?image=<datastore id>, ?session_id=<id from PUT /session/> or a 'file' upload"},
+            {
+                "detail": "no input image: send ?image=<datastore id>, ?session_id=<id from PUT /session/> or a 'file' upload"
+            },
             status_code=400,
         )
     return await http_exception_handler(request, exc)

@@ -29,16 +29,45 @@ from monailabel.utils.sessions import Sessions
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.saliency import available_methods
 
-__all__ = ["DEFAULT_METHOD", "IMAGE_NAME_KEY", "MONAILABEL_REQUEST_KEYS", "CheckedSessions", "parse_explain_request", "parse_target", "remove_uploads", "resolve_image", "resolve_label"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "IMAGE_NAME_KEY",
+    "MONAILABEL_REQUEST_KEYS",
+    "CheckedSessions",
+    "parse_explain_request",
+    "parse_target",
+    "remove_uploads",
+    "resolve_image",
+    "resolve_label",
+]
 
 DEFAULT_METHOD = "gradcam"
 
 # Keys MONAI Label itself (endpoint, app, client, Slicer plugin) puts into an infer request.
-MONAILABEL_REQUEST_KEYS = frozenset({
-    "model", "image", "image_path", "label", "session", "description", "device", "save_label", "label_tag",
-    "client_id", "timeout", "logging", "result_extension", "result_dtype", "result_compress", "label_info",
-    "restore_label_idx", "largest_cc", "gpus", "output",
-})
+MONAILABEL_REQUEST_KEYS = frozenset(
+    {
+        "model",
+        "image",
+        "image_path",
+        "label",
+        "session",
+        "description",
+        "device",
+        "save_label",
+        "label_tag",
+        "client_id",
+        "timeout",
+        "logging",
+        "result_extension",
+        "result_dtype",
+        "result_compress",
+        "label_info",
+        "restore_label_idx",
+        "largest_cc",
+        "gpus",
+        "output",
+    }
+)
 
 # Set by MonaiSalApp.infer: how the image is named in messages (never a server path).
 IMAGE_NAME_KEY = "image_name"
@@ -99,7 +128,9 @@ def resolve_image(request: dict, datastore, sessions) -> tuple[str, str]:
     if request.get("session") is not None:
         store = getattr(sessions, "store_path", None)
         if not isinstance(image, str) or not store or not _inside(image, store) or not os.path.isfile(image):
-            raise RequestError(400, "the session holds no single image file in the session store (upload one file per session)")
+            raise RequestError(
+                400, "the session holds no single image file in the session store (upload one file per session)"
+            )
         return os.path.realpath(image), "session image"
     if not isinstance(image, str):
         raise RequestError(400, f"'image' must be a datastore id (a string), got {type(image).__name__}")
@@ -109,7 +140,8 @@ def resolve_image(request: dict, datastore, sessions) -> tuple[str, str]:
         return os.path.realpath(image), "uploaded file"
     if "/" in image or "\\" in image or image in (".", "..") or "\x00" in image:
         raise RequestError(
-            400, f"image {image!r} is not a datastore id: ids are file names without folders (upload a file with the 'file' field instead)"
+            400,
+            f"image {image!r} is not a datastore id: ids are file names without folders (upload a file with the 'file' field instead)",
         )
     uri = datastore.get_image_uri(image)
     if not uri or not os.path.exists(uri):
@@ -146,7 +178,9 @@ def parse_target(value: Any, labels: list[str]) -> int | None:
     return value
 
 
-def parse_explain_request(request: dict, labels: list[str], task_config: dict) -> tuple[str, int | None, dict[str, Any]]:
+def parse_explain_request(
+    request: dict, labels: list[str], task_config: dict
+) -> tuple[str, int | None, dict[str, Any]]:
     """``(method, target, method options)`` from an infer request's top-level keys.
 
     The options are the keys named like the chosen method's parameters (``available_methods()``);
@@ -160,7 +194,11 @@ def parse_explain_request(request: dict, labels: list[str], task_config: dict) -
     takes = methods[method]["defaults"]
     target = parse_target(request.get("target"), labels)
     options = {key: value for key, value in request.items() if key in takes}
-    unknown = sorted(set(request) - set(takes) - {"method", "target", IMAGE_NAME_KEY} - MONAILABEL_REQUEST_KEYS - set(task_config))
+    unknown = sorted(
+        set(request) - set(takes) - {"method", "target", IMAGE_NAME_KEY} - MONAILABEL_REQUEST_KEYS - set(task_config)
+    )
     if unknown:
-        raise RequestError(400, f"unknown parameter(s) {unknown}: method {method!r} takes {sorted(takes)}, plus 'method' and 'target'")
+        raise RequestError(
+            400, f"unknown parameter(s) {unknown}: method {method!r} takes {sorted(takes)}, plus 'method' and 'target'"
+        )
     return method, target, options

@@ -33,7 +33,9 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # usable in a URL path
 _RELOAD_ATTEMPTS = 3  # a checkpoint replaced while it is being read is read again
 
 
-def find_checkpoints(model_dir: str | os.PathLike, names: list[str] | None = None) -> tuple[dict[str, Path], dict[str, str]]:
+def find_checkpoints(
+    model_dir: str | os.PathLike, names: list[str] | None = None
+) -> tuple[dict[str, Path], dict[str, str]]:
     """Checkpoints in ``model_dir``: ``({name: weights path}, {name: why it is not served})``.
 
     ``names`` None takes every ``<name>.pt`` that has a ``<name>.json`` card; otherwise exactly

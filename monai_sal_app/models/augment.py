@@ -57,7 +57,13 @@ class Noise:
 class Erasing:
     """Random erasing: with probability ``p`` per image, one random box set to 0 in all channels."""
 
-    def __init__(self, p: float = 0.5, area: tuple[float, float] = (0.02, 0.33), aspect: tuple[float, float] = (0.3, 3.3), attempts: int = 10) -> None:
+    def __init__(
+        self,
+        p: float = 0.5,
+        area: tuple[float, float] = (0.02, 0.33),
+        aspect: tuple[float, float] = (0.3, 3.3),
+        attempts: int = 10,
+    ) -> None:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {p}")
         if not 0.0 < area[0] <= area[1] <= 1.0:

@@ -44,7 +44,11 @@ def card_path(weights_path: str | os.PathLike) -> Path:
 
 def _build_from_card(card: dict) -> nn.Module:
     return build_classifier(
-        card["architecture"], int(card["spatial_dims"]), int(card["in_channels"]), int(card["num_classes"]), **card.get("arch_kwargs", {})
+        card["architecture"],
+        int(card["spatial_dims"]),
+        int(card["in_channels"]),
+        int(card["num_classes"]),
+        **card.get("arch_kwargs", {}),
     )
 
 
@@ -97,7 +101,9 @@ def save_classifier(model: nn.Module, path: str | os.PathLike, card: dict) -> Pa
     expected = {name: tuple(t.shape) for name, t in _build_from_card(full_card).state_dict().items()}
     actual = {name: tuple(t.shape) for name, t in state.items()}
     if expected != actual:
-        raise ValueError(f"the model card ({full_card['architecture']}, {full_card['arch_kwargs']}) does not describe this model's state_dict")
+        raise ValueError(
+            f"the model card ({full_card['architecture']}, {full_card['arch_kwargs']}) does not describe this model's state_dict"
+        )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(json_path, lambda f: f.write(card_text.encode("utf-8")))
@@ -136,7 +142,9 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
     try:
         model = _build_from_card(card)
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{card_path(path)}: model card does not describe a buildable network ({error})") from error
+        raise CheckpointError(
+            f"{card_path(path)}: model card does not describe a buildable network ({error})"
+        ) from error
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch.load raises many types for truncated or foreign files

@@ -104,9 +104,19 @@ def build_classifier(arch: str, spatial_dims: int, in_channels: int = 1, num_cla
     if "pretrained" in kwargs:
         raise ValueError("pretrained weights are not supported: load a checkpoint with load_classifier instead")
     if arch in _DENSENETS:
-        return _DENSENETS[arch](spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, pretrained=False, **kwargs)
+        return _DENSENETS[arch](
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, pretrained=False, **kwargs
+        )
     if arch in _RESNET_LAYOUTS:
         block, layers = _RESNET_LAYOUTS[arch]
         block_inplanes = list(kwargs.pop("block_inplanes", get_inplanes()))
-        return ResNet(block, layers, block_inplanes, spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes, **kwargs)
+        return ResNet(
+            block,
+            layers,
+            block_inplanes,
+            spatial_dims=spatial_dims,
+            n_input_channels=in_channels,
+            num_classes=num_classes,
+            **kwargs,
+        )
     return Conv5FC3(spatial_dims, in_channels=in_channels, num_classes=num_classes, **kwargs)

@@ -46,7 +46,9 @@ def predict_probabilities(model: nn.Module, x: torch.Tensor, batch_size: int = 6
     was_training = model.training
     model.eval()
     try:
-        probabilities = [model(x[i : i + batch_size].to(device)).softmax(dim=1).cpu() for i in range(0, x.shape[0], batch_size)]
+        probabilities = [
+            model(x[i : i + batch_size].to(device)).softmax(dim=1).cpu() for i in range(0, x.shape[0], batch_size)
+        ]
     finally:
         model.train(was_training)
     return torch.cat(probabilities)
@@ -128,7 +130,9 @@ def train_classifier(
     _check_data(train_x, train_y, "train")
     _check_data(val_x, val_y, "val")
     if train_x.shape[1:] != val_x.shape[1:]:
-        raise ValueError(f"train images {tuple(train_x.shape[1:])} and val images {tuple(val_x.shape[1:])} differ in shape")
+        raise ValueError(
+            f"train images {tuple(train_x.shape[1:])} and val images {tuple(val_x.shape[1:])} differ in shape"
+        )
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -143,7 +147,10 @@ def train_classifier(
     history: list[dict] = []
     best_score, best_epoch, best_state = -math.inf, 0, None
     rng_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=not progress) as bar:
+    with (
+        torch.random.fork_rng(devices=rng_devices),
+        tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=not progress) as bar,
+    ):
         torch.manual_seed(seed)  # dropout draws; fork_rng restores the caller's RNG state afterwards
         for epoch in bar:
             start = time.perf_counter()
@@ -167,7 +174,11 @@ def train_classifier(
                     "seconds": time.perf_counter() - start,
                 }
             )
-            bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val_auc=f"{val['auc']:.3f}", val_bacc=f"{val['balanced_accuracy']:.3f}")
+            bar.set_postfix(
+                loss=f"{history[-1]['train_loss']:.4f}",
+                val_auc=f"{val['auc']:.3f}",
+                val_bacc=f"{val['balanced_accuracy']:.3f}",
+            )
             score = -math.inf if math.isnan(val["auc"]) else val["auc"]
             if best_state is None or score > best_score:
                 best_score, best_epoch = score, epoch

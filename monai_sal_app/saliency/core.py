@@ -73,9 +73,7 @@ def register(name: str, summary: str = "") -> Callable[[Callable], Callable]:
             raise ValueError(f"saliency method {name!r} is registered twice")
         sig = inspect.signature(fn)
         defaults = {
-            p.name: p.default
-            for p in list(sig.parameters.values())[3:]
-            if p.default is not inspect.Parameter.empty
+            p.name: p.default for p in list(sig.parameters.values())[3:] if p.default is not inspect.Parameter.empty
         }
         _REGISTRY[name] = MethodSpec(name, fn, defaults, summary or (fn.__doc__ or "").strip().split("\n")[0])
         return fn

@@ -36,7 +36,11 @@ def _capture_layer(model: nn.Module, layer: str | None, spatial_dims: int, x: to
 
     def hook_for(name):
         def hook(module, inputs, output):
-            if isinstance(output, torch.Tensor) and output.ndim == spatial_dims + 2 and not isinstance(module, _POOLING):
+            if (
+                isinstance(output, torch.Tensor)
+                and output.ndim == spatial_dims + 2
+                and not isinstance(module, _POOLING)
+            ):
                 seen.append((name, output))
 
         return hook
@@ -54,7 +58,9 @@ def _capture_layer(model: nn.Module, layer: str | None, spatial_dims: int, x: to
     return logits, name, activation
 
 
-def gradcam_layer_maps(model: nn.Module, images: torch.Tensor, target: torch.Tensor, layer: str | None, batch_size: int | None) -> torch.Tensor:
+def gradcam_layer_maps(
+    model: nn.Module, images: torch.Tensor, target: torch.Tensor, layer: str | None, batch_size: int | None
+) -> torch.Tensor:
     """ReLU(sum_k alpha_k A_k) on the layer's own grid, (N, 1, *layer_spatial)."""
     spatial_dims = images.ndim - 2
     maps = []
@@ -81,6 +87,12 @@ def upsample_to(maps: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
 
 
 @register("gradcam", "Grad-CAM on the last convolutional feature block, upsampled to the input grid")
-def gradcam(model: nn.Module, images: torch.Tensor, target: torch.Tensor, layer: str | None = None, batch_size: int | None = None) -> torch.Tensor:
+def gradcam(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    layer: str | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """Grad-CAM maps (N, 1, *spatial), non-negative."""
     return upsample_to(gradcam_layer_maps(model, images, target, layer, batch_size), images.shape[2:])

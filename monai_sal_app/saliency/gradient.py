@@ -15,7 +15,9 @@ from torch import nn
 from monai_sal_app.saliency.core import auto_batch_size, chunks, register, target_scores
 
 
-def input_gradients(model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+def input_gradients(
+    model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None
+) -> torch.Tensor:
     """d logit_target / d input for every image, shape (N, C, *spatial), in chunks of ``batch_size``.
 
     Each image's logit depends only on that image (eval mode), so the gradient of the summed
@@ -31,7 +33,9 @@ def input_gradients(model: nn.Module, images: torch.Tensor, target: torch.Tensor
 
 
 @register("gradient", "gradient of the target logit with respect to the input, summed over channels")
-def gradient(model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+def gradient(
+    model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None
+) -> torch.Tensor:
     """Signed input gradient summed over input channels, (N, 1, *spatial)."""
     return input_gradients(model, images, target, batch_size).sum(dim=1, keepdim=True)
 
@@ -78,7 +82,9 @@ def summed_pass_gradients(
 
 
 @register("gradient_x_input", "input gradient times the input, summed over channels")
-def gradient_x_input(model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+def gradient_x_input(
+    model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None
+) -> torch.Tensor:
     """sum_c x_c * d logit_target / d x_c, (N, 1, *spatial) (Shrikumar et al. 2016).
 
     ``batch_size`` images per pass; None picks it from the free memory (:func:`auto_batch_size`).

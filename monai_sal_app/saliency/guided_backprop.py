@@ -122,7 +122,9 @@ def require_relu_calls(mode: _GuidedReLUMode, model: nn.Module) -> None:
         )
 
 
-def guided_input_gradients(model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+def guided_input_gradients(
+    model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None
+) -> torch.Tensor:
     """Guided-backprop gradient (N, C, *spatial) of the target logit; ``batch_size`` images per
     pass, None picks it from free memory. ``ValueError`` if the model calls no ReLU."""
     if batch_size is None:
@@ -133,7 +135,11 @@ def guided_input_gradients(model: nn.Module, images: torch.Tensor, target: torch
     return grads
 
 
-@register("guided_backprop", "input gradient with every ReLU passing back only positive gradients (modules and functional)")
-def guided_backprop(model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+@register(
+    "guided_backprop", "input gradient with every ReLU passing back only positive gradients (modules and functional)"
+)
+def guided_backprop(
+    model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None
+) -> torch.Tensor:
     """Guided-backprop maps (N, 1, *spatial), summed over input channels, signed."""
     return guided_input_gradients(model, images, target, batch_size).sum(dim=1, keepdim=True)

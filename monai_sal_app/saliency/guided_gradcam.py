@@ -22,7 +22,13 @@ from monai_sal_app.saliency.guided_backprop import guided_relus, require_relu_ca
 
 
 @register("guided_gradcam", "guided backprop times Grad-CAM (upsampled to the input grid)")
-def guided_gradcam(model: nn.Module, images: torch.Tensor, target: torch.Tensor, layer: str | None = None, batch_size: int | None = None) -> torch.Tensor:
+def guided_gradcam(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    layer: str | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """Guided Grad-CAM maps (N, 1, *spatial), signed.
 
     Args:

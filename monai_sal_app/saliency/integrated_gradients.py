@@ -51,7 +51,9 @@ def gaussian_blur_matrix(length: int, sigma: float, like: torch.Tensor) -> torch
     return matrix.scatter_add_(1, sources, kernel.expand(length, -1).contiguous())
 
 
-def make_baseline(images: torch.Tensor, baseline: str = "zeros", baseline_value: float = 0.0, blur_sigma: float = 10.0) -> torch.Tensor:
+def make_baseline(
+    images: torch.Tensor, baseline: str = "zeros", baseline_value: float = 0.0, blur_sigma: float = 10.0
+) -> torch.Tensor:
     """The IG baseline of each image, same shape as ``images`` (N, C, *spatial)."""
     if baseline == "zeros":
         return torch.zeros_like(images)
@@ -88,7 +90,9 @@ def _broadcast(values: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.view(-1, *([1] * (ndim - 1)))
 
 
-@register("integrated_gradients", "path integral of the gradient from a baseline to the image, times (image - baseline)")
+@register(
+    "integrated_gradients", "path integral of the gradient from a baseline to the image, times (image - baseline)"
+)
 def integrated_gradients(
     model: nn.Module,
     images: torch.Tensor,

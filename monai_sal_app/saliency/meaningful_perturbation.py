@@ -130,7 +130,10 @@ def _total_variation(mask: torch.Tensor, beta: float) -> torch.Tensor:
     return tv
 
 
-@register("meaningful_perturbation", "meaningful perturbation: optimised smooth blur mask that deletes the class; map = 1 - mask")
+@register(
+    "meaningful_perturbation",
+    "meaningful perturbation: optimised smooth blur mask that deletes the class; map = 1 - mask",
+)
 def meaningful_perturbation(
     model: nn.Module,
     images: torch.Tensor,
@@ -189,9 +192,7 @@ def meaningful_perturbation(
             perturbed = _jitter(perturbed, max_shift, generator)
             score = _target_probability(model(perturbed), t_rows).view(-1, copies).mean(1)
             loss = (
-                score
-                + l1_coeff * (1 - keep).abs().flatten(1).mean(1)
-                + tv_coeff * _total_variation(keep, tv_beta)
+                score + l1_coeff * (1 - keep).abs().flatten(1).mean(1) + tv_coeff * _total_variation(keep, tv_beta)
             ).sum()
             # autograd.grad rather than backward(): nothing accumulates in the model's .grad
             (mask.grad,) = torch.autograd.grad(loss, [mask])

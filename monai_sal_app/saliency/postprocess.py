@@ -25,7 +25,9 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
     flat = _per_image(maps)
     lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
     span = hi - lo
-    out = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(flat))
+    out = torch.where(
+        span > 0, (flat - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(flat)
+    )
     return out.reshape(maps.shape)
 
 
@@ -48,7 +50,9 @@ def grayscale(maps: torch.Tensor, percentile: float = 99.0) -> torch.Tensor:
     cap = torch.quantile(flat, percentile / 100.0, dim=1, keepdim=True)
     lo = flat.min(1, keepdim=True).values
     span = cap - lo
-    scaled = torch.where(span > 0, ((flat - lo) / torch.where(span > 0, span, torch.ones_like(span))).clamp(0, 1), torch.zeros_like(flat))
+    scaled = torch.where(
+        span > 0, ((flat - lo) / torch.where(span > 0, span, torch.ones_like(span))).clamp(0, 1), torch.zeros_like(flat)
+    )
     return scaled.reshape(summed.shape)
 
 

@@ -216,7 +216,9 @@ def segment_membership_2d(
 
     def segment(scale: float) -> np.ndarray:
         labels = felzenszwalb(resized, scale=scale, sigma=sigma, min_size=min_size)
-        return resize(labels, hwc.shape[:2], order=0, preserve_range=True, mode="constant", anti_aliasing=False).astype(int)
+        return resize(labels, hwc.shape[:2], order=0, preserve_range=True, mode="constant", anti_aliasing=False).astype(
+            int
+        )
 
     return _dilated_membership(_map_in_threads(segment, scales), dilation_px)
 
@@ -353,13 +355,30 @@ def _ranked_regions(shape: tuple[int, ...], attr: np.ndarray, step: np.ndarray, 
     return XRAIRegions(ranks.reshape(shape), np.asarray(region_gains), areas, len(gains))
 
 
-def _run_xrai(model, images, target, steps, batch_size, scales, sigma, min_size, dilation_px,
-              n_segments, compactness, dilation_voxels, area_threshold, min_pixel_diff):
+def _run_xrai(
+    model,
+    images,
+    target,
+    steps,
+    batch_size,
+    scales,
+    sigma,
+    min_size,
+    dilation_px,
+    n_segments,
+    compactness,
+    dilation_voxels,
+    area_threshold,
+    min_pixel_diff,
+):
     """(maps (N, 1, *spatial) float32 tensor, [XRAIRegions per image])."""
     steps = _check_int("steps", steps, 1)
     # checked here too so that bad values fail before the integrated gradients are paid for
-    for name, value, minimum in [("min_pixel_diff", min_pixel_diff, 1), ("dilation_px", dilation_px, 0),
-                                 ("dilation_voxels", dilation_voxels, 0)]:
+    for name, value, minimum in [
+        ("min_pixel_diff", min_pixel_diff, 1),
+        ("dilation_px", dilation_px, 0),
+        ("dilation_voxels", dilation_voxels, 0),
+    ]:
         _check_int(name, value, minimum)
     if not 0.0 <= float(area_threshold) <= 1.0:
         raise ValueError(f"area_threshold must be in [0, 1], got {area_threshold}")
@@ -410,8 +429,22 @@ def xrai(
         area_threshold: fraction of the image the greedy selection covers before stopping.
         min_pixel_diff: segments adding fewer new pixels (voxels) than this are dropped.
     """
-    maps, _ = _run_xrai(model, images, target, steps, batch_size, scales, sigma, min_size, dilation_px,
-                        n_segments, compactness, dilation_voxels, area_threshold, min_pixel_diff)
+    maps, _ = _run_xrai(
+        model,
+        images,
+        target,
+        steps,
+        batch_size,
+        scales,
+        sigma,
+        min_size,
+        dilation_px,
+        n_segments,
+        compactness,
+        dilation_voxels,
+        area_threshold,
+        min_pixel_diff,
+    )
     return maps
 
 

@@ -87,23 +87,32 @@ class SaliencyInfer(InferTask):
         """What a client needs to build its menus: dimension, labels, input size, methods, device."""
         card = self.served.card()
         spatial_dims = int(card["spatial_dims"])
-        return json_safe({
-            "type": self.type,
-            "labels": list(card["labels"]),
-            "dimension": spatial_dims,
-            "description": self.description,
-            "config": self.config(),
-            "architecture": card["architecture"],
-            "input_size": card.get("input_size"),
-            "input_formats": INPUT_FORMATS[spatial_dims],
-            "preprocessing": "per-image min-max to [0, 1], bi/trilinear resize to input_size",
-            "methods": available_methods(),
-            "default_method": DEFAULT_METHOD,
-            "device": str(self.served.device),
-            "checkpoint": {"file": self.served.path.name, "modified": self.served.modified(), "created": card.get("created")},
-            "metrics": card.get("metrics", {}),
-            "output": {"heatmap": "NIfTI float32 on the input's grid", "json": "probabilities, target, method, params, seconds, metrics"},
-        })
+        return json_safe(
+            {
+                "type": self.type,
+                "labels": list(card["labels"]),
+                "dimension": spatial_dims,
+                "description": self.description,
+                "config": self.config(),
+                "architecture": card["architecture"],
+                "input_size": card.get("input_size"),
+                "input_formats": INPUT_FORMATS[spatial_dims],
+                "preprocessing": "per-image min-max to [0, 1], bi/trilinear resize to input_size",
+                "methods": available_methods(),
+                "default_method": DEFAULT_METHOD,
+                "device": str(self.served.device),
+                "checkpoint": {
+                    "file": self.served.path.name,
+                    "modified": self.served.modified(),
+                    "created": card.get("created"),
+                },
+                "metrics": card.get("metrics", {}),
+                "output": {
+                    "heatmap": "NIfTI float32 on the input's grid",
+                    "json": "probabilities, target, method, params, seconds, metrics",
+                },
+            }
+        )
 
     def __call__(self, request: dict) -> tuple[str, dict]:
         """Explain ``request["image"]`` (a path already checked by the app); returns (heatmap path, JSON)."""
@@ -117,9 +126,14 @@ class SaliencyInfer(InferTask):
         if request.get("label"):
             mask = self._read(request["label"], "mask", allow_constant=True)[0] > 0.5
             if mask.shape != array.shape:
-                raise RequestError(400, f"mask shape {list(mask.shape)} differs from the image's {list(array.shape)}: send the mask on the image's grid")
+                raise RequestError(
+                    400,
+                    f"mask shape {list(mask.shape)} differs from the image's {list(array.shape)}: send the mask on the image's grid",
+                )
             if not mask.any() or mask.all():
-                raise RequestError(400, "mask must contain both foreground (> 0.5) and background pixels/voxels to score a map")
+                raise RequestError(
+                    400, "mask must contain both foreground (> 0.5) and background pixels/voxels to score a map"
+                )
         read_seconds = time.perf_counter() - start
 
         with self.served.use() as (model, card):
@@ -148,7 +162,11 @@ class SaliencyInfer(InferTask):
             "labels": labels,
             "probabilities": dict(zip(labels, probabilities)),
             "prediction": {"index": predicted, "label": labels[predicted], "probability": probabilities[predicted]},
-            "target": {"index": explanation.target, "label": labels[explanation.target], "probability": probabilities[explanation.target]},
+            "target": {
+                "index": explanation.target,
+                "label": labels[explanation.target],
+                "probability": probabilities[explanation.target],
+            },
             "method": method,
             "params": {**available_methods()[method]["defaults"], **options},
             "device": str(self.served.device),
@@ -171,7 +189,9 @@ class SaliencyInfer(InferTask):
         }
         if metrics is not None:
             result["metrics"] = metrics
-        logger.info("%s %s %s target=%d: %.3f s", self.name, shown, method, explanation.target, result["seconds"]["task_total"])
+        logger.info(
+            "%s %s %s target=%d: %.3f s", self.name, shown, method, explanation.target, result["seconds"]["task_total"]
+        )
         return heatmap_path, json_safe(result)
 
     @staticmethod

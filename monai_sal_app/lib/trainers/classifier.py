@@ -33,7 +33,14 @@ __all__ = ["TRAIN_DEFAULTS", "ClassifierTrainer"]
 
 logger = logging.getLogger(__name__)
 
-TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 20, "batch_size": 32, "lr": 1e-3, "patience": 5, "val_fraction": 0.2, "seed": 0}
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 20,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "patience": 5,
+    "val_fraction": 0.2,
+    "seed": 0,
+}
 # Keys MONAI Label's train endpoint and background runner add to the request.
 _MONAILABEL_TRAIN_KEYS = frozenset({"model", "gpus", "local_rank", "bundle_path", "device", "client_id"})
 
@@ -107,14 +114,18 @@ class ClassifierTrainer(TrainTask):
         p = {**defaults, **{k: v for k, v in request.items() if k in defaults}}
         p["manifest"] = self._manifest(p["manifest"], defaults["manifest"])
         if p["architecture"] not in ARCHITECTURES:
-            raise RequestError(400, f"unknown architecture {p['architecture']!r}; choose one of {', '.join(ARCHITECTURES)}")
+            raise RequestError(
+                400, f"unknown architecture {p['architecture']!r}; choose one of {', '.join(ARCHITECTURES)}"
+            )
         if p["loss"] not in LOSSES:
             raise RequestError(400, f"unknown loss {p['loss']!r}; choose one of {', '.join(LOSSES)}")
         augmentations = p["augmentations"]
         if isinstance(augmentations, str):
             augmentations = [a.strip() for a in augmentations.split(",") if a.strip()]
         if not isinstance(augmentations, list) or any(a not in AUGMENTATIONS for a in augmentations):
-            raise RequestError(400, f"augmentations must be a list drawn from {', '.join(AUGMENTATIONS)}; got {p['augmentations']!r}")
+            raise RequestError(
+                400, f"augmentations must be a list drawn from {', '.join(AUGMENTATIONS)}; got {p['augmentations']!r}"
+            )
         p["augmentations"] = augmentations
         for key in ("epochs", "batch_size", "patience"):
             p[key] = _positive_int(key, p[key])
@@ -133,9 +144,21 @@ class ClassifierTrainer(TrainTask):
         start = time.perf_counter()
         try:
             _, card = train_from_manifest(
-                p["manifest"], self.served.path, arch=p["architecture"], loss=p["loss"], augmentations=p["augmentations"],
-                epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], patience=p["patience"], val_fraction=p["val_fraction"],
-                labels=labels, seed=p["seed"], device=str(self.served.device), progress=False, log=logger.info,
+                p["manifest"],
+                self.served.path,
+                arch=p["architecture"],
+                loss=p["loss"],
+                augmentations=p["augmentations"],
+                epochs=p["epochs"],
+                batch_size=p["batch_size"],
+                lr=p["lr"],
+                patience=p["patience"],
+                val_fraction=p["val_fraction"],
+                labels=labels,
+                seed=p["seed"],
+                device=str(self.served.device),
+                progress=False,
+                log=logger.info,
             )
         except ValueError as error:
             raise RequestError(400, f"training {self.name} failed: {error}") from error
