@@ -225,12 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; a bad input ends with one ``error: ...`` line on stderr and exit code 2.
+
+    Bad input reaches here as ValueError (bad values, invalid model cards, corrupt images),
+    TypeError (parameters of the wrong type), OSError (missing, unreadable or unwritable files)
+    or RuntimeError (a network that cannot take the image): the message says what is wrong.
+    """
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

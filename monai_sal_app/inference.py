@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_sal_app.models.card import ModelCard
+from monai_sal_app.models.train import predict_probabilities
 from monai_sal_app.saliency import explain
 
-__all__ = ["Explanation", "explain_array", "predict_probabilities", "preprocess", "resize_to"]
+__all__ = ["Explanation", "explain_array", "preprocess", "resize_to"]
 
 
 def resize_to(tensor: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
@@ -51,27 +53,17 @@ def preprocess(array: np.ndarray, input_size: tuple[int, ...] | list[int]) -> to
     return resize_to(x, input_size)
 
 
-def predict_probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Softmax class probabilities (N, K) for model inputs (N, C, *spatial), on CPU."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return torch.softmax(model(x.to(device)), dim=1).cpu()
-    finally:
-        model.train(was_training)
-
-
 @dataclass
 class Explanation:
     """The result of explaining one image.
 
-    ``saliency`` is the raw map on the image's own grid (same shape as the input array), float32.
-    ``seconds`` has "predict", "explain" and "total" wall times.
+    ``prediction`` is the predicted class (the card's decision rule, ``ModelCard.predict``) and
+    ``target`` the class explained. ``saliency`` is the raw map on the image's own grid (same shape
+    as the input array), float32. ``seconds`` has "predict", "explain" and "total" wall times.
     """
 
     probabilities: list[float]
+    prediction: int
     target: int
     method: str
     params: dict[str, Any]
@@ -81,7 +73,7 @@ class Explanation:
 
 def explain_array(
     model: nn.Module,
-    card: dict,
+    card: ModelCard,
     array: np.ndarray,
     method: str = "gradcam",
     target: int | None = None,
@@ -89,20 +81,22 @@ def explain_array(
 ) -> Explanation:
     """Classify and explain one image array (*spatial) with a model and its card.
 
-    ``target`` None explains the predicted class. Errors are ``ValueError`` with a message
+    ``target`` None explains the predicted class (see :meth:`ModelCard.predict`). Errors are ``ValueError`` with a message
     suitable for a user (wrong dimensionality, constant image, unknown method or parameter).
     """
     params = dict(params or {})
     start = time.perf_counter()
-    x = preprocess(array, card["input_size"])
+    x = preprocess(array, card.input_size)
     probabilities = predict_probabilities(model, x)[0]
     predicted = time.perf_counter()
-    explained_target = int(probabilities.argmax()) if target is None else int(target)
+    prediction = int(card.predict(probabilities))
+    explained_target = prediction if target is None else int(target)
     maps = explain(model, x, method, target=explained_target, **params)
     done = time.perf_counter()
     saliency = resize_to(maps.cpu(), np.asarray(array).shape)[0, 0].numpy().astype(np.float32)
     return Explanation(
         probabilities=[float(p) for p in probabilities],
+        prediction=prediction,
         target=explained_target,
         method=method,
         params=params,

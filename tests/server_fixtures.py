@@ -18,6 +18,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 from scipy import ndimage
 
 from monai_sal_app.data.io import write_nifti
+from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.checkpoint import save_classifier
 from monai_sal_app.models.factory import build_classifier
 
@@ -27,19 +28,21 @@ INPUT_SIZE = {2: [32, 32], 3: [16, 16, 16]}
 DICOM_SPACING = (0.5, 0.7)  # (row, column) mm
 
 
-def save_tiny_checkpoint(path: Path, spatial_dims: int, seed: int = 0) -> Path:
-    """An untrained conv5-fc3 with channels (4, 4, 8, 8, 8), saved as a real checkpoint + card."""
+def save_tiny_checkpoint(path: Path, spatial_dims: int, seed: int = 0, **card_fields) -> Path:
+    """An untrained conv5-fc3 with channels (4, 4, 8, 8, 8), saved as a real checkpoint + card
+    (``card_fields``: further ModelCard fields, e.g. ``decision_threshold``)."""
     torch.manual_seed(seed)
     model = build_classifier("conv5fc3", spatial_dims, channels=TINY_CHANNELS)
-    card = {
-        "architecture": "conv5fc3",
-        "spatial_dims": spatial_dims,
-        "in_channels": 1,
-        "num_classes": 2,
-        "labels": LABELS,
-        "input_size": INPUT_SIZE[spatial_dims],
-        "arch_kwargs": {"channels": TINY_CHANNELS},
-    }
+    card = ModelCard(
+        architecture="conv5fc3",
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        num_classes=2,
+        labels=LABELS,
+        input_size=INPUT_SIZE[spatial_dims],
+        arch_kwargs={"channels": TINY_CHANNELS},
+        **card_fields,
+    )
     return save_classifier(model, path, card)
 
 

@@ -22,6 +22,7 @@ from monai_sal_app.models import (
     Conv5FC3,
     CropPad,
     Erasing,
+    ModelCard,
     Noise,
     Smoothing,
     build_augmentation,
@@ -385,8 +386,8 @@ def test_default_device_follows_cuda_availability(monkeypatch):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def tiny_card(**overrides) -> dict:
-    card = {
+def tiny_card(**overrides) -> ModelCard:
+    fields = {
         "architecture": "conv5fc3",
         "spatial_dims": 2,
         "in_channels": 1,
@@ -399,26 +400,26 @@ def tiny_card(**overrides) -> dict:
         "metrics": {"val_auc": 0.9},
         "arch_kwargs": {"channels": [4, 4, 8, 8, 8]},
     }
-    card.update(overrides)
-    return card
+    fields.update(overrides)
+    return ModelCard(**fields)
 
 
-def trained_looking(card: dict) -> nn.Module:
+def trained_looking(card: ModelCard) -> nn.Module:
     """A network built from ``card`` with non-default weights and BatchNorm statistics."""
     torch.manual_seed(1)
     model = build_classifier(
-        card["architecture"], card["spatial_dims"], card["in_channels"], card["num_classes"], **card["arch_kwargs"]
+        card.architecture, card.spatial_dims, card.in_channels, card.num_classes, **card.arch_kwargs
     )
     model.train()
     with torch.no_grad():
-        model(random_images((4, card["in_channels"], *card["input_size"])))  # moves the running stats
+        model(random_images((4, card.in_channels, *card.input_size)))  # moves the running stats
     return model.eval()
 
 
 @pytest.mark.parametrize(
     "card",
     [
-        tiny_card(),
+        tiny_card(decision_threshold=0.3),
         tiny_card(
             architecture="resnet18",
             spatial_dims=3,
@@ -437,31 +438,31 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, card):
     loaded, loaded_card = load_classifier(path, device="cpu")
     assert not loaded.training
     assert next(loaded.parameters()).device == torch.device("cpu")
-    x = random_images((3, 1, *card["input_size"]), seed=9)
+    x = random_images((3, 1, *card.input_size), seed=9)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    for key, value in card.items():
-        assert loaded_card[key] == value
-    assert loaded_card["monai_sal_version"] == monai_sal_app.__version__
-    assert datetime.datetime.fromisoformat(loaded_card["created"]).tzinfo is not None
-    assert json.loads((tmp_path / "model.json").read_text()) == loaded_card == read_card(path)
+    assert loaded_card == card == read_card(path)
+    assert loaded_card.monai_sal_version == monai_sal_app.__version__
+    assert datetime.datetime.fromisoformat(loaded_card.created).tzinfo is not None
+    assert json.loads((tmp_path / "model.json").read_text()) == card.to_dict()
     # Plain tensors only: loadable with weights_only=True.
     state = torch.load(path, weights_only=True)
     assert set(state) == set(model.state_dict())
 
 
-def test_save_fills_defaults_for_optional_card_fields(tmp_path):
-    card = {
-        "architecture": "conv5fc3",
-        "spatial_dims": 2,
-        "in_channels": 1,
-        "num_classes": 3,
-        "arch_kwargs": {"channels": [4, 4, 8, 8, 8]},
-    }
-    torch.manual_seed(0)
-    save_classifier(build_classifier("conv5fc3", 2, 1, 3, channels=(4, 4, 8, 8, 8)), tmp_path / "m.pt", card)
-    saved = read_card(tmp_path / "m.json")
-    assert saved["labels"] == ["0", "1", "2"] and saved["augmentations"] == [] and saved["metrics"] == {}
+def test_card_fills_defaults_for_optional_fields():
+    card = ModelCard.from_dict(
+        {
+            "architecture": "conv5fc3",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "num_classes": 3,
+            "labels": ["a", "b", "c"],
+            "input_size": [32, 32],
+        }
+    )
+    assert card.augmentations == () and card.metrics == {} and card.decision_threshold is None
+    assert card.arch_kwargs == {} and card.preprocessing.startswith("per-image min-max")
 
 
 def test_missing_files_raise_file_not_found(tmp_path):
@@ -523,7 +524,7 @@ def test_save_refuses_a_card_that_does_not_describe_the_model(tmp_path):
     model = trained_looking(tiny_card())
     with pytest.raises(ValueError, match="does not describe"):
         save_classifier(model, tmp_path / "model.pt", tiny_card(num_classes=3, labels=["a", "b", "c"]))
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(TypeError, match="ModelCard"):
         save_classifier(model, tmp_path / "model.pt", {"architecture": "conv5fc3"})
     with pytest.raises(TypeError):
         save_classifier(model, tmp_path / "model.pt", tiny_card(data={"split": {1, 2}}))  # a set is not JSON

@@ -40,18 +40,24 @@ from monai_sal_app.saliency import available_methods
 from monai_sal_app.serve import add_parser, start_background_server
 
 MODEL_OF_DIM = {2: "classifier_2d", 3: "classifier_3d"}
+# The 2D model decides at a threshold (as trained models do) and carries test numbers for /info.
+CARD_2D = {"decision_threshold": 0.45, "metrics": {"test_auc": 0.93, "test_balanced_accuracy": 0.88, "n_test": 120}}
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """Model folder (2 servable + 2 broken checkpoints), studies, a training manifest, and the running server."""
+    """Model folder (2 servable + 3 broken checkpoints), studies, a training manifest, and the running server."""
     root = tmp_path_factory.mktemp("server")
     model_dir = root / "model"
-    save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0)
+    save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0, **CARD_2D)
     save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
     (model_dir / "broken.pt").write_bytes(b"these are not weights")
     shutil.copyfile(model_dir / "classifier_2d.json", model_dir / "broken.json")
     shutil.copyfile(model_dir / "classifier_2d.pt", model_dir / "no_card.pt")
+    shutil.copyfile(model_dir / "classifier_2d.pt", model_dir / "no_input_size.pt")
+    card = json.loads((model_dir / "classifier_2d.json").read_text())
+    del card["input_size"]
+    (model_dir / "no_input_size.json").write_text(json.dumps(card))
     studies = root / "studies"
     items = make_studies(studies)
     generate_shepp_logan(studies / "train2d", preset="homogeneous", dim=2, size=32, per_class=6, seed=0, progress=False)
@@ -109,6 +115,7 @@ def assert_matches_in_process(
     np.testing.assert_allclose(
         [result["probabilities"][label] for label in LABELS], expected.probabilities, rtol=1e-5, atol=1e-7
     )
+    assert result["prediction"]["index"] == expected.prediction
     assert result["target"]["index"] == expected.target
     assert result["method"] == method
     data = np.asarray(heatmap.dataobj)
@@ -130,7 +137,8 @@ def assert_matches_in_process(
 
 def test_info_lists_servable_models_with_methods_and_device(env):
     info = requests.get(f"{env['url']}/info/", timeout=30).json()
-    assert set(info["models"]) == {"classifier_2d", "classifier_3d"}  # broken.pt and no_card.pt are left out
+    # broken.pt, no_card.pt and no_input_size.pt are left out
+    assert set(info["models"]) == {"classifier_2d", "classifier_3d"}
     assert info["device"] == str(default_device())
     for dim, name in MODEL_OF_DIM.items():
         model = info["models"][name]
@@ -140,9 +148,13 @@ def test_info_lists_servable_models_with_methods_and_device(env):
         assert model["methods"] == json_safe(available_methods())
         assert model["device"] == str(default_device())
         assert model["default_method"] in model["methods"]
+    assert info["models"]["classifier_2d"]["decision_threshold"] == CARD_2D["decision_threshold"]
+    assert info["models"]["classifier_2d"]["metrics"] == CARD_2D["metrics"]
+    assert info["models"]["classifier_3d"]["decision_threshold"] is None
     assert set(info["trainers"]) == {"classifier_2d", "classifier_3d"}
     log = env["server"].log()
     assert "model broken is not served" in log and "model no_card is not served: model card missing" in log
+    assert "model no_input_size is not served" in log and "model card field 'input_size': missing" in log
 
 
 # ------------------------------------------------------------------------------------------------
@@ -534,7 +546,7 @@ def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, cap
     assert set(found) == set(models) and not skipped
     for name, (dim, size, labels) in models.items():
         _, card = load_classifier(found[name], device="cpu")
-        assert (card["spatial_dims"], card["input_size"], card["labels"]) == (dim, [size] * dim, labels)
+        assert (card.spatial_dims, list(card.input_size), list(card.labels)) == (dim, [size] * dim, labels)
     studies = tmp_path / "work" / "studies"
     assert {pattern: len(list(studies.glob(pattern))) for pattern in study_glob} == study_glob
     labels = list((studies / "labels" / "final").glob("*.nii.gz"))

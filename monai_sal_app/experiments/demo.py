@@ -100,7 +100,7 @@ def run_demo(
     baseline = mean_mask_rows(read_manifest(train_manifest), test_items)
     _, summary = evaluate_maps(maps_csv, out / "evaluate", extra_rows=baseline, log=log)
 
-    metrics = card["metrics"]
+    metrics = card.metrics
     result = {
         "classifier": {k: metrics[k] for k in ("test_auc", "test_balanced_accuracy", "val_auc") if k in metrics},
         "localization": {row["method"]: {k: v for k, v in row.items() if k != "method"} for row in summary},

@@ -20,9 +20,19 @@ from tqdm.auto import tqdm
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.experiments.report import save_overlay, write_table
-from monai_sal_app.inference import predict_probabilities, preprocess, resize_to
+from monai_sal_app.inference import preprocess, resize_to
 from monai_sal_app.metrics.localization import localization_metrics
 from monai_sal_app.metrics.stats import summarize, write_csv
+from monai_sal_app.models.card import ModelCard
+from monai_sal_app.models.checkpoint import save_classifier
+from monai_sal_app.models.device import default_device
+from monai_sal_app.models.factory import build_classifier
+from monai_sal_app.models.train import (
+    choose_decision_threshold,
+    evaluate_classifier,
+    predict_probabilities,
+    train_classifier,
+)
 from monai_sal_app.saliency import explain
 from monai_sal_app.saliency.postprocess import postprocess
 
@@ -99,19 +109,17 @@ def train_from_manifest(
     device: str | None = None,
     progress: bool = True,
     log: Log = print,
-) -> tuple[torch.nn.Module, dict]:
+) -> tuple[torch.nn.Module, ModelCard]:
     """Train a classifier on a manifest and save ``out`` (state_dict) + its model card (``.json``).
 
     A stratified ``val_fraction`` of the manifest is held out for validation AUC, balanced
-    accuracy and early stopping; ``test_manifest``, when given, is scored once at the end.
+    accuracy and early stopping. For two classes the decision threshold on P(class 1) that
+    maximises validation balanced accuracy is recorded in the card (``decision_threshold``) and
+    used for every prediction. ``test_manifest``, when given, is scored once at the end (AUC,
+    balanced accuracy and accuracy at that threshold, ``n_test``).
     ``input_size``: the network's input grid in pixels/voxels (one int for every axis, or one per
     axis); images are resized to it (:func:`preprocess`). Default: the first image's shape.
     """
-    from monai_sal_app.models.checkpoint import save_classifier
-    from monai_sal_app.models.device import default_device
-    from monai_sal_app.models.factory import build_classifier
-    from monai_sal_app.models.train import evaluate_classifier, train_classifier
-
     items = read_manifest(manifest)
     if isinstance(input_size, int):
         input_size = (input_size,) * read_image(items[0]["image"])[0].ndim
@@ -123,6 +131,22 @@ def train_from_manifest(
     if num_classes < 2:
         raise ValueError(f"{manifest}: a classifier needs at least two classes, found labels {sorted(set(y.tolist()))}")
     train_idx, val_idx = _stratified_split(y.numpy(), val_fraction, seed)
+    card = ModelCard(  # validated before the training, completed after it
+        architecture=arch,
+        spatial_dims=len(input_size),
+        in_channels=1,
+        num_classes=num_classes,
+        labels=tuple(labels) if labels else tuple(f"class_{c}" for c in range(num_classes)),
+        input_size=tuple(input_size),
+        loss=loss,
+        augmentations=tuple(augmentations),
+        data={
+            "manifest": str(Path(manifest).resolve()),
+            "n_train": len(train_idx),
+            "n_val": len(val_idx),
+            **({"test_manifest": str(Path(test_manifest).resolve())} if test_manifest is not None else {}),
+        },
+    )
     torch.manual_seed(seed)
     model = build_classifier(arch, spatial_dims=len(input_size), in_channels=1, num_classes=num_classes)
     dev = torch.device(device) if device else default_device()
@@ -144,34 +168,26 @@ def train_from_manifest(
         log=log,
     )
     best = max(history, key=lambda h: (np.nan_to_num(h["val_auc"], nan=-1.0), -h["epoch"]))
+    threshold = choose_decision_threshold(predict_probabilities(model, x[val_idx]), y[val_idx])
+    val = evaluate_classifier(model, x[val_idx], y[val_idx], decision_threshold=threshold)
     metrics: dict[str, Any] = {
-        "val_auc": best["val_auc"],
-        "val_balanced_accuracy": best["val_balanced_accuracy"],
+        "val_auc": val["auc"],
+        "val_balanced_accuracy": val["balanced_accuracy"],
         "best_epoch": best["epoch"],
     }
     if test_manifest is not None:
         test_items = read_manifest(test_manifest)
         tx, _ = load_inputs(test_items, input_size, progress=progress)
         ty = torch.tensor([int(i["label"]) for i in test_items])
-        test = evaluate_classifier(model, tx, ty)
+        test = evaluate_classifier(model, tx, ty, decision_threshold=threshold)
         metrics.update({f"test_{k}": v for k, v in test.items()})
-    card = {
-        "architecture": arch,
-        "spatial_dims": len(input_size),
-        "in_channels": 1,
-        "num_classes": num_classes,
-        "labels": list(labels) if labels else [f"class_{c}" for c in range(num_classes)],
-        "input_size": list(input_size),
-        "preprocessing": "per-image min-max to [0, 1], bi/trilinear resize to input_size",
-        "loss": loss,
-        "augmentations": list(augmentations),
-        "data": {"manifest": str(Path(manifest).resolve()), "n_train": len(train_idx), "n_val": len(val_idx)},
-        "training": {"epochs_run": len(history), "batch_size": batch_size, "lr": lr, "seed": seed},
-        "metrics": metrics,
-        "history": history,
-    }
-    if len(card["labels"]) != num_classes:
-        raise ValueError(f"{len(card['labels'])} label names for {num_classes} classes")
+        metrics["n_test"] = len(test_items)
+    card = card.replace(
+        decision_threshold=threshold,
+        training={"epochs_run": len(history), "batch_size": batch_size, "lr": lr, "seed": seed},
+        metrics=metrics,
+        history=tuple(history),
+    )
     save_classifier(model, out, card)
     log(
         f"saved {out} ({arch}, {len(input_size)}D, input {input_size}); "
@@ -199,7 +215,7 @@ MAPS_COLUMNS = [
 
 def explain_items(
     model: torch.nn.Module,
-    card: dict,
+    card: ModelCard,
     items: list[dict],
     out: str | Path,
     *,
@@ -230,9 +246,9 @@ def explain_items(
             array, meta = read_image(item["image"])
             arrays.append(array)
             metas.append(meta)
-        x = torch.cat([preprocess(a, card["input_size"]) for a in arrays])
+        x = torch.cat([preprocess(a, card.input_size) for a in arrays])
         probabilities = predict_probabilities(model, x)
-        predicted = probabilities.argmax(1)
+        predicted = torch.from_numpy(card.predict(probabilities))
         targets = predicted if target is None else torch.full_like(predicted, int(target))
         for method in methods:
             t0 = time.perf_counter()

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from monai_sal_app.lib.errors import RequestError
+from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.checkpoint import card_path, load_classifier
 
 __all__ = ["MODEL_NAME", "ServedModel", "find_checkpoints"]
@@ -76,7 +77,7 @@ class ServedModel:
         self._lock = threading.RLock()
         self._stamp: tuple | None = None
         self._model: nn.Module | None = None
-        self._card: dict | None = None
+        self._card: ModelCard | None = None
         self._error: str | None = None
 
     def _file_stamp(self) -> tuple:
@@ -119,7 +120,7 @@ class ServedModel:
             self._refresh()
             return self._error
 
-    def card(self) -> dict:
+    def card(self) -> ModelCard:
         """The current model card; :class:`RequestError` 503 when the model is unavailable."""
         with self.use() as (_, card):
             return card
@@ -130,7 +131,7 @@ class ServedModel:
         return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
     @contextlib.contextmanager
-    def use(self) -> Iterator[tuple[nn.Module, dict]]:
+    def use(self) -> Iterator[tuple[nn.Module, ModelCard]]:
         """Hold the model's lock and yield the up-to-date ``(model, card)``; 503 if unavailable."""
         with self._lock:
             self._refresh()

@@ -1,19 +1,15 @@
-"""Classifier checkpoints: a plain ``state_dict`` (``model.pt``) plus a model card (``model.json``).
+"""Classifier checkpoints: a plain ``state_dict`` (``model.pt``) plus its model card (``model.json``).
 
-The card says how to rebuild the network and what it was trained on::
-
-    {"architecture", "spatial_dims", "in_channels", "num_classes", "labels": [names],
-     "input_size": [..], "loss", "augmentations", "data": {...}, "metrics": {...},
-     "arch_kwargs": {...}, "created": ISO time, "monai_sal_version"}
-
-The weights are loaded with ``torch.load(weights_only=True)`` (no pickled code) and
-``load_state_dict(strict=True)``: a checkpoint that does not match its card is an error, so a
-model with random weights is never returned.
+The card (:class:`~monai_sal_app.models.card.ModelCard`) says how to rebuild the network, how it
+sees an image and what it was trained on. Loading validates the card, loads the weights with
+``torch.load(weights_only=True)`` (no pickled code) and ``load_state_dict(strict=True)``, and runs
+one forward pass on a blank input of the card's ``input_size``: a checkpoint whose card is wrong or
+does not match its weights is an error naming the problem, so a model with random weights (or one
+that fails on every image) is never returned.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import tempfile
@@ -22,15 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from monai_sal_app import __version__
+from monai_sal_app.models.card import CardError, ModelCard
 from monai_sal_app.models.device import default_device
 from monai_sal_app.models.factory import build_classifier
 
-REQUIRED_CARD_KEYS = ("architecture", "spatial_dims", "in_channels", "num_classes")
-
 
 class CheckpointError(ValueError):
-    """A checkpoint or its model card is unreadable or does not describe the same network."""
+    """A checkpoint or its model card is unreadable, invalid, or does not describe the same network."""
 
 
 def card_path(weights_path: str | os.PathLike) -> Path:
@@ -42,13 +36,10 @@ def card_path(weights_path: str | os.PathLike) -> Path:
     return card
 
 
-def _build_from_card(card: dict) -> nn.Module:
+def build_network(card: ModelCard) -> nn.Module:
+    """The untrained network ``card`` describes (logits (N, num_classes))."""
     return build_classifier(
-        card["architecture"],
-        int(card["spatial_dims"]),
-        int(card["in_channels"]),
-        int(card["num_classes"]),
-        **card.get("arch_kwargs", {}),
+        card.architecture, card.spatial_dims, card.in_channels, card.num_classes, **card.arch_kwargs
     )
 
 
@@ -66,43 +57,25 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_classifier(model: nn.Module, path: str | os.PathLike, card: dict) -> Path:
-    """Write ``model``'s state_dict to ``path`` and the completed card next to it; returns ``path``.
+def save_classifier(model: nn.Module, path: str | os.PathLike, card: ModelCard) -> Path:
+    """Write ``model``'s state_dict to ``path`` and ``card`` next to it (``.json``); returns ``path``.
 
-    ``card`` needs ``architecture``, ``spatial_dims``, ``in_channels``, ``num_classes`` (and
-    ``arch_kwargs`` if the network was built with any); it must describe ``model`` exactly
-    (checked by rebuilding it) and be JSON-serialisable. ``created``, ``monai_sal_version`` and
-    empty ``arch_kwargs``/``augmentations``/``data``/``metrics`` are filled in when absent;
-    ``labels`` defaults to the class indices as strings. Each file is written to a temporary file
-    and renamed, so neither is ever half-written under its final name (the card is renamed first).
+    ``card`` must describe ``model`` exactly (checked by rebuilding the network and comparing the
+    state_dict's names and shapes) and be JSON-serialisable. Each file is written to a temporary
+    file and renamed, so neither is ever half-written under its final name (the card goes first).
     """
+    if not isinstance(card, ModelCard):
+        raise TypeError(f"card must be a ModelCard, got {type(card).__name__}")
     path = Path(path)
     json_path = card_path(path)
-    missing = [key for key in REQUIRED_CARD_KEYS if key not in card]
-    if missing:
-        raise ValueError(f"model card lacks {missing}")
-    full_card = {
-        "labels": [str(i) for i in range(int(card["num_classes"]))],
-        "input_size": None,
-        "loss": None,
-        "augmentations": [],
-        "data": {},
-        "metrics": {},
-        "arch_kwargs": {},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "monai_sal_version": __version__,
-        **card,
-    }
-    if len(full_card["labels"]) != int(full_card["num_classes"]):
-        raise ValueError(f"card has {len(full_card['labels'])} labels for num_classes={full_card['num_classes']}")
-    card_text = json.dumps(full_card, indent=2)  # fails before anything is written if not serialisable
+    card_text = json.dumps(card.to_dict(), indent=2)  # fails before anything is written if not serialisable
 
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    expected = {name: tuple(t.shape) for name, t in _build_from_card(full_card).state_dict().items()}
+    expected = {name: tuple(t.shape) for name, t in build_network(card).state_dict().items()}
     actual = {name: tuple(t.shape) for name, t in state.items()}
     if expected != actual:
         raise ValueError(
-            f"the model card ({full_card['architecture']}, {full_card['arch_kwargs']}) does not describe this model's state_dict"
+            f"the model card ({card.architecture}, {card.arch_kwargs}) does not describe this model's state_dict"
         )
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,28 +84,31 @@ def save_classifier(model: nn.Module, path: str | os.PathLike, card: dict) -> Pa
     return path
 
 
-def read_card(path: str | os.PathLike) -> dict:
-    """The model card of the checkpoint ``path`` (``.pt`` or ``.json``)."""
+def read_card(path: str | os.PathLike) -> ModelCard:
+    """The validated model card of the checkpoint ``path`` (``.pt`` or ``.json``).
+
+    Raises FileNotFoundError if it is missing, CheckpointError (naming the file and the field)
+    if it is not JSON or fails validation.
+    """
     json_path = card_path(path) if Path(path).suffix != ".json" else Path(path)
     if not json_path.is_file():
         raise FileNotFoundError(f"model card not found: {json_path}")
     try:
-        card = json.loads(json_path.read_text(encoding="utf-8"))
+        data = json.loads(json_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{json_path}: corrupt model card ({error})") from error
-    if not isinstance(card, dict):
-        raise CheckpointError(f"{json_path}: model card is not a JSON object")
-    missing = [key for key in REQUIRED_CARD_KEYS if key not in card]
-    if missing:
-        raise CheckpointError(f"{json_path}: model card lacks {missing}")
-    return card
+    try:
+        return ModelCard.from_dict(data)
+    except (CardError, TypeError) as error:
+        raise CheckpointError(f"{json_path}: {error}") from error
 
 
-def load_classifier(path: str | os.PathLike, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
+def load_classifier(path: str | os.PathLike, device: str | torch.device | None = None) -> tuple[nn.Module, ModelCard]:
     """Rebuild the classifier saved at ``path`` and load its weights; returns (model in eval mode on ``device``, card).
 
     Raises FileNotFoundError if the ``.pt`` or ``.json`` is missing, CheckpointError if either is
-    corrupt or the weights do not match the network the card describes.
+    corrupt, the card is invalid, the weights do not match the network the card describes, or
+    the network fails on an input of the card's ``input_size``.
     """
     path = Path(path)
     if not path.is_file():
@@ -140,7 +116,7 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
     card = read_card(path)
     device = torch.device(device) if device is not None else default_device()
     try:
-        model = _build_from_card(card)
+        model = build_network(card)
     except (TypeError, ValueError) as error:
         raise CheckpointError(
             f"{card_path(path)}: model card does not describe a buildable network ({error})"
@@ -154,5 +130,24 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not match the card's {card['architecture']} ({error})") from error
-    return model.to(device).eval(), card
+        raise CheckpointError(f"{path}: weights do not match the card's {card.architecture} ({error})") from error
+    model = model.to(device).eval()
+    _check_input_size(model, card, card_path(path), device)
+    return model, card
+
+
+def _check_input_size(model: nn.Module, card: ModelCard, json_path: Path, device: torch.device) -> None:
+    """One forward pass on zeros (1, in_channels, *input_size): logits (1, num_classes) or CheckpointError."""
+    blank = torch.zeros((1, card.in_channels, *card.input_size), device=device)
+    try:
+        with torch.no_grad():
+            logits = model(blank)
+    except (RuntimeError, ValueError) as error:
+        raise CheckpointError(
+            f"{json_path}: model card field 'input_size': {list(card.input_size)} does not fit the "
+            f"{card.architecture} network ({str(error).splitlines()[0]})"
+        ) from error
+    if tuple(logits.shape) != (1, card.num_classes):
+        raise CheckpointError(
+            f"{json_path}: the network gives outputs of shape {tuple(logits.shape)}, not (1, {card.num_classes})"
+        )

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from monai_sal_app.models.augment import build_augmentation
+from monai_sal_app.models.card import predict_classes
 from monai_sal_app.models.device import default_device
 from monai_sal_app.models.losses import get_loss
 
@@ -54,12 +55,13 @@ def predict_probabilities(model: nn.Module, x: torch.Tensor, batch_size: int = 6
     return torch.cat(probabilities)
 
 
-def _metrics(probabilities: torch.Tensor, y: torch.Tensor) -> dict:
+def _metrics(probabilities: torch.Tensor, y: torch.Tensor, decision_threshold: float | None = None) -> dict:
     """AUC (class 1 vs rest when K == 2, macro one-vs-rest otherwise; nan unless every class is
-    present in ``y``, at least 2), balanced accuracy and accuracy of the argmax prediction."""
+    present in ``y``, at least 2), balanced accuracy and accuracy of the predicted class (the
+    argmax, or P(class 1) >= ``decision_threshold`` for two classes, see ``card.predict_classes``)."""
     p = probabilities.double().numpy()
     labels = y.cpu().numpy()
-    predicted = p.argmax(axis=1)
+    predicted = predict_classes(p, decision_threshold)
     num_classes = p.shape[1]
     present = np.unique(labels)
     if num_classes == 2 and len(present) == 2:
@@ -78,14 +80,41 @@ def _metrics(probabilities: torch.Tensor, y: torch.Tensor) -> dict:
     }
 
 
-def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64) -> dict:
+def evaluate_classifier(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64, decision_threshold: float | None = None
+) -> dict:
     """{"auc", "balanced_accuracy", "accuracy"} of ``model`` on images x (N, C, *spatial), labels y (N,).
 
     AUC is computed on the softmax probability of class 1 for two classes (macro one-vs-rest for
-    more) and is nan when ``y`` lacks a class.
+    more) and is nan when ``y`` lacks a class. The accuracies use the argmax, or for two classes
+    ``decision_threshold`` on P(class 1) when given.
     """
     _check_data(x, y, "eval")
-    return _metrics(predict_probabilities(model, x, batch_size), y)
+    return _metrics(predict_probabilities(model, x, batch_size), y, decision_threshold)
+
+
+def choose_decision_threshold(probabilities: torch.Tensor, y: torch.Tensor) -> float | None:
+    """The threshold on P(class 1) that maximises balanced accuracy on (validation) data.
+
+    ``probabilities``: softmax (N, 2); ``y``: labels (N,) with both classes present. Candidates are
+    the midpoints between consecutive distinct probabilities of class 1; among equally good ones
+    the middle one is taken (the centre of the best plateau). None when there is no candidate
+    (fewer than two distinct probabilities, or a class missing): the argmax is used then.
+    """
+    p1 = probabilities[:, 1].double().cpu().numpy()
+    labels = y.cpu().numpy()
+    if probabilities.shape[1] != 2 or len(np.unique(labels)) != 2:
+        return None
+    values = np.unique(p1)
+    candidates = (values[:-1] + values[1:]) / 2
+    candidates = candidates[(candidates > 0) & (candidates < 1)]
+    if candidates.size == 0:
+        return None
+    positives, negatives = labels == 1, labels == 0
+    predicted = p1[None, :] >= candidates[:, None]
+    balanced = (predicted[:, positives].mean(1) + (~predicted[:, negatives]).mean(1)) / 2
+    best = np.flatnonzero(balanced >= balanced.max() - 1e-12)
+    return float(candidates[best[len(best) // 2]])
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

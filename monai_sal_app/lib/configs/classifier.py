@@ -40,7 +40,7 @@ class ClassifierConfig(TaskConfig):
 
     def infer(self) -> SaliencyInfer:
         card = self.served.card()
-        return SaliencyInfer(self.name, self.served, description=card.get("description", ""))
+        return SaliencyInfer(self.name, self.served, description=card.description)
 
     def trainer(self) -> ClassifierTrainer:
         return ClassifierTrainer(self.name, self.served, self.studies)

@@ -72,9 +72,9 @@ class SaliencyInfer(InferTask):
         card = served.card()
         super().__init__(
             type=InferType.CLASSIFICATION,
-            labels=list(card["labels"]),
-            dimension=int(card["spatial_dims"]),
-            description=description or f"{card['architecture']} {card['spatial_dims']}D classifier with saliency maps",
+            labels=list(card.labels),
+            dimension=card.spatial_dims,
+            description=description or f"{card.architecture} {card.spatial_dims}D classifier with saliency maps",
             config={"method": DEFAULT_METHOD, "target": None},
         )
         self.name = name
@@ -86,27 +86,28 @@ class SaliencyInfer(InferTask):
     def info(self) -> dict[str, Any]:
         """What a client needs to build its menus: dimension, labels, input size, methods, device."""
         card = self.served.card()
-        spatial_dims = int(card["spatial_dims"])
+        spatial_dims = card.spatial_dims
         return json_safe(
             {
                 "type": self.type,
-                "labels": list(card["labels"]),
+                "labels": list(card.labels),
                 "dimension": spatial_dims,
                 "description": self.description,
                 "config": self.config(),
-                "architecture": card["architecture"],
-                "input_size": card.get("input_size"),
+                "architecture": card.architecture,
+                "input_size": card.input_size,
+                "decision_threshold": card.decision_threshold,
                 "input_formats": INPUT_FORMATS[spatial_dims],
-                "preprocessing": "per-image min-max to [0, 1], bi/trilinear resize to input_size",
+                "preprocessing": card.preprocessing,
                 "methods": available_methods(),
                 "default_method": DEFAULT_METHOD,
                 "device": str(self.served.device),
                 "checkpoint": {
                     "file": self.served.path.name,
                     "modified": self.served.modified(),
-                    "created": card.get("created"),
+                    "created": card.created,
                 },
-                "metrics": card.get("metrics", {}),
+                "metrics": card.metrics,
                 "output": {
                     "heatmap": "NIfTI float32 on the input's grid",
                     "json": "probabilities, target, method, params, seconds, metrics",
@@ -119,7 +120,7 @@ class SaliencyInfer(InferTask):
         start = time.perf_counter()
         image_path = request["image"]
         shown = request.get(IMAGE_NAME_KEY, "image")
-        labels = list(self.served.card()["labels"])
+        labels = list(self.served.card().labels)
         method, target, options = parse_explain_request(request, labels, self.config())  # fail fast, before reading
         array, meta = self._read(image_path, shown, allow_constant=False)
         mask = None
@@ -137,8 +138,8 @@ class SaliencyInfer(InferTask):
         read_seconds = time.perf_counter() - start
 
         with self.served.use() as (model, card):
-            if list(card["labels"]) != labels:  # the checkpoint was replaced meanwhile
-                labels = list(card["labels"])
+            if list(card.labels) != labels:  # the checkpoint was replaced meanwhile
+                labels = list(card.labels)
                 method, target, options = parse_explain_request(request, labels, self.config())
             try:
                 with torch.enable_grad():
@@ -146,6 +147,7 @@ class SaliencyInfer(InferTask):
             except (ValueError, TypeError) as error:
                 raise RequestError(400, f"{shown}: {error}") from error
             checkpoint = {"file": self.served.path.name, "modified": self.served.modified()}
+            decision_threshold = card.decision_threshold
 
         metrics_start = time.perf_counter()
         metrics = localization_metrics(explanation.saliency, mask) if mask is not None else None
@@ -156,12 +158,17 @@ class SaliencyInfer(InferTask):
         write_seconds = time.perf_counter() - write_start
 
         probabilities = explanation.probabilities
-        predicted = int(np.argmax(probabilities))
+        predicted = explanation.prediction
         result = {
             "model": self.name,
             "labels": labels,
             "probabilities": dict(zip(labels, probabilities)),
-            "prediction": {"index": predicted, "label": labels[predicted], "probability": probabilities[predicted]},
+            "prediction": {
+                "index": predicted,
+                "label": labels[predicted],
+                "probability": probabilities[predicted],
+                "decision_threshold": decision_threshold,
+            },
             "target": {
                 "index": explanation.target,
                 "label": labels[explanation.target],

@@ -26,6 +26,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.lib.served_model import ServedModel
 from monai_sal_app.models.augment import AUGMENTATIONS
+from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.factory import ARCHITECTURES
 from monai_sal_app.models.losses import LOSSES
 
@@ -66,30 +67,31 @@ class ClassifierTrainer(TrainTask):
         self.served = served
         self.studies = studies
 
-    def _card(self) -> dict:
-        return self.served.card() if self.served.problem() is None else {}
+    def _card(self) -> ModelCard | None:
+        return self.served.card() if self.served.problem() is None else None
 
     def config(self) -> dict[str, Any]:
         card = self._card()
-        training = card.get("training", {})
+        if card is None:
+            return {"manifest": "", "architecture": "conv5fc3", "loss": "ce", "augmentations": [], **TRAIN_DEFAULTS}
         return {
-            "manifest": card.get("data", {}).get("manifest", ""),
-            "architecture": card.get("architecture", "conv5fc3"),
-            "loss": card.get("loss") or "ce",
-            "augmentations": list(card.get("augmentations") or []),
+            "manifest": card.data.get("manifest", ""),
+            "architecture": card.architecture,
+            "loss": card.loss or "ce",
+            "augmentations": list(card.augmentations),
             **TRAIN_DEFAULTS,
-            **{k: training[k] for k in ("batch_size", "lr", "seed") if k in training},
+            **{k: card.training[k] for k in ("batch_size", "lr", "seed") if k in card.training},
         }
 
     def stats(self) -> dict[str, Any]:
         card = self._card()
-        if not card:
+        if card is None:
             return {}
         return {
             "checkpoint": self.served.path.name,
-            "created": card.get("created"),
-            "metrics": card.get("metrics", {}),
-            "epochs_run": card.get("training", {}).get("epochs_run"),
+            "created": card.created,
+            "metrics": card.metrics,
+            "epochs_run": card.training.get("epochs_run"),
         }
 
     def _manifest(self, value: Any, recorded: str) -> str:
@@ -139,11 +141,14 @@ class ClassifierTrainer(TrainTask):
         from monai_sal_app.experiments.workflows import train_from_manifest
 
         p = self.parse(request)
-        labels = self._card().get("labels")
+        card = self._card()
+        if card is None:
+            raise RequestError(503, f"model {self.name!r} is unavailable: {self.served.problem()}")
+        test_manifest = card.data.get("test_manifest")  # scored again, so /info keeps showing test numbers
         logger.info("training %s on %s: %s", self.name, p["manifest"], {k: v for k, v in p.items() if k != "manifest"})
         start = time.perf_counter()
         try:
-            _, card = train_from_manifest(
+            _, trained = train_from_manifest(
                 p["manifest"],
                 self.served.path,
                 arch=p["architecture"],
@@ -154,7 +159,9 @@ class ClassifierTrainer(TrainTask):
                 lr=p["lr"],
                 patience=p["patience"],
                 val_fraction=p["val_fraction"],
-                labels=labels,
+                labels=card.labels,
+                test_manifest=test_manifest if test_manifest and os.path.isfile(test_manifest) else None,
+                input_size=card.input_size,
                 seed=p["seed"],
                 device=str(self.served.device),
                 progress=False,
@@ -165,7 +172,7 @@ class ClassifierTrainer(TrainTask):
         return {
             "model": self.name,
             "checkpoint": str(self.served.path),
-            "metrics": card.get("metrics", {}),
-            "epochs_run": card.get("training", {}).get("epochs_run"),
+            "metrics": trained.metrics,
+            "epochs_run": trained.training.get("epochs_run"),
             "seconds": time.perf_counter() - start,
         }
