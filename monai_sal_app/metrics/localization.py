@@ -1,7 +1,8 @@
 """Localization metrics: how well a saliency map points at a ground-truth mask.
 
 The one definition of each metric used by the server, the CLI and the Slicer module alike
-(METHODS.md, "Localization metrics"). numpy only: no torch, no sklearn at import or call time.
+(definitions and references: docs/METHODS.md#localization-metrics). numpy only: no torch, no
+sklearn at import or call time.
 
 Inputs, for every function that takes ``(saliency, mask)``:
 

@@ -1,5 +1,7 @@
 """Summary statistics and report tables: mean with a t-distribution 95% CI, per-group summaries,
 GitHub Markdown and CSV output. numpy and scipy only (no torch), like the rest of ``metrics``.
+
+Definition of the interval: docs/METHODS.md#mean-and-95-ci.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ by name with its default parameters. ``explain`` does everything the methods sha
 A method receives images already on the model's device, detached, with ``requires_grad=False``,
 and ``target`` as a long tensor of shape (N,). It returns raw maps of shape (N, 1, *spatial)
 on the input grid. Normalisation is a separate step (``saliency.postprocess``).
+
+Definitions, references and defaults of every registered method: docs/METHODS.md#attribution-methods.
 """
 
 from __future__ import annotations

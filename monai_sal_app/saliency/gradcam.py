@@ -5,6 +5,8 @@ dims of the layer (2 or 3), upsampled bi/trilinearly to the input grid. Never in
 
 Written here because monai.visualize's GradCAM is inverted by default and mixes targets across
 a batch in monai 1.6.1; cross-checked against captum's LayerGradCam in the tests.
+
+Definition and reference: docs/METHODS.md#grad-cam.
 """
 
 from __future__ import annotations

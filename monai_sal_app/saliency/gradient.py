@@ -3,6 +3,8 @@
 Written here rather than taken from captum's ``Saliency`` because it is one autograd call and
 it is the building block of several other methods (gradient x input, SmoothGrad, IG); it is
 cross-checked against captum in the tests.
+
+Definitions and references: docs/METHODS.md#gradient and docs/METHODS.md#gradient-x-input.
 """
 
 from __future__ import annotations

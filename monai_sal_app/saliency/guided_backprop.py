@@ -16,6 +16,8 @@ context (normally or by an exception) pops the mode and the model and torch are 
 ReLUs written as ``clamp(min=0)`` or other activations (LeakyReLU, PReLU, ...) are not ReLUs
 here; a model with no ReLU call at all raises ``ValueError`` rather than returning the plain
 gradient.
+
+Definition and reference: docs/METHODS.md#guided-backprop.
 """
 
 from __future__ import annotations

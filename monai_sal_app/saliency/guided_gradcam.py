@@ -9,6 +9,8 @@ compare against it.
 Both parts come from one forward pass per chunk: the ReLUs run through the guided autograd
 function, whose backward is the plain ReLU's for Grad-CAM's layer gradient and the guided one for
 the input gradient (captum and the two-call version run the network forward twice).
+
+Definition and reference: docs/METHODS.md#guided-grad-cam.
 """
 
 from __future__ import annotations

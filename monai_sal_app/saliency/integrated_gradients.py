@@ -20,6 +20,8 @@ Baselines (``baseline=``): ``"zeros"``; ``"constant"`` (every voxel ``baseline_v
 ``"min"`` (every voxel the image's own minimum over all channels and voxels); ``"blurred"``
 (the image under a Gaussian blur of ``blur_sigma`` pixels along every spatial axis, see
 :func:`gaussian_blur_matrix`: scipy's ``gaussian_filter`` with ``mode="nearest"``).
+
+Definitions and references: docs/METHODS.md#integrated-gradients and docs/METHODS.md#smoothgrad-ig.
 """
 
 from __future__ import annotations

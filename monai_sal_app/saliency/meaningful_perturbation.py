@@ -41,6 +41,8 @@ Written here rather than taken from a library: captum and MONAI have no meaningf
 and the available ports are 2D, single-image scripts.
 
 The saliency map is ``1 - m``: high where deleting the content takes the prediction away.
+
+Definition and reference: docs/METHODS.md#meaningful-perturbation.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ Written here rather than taken from captum so that the occluded copies of all im
 the network together in chunks (``batch_size`` copies per forward pass, chosen from free memory
 when None) and the per-voxel average is one separable contraction of the drops with the
 windows' 1D indicator vectors instead of one full-size mask per window.
+
+Definition and reference: docs/METHODS.md#occlusion.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Kept apart from the methods because the metrics depend on them: ROC AUC is invariant to a
 monotone rescaling but not to ``abs``; soft Dice depends on the min-max range.
+
+Definitions: docs/METHODS.md#post-processing.
 """
 
 from __future__ import annotations

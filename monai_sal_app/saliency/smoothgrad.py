@@ -11,6 +11,8 @@ call, so one call per image), and so that the noise is reproducible: the K patte
 (scaled by its own s_i), so an image's map does not depend on which batch it was explained in.
 Drawn in one call, they are exactly the numbers captum's NoiseTunnel draws for one image after
 ``torch.manual_seed(seed)`` on the same device; the tests use that to compare with captum.
+
+Definition and reference: docs/METHODS.md#smoothgrad.
 """
 
 from __future__ import annotations

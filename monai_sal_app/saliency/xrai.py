@@ -38,6 +38,8 @@ pixels up to date by subtracting what each step covers (see :func:`select_region
 choice stays exact). On 224 x 224 images segmentation + selection is about 5x faster than
 PAIR's on 2 CPU cores, with the same result; most of the remaining time is skimage's six
 Felzenszwalb runs, which both share.
+
+Definition and references: docs/METHODS.md#xrai.
 """
 
 from __future__ import annotations
