@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install monai-sal with its test extras into it. Safe to re-run.
+# Create .venv (if missing) and install monai-sal into it with the MONAI Label server extra, on the
+# stack the tests run on (torch 2.14.1, monai 1.6.1), then the real-anatomy bases. Safe to re-run.
+#   bash scripts/install.sh          # the package + [server]
+#   bash scripts/install.sh --test   # also [test]: pytest, the reference implementations, ruff
 # pip is deliberately NOT upgraded: pip >= 26.2 ignores this machine's torch cap inside build
 # environments, and monailabel's sam2 dependency builds from source with torch in its build env.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+extras=server
+case "${1:-}" in
+  "") ;;
+  --test) extras=server,test ;;
+  *) echo "usage: scripts/install.sh [--test]" >&2; exit 2 ;;
+esac
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]" \
+  torch==2.14.1 torchvision==0.29.1 monai==1.6.1
 # The real-anatomy bases (docs/DATA_REAL.md); warns and goes on when one cannot be had.
 bash scripts/install_data.sh || echo "install: warning: some real-anatomy bases are missing (see above)" >&2

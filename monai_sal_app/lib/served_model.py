@@ -128,7 +128,7 @@ class ServedModel:
     def modified(self) -> str:
         """Modification time of the weights now served, ISO 8601 UTC."""
         seconds = self._stamp[0] / 1e9 if self._stamp else os.stat(self.path).st_mtime
-        return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="milliseconds")
+        return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="milliseconds")
 
     @contextlib.contextmanager
     def use(self) -> Iterator[tuple[nn.Module, ModelCard]]:
