@@ -1,7 +1,15 @@
-"""The MONAI Label app: ``monailabel start_server --app <path to monai_sal_app> --studies <folder>``.
+"""The MONAI Label app class of monai-sal (:class:`MonaiSalApp`).
 
-Serves every classifier checkpoint found in the app's model folder (``<app>/model/<name>.pt`` with
-its ``<name>.json`` card; ``monai-sal serve`` trains ``chest_xray_2d`` and ``ct_lesion_3d`` there).
+MONAI Label serves an app *folder* whose ``main.py`` holds a direct subclass of ``MONAILabelApp``,
+and it writes into that folder (``logs/``, ``model/``, ``lib/``, ``bin/``). So that nothing is ever
+written inside the installed package, the app folder is the work folder of ``monai-sal serve``
+(``serve.write_app_folder`` puts a two-line ``main.py`` there that imports this class)::
+
+    monai-sal serve                                   # prepares <workdir> and starts the server
+    monailabel start_server --app monai-sal-serve --studies monai-sal-serve/studies
+
+Serves every classifier checkpoint found in the model folder (``<app>/model/<name>.pt`` with its
+``<name>.json`` card; ``monai-sal serve`` trains ``chest_xray_2d`` and ``ct_lesion_3d`` there).
 Per model: an infer task (probabilities + saliency heatmap, any registered method) and a train
 task. A checkpoint that is missing or does not load is left out of ``/info`` and the log says why.
 
@@ -10,9 +18,6 @@ Settings (``--conf key value``):
 - ``model_dir``: folder of the checkpoints (default ``<app>/model``);
 - ``models``: comma list of model names to serve (default: every checkpoint in ``model_dir``);
 - ``device``: e.g. ``cpu`` or ``cuda:1`` (default: CUDA when available, else CPU).
-
-MONAI Label loads this file as a module named ``main`` and takes the class whose direct base is
-``MONAILabelApp``; the code lives in the ``monai_sal_app`` package, imported by its full name.
 """
 
 from __future__ import annotations

@@ -1,15 +1,25 @@
 """``monai-sal serve``: prepare the built-in data and default models, then start the MONAI Label server.
 
+Everything goes into one work folder (``--workdir``, default ``./monai-sal-serve``), never into the
+installed package. The work folder is the MONAI Label app folder::
+
+    <workdir>/main.py        two lines importing the app class from the installed package
+    <workdir>/model/         checkpoints served (<name>.pt + <name>.json); --model-dir moves it
+    <workdir>/studies/       the datastore (held-out test images, their masks as labels)
+    <workdir>/data/          the generated training and test data
+    <workdir>/logs/, lib/, bin/  MONAI Label's own folders (its log is logs/app.log)
+
 1. Data (``--data real``, the default): chest X-rays with opacities (``data.chest_xray``, 2D) and
-   lung CT crops with real and inserted lesions (``data.ct_lesions``, 3D), generated under
-   ``<workdir>/data`` from the bases ``scripts/install_data.sh`` installs; ``--data shepp-logan``
-   uses the Shepp-Logan subtype phantoms instead (no bases needed). Eight held-out test images per
-   model go to the datastore ``<workdir>/studies`` as ``<model>-000`` ... ``<model>-007``, with
-   their lesion masks as labels (``studies/labels/final/<id>.nii.gz``).
+   lung CT crops with real and inserted lesions (``data.ct_lesions``, 3D), generated from the
+   bases ``scripts/install_data.sh`` installs; ``--data shepp-logan`` uses the Shepp-Logan subtype
+   phantoms instead (no bases needed); ``--data none`` prepares nothing and serves the checkpoints
+   already in the model folder on the given ``--studies``. Eight held-out test images per model go
+   to the datastore as ``<model>-000`` ... ``<model>-007``, with their lesion masks as labels.
 2. Models: one conv5-fc3 per data set (:data:`DEFAULT_MODELS`, ``experiments.workflows
-   .train_from_manifest``) is trained into the app's model folder unless it is already there.
+   .train_from_manifest``) is trained into the model folder unless it is already there.
 3. Server: MONAI Label's own ``start_server`` (the same as ``monailabel start_server --app
-   <monai_sal_app> --studies <workdir>/studies``), in the foreground.
+   <workdir> --studies <workdir>/studies``), in the foreground. It needs the ``server`` extra
+   (``pip install "monai-sal[server]"``); without it the command stops before any work.
 
 :func:`start_background_server` runs the same app under uvicorn in a subprocess (tests, benchmarks).
 """
@@ -32,19 +42,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "APP_DIR",
+    "APP_MAIN_PY",
     "DEFAULT_MODELS",
+    "SERVER_EXTRA",
     "BackgroundServer",
     "DefaultModel",
+    "ServerExtraMissing",
     "add_parser",
+    "app_conf",
     "free_port",
     "prepare",
+    "require_server_extra",
     "run",
     "start_background_server",
     "start_server",
+    "write_app_folder",
 ]
 
-APP_DIR = Path(__file__).resolve().parent
+SERVER_EXTRA = 'pip install "monai-sal[server]"'
+# The app folder's main.py: MONAI Label loads it as a module and serves the class in it whose
+# direct base is MONAILabelApp, which the import brings in.
+APP_MAIN_PY = (
+    '"""MONAI Label app folder of monai-sal, written by `monai-sal serve`: the app is in the package."""\n\n'
+    "from monai_sal_app.main import MonaiSalApp  # noqa: F401\n"
+)
 STUDY_IMAGES_PER_CLASS = 4
 
 
@@ -92,16 +113,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="prepare built-in data and models, then start the MONAI Label server")
     p.add_argument(
         "--data",
-        choices=sorted(DEFAULT_MODELS),
+        choices=[*sorted(DEFAULT_MODELS), "none"],
         default="real",
         help="real: chest X-ray (2D) + lung CT (3D) models on the installed bases (default); "
-        "shepp-logan: phantom models, no bases needed",
+        "shepp-logan: phantom models, no bases needed; none: serve the checkpoints already in the model folder",
     )
-    p.add_argument("--workdir", default="monai-sal-serve", help="folder for the generated data and the datastore")
+    p.add_argument(
+        "--workdir",
+        default="monai-sal-serve",
+        help="work folder: the app folder, the generated data, the datastore and the checkpoints (default %(default)s)",
+    )
     p.add_argument(
         "--studies", default=None, help="datastore folder (default <workdir>/studies, filled with held-out test images)"
     )
-    p.add_argument("--model-dir", default=None, help=f"checkpoint folder (default {APP_DIR / 'model'})")
+    p.add_argument("--model-dir", default=None, help="checkpoint folder (default <workdir>/model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -219,9 +244,34 @@ def _check_real_bases() -> None:
         raise BaseNotInstalled(f"{err}; or serve the phantom models: monai-sal serve --data shepp-logan") from None
 
 
-def _conf(model_dir: Path, device: str | None) -> dict[str, str]:
+def require_server_extra() -> None:
+    """Raise :class:`ServerExtraMissing` (naming the install command) if MONAI Label is not installed."""
+    try:
+        import monailabel  # noqa: F401
+    except ImportError:
+        raise ServerExtraMissing(f"serving needs MONAI Label, which is not installed: {SERVER_EXTRA}") from None
+
+
+class ServerExtraMissing(RuntimeError):
+    """MONAI Label (the ``server`` extra) is not installed."""
+
+
+def write_app_folder(folder: str | os.PathLike) -> Path:
+    """Make ``folder`` a MONAI Label app folder serving monai-sal (its ``main.py``); returns it resolved."""
+    folder = Path(folder).resolve()
+    main_py = folder / "main.py"
+    if not main_py.is_file() or main_py.read_text() != APP_MAIN_PY:
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = main_py.with_name(".main.py.tmp")
+        temporary.write_text(APP_MAIN_PY)
+        temporary.replace(main_py)
+    return folder
+
+
+def app_conf(app_dir: Path, model_dir: Path, device: str | None) -> dict[str, str]:
+    """The ``--conf`` settings of the app: ``model_dir`` when it is not ``<app>/model``, ``device``."""
     conf = {}
-    if model_dir.resolve() != (APP_DIR / "model").resolve():
+    if model_dir.resolve() != (app_dir / "model").resolve():
         conf["model_dir"] = str(model_dir.resolve())
     if device:
         conf["device"] = device
@@ -245,26 +295,35 @@ def start_server(
 
 def run(args) -> None:
     """The ``serve`` sub-command."""
-    model_dir = Path(args.model_dir) if args.model_dir else APP_DIR / "model"
-    studies = prepare(
-        args.workdir,
-        model_dir,
-        data=args.data,
-        studies=args.studies,
-        epochs=args.epochs,
-        per_class=args.per_class,
-        seed=args.seed,
-        device=args.device,
-        retrain=args.retrain,
-        progress=not getattr(args, "quiet", False),
-    )
+    require_server_extra()
+    app_dir = Path(args.workdir).resolve()
+    model_dir = Path(args.model_dir).resolve() if args.model_dir else app_dir / "model"
+    if args.data == "none":
+        studies = Path(args.studies or app_dir / "studies").resolve()
+        if not studies.is_dir():
+            raise FileNotFoundError(f"studies folder not found: {studies}")
+    else:
+        studies = prepare(
+            app_dir,
+            model_dir,
+            data=args.data,
+            studies=args.studies,
+            epochs=args.epochs,
+            per_class=args.per_class,
+            seed=args.seed,
+            device=args.device,
+            retrain=args.retrain,
+            progress=not getattr(args, "quiet", False),
+        )
+    write_app_folder(app_dir)
+    conf = app_conf(app_dir, model_dir, args.device)
     if args.prepare_only:
         print(
-            f"ready: monailabel start_server --app {APP_DIR} --studies {studies}"
-            + "".join(f" --conf {k} {v}" for k, v in _conf(model_dir, args.device).items())
+            f"ready: monailabel start_server --app {app_dir} --studies {studies}"
+            + "".join(f" --conf {k} {v}" for k, v in conf.items())
         )
         return
-    start_server(APP_DIR, studies, args.host, args.port, _conf(model_dir, args.device))
+    start_server(app_dir, studies, args.host, args.port, conf)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,23 +380,24 @@ def start_background_server(
 ) -> BackgroundServer:
     """Start ``uvicorn monailabel.app:app`` serving this app and wait until ``/info/`` answers.
 
-    Settings go through the environment as ``monailabel start_server`` passes them (so MONAI Label's
-    train subprocesses see them too); sessions are kept in ``<workdir>/sessions`` and the server's
-    output goes to ``<workdir>/server.log``. Raises RuntimeError (with the log) if it does not start.
+    ``workdir`` becomes the app folder (:func:`write_app_folder`). Settings go through the
+    environment as ``monailabel start_server`` passes them (so MONAI Label's train subprocesses see
+    them too); sessions are kept in ``<workdir>/sessions`` and the server's output goes to
+    ``<workdir>/server.log``. Raises RuntimeError (with the log) if it does not start.
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    require_server_extra()
+    workdir = write_app_folder(workdir)
     port = port or free_port(host)
     env = {
         **os.environ,
-        "MONAI_LABEL_APP_DIR": str(APP_DIR),
+        "MONAI_LABEL_APP_DIR": str(workdir),
         "MONAI_LABEL_STUDIES": str(Path(studies).resolve()),
         "MONAI_LABEL_APP_CONF": json.dumps(conf or {}),
         "MONAI_LABEL_SERVER_PORT": str(port),
         "MONAI_LABEL_SESSION_PATH": str((workdir / "sessions").resolve()),
         "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
         # start_server exports PYTHONPATH (+ the app dir); MONAI Label's train runner fails without it.
-        "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(APP_DIR)) if p),
+        "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(workdir)) if p),
         **(extra_env or {}),
     }
     log_path = workdir / "server.log"

@@ -28,6 +28,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from server_fixtures import DICOM_SPACING, LABELS, load_nifti_bytes, make_studies, post_infer, save_tiny_checkpoint
 
+import monai_sal_app
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.shepp_logan import generate_shepp_logan
 from monai_sal_app.experiments.workflows import evaluate_maps
@@ -37,9 +38,10 @@ from monai_sal_app.lib.served_model import find_checkpoints
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.device import default_device
 from monai_sal_app.saliency import available_methods
-from monai_sal_app.serve import add_parser, start_background_server
+from monai_sal_app.serve import APP_MAIN_PY, add_parser, start_background_server
 
 MODEL_OF_DIM = {2: "classifier_2d", 3: "classifier_3d"}
+PACKAGE_DIR = Path(monai_sal_app.__file__).parent
 # The 2D model decides at a threshold (as trained models do) and carries test numbers for /info.
 CARD_2D = {"decision_threshold": 0.45, "metrics": {"test_auc": 0.93, "test_balanced_accuracy": 0.88, "n_test": 120}}
 
@@ -523,31 +525,26 @@ def test_training_over_the_api_is_served_without_restart(env):
 def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, capsys, data, models, study_glob):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
-    argv = [
-        "serve",
-        "--prepare-only",
-        "--data",
-        data,
-        "--workdir",
-        str(tmp_path / "work"),
-        "--model-dir",
-        str(tmp_path / "model"),
-        "--epochs",
-        "1",
-        "--per-class",
-        "2",
-    ]
+    work = tmp_path / "work"
+    # the phantom run keeps the default model folder (<workdir>/model), the other one moves it
+    model_dir = work / "model" if data == "shepp-logan" else tmp_path / "checkpoints"
+    argv = f"serve --prepare-only --data {data} --workdir {work} --epochs 1 --per-class 2".split()
+    if data != "shepp-logan":
+        argv += ["--model-dir", str(model_dir)]
+    package_files = sorted(p for p in PACKAGE_DIR.rglob("*") if "__pycache__" not in p.parts)
     args = parser.parse_args(argv)
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     args.func(args)
     printed = capsys.readouterr().out
-    assert f"--conf model_dir {tmp_path / 'model'}" in printed and "monailabel start_server --app" in printed
-    found, skipped = find_checkpoints(tmp_path / "model")
+    assert f"monailabel start_server --app {work} --studies {work / 'studies'}" in printed
+    assert (f"--conf model_dir {model_dir}" in printed) == (data != "shepp-logan")
+    assert (work / "main.py").read_text() == APP_MAIN_PY
+    found, skipped = find_checkpoints(model_dir)
     assert set(found) == set(models) and not skipped
     for name, (dim, size, labels) in models.items():
         _, card = load_classifier(found[name], device="cpu")
         assert (card.spatial_dims, list(card.input_size), list(card.labels)) == (dim, [size] * dim, labels)
-    studies = tmp_path / "work" / "studies"
+    studies = work / "studies"
     assert {pattern: len(list(studies.glob(pattern))) for pattern in study_glob} == study_glob
     labels = list((studies / "labels" / "final").glob("*.nii.gz"))
     assert len(labels) == 8 and all((studies / label.name).is_file() for label in labels)  # every positive has its mask
@@ -555,6 +552,7 @@ def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, cap
     args.func(parser.parse_args(argv))  # a second run reuses the checkpoints
     assert "training" not in capsys.readouterr().out
     assert {name: path.stat().st_mtime_ns for name, path in found.items()} == stamps
+    assert sorted(p for p in PACKAGE_DIR.rglob("*") if "__pycache__" not in p.parts) == package_files
 
 
 def test_serve_real_data_without_the_bases_names_the_fix(tmp_path, monkeypatch):
