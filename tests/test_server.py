@@ -555,6 +555,25 @@ def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, cap
     assert sorted(p for p in PACKAGE_DIR.rglob("*") if "__pycache__" not in p.parts) == package_files
 
 
+def test_serve_data_none_serves_the_checkpoints_there_on_your_studies(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    studies, checkpoints = tmp_path / "my_images", tmp_path / "my_models"
+    argv = (
+        f"serve --data none --prepare-only --workdir {tmp_path / 'work'} --studies {studies} --model-dir {checkpoints}"
+    )
+    with pytest.raises(FileNotFoundError, match="my_images"):
+        parser.parse_args(argv.split()).func(parser.parse_args(argv.split()))
+    studies.mkdir()
+    save_tiny_checkpoint(checkpoints / "mine.pt", 2)
+    args = parser.parse_args(argv.split())
+    args.func(args)
+    printed = capsys.readouterr().out
+    assert f"--app {tmp_path / 'work'} --studies {studies} --conf model_dir {checkpoints}" in printed
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["main.py"]  # nothing generated or trained
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["mine.json", "mine.pt"]
+
+
 def test_serve_real_data_without_the_bases_names_the_fix(tmp_path, monkeypatch):
     from monai_sal_app.data import bases
     from monai_sal_app.serve import prepare
