@@ -1,7 +1,7 @@
 """Time every saliency method of ``explain`` against its floor and its peers, in one run.
 
-    cd /work/main && PYTHONPATH=. .venv/bin/python scripts/benchmark_methods.py --quick
-    cd /work/main && PYTHONPATH=. .venv/bin/python scripts/benchmark_methods.py \\
+    .venv/bin/python scripts/benchmark_methods.py --quick
+    .venv/bin/python scripts/benchmark_methods.py \\
         --configs 2d224b1,2d224b8,3d64,3d96 --out docs/BENCHMARK_METHODS.md
 
 Model: ``monai.networks.nets.DenseNet121(spatial_dims, in_channels=1, out_channels=2)`` in eval

@@ -1,8 +1,8 @@
 """Time ``localization_metrics`` on one volume against sklearn's ROC AUC + average precision.
 
-    cd /work/main && PYTHONPATH=. .venv/bin/python scripts/benchmark_metrics.py [--size 128] [--repeats 3]
+    .venv/bin/python scripts/benchmark_metrics.py [--size 128] [--repeats 3]
 
-(``PYTHONPATH=.`` until the package is installed with ``pip install -e .``.)
+(from the repository root, after ``bash scripts/install.sh --test``.)
 
 The map is a smooth random field (float32, quantised to 256 levels so ties occur, as in maps
 saved as 8-bit images) plus a signal inside a sphere mask. Prints the best of ``repeats``
