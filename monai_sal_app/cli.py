@@ -31,23 +31,11 @@ def _method_params(pairs: list[str]) -> dict:
 
 
 def cmd_data(args) -> None:
-    from monai_sal_app.data.generators import GENERATORS, PRESETS
+    from monai_sal_app.data.generators import GENERATORS
 
-    preset = args.preset or PRESETS[args.generator][0]
-    if preset not in PRESETS[args.generator]:
-        raise ValueError(
-            f"unknown preset {preset!r} for {args.generator}; available: {', '.join(PRESETS[args.generator])}"
-        )
-    generate = GENERATORS[args.generator]
-    manifest = generate(
-        args.out,
-        preset=preset,
-        dim=args.dim,
-        size=args.size,
-        per_class=args.per_class,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
+    # options not given keep the generator's own defaults (preset, dim, size, per_class)
+    given = {k: getattr(args, k) for k in ("preset", "dim", "size", "per_class") if getattr(args, k) is not None}
+    manifest = GENERATORS[args.generator](args.out, seed=args.seed, progress=not args.quiet, **given)
     print(f"wrote {manifest}")
 
 
@@ -147,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from monai_sal_app.data.generators import GENERATORS, PRESETS
+    from monai_sal_app.data.generators import DEFAULT_DIM, GENERATORS, PRESETS
 
     p = sub.add_parser("data", help="generate a dataset with known ground truth")
     p.add_argument("generator", choices=sorted(GENERATORS))
@@ -156,7 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="; ".join(f"{g}: {', '.join(v)}" for g, v in PRESETS.items()) + " (default: the first)",
     )
-    p.add_argument("--dim", type=int, default=2, choices=[2, 3])
+    p.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        choices=[2, 3],
+        help="; ".join(f"{g}: {d}D" for g, d in DEFAULT_DIM.items()) + " when not given",
+    )
     p.add_argument(
         "--size", type=int, default=None, help="pixels per side (generator default, e.g. 128 in 2D, 64 in 3D)"
     )

@@ -41,14 +41,12 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from monai_sal_app.data.bases import (
     BaseNotInstalled,
@@ -57,12 +55,12 @@ from monai_sal_app.data.bases import (
     rotation_matrix,
     smooth_random_field,
 )
-from monai_sal_app.data.io import write_nifti
-from monai_sal_app.data.manifest import write_manifest
+from monai_sal_app.data.dataset_writer import DatasetSpec, Subject, check_subject_args, write_dataset
 from monai_sal_app.data.shepp_logan import SUBTYPE_LABELS, SUBTYPES, Preset, subtype_counts
 
 __all__ = [
     "ATYPICAL_REGIONS",
+    "DATASET_SPEC",
     "PRESETS",
     "SLICE_Z_MM",
     "TYPICAL_REGIONS",
@@ -344,15 +342,6 @@ def _output_geometry(base: BrainBase, size: int, dim: int) -> tuple[np.ndarray, 
     return centre, spacing, base.affine @ to_template
 
 
-def _check_args(subtype: str, size: int, dim: int) -> None:
-    if subtype not in SUBTYPES:
-        raise ValueError(f"unknown subtype {subtype!r}; expected one of {SUBTYPES}")
-    if dim not in (2, 3) or isinstance(dim, bool):
-        raise ValueError(f"dim must be 2 or 3, got {dim!r}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
-        raise ValueError(f"size must be an integer >= 16, got {size!r}")
-
-
 def brain_atrophy_subject(
     subtype: str,
     size: int = 64,
@@ -370,7 +359,7 @@ def brain_atrophy_subject(
     ``mask`` is the set of voxels the atrophy changed (empty for controls and errors; module docstring).
     The random draws do not depend on the subtype or the strength.
     """
-    _check_args(subtype, size, dim)
+    check_subject_args(subtype, SUBTYPES, size, dim)
     try:
         params = BrainVariation(**variation)
     except TypeError:
@@ -425,6 +414,17 @@ def brain_atrophy_subject(
     return image.astype(np.float32), mask
 
 
+DATASET_SPEC = DatasetSpec(
+    name="brain-atrophy",
+    presets=PRESETS,
+    preset_type=AtrophyPreset,
+    subtype_counts=subtype_counts,
+    default_size={2: 128, 3: 64},
+    progress_label="brain atrophy",
+    id_prefix="ba",
+)
+
+
 def generate_brain_atrophy(
     out_dir: str | os.PathLike,
     preset: str | AtrophyPreset = "homogeneous",
@@ -443,49 +443,24 @@ def generate_brain_atrophy(
     128 (2D slices); ``base``: see :func:`load_brain_base`. Each patient's strength is drawn from the
     preset's ranges. Ids ``ba<dim>d-<preset>-<index:06d>``; identical arguments give identical files.
     """
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)} or an AtrophyPreset")
-        name, composition = preset, PRESETS[preset]
-    elif isinstance(preset, AtrophyPreset):
-        name, composition = "custom", preset
-    else:
-        raise TypeError(f"preset must be a preset name or an AtrophyPreset, got {type(preset).__name__}")
-    if size is None:
-        size = 64 if dim == 3 else 128
-    _check_args("control", size, dim)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    counts = subtype_counts(composition, per_class)
+    request = DATASET_SPEC.resolve(preset, dim, size, per_class, seed)
     template = load_brain_base(base)
-    _, _, affine = _output_geometry(template, size, dim)
+    _, _, affine = _output_geometry(template, request.size, request.dim)
+    composition = request.preset
 
-    out_dir = Path(out_dir)
-    subtypes = [s for s in SUBTYPES for _ in range(counts[s])]
-    stream = zlib.crc32(f"brain-atrophy/{name}/{dim}d/{size}/{template.name}".encode())
-    order_seed, *subject_seeds = np.random.SeedSequence([int(seed), stream]).spawn(len(subtypes) + 1)
-    order = np.random.default_rng(order_seed).permutation(len(subtypes))
-    rows = []
-    for index in tqdm(range(len(subtypes)), desc=f"brain atrophy {dim}D {name}", disable=not progress):
-        subtype = subtypes[order[index]]
-        subject_id = f"ba{dim}d-{name}-{index:06d}"
-        rng = np.random.default_rng(subject_seeds[index])
+    def make_subject(subtype: str, rng: np.random.Generator, subject_id: str) -> Subject:
         shrink = rng.uniform(*composition.shrink_mm)
         loss = rng.uniform(*composition.intensity_loss)
-        image, mask = brain_atrophy_subject(subtype, size, dim, rng, template, shrink_mm=shrink, intensity_loss=loss)
-        row = {
-            "id": subject_id,
-            "label": SUBTYPE_LABELS[subtype],
-            "subtype": subtype,
-            "image": f"images/{subject_id}.nii.gz",
-        }
-        write_nifti(image, out_dir / row["image"], affine=affine)
-        if _ATROPHIED[subtype] is not None:
-            if not mask.any():
-                raise RuntimeError(
-                    f"{subject_id}: the atrophy changed no voxel (strength {shrink:.2f} mm, {loss:.2f}); raise the preset's strength"
-                )
-            row["mask"] = f"masks/{subject_id}.nii.gz"
-            write_nifti(mask, out_dir / row["mask"], affine=affine)
-        rows.append(row)
-    return write_manifest(out_dir / "manifest.csv", rows)
+        image, mask = brain_atrophy_subject(
+            subtype, request.size, request.dim, rng, template, shrink_mm=shrink, intensity_loss=loss
+        )
+        if _ATROPHIED[subtype] is None:
+            return Subject(SUBTYPE_LABELS[subtype], subtype, image, affine=affine)
+        if not mask.any():
+            raise RuntimeError(
+                f"{subject_id}: the atrophy changed no voxel (strength {shrink:.2f} mm, {loss:.2f}); raise the preset's strength"
+            )
+        return Subject(SUBTYPE_LABELS[subtype], subtype, image, masks={"mask": mask}, affine=affine)
+
+    stream = f"brain-atrophy/{request.preset_name}/{request.dim}d/{request.size}/{template.name}"
+    return write_dataset(out_dir, request, make_subject, stream, progress)

@@ -29,22 +29,21 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from monai_sal_app.data.bases import chest_radiograph_file, deterministic_uuid, smooth_random_field
+from monai_sal_app.data.dataset_writer import DatasetSpec, Subject, require_positive_int, write_dataset
 from monai_sal_app.data.io import read_image, write_nifti
-from monai_sal_app.data.manifest import write_manifest
 from monai_sal_app.data.rsna import IMAGE_DIR, RSNA_SIZE, write_rsna_dicom, write_rsna_tables
 
 __all__ = [
     "CLASS_LABELS",
+    "DATASET_SPEC",
     "PRESETS",
     "ChestPreset",
     "ChestVariation",
@@ -71,8 +70,7 @@ class ChestPreset:
     contrast: tuple[float, float] = (0.3, 0.6)
 
     def __post_init__(self):
-        if isinstance(self.per_class, bool) or not isinstance(self.per_class, (int, np.integer)) or self.per_class < 1:
-            raise ValueError(f"per_class must be a positive integer, got {self.per_class!r}")
+        require_positive_int(self.per_class, "per_class")
         if not 1 <= self.opacities[0] <= self.opacities[1]:
             raise ValueError(f"opacities must be a (min, max) count with 1 <= min <= max, got {self.opacities!r}")
         if not 0 < self.radius[0] <= self.radius[1] < 0.5:
@@ -323,6 +321,23 @@ def _downsample(array: np.ndarray, size: int) -> np.ndarray:
     return resize(array.astype(np.float32), (size, size), order=1, anti_aliasing=True).astype(np.float32)
 
 
+def _class_counts(preset: ChestPreset, per_class: int) -> dict[str, int]:
+    """``per_class`` Normal and ``per_class`` Lung Opacity images."""
+    return {"Normal": per_class, "Lung Opacity": per_class}
+
+
+DATASET_SPEC = DatasetSpec(
+    name="chest-xray",
+    presets=PRESETS,
+    preset_type=ChestPreset,
+    subtype_counts=_class_counts,
+    default_size={2: 256},
+    max_size=RSNA_SIZE,
+    progress_label="chest X-ray",
+    draw_id=deterministic_uuid,
+)
+
+
 def generate_chest_xray(
     out_dir: str | os.PathLike,
     preset: str | ChestPreset = "train",
@@ -341,58 +356,31 @@ def generate_chest_xray(
     UUIDs drawn from the seed; sex, age and view (PA 70%, AP 30%) are drawn per subject. Identical
     arguments give identical files.
     """
-    if dim != 2 or isinstance(dim, bool):
-        raise ValueError(f"chest-xray is 2D only (radiographs); got dim={dim!r}")
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)} or a ChestPreset")
-        name, composition = preset, PRESETS[preset]
-    elif isinstance(preset, ChestPreset):
-        name, composition = "custom", preset
-    else:
-        raise TypeError(f"preset must be a preset name or a ChestPreset, got {type(preset).__name__}")
-    size = 256 if size is None else size
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 16 <= size <= RSNA_SIZE:
-        raise ValueError(f"size must be an integer in [16, {RSNA_SIZE}], got {size!r}")
-    n = composition.per_class if per_class is None else per_class
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"per_class must be a positive integer, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-
+    request = DATASET_SPEC.resolve(preset, dim, size, per_class, seed)
     out_dir = Path(out_dir)
-    classes = ["Normal"] * n + ["Lung Opacity"] * n
-    stream = zlib.crc32(f"chest-xray/{name}".encode())
-    order_seed, *subject_seeds = np.random.SeedSequence([int(seed), stream]).spawn(len(classes) + 1)
-    order_rng = np.random.default_rng(order_seed)
-    order = order_rng.permutation(len(classes))
-    rows, records = [], []
-    for index in tqdm(range(len(classes)), desc=f"chest X-ray {name}", disable=not progress):
-        class_name = classes[order[index]]
-        rng = np.random.default_rng(subject_seeds[index])
-        patient_id = deterministic_uuid(rng)
+    records = []
+
+    def make_subject(class_name: str, rng: np.random.Generator, patient_id: str) -> Subject:
+        """Write the subject's RSNA files (DICOM, full-resolution mask, table record); return its ``size`` copy."""
         sex, age, view = (
             ("F", "M")[int(rng.integers(2))],
             int(rng.integers(18, 90)),
             ("PA" if rng.random() < 0.7 else "AP"),
         )
-        image, mask, boxes, _ = chest_xray_subject(class_name == "Lung Opacity", rng, composition)
+        image, mask, boxes, _ = chest_xray_subject(class_name == "Lung Opacity", rng, request.preset)
         pixels = np.round(image * 255).astype(np.uint8)
         write_rsna_dicom(
             out_dir / IMAGE_DIR / f"{patient_id}.dcm", pixels, patient_id, sex, age, view, compress=compress
         )
         records.append({"patientId": patient_id, "class": class_name, "boxes": boxes})
-        row = {
-            "id": patient_id,
-            "label": CLASS_LABELS[class_name],
-            "subtype": class_name,
-            "image": f"images/{patient_id}.nii.gz",
-        }
-        write_nifti(_downsample(pixels / 255.0, size), out_dir / row["image"])
-        if boxes:
-            row["mask"] = f"masks/{patient_id}.nii.gz"
-            write_nifti(_downsample(mask, size) >= 0.5, out_dir / row["mask"])
-            write_nifti(mask, out_dir / "masks_1024" / f"{patient_id}.nii.gz")
-        rows.append(row)
-    write_rsna_tables(out_dir, records)
-    return write_manifest(out_dir / "manifest.csv", rows)
+        small_image = _downsample(pixels / 255.0, request.size)
+        if not boxes:
+            return Subject(CLASS_LABELS[class_name], class_name, small_image)
+        write_nifti(mask, out_dir / "masks_1024" / f"{patient_id}.nii.gz")
+        small_mask = _downsample(mask, request.size) >= 0.5
+        return Subject(CLASS_LABELS[class_name], class_name, small_image, masks={"mask": small_mask})
+
+    def write_tables() -> None:
+        write_rsna_tables(out_dir, records)
+
+    return write_dataset(out_dir, request, make_subject, f"chest-xray/{request.preset_name}", progress, write_tables)

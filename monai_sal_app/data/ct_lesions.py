@@ -31,21 +31,26 @@ the lesion. The NIfTI affine maps output voxels to the base's RAS mm (without th
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from monai_sal_app.data.bases import lung_ct_files, rotation_matrix, smooth_random_field
-from monai_sal_app.data.io import read_image, write_nifti
-from monai_sal_app.data.manifest import write_manifest
+from monai_sal_app.data.dataset_writer import (
+    DatasetSpec,
+    Subject,
+    check_subject_args,
+    require_positive_int,
+    write_dataset,
+)
+from monai_sal_app.data.io import read_image
 
 __all__ = [
     "CASES",
+    "DATASET_SPEC",
     "PRESETS",
     "SUBTYPES",
     "SUBTYPE_LABELS",
@@ -79,8 +84,7 @@ class CTPreset:
     density_hu: tuple[float, float] = (-150.0, 60.0)
 
     def __post_init__(self):
-        if isinstance(self.per_class, bool) or not isinstance(self.per_class, (int, np.integer)) or self.per_class < 1:
-            raise ValueError(f"per_class must be a positive integer, got {self.per_class!r}")
+        require_positive_int(self.per_class, "per_class")
         if not 0 <= self.real <= 1:
             raise ValueError(f"real must be a fraction in [0, 1], got {self.real!r}")
         if not 1 <= self.radius_mm[0] <= self.radius_mm[1]:
@@ -233,15 +237,6 @@ def _nodule(
     return weight, hu
 
 
-def _check_args(subtype: str, size: int, dim: int) -> None:
-    if subtype not in SUBTYPES:
-        raise ValueError(f"unknown subtype {subtype!r}; expected one of {SUBTYPES}")
-    if dim not in (2, 3) or isinstance(dim, bool):
-        raise ValueError(f"dim must be 2 or 3, got {dim!r}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
-        raise ValueError(f"size must be an integer >= 16, got {size!r}")
-
-
 def _output_offsets(size: int, dim: int, spacing_mm: float) -> np.ndarray:
     """Millimetre offsets (3, *shape) of the output voxels from the crop centre, axes (z, y, x)."""
     axis = (np.arange(size) - (size - 1) / 2.0) * spacing_mm
@@ -267,7 +262,7 @@ def ct_lesion_subject(
     voxel of the real tumour. A control and a synthetic crop drawn from generators in the same state are the
     same crop, with and without the nodule. ``variation``: keywords of :class:`CTVariation`.
     """
-    _check_args(subtype, size, dim)
+    check_subject_args(subtype, SUBTYPES, size, dim)
     try:
         params = CTVariation(**variation)
     except TypeError:
@@ -340,6 +335,23 @@ def ct_lesion_subject(
     return image.astype(np.float32), mask, case.affine @ to_native
 
 
+def _subtype_counts(preset: CTPreset, per_class: int) -> dict[str, int]:
+    """``per_class`` controls and ``per_class`` lesions, ``round(preset.real * per_class)`` of them real tumours."""
+    real = int(round(preset.real * per_class))
+    return {"control": per_class, "real": real, "synthetic": per_class - real}
+
+
+DATASET_SPEC = DatasetSpec(
+    name="ct-lesions",
+    presets=PRESETS,
+    preset_type=CTPreset,
+    subtype_counts=_subtype_counts,
+    default_size={2: 64, 3: 64},
+    progress_label="CT lesions",
+    id_prefix="ct",
+)
+
+
 def generate_ct_lesions(
     out_dir: str | os.PathLike,
     preset: str | CTPreset = "train",
@@ -356,46 +368,15 @@ def generate_ct_lesions(
     (named ``custom``); ``size`` defaults to 64 (3D crops, or 2D axial slices with ``dim=2``) at 1.5 mm.
     Ids ``ct<dim>d-<preset>-<index:06d>``; identical arguments give identical files.
     """
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)} or a CTPreset")
-        name, composition = preset, PRESETS[preset]
-    elif isinstance(preset, CTPreset):
-        name, composition = "custom", preset
-    else:
-        raise TypeError(f"preset must be a preset name or a CTPreset, got {type(preset).__name__}")
-    size = 64 if size is None else size
-    _check_args("control", size, dim)
-    n = composition.per_class if per_class is None else per_class
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"per_class must be a positive integer, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    n_real = int(round(composition.real * n))
-    subtypes = ["control"] * n + ["real"] * n_real + ["synthetic"] * (n - n_real)
+    request = DATASET_SPEC.resolve(preset, dim, size, per_class, seed)
 
-    out_dir = Path(out_dir)
-    stream = zlib.crc32(f"ct-lesions/{name}/{dim}d/{size}".encode())
-    order_seed, *subject_seeds = np.random.SeedSequence([int(seed), stream]).spawn(len(subtypes) + 1)
-    order = np.random.default_rng(order_seed).permutation(len(subtypes))
-    rows = []
-    for index in tqdm(range(len(subtypes)), desc=f"CT lesions {dim}D {name}", disable=not progress):
-        subtype = subtypes[order[index]]
-        subject_id = f"ct{dim}d-{name}-{index:06d}"
-        image, mask, affine = ct_lesion_subject(
-            subtype, size, dim, np.random.default_rng(subject_seeds[index]), composition
-        )
-        row = {
-            "id": subject_id,
-            "label": SUBTYPE_LABELS[subtype],
-            "subtype": subtype,
-            "image": f"images/{subject_id}.nii.gz",
-        }
-        write_nifti(image, out_dir / row["image"], affine=affine)
-        if subtype != "control":
-            if not mask.any():
-                raise RuntimeError(f"{subject_id}: the {subtype} lesion covers no voxel of the crop")
-            row["mask"] = f"masks/{subject_id}.nii.gz"
-            write_nifti(mask, out_dir / row["mask"], affine=affine)
-        rows.append(row)
-    return write_manifest(out_dir / "manifest.csv", rows)
+    def make_subject(subtype: str, rng: np.random.Generator, subject_id: str) -> Subject:
+        image, mask, affine = ct_lesion_subject(subtype, request.size, request.dim, rng, request.preset)
+        if subtype == "control":
+            return Subject(SUBTYPE_LABELS[subtype], subtype, image, affine=affine)
+        if not mask.any():
+            raise RuntimeError(f"{subject_id}: the {subtype} lesion covers no voxel of the crop")
+        return Subject(SUBTYPE_LABELS[subtype], subtype, image, masks={"mask": mask}, affine=affine)
+
+    stream = f"ct-lesions/{request.preset_name}/{request.dim}d/{request.size}"
+    return write_dataset(out_dir, request, make_subject, stream, progress)

@@ -25,18 +25,22 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from tqdm.auto import tqdm
 
-from monai_sal_app.data.io import write_nifti
-from monai_sal_app.data.manifest import write_manifest
+from monai_sal_app.data.dataset_writer import (
+    DatasetSpec,
+    Subject,
+    check_subject_args,
+    require_positive_int,
+    write_dataset,
+)
 
 __all__ = [
+    "DATASET_SPEC",
     "EVIDENCE_REGION",
     "PRESETS",
     "SUBTYPES",
@@ -64,8 +68,7 @@ class Preset:
     error: float
 
     def __post_init__(self):
-        if isinstance(self.per_class, bool) or not isinstance(self.per_class, (int, np.integer)) or self.per_class < 1:
-            raise ValueError(f"per_class must be a positive integer, got {self.per_class!r}")
+        require_positive_int(self.per_class, "per_class")
         fractions = (self.typical, self.atypical, self.error)
         if min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-9):
             raise ValueError(f"patient fractions typical/atypical/error must be >= 0 and sum to 1, got {fractions}")
@@ -160,15 +163,6 @@ def _grid(size: int, dim: int) -> tuple[np.ndarray, ...]:
     return centres[None, None, :], -centres[None, :, None], centres[:, None, None]
 
 
-def _check_args(subtype: str, size: int, dim: int) -> None:
-    if subtype not in SUBTYPES:
-        raise ValueError(f"unknown subtype {subtype!r}; expected one of {SUBTYPES}")
-    if dim not in (2, 3) or isinstance(dim, bool):
-        raise ValueError(f"dim must be 2 or 3, got {dim!r}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
-        raise ValueError(f"size must be an integer >= 16, got {size!r}")
-
-
 def shepp_logan_phantom(
     subtype: str,
     size: int = 128,
@@ -186,7 +180,7 @@ def shepp_logan_phantom(
     Below size 32 the three bottom ellipses can merge into fewer blobs (and in 3D at size 16 the
     bottom region can cover no voxel centre at all); use size >= 32 when the masks matter.
     """
-    _check_args(subtype, size, dim)
+    check_subject_args(subtype, SUBTYPES, size, dim)
     try:
         params = Variation(**variation)
     except TypeError:
@@ -234,9 +228,7 @@ def subtype_counts(preset: Preset, per_class: int | None = None) -> dict[str, in
     """
     if not isinstance(preset, Preset):
         raise TypeError(f"preset must be a Preset, got {type(preset).__name__}")
-    n = preset.per_class if per_class is None else per_class
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"per_class must be a positive integer, got {n!r}")
+    n = require_positive_int(preset.per_class if per_class is None else per_class, "per_class")
     patients = ("typical", "atypical", "error")
     exact = [getattr(preset, s) * n for s in patients]
     counts = [math.floor(e) for e in exact]
@@ -244,6 +236,17 @@ def subtype_counts(preset: Preset, per_class: int | None = None) -> dict[str, in
     for i in by_remainder[: n - sum(counts)]:
         counts[i] += 1
     return {"control": int(n), **{s: int(c) for s, c in zip(patients, counts)}}
+
+
+DATASET_SPEC = DatasetSpec(
+    name="shepp-logan",
+    presets=PRESETS,
+    preset_type=Preset,
+    subtype_counts=subtype_counts,
+    default_size={2: 128, 3: 64},
+    progress_label="Shepp-Logan",
+    id_prefix="sl",
+)
 
 
 def generate_shepp_logan(
@@ -265,47 +268,18 @@ def generate_shepp_logan(
     The same arguments always give identical files; the random streams also depend on the preset
     name, dim and size, so e.g. the "homogeneous" and "test" sets differ even with the same seed.
     """
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)} or a Preset")
-        name, composition = preset, PRESETS[preset]
-    elif isinstance(preset, Preset):
-        name, composition = "custom", preset
-    else:
-        raise TypeError(f"preset must be a preset name or a Preset, got {type(preset).__name__}")
-    if size is None:
-        size = 128 if dim == 2 else 64
-    _check_args("control", size, dim)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    counts = subtype_counts(composition, per_class)
+    request = DATASET_SPEC.resolve(preset, dim, size, per_class, seed)
 
-    out_dir = Path(out_dir)
-    subtypes = [s for s in SUBTYPES for _ in range(counts[s])]
-    stream = zlib.crc32(f"shepp-logan/{name}/{dim}d/{size}".encode())
-    order_seed, *subject_seeds = np.random.SeedSequence([int(seed), stream]).spawn(len(subtypes) + 1)
-    order = np.random.default_rng(order_seed).permutation(len(subtypes))
-    rows = []
-    for index in tqdm(range(len(subtypes)), desc=f"Shepp-Logan {dim}D {name}", disable=not progress):
-        subtype = subtypes[order[index]]
-        subject_id = f"sl{dim}d-{name}-{index:06d}"
-        image, masks = shepp_logan_phantom(subtype, size, dim, np.random.default_rng(subject_seeds[index]))
-        files = {
-            "image": f"images/{subject_id}.nii.gz",
-            "mask_top": f"masks/{subject_id}_top.nii.gz",
-            "mask_bottom": f"masks/{subject_id}_bottom.nii.gz",
-        }
-        write_nifti(image, out_dir / files["image"])
-        write_nifti(masks["top"], out_dir / files["mask_top"])
-        write_nifti(masks["bottom"], out_dir / files["mask_bottom"])
+    def make_subject(subtype: str, rng: np.random.Generator, subject_id: str) -> Subject:
+        image, masks = shepp_logan_phantom(subtype, request.size, request.dim, rng)
         evidence = EVIDENCE_REGION[subtype]
-        rows.append(
-            {
-                "id": subject_id,
-                "label": SUBTYPE_LABELS[subtype],
-                "subtype": subtype,
-                "mask": files[f"mask_{evidence}"] if evidence else "",
-                **files,
-            }
+        return Subject(
+            SUBTYPE_LABELS[subtype],
+            subtype,
+            image,
+            masks={"mask_top": masks["top"], "mask_bottom": masks["bottom"]},
+            evidence=f"mask_{evidence}" if evidence else None,
         )
-    return write_manifest(out_dir / "manifest.csv", rows)
+
+    stream = f"shepp-logan/{request.preset_name}/{request.dim}d/{request.size}"
+    return write_dataset(out_dir, request, make_subject, stream, progress)
