@@ -1,9 +1,9 @@
-"""Tiny checkpoints, images in every input format, and HTTP helpers for the server tests.
+"""Files the tests read, and HTTP helpers for the server tests.
 
-Images are smooth random fields (non-constant, finite) written as PNG, DICOM (MONOCHROME1 with a
-PixelSpacing), 2D NIfTI stored as (H, W, 1), 3D NIfTI with an oblique affine and NRRD with a
-non-trivial direction, so that geometry mistakes (a transposed or dropped axis, a lost spacing
-or origin) show up as failures.
+Tiny checkpoints (a real conv5-fc3 and its card), and smooth random images written as PNG, DICOM
+(MONOCHROME1 with a PixelSpacing), 2D NIfTI stored as (H, W, 1), 3D NIfTI with an oblique affine
+and NRRD with a non-trivial direction, so that geometry mistakes (a transposed or dropped axis, a
+lost spacing or origin) show up as failures. The DICOM and NRRD writers also serve the reader tests.
 """
 
 from __future__ import annotations
@@ -13,37 +13,23 @@ from pathlib import Path
 
 import numpy as np
 import requests
-import torch
+from conftest import tiny_card, tiny_conv5fc3
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 from scipy import ndimage
 
 from monai_sal_app.data.io import write_nifti
-from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.checkpoint import save_classifier
-from monai_sal_app.models.factory import build_classifier
 
-TINY_CHANNELS = [4, 4, 8, 8, 8]
-LABELS = ["control", "patient"]
-INPUT_SIZE = {2: [32, 32], 3: [16, 16, 16]}
 DICOM_SPACING = (0.5, 0.7)  # (row, column) mm
+# SOP class by modality: Secondary Capture Image Storage; Digital X-Ray Image Storage - For Presentation
+DICOM_STORAGE = {"OT": "1.2.840.10008.5.1.4.1.1.7", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
 
 
 def save_tiny_checkpoint(path: Path, spatial_dims: int, seed: int = 0, **card_fields) -> Path:
-    """An untrained conv5-fc3 with channels (4, 4, 8, 8, 8), saved as a real checkpoint + card
-    (``card_fields``: further ModelCard fields, e.g. ``decision_threshold``)."""
-    torch.manual_seed(seed)
-    model = build_classifier("conv5fc3", spatial_dims, channels=TINY_CHANNELS)
-    card = ModelCard(
-        architecture="conv5fc3",
-        spatial_dims=spatial_dims,
-        in_channels=1,
-        num_classes=2,
-        labels=LABELS,
-        input_size=INPUT_SIZE[spatial_dims],
-        arch_kwargs={"channels": TINY_CHANNELS},
-        **card_fields,
-    )
-    return save_classifier(model, path, card)
+    """An untrained ``conftest.tiny_conv5fc3`` (weights seeded with ``seed``) saved at ``path`` as a
+    real checkpoint + ``conftest.tiny_card`` (``card_fields``: further or other ModelCard fields,
+    e.g. ``decision_threshold``)."""
+    return save_classifier(tiny_conv5fc3(spatial_dims, seed=seed), path, tiny_card(spatial_dims, **card_fields))
 
 
 def smooth_field(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -54,31 +40,46 @@ def smooth_field(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 def write_png(array: np.ndarray, path: Path) -> Path:
+    """An 8-bit grayscale PNG of ``array`` (rows, cols) with values in [0, 1]."""
     from PIL import Image
 
     Image.fromarray(np.round(array * 255).astype(np.uint8)).save(path)
     return path
 
 
-def write_dicom_xray(raw: np.ndarray, path: Path, monochrome1: bool = True) -> Path:
-    """A single-frame DX DICOM of uint16 ``raw`` (rows, cols) with PixelSpacing :data:`DICOM_SPACING`."""
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    modality: str = "OT",
+    bits_stored: int = 16,
+    spacing: tuple[float, float] | None = None,
+    slope: float | None = None,
+    intercept: float | None = None,
+) -> Path:
+    """A single-frame DICOM of ``pixels`` (rows, cols) stored as uint16, ``bits_stored`` of them
+    used; ``modality`` "OT" (Secondary Capture) or "DX" (digital X-ray); optional PixelSpacing
+    (row, column) in mm and RescaleSlope/RescaleIntercept."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPClassUID = DICOM_STORAGE[modality]
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.is_little_endian, ds.is_implicit_VR = True, False
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = raw.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelSpacing = [str(DICOM_SPACING[0]), str(DICOM_SPACING[1])]
-    ds.PixelData = raw.astype(np.uint16).tobytes()
+    ds.Modality = modality
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if spacing is not None:
+        ds.PixelSpacing = [str(s) for s in spacing]
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
     ds.save_as(str(path), write_like_original=False)
     return path
 
@@ -95,14 +96,23 @@ def oblique_affine(
     return affine
 
 
-def write_nrrd(array: np.ndarray, path: Path, spacing: tuple, origin: tuple, direction: np.ndarray) -> Path:
-    """NRRD through ITK: ``array`` in numpy (z, y, x) order; spacing/origin (x, y, z); LPS direction."""
+def write_nrrd(
+    array: np.ndarray,
+    path: Path,
+    spacing: tuple = (1.0, 1.0, 1.0),
+    origin: tuple = (0.0, 0.0, 0.0),
+    direction: np.ndarray | None = None,
+) -> Path:
+    """NRRD through ITK, in ``array``'s dtype: ``array`` in numpy (z, y, x) order; spacing/origin
+    (x, y, z); ``direction`` a 3x3 LPS matrix (identity when None). Creates the parent folder."""
     import itk
 
-    image = itk.image_from_array(np.ascontiguousarray(array, dtype=np.float32))
+    image = itk.image_from_array(np.ascontiguousarray(array))
     image.SetSpacing([float(s) for s in spacing])
     image.SetOrigin([float(o) for o in origin])
-    image.SetDirection(itk.matrix_from_array(np.asarray(direction, dtype=np.float64)))
+    direction = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64)
+    image.SetDirection(itk.matrix_from_array(direction))
+    path.parent.mkdir(parents=True, exist_ok=True)
     itk.imwrite(image, str(path))
     return path
 
@@ -118,7 +128,10 @@ def make_studies(studies: Path) -> dict[str, dict]:
     items["xray_png"] = {"path": write_png(png, studies / "xray_png.png"), "dim": 2, "mask": None}
 
     raw = np.round(smooth_field((44, 52), seed=2) * 4000 + 10).astype(np.uint16)
-    items["xray_dcm"] = {"path": write_dicom_xray(raw, studies / "xray_dcm.dcm"), "dim": 2, "mask": None, "raw": raw}
+    xray = write_dicom(
+        studies / "xray_dcm.dcm", raw, photometric="MONOCHROME1", modality="DX", bits_stored=12, spacing=DICOM_SPACING
+    )
+    items["xray_dcm"] = {"path": xray, "dim": 2, "mask": None, "raw": raw}
 
     ct2d = smooth_field((36, 40), seed=3)
     affine2d = np.diag([0.8, 0.6, 2.0, 1.0])

@@ -26,62 +26,12 @@ def run(*argv: str) -> int:
 def trained(tmp_path_factory):
     """A tiny 2D dataset, test set and a conv5fc3 trained for two epochs on it."""
     root = tmp_path_factory.mktemp("cli")
-    assert (
-        run(
-            "data",
-            "shepp-logan",
-            "--preset",
-            "homogeneous",
-            "--dim",
-            "2",
-            "--size",
-            "32",
-            "--per-class",
-            "8",
-            "--out",
-            str(root / "train"),
-        )
-        == 0
-    )
-    assert (
-        run(
-            "data",
-            "shepp-logan",
-            "--preset",
-            "test",
-            "--dim",
-            "2",
-            "--size",
-            "32",
-            "--per-class",
-            "3",
-            "--seed",
-            "1",
-            "--out",
-            str(root / "test"),
-        )
-        == 0
-    )
-    assert (
-        run(
-            "train",
-            "--data",
-            str(root / "train" / "manifest.csv"),
-            "--test",
-            str(root / "test" / "manifest.csv"),
-            "--epochs",
-            "2",
-            "--aug",
-            "noise,croppad",
-            "--loss",
-            "l1norm",
-            "--labels",
-            "control,patient",
-            "--out",
-            str(root / "model.pt"),
-        )
-        == 0
-    )
+    shepp_logan = ["data", "shepp-logan", "--dim", "2", "--size", "32"]
+    assert run(*shepp_logan, "--preset", "homogeneous", "--per-class", "8", "--out", str(root / "train")) == 0
+    assert run(*shepp_logan, "--preset", "test", "--per-class", "3", "--seed", "1", "--out", str(root / "test")) == 0
+    manifests = ["--data", str(root / "train" / "manifest.csv"), "--test", str(root / "test" / "manifest.csv")]
+    options = ["--epochs", "2", "--aug", "noise,croppad", "--loss", "l1norm", "--labels", "control,patient"]
+    assert run("train", *manifests, *options, "--out", str(root / "model.pt")) == 0
     return root
 
 
@@ -107,42 +57,22 @@ def test_train_writes_state_dict_and_card(trained):
 
 
 def test_train_resizes_to_the_requested_input_size(trained, tmp_path, capsys):
-    manifest = str(trained / "train" / "manifest.csv")
-    assert (
-        run("train", "--data", manifest, "--epochs", "1", "--input-size", "16", "--out", str(tmp_path / "small.pt"))
-        == 0
-    )
+    one_epoch = ["train", "--data", str(trained / "train" / "manifest.csv"), "--epochs", "1"]
+    assert run(*one_epoch, "--input-size", "16", "--out", str(tmp_path / "small.pt")) == 0
     assert json.loads((tmp_path / "small.json").read_text())["input_size"] == [16, 16]
-    assert (
-        run("train", "--data", manifest, "--epochs", "1", "--input-size", "24,16", "--out", str(tmp_path / "wide.pt"))
-        == 0
-    )
+    assert run(*one_epoch, "--input-size", "24,16", "--out", str(tmp_path / "wide.pt")) == 0
     assert json.loads((tmp_path / "wide.json").read_text())["input_size"] == [24, 16]
     capsys.readouterr()
-    assert run("train", "--data", manifest, "--input-size", "big", "--out", str(tmp_path / "bad.pt")) == 2
+    assert run(*one_epoch, "--input-size", "big", "--out", str(tmp_path / "bad.pt")) == 2
     assert "--input-size takes one int" in capsys.readouterr().err
     assert not (tmp_path / "bad.pt").exists()
 
 
 def test_explain_then_evaluate(trained, tmp_path):
     out = tmp_path / "maps"
-    assert (
-        run(
-            "explain",
-            "--model",
-            str(trained / "model.pt"),
-            str(trained / "test" / "manifest.csv"),
-            "--method",
-            "gradient,gradcam",
-            "--postprocess",
-            "abs",
-            "--overlays",
-            "2",
-            "--out",
-            str(out),
-        )
-        == 0
-    )
+    options = ["--method", "gradient,gradcam", "--postprocess", "abs", "--overlays", "2"]
+    model, manifest = str(trained / "model.pt"), str(trained / "test" / "manifest.csv")
+    assert run("explain", "--model", model, manifest, *options, "--out", str(out)) == 0
     rows = list(csv.DictReader(Path(out / "maps.csv").read_text().splitlines()))
     assert len(rows) == 12 and {r["method"] for r in rows} == {"gradient", "gradcam"}
     first = rows[0]
@@ -178,19 +108,8 @@ def test_explain_image_files_on_their_own_grid(trained, tmp_path):
     affine[:3, 3] = [10, -5, 3]
     path = tmp_path / "case.nii.gz"
     nib.save(nib.Nifti1Image(big, affine), path)
-    assert (
-        run(
-            "explain",
-            "--model",
-            str(trained / "model.pt"),
-            str(path),
-            "--method",
-            "gradcam",
-            "--out",
-            str(tmp_path / "o"),
-        )
-        == 0
-    )
+    model = str(trained / "model.pt")
+    assert run("explain", "--model", model, str(path), "--method", "gradcam", "--out", str(tmp_path / "o")) == 0
     out = nib.load(tmp_path / "o" / "maps" / "gradcam" / "case.nii.gz")
     assert out.shape == (64, 64)
     np.testing.assert_allclose(out.affine, affine)

@@ -7,53 +7,11 @@ import copy
 import pytest
 import torch
 from captum.attr import LayerAttribution, LayerGradCam, Saliency
-from monai.networks.nets import DenseNet121, ResNet
+from conftest import SMALL_PARAMS, QuadrantModel, images_for, small_params, tiny_cnn, tiny_densenet, tiny_resnet
 from torch import nn
 
 from monai_sal_app.saliency import available_methods, explain
 from monai_sal_app.saliency.gradcam import _capture_layer
-
-
-def tiny_cnn(spatial_dims: int, in_channels: int = 1, num_classes: int = 3) -> nn.Module:
-    """A small CNN with batch norm, dropout and in-place ReLUs: all things explain() must restore."""
-    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-    norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
-    pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
-    torch.manual_seed(0)
-    return nn.Sequential(
-        conv(in_channels, 6, 3, padding=1),
-        norm(6),
-        nn.ReLU(inplace=True),
-        conv(6, 8, 3, padding=1, stride=2),
-        norm(8),
-        nn.ReLU(inplace=True),
-        pool(1),
-        nn.Flatten(),
-        nn.Dropout(0.3),
-        nn.Linear(8, num_classes),
-    )
-
-
-def tiny_resnet(spatial_dims: int) -> nn.Module:
-    torch.manual_seed(0)
-    return ResNet("basic", [1, 1, 1, 1], [4, 4, 8, 8], spatial_dims=spatial_dims, n_input_channels=1, num_classes=2)
-
-
-def tiny_densenet(spatial_dims: int) -> nn.Module:
-    torch.manual_seed(0)
-    return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=2, init_features=4, growth_rate=4)
-
-
-@pytest.fixture(params=[2, 3], ids=["2d", "3d"])
-def dims(request):
-    return request.param
-
-
-def images_for(spatial_dims: int, n: int = 4, channels: int = 1, side: int | None = None) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    side = side or (32 if spatial_dims == 2 else 16)
-    return torch.rand((n, channels, *(side,) * spatial_dims), generator=g)
-
 
 # Sides that leave a final feature map of more than one voxel (ResNet /16, DenseNet121 /32), so that
 # Grad-CAM maps are not all zero and the captum comparison means something.
@@ -92,9 +50,8 @@ def test_batch_size_chunks_give_same_maps(dims):
     model = tiny_cnn(dims)
     x = images_for(dims, n=5)
     for method in ("gradient", "gradcam"):
-        torch.testing.assert_close(
-            explain(model, x, method, batch_size=2), explain(model, x, method), rtol=1e-5, atol=1e-6
-        )
+        chunked = explain(model, x, method, batch_size=2)
+        torch.testing.assert_close(chunked, explain(model, x, method), rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_matches_captum_saliency(dims):
@@ -149,63 +106,14 @@ def test_gradcam_default_layer_is_last_feature_block(dims, arch, expected):
 
 
 def test_gradcam_is_not_inverted_on_a_model_with_known_evidence():
-    """Feature channel 0 sees only the top-left quadrant and drives class 1; channel 1 sees only the
-    bottom-right one and drives class 0. Grad-CAM for class 1 must light the top-left, not the rest."""
-
-    class QuadrantFeatures(nn.Module):
-        def forward(self, x):
-            top_left, bottom_right = torch.zeros_like(x), torch.zeros_like(x)
-            top_left[..., :16, :16] = 1
-            bottom_right[..., 16:, 16:] = 1
-            return torch.cat([x * top_left, x * bottom_right], 1)
-
-    class QuadrantModel(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.probe = nn.Conv2d(1, 1, 1)  # gives explain() the model's spatial dims; unused
-            self.features = QuadrantFeatures()
-
-        def forward(self, x):
-            a = self.features(x)
-            return torch.stack([a[:, 1].mean((1, 2)), a[:, 0].mean((1, 2))], 1)
-
+    """QuadrantModel: feature channel 0 sees only the top-left quadrant and drives class 1; channel 1
+    sees only the bottom-right one and drives class 0. Grad-CAM for class 1 must light the top-left,
+    not the rest."""
     x = torch.rand(2, 1, 32, 32) + 0.5
     cam = explain(QuadrantModel(), x, "gradcam", target=1)[:, 0]
     assert cam[:, :14, :14].min() > 0
     assert cam[:, 18:, 18:].abs().max() == 0
     assert cam[:, 18:, :14].abs().max() == 0
-
-
-@pytest.mark.parametrize("method", ["gradient", "gradcam"])
-def test_model_and_input_left_untouched(method):
-    model = tiny_cnn(2)
-    model.train()
-    model[4].eval()  # a mixed-mode model: each module's own flag must come back
-    model[0].weight.requires_grad_(False)
-    x = images_for(2)
-    x_before = x.clone()
-    state_before = {k: v.clone() for k, v in model.state_dict().items()}
-    modes = [m.training for m in model.modules()]
-    grads = [p.requires_grad for p in model.parameters()]
-    explain(model, x, method)
-    assert [m.training for m in model.modules()] == modes
-    assert [p.requires_grad for p in model.parameters()] == grads
-    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
-    for m in model.modules():
-        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-    assert all(p.grad is None for p in model.parameters())
-    for k, v in model.state_dict().items():  # batch-norm running stats unchanged (eval during explain)
-        torch.testing.assert_close(v, state_before[k])
-    torch.testing.assert_close(x, x_before)
-    assert not x.requires_grad
-
-
-def test_model_restored_after_a_failing_method():
-    model = tiny_cnn(2).train()
-    with pytest.raises(ValueError, match="not a module"):
-        explain(model, images_for(2), "gradcam", layer="no.such.layer")
-    assert model.training and all(p.requires_grad for p in model.parameters())
-    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
 
 
 @pytest.mark.parametrize(
@@ -237,38 +145,29 @@ def test_bad_arguments_raise_clear_errors():
         explain(model, x.long(), "gradient")
     with pytest.raises(TypeError, match=r"torch.Tensor"):
         explain(model, x.numpy(), "gradient")
+    with pytest.raises(ValueError, match=r"not a module"):
+        explain(model, x, "gradcam", layer="no.such.layer")
 
 
-# The cheapest work of every registered method (a new method must be added here).
-CHEAP = {
-    "gradient": {},
-    "gradient_x_input": {},
-    "gradcam": {},
-    "guided_backprop": {},
-    "guided_gradcam": {},
-    "smoothgrad": {"n_samples": 2},
-    "integrated_gradients": {"steps": 2},
-    "smoothgrad_ig": {"n_samples": 1, "steps": 2},
-    "occlusion": {"window": 16, "stride": 16},
-    "xrai": {"steps": 2},
-    "meaningful_perturbation": {"steps": 1},
-}
+def test_small_params_are_parameters_of_registered_methods():
+    """conftest's SMALL_PARAMS cannot go stale: each entry names a registered method and only
+    parameters that method takes."""
+    methods = available_methods()
+    for method, params in SMALL_PARAMS.items():
+        assert method in methods
+        assert set(params) <= set(methods[method]["defaults"]), method
 
 
-def test_cheap_work_covers_every_method():
-    assert set(CHEAP) == set(available_methods())
-
-
-@pytest.mark.parametrize("method", sorted(CHEAP))
+@pytest.mark.parametrize("method", sorted(available_methods()))
 def test_a_given_target_is_checked_without_an_extra_forward_pass(method):
     model, x = tiny_cnn(2), images_for(2, n=2)
     rows = []
     handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:
         with pytest.raises(ValueError, match=r"out of range for a model with 3 classes"):
-            explain(model, x, method, target=[0, 3], **CHEAP[method])
+            explain(model, x, method, target=[0, 3], **small_params(method))
         with pytest.raises(ValueError, match=r"out of range"):
-            explain(model, x, method, target=-1, **CHEAP[method])
+            explain(model, x, method, target=-1, **small_params(method))
         rows.clear()
         explain(model, x, "gradient", target=[0, 2])
     finally:

@@ -8,8 +8,7 @@ import nibabel
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from server_fixtures import write_dicom
 
 from monai_sal_app.data.io import ImageError, check_image, read_image, write_nifti
 from monai_sal_app.data.manifest import COLUMNS, load_images, load_labels, read_manifest, write_manifest
@@ -147,27 +146,6 @@ def test_colour_png_and_jpeg_become_grayscale(tmp_path):
 
 
 # ---------------------------------------------------------------- DICOM
-
-
-def write_dicom(path, pixels, photometric="MONOCHROME2", slope=None, intercept=None, spacing=None):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.is_little_endian, ds.is_implicit_VR = True, False
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    if slope is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if spacing is not None:
-        ds.PixelSpacing = list(spacing)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(str(path), write_like_original=False)
-    return path
 
 
 def test_dicom_rescale_and_pixel_spacing(tmp_path):

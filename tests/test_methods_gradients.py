@@ -1,5 +1,6 @@
 """Gradient-family, guided and occlusion methods: agreement with captum and with hand-written
-references, IG completeness, no trace on model/input/torch, chunking, and post-processing.
+references, IG completeness, chunking, and post-processing (no trace on model, input or torch:
+test_no_trace.py).
 
 How each method is matched (all to float32 precision, 2D and 3D, batches with mixed targets):
 * gradient_x_input, guided_backprop, guided_gradcam, occlusion: captum's InputXGradient,
@@ -22,7 +23,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from captum.attr import (
     GuidedBackprop,
     GuidedGradCam,
@@ -32,7 +32,7 @@ from captum.attr import (
     Occlusion,
     Saliency,
 )
-from monai.networks.nets import DenseNet121, ResNet
+from conftest import FunctionalReluNet, SmoothNet, TopLeftEvidence, images_for, tiny_densenet, tiny_resnet
 from scipy.ndimage import gaussian_filter
 from torch import nn
 from torch.overrides import _get_current_function_mode_stack
@@ -45,23 +45,8 @@ from monai_sal_app.saliency.occlusion import occlusion_geometry
 from monai_sal_app.saliency.postprocess import clip_percentile, postprocess
 from monai_sal_app.saliency.smoothgrad import noise_levels, noise_patterns
 
-
-def relu_functions() -> dict:
-    """Every ReLU entry point a guided backprop implementation might patch."""
-    return {
-        "torch.relu": torch.relu,
-        "torch.relu_": torch.relu_,
-        "F.relu": F.relu,
-        "F.relu_": F.relu_,
-        "Tensor.relu": torch.Tensor.relu,
-        "Tensor.relu_": torch.Tensor.relu_,
-        "nn.ReLU.forward": nn.ReLU.forward,
-    }
-
-
-ORIGINAL_RELUS = relu_functions()
-
-# Small but non-trivial settings for the multi-pass methods (tests not about these counts).
+# Small but non-trivial settings for the multi-pass methods (tests not about these counts): more
+# than conftest's SMALL_PARAMS, so that chunks and one-by-one runs have several passes to split.
 FAST = {
     "gradient_x_input": {},
     "smoothgrad": {"n_samples": 3},
@@ -72,43 +57,6 @@ FAST = {
     "occlusion": {"window": 8, "stride": 8},
 }
 METHODS = list(FAST)
-
-
-def tiny_resnet(spatial_dims: int) -> nn.Module:
-    torch.manual_seed(0)
-    return ResNet(
-        "basic", [1, 1, 1, 1], [4, 4, 8, 8], spatial_dims=spatial_dims, n_input_channels=1, num_classes=2
-    ).eval()
-
-
-def tiny_densenet(spatial_dims: int) -> nn.Module:
-    torch.manual_seed(0)
-    return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=2, init_features=4, growth_rate=4).eval()
-
-
-class FunctionalReluNet(nn.Module):
-    """ReLUs called as torch.relu, F.relu(inplace=True) and Tensor.relu_ inside forward; or, with
-    ``relu`` given, that function at the same three places (for a hand-written reference)."""
-
-    def __init__(self, spatial_dims: int, in_channels: int = 1, relu=None):
-        super().__init__()
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        torch.manual_seed(0)
-        self.conv1 = conv(in_channels, 6, 3, padding=1)
-        self.conv2 = conv(6, 6, 3, padding=1, stride=2)
-        self.conv3 = conv(6, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 3)
-        self.relu = relu
-
-    def forward(self, x):
-        if self.relu is None:
-            x = torch.relu(self.conv1(x))
-            x = F.relu(self.conv2(x), inplace=True)
-            x = self.conv3(x)
-            x.relu_()
-        else:
-            x = self.relu(self.conv3(self.relu(self.conv2(self.relu(self.conv1(x))))))
-        return self.fc(x.flatten(2).mean(2))
 
 
 class ReferenceGuidedReLU(torch.autograd.Function):
@@ -123,31 +71,6 @@ class ReferenceGuidedReLU(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad * (x > 0) * (grad > 0)
-
-
-class SmoothNet(nn.Module):
-    """Softplus/tanh network pooled by mean and mean square (so a blur changes its output): IG's
-    trapezoid rule converges smoothly on it."""
-
-    def __init__(self, spatial_dims: int):
-        super().__init__()
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        torch.manual_seed(0)
-        self.conv1 = conv(1, 4, 3, padding=1)
-        self.conv2 = conv(4, 4, 3, padding=1)
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.conv2(F.softplus(self.conv1(x)))).flatten(2)
-        return 10 * self.fc(torch.cat([h.mean(2), (h * h).mean(2)], 1))
-
-
-def images_for(
-    spatial_dims: int, n: int = 3, channels: int = 1, side: int | None = None, seed: int = 1
-) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    side = side or (32 if spatial_dims == 2 else 16)
-    return torch.rand((n, channels, *(side,) * spatial_dims), generator=g)
 
 
 def mixed_targets(n: int) -> torch.Tensor:
@@ -165,11 +88,6 @@ def without_inplace(model: nn.Module) -> nn.Module:
 
 def interpolation(spatial_dims: int) -> str:
     return "bilinear" if spatial_dims == 2 else "trilinear"
-
-
-@pytest.fixture(params=[2, 3], ids=["2d", "3d"])
-def dims(request):
-    return request.param
 
 
 # ---------------------------------------------------------------- gradient x input
@@ -227,7 +145,7 @@ def test_smoothgrad_matches_a_reference_loop_over_our_noise(dims):
 
 
 def test_smoothgrad_noise_is_seeded_and_not_the_global_generator():
-    model, x = tiny_resnet(2), images_for(2)
+    model, x = tiny_resnet(2), images_for(2, n=3)
     torch.manual_seed(123)
     first = explain(model, x, "smoothgrad", n_samples=3, seed=5)
     torch.manual_seed(999)
@@ -319,7 +237,7 @@ def test_smoothgrad_ig_matches_captum_noise_tunnel_over_ig(dims):
 @pytest.mark.parametrize("arch,dims", [("resnet", 2), ("resnet", 3), ("densenet", 2)])
 def test_guided_backprop_matches_captum_on_relu_modules(arch, dims):
     model = {"resnet": tiny_resnet, "densenet": tiny_densenet}[arch](dims)
-    x = images_for(dims, side=64 if arch == "densenet" else None)
+    x = images_for(dims, n=3, side=64 if arch == "densenet" else None)
     target = mixed_targets(3)
     ours = explain(model, x, "guided_backprop", target=target)
     theirs = GuidedBackprop(without_inplace(model)).attribute(x.clone(), target=target).sum(1, keepdim=True)
@@ -344,7 +262,7 @@ def test_guided_backprop_on_functional_relus_equals_a_hand_written_guided_net(di
 def test_guided_backprop_refuses_a_model_without_relu():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.LeakyReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
     with pytest.raises(ValueError, match="needs ReLU"):
-        explain(model, images_for(2), "guided_backprop")
+        explain(model, images_for(2, n=3), "guided_backprop")
 
 
 @pytest.mark.parametrize(
@@ -354,7 +272,7 @@ def test_guided_backprop_refuses_a_model_without_relu():
 )
 def test_guided_gradcam_matches_captum(arch, dims, layer_name):
     model = {"resnet": tiny_resnet, "densenet": tiny_densenet}[arch](dims)
-    x = images_for(dims, side=64 if arch == "densenet" else None)
+    x = images_for(dims, n=3, side=64 if arch == "densenet" else None)
     target = mixed_targets(3)
     ours = explain(model, x, "guided_gradcam", target=target, layer=layer_name)
     nonzero = ours.flatten(1).abs().amax(1) > 0
@@ -409,19 +327,9 @@ def test_occlusion_default_windows_scale_with_the_image():
 
 
 def test_occlusion_finds_the_only_evidence():
-    """Class 1's probability rises with the mean of the top-left 8x8 block only: occluding it (to 0)
-    lowers the probability, occluding anything else changes nothing."""
-
-    class TopLeft(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.probe = nn.Conv2d(1, 1, 1)  # gives explain() the spatial dims; unused
-
-        def forward(self, x):
-            evidence = x[:, 0, :8, :8].mean((1, 2))
-            return torch.stack([torch.zeros_like(evidence), 4 * evidence], 1)
-
-    maps = explain(TopLeft(), torch.rand(2, 1, 32, 32) + 0.5, "occlusion", target=1, window=8, stride=8)[:, 0]
+    """TopLeftEvidence: class 1's probability rises with the mean of the top-left 8x8 block only:
+    occluding it (to 0) lowers the probability, occluding anything else changes nothing."""
+    maps = explain(TopLeftEvidence(), torch.rand(2, 1, 32, 32) + 0.5, "occlusion", target=1, window=8, stride=8)[:, 0]
     assert (maps[:, :8, :8] > 0).all()
     assert maps[:, 8:, :].abs().max() == 0 and maps[:, :, 8:].abs().max() == 0
 
@@ -443,81 +351,6 @@ def test_shapes_chunking_and_mixed_target_batches(dims, method):
     for i in range(3):
         single = explain(model, x[i : i + 1], method, target=int(target[i]), **FAST[method])
         torch.testing.assert_close(automatic[i : i + 1], single, rtol=1e-4, atol=1e-7)
-
-
-def _model_state(model: nn.Module):
-    return (
-        [m.training for m in model.modules()],
-        [p.requires_grad for p in model.parameters()],
-        [m.inplace for m in model.modules() if isinstance(getattr(m, "inplace", None), bool)],
-        {k: v.clone() for k, v in model.state_dict().items()},
-    )
-
-
-def _assert_no_trace(model: nn.Module, before) -> None:
-    modes, grads, inplace, state = before
-    assert [m.training for m in model.modules()] == modes
-    assert [p.requires_grad for p in model.parameters()] == grads
-    assert [m.inplace for m in model.modules() if isinstance(getattr(m, "inplace", None), bool)] == inplace
-    for m in model.modules():
-        hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
-        assert not any(hooks), type(m).__name__
-        assert "forward" not in vars(m)  # no instance-level forward replacement
-    assert all(p.grad is None for p in model.parameters())
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, state[k])
-    assert relu_functions() == ORIGINAL_RELUS
-    assert _get_current_function_mode_stack() == []
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_no_trace_on_model_input_or_torch(method):
-    model = tiny_resnet(2).train()
-    model.layer2.eval()  # mixed modes: each module's own flag must come back
-    model.conv1.weight.requires_grad_(False)
-    x = images_for(2, n=2)
-    x_before = x.clone()
-    before = _model_state(model)
-    rng_before = torch.get_rng_state()
-    maps = explain(model, x, method, target=[0, 1], **FAST[method])
-    assert maps.shape == (2, 1, 32, 32)
-    _assert_no_trace(model, before)
-    assert torch.equal(x, x_before) and not x.requires_grad
-    assert torch.equal(torch.get_rng_state(), rng_before)  # noise comes from the method's own generator
-
-
-class FailsOnCall(nn.Module):
-    """Calls ReLUs (module and functional) and raises on its ``fail_at``-th forward call, so the
-    failure happens inside a method rather than in explain's own target resolution (call 1)."""
-
-    def __init__(self, fail_at: int):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3)
-        self.act = nn.ReLU(inplace=True)
-        self.fail_at, self.calls = fail_at, 0
-
-    def forward(self, x):
-        self.calls += 1
-        x = torch.relu(self.act(self.conv(x)))
-        if self.calls >= self.fail_at:
-            raise RuntimeError("boom")
-        return x.mean((2, 3))
-
-
-@pytest.mark.parametrize(
-    "method,fail_at",
-    # a given target costs no forward pass, so call 1 is the method's first (guided_gradcam's one
-    # forward serves both its backward passes); occlusion: call 2 is its second chunk of rows
-    [("guided_backprop", 1), ("guided_gradcam", 1), ("smoothgrad", 1), ("integrated_gradients", 1), ("occlusion", 2)],
-)
-def test_no_trace_after_a_failure_inside_a_method(method, fail_at):
-    model = FailsOnCall(fail_at).train()
-    before = _model_state(model)
-    params = {k: v for k, v in FAST[method].items() if k != "layer"}
-    with pytest.raises(RuntimeError, match="boom"):
-        explain(model, images_for(2, n=2), method, target=0, batch_size=2, **params)
-    assert model.calls == fail_at
-    _assert_no_trace(model, before)
 
 
 def test_guided_relus_context_is_gone_after_an_exception():

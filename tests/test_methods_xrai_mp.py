@@ -9,7 +9,7 @@ import pytest
 import scipy.ndimage as ndi
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
+from conftest import BlobModel, blob_mask, tiny_cnn
 from saliency.core import XRAI, XRAIParameters
 from saliency.core import xrai as pair_xrai
 from saliency.core.base import INPUT_OUTPUT_GRADIENTS
@@ -26,36 +26,6 @@ from monai_sal_app.saliency.xrai import (
     select_regions,
     xrai_regions,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads spinning against other
-    processes made these small models 10-20x slower. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_cnn(spatial_dims: int, in_channels: int = 1, num_classes: int = 3) -> nn.Module:
-    """Batch norm, dropout and in-place ReLUs: all things a method must leave as they were."""
-    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-    norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
-    pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
-    torch.manual_seed(0)
-    return nn.Sequential(
-        conv(in_channels, 6, 3, padding=1),
-        norm(6),
-        nn.ReLU(inplace=True),
-        conv(6, 8, 3, padding=1, stride=2),
-        norm(8),
-        nn.ReLU(inplace=True),
-        pool(1),
-        nn.Flatten(),
-        nn.Dropout(0.3),
-        nn.Linear(8, num_classes),
-    )
 
 
 def textured_images(spatial_dims: int, n: int, side: int, channels: int = 1, seed: int = 1) -> torch.Tensor:
@@ -256,41 +226,9 @@ def test_xrai_bad_parameters_raise():
 # ------------------------------------------------------------------------ meaningful perturbation
 
 
-class BlobModel(nn.Module):
-    """Class k (k >= 1) fires on a bright blob inside window k: centre-surround filter (3-pixel
-    minus 9-pixel box means), ReLU, mean over the window; class 0 is a constant logit. 2D or 3D.
-    A blurred blob (the perturbation's deleted content) scores below the threshold."""
-
-    def __init__(self, spatial_dims: int, side: int, centres, radius: float = 4.0):
-        super().__init__()
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        self.probe = conv(1, 1, 1)  # gives explain() the model's spatial dims; unused
-        self.pool = F.avg_pool2d if spatial_dims == 2 else F.avg_pool3d
-        self.register_buffer("windows", torch.stack([blob_mask(spatial_dims, side, c, radius) for c in centres]))
-
-    def box_mean(self, x, width):
-        """Mean over a box of side ``width`` (valid pixels only), one axis at a time."""
-        dims = x.ndim - 2
-        for axis in range(dims):
-            kernel = [1] * dims
-            kernel[axis] = width
-            x = self.pool(x, tuple(kernel), 1, tuple(k // 2 for k in kernel), count_include_pad=False)
-        return x
-
-    def forward(self, x):
-        response = F.relu(self.box_mean(x, 3) - self.box_mean(x, 9))
-        score = 10 * (response * self.windows).flatten(2).sum(2) / self.windows.flatten(1).sum(1)
-        return torch.cat([torch.zeros_like(score[:, :1]), 4.0 * (score - 1.6)], 1)
-
-
-def blob_mask(spatial_dims: int, side: int, centre, radius: float) -> torch.Tensor:
-    grid = torch.stack(torch.meshgrid(*[torch.arange(float(side))] * spatial_dims, indexing="ij"))
-    return (
-        ((grid - torch.tensor(centre, dtype=torch.float32).view(-1, *[1] * spatial_dims)) ** 2).sum(0) <= radius**2
-    ).float()
-
-
 def blob_images(spatial_dims: int, side: int, centres, seed: int = 0) -> torch.Tensor:
+    """(len(centres), 1, side, ...): image i is noise in [0, 0.2) with a bright (1.0) disk/ball of
+    radius 3 px around ``centres[i]``."""
     g = torch.Generator().manual_seed(seed)
     images = [
         torch.maximum(0.2 * torch.rand((side,) * spatial_dims, generator=g), blob_mask(spatial_dims, side, c, 3.0))
@@ -399,33 +337,3 @@ def test_perturbation_bad_parameters_raise():
         explain(model, x, "meaningful_perturbation", steps=2, jitter_copies=0)
     with pytest.raises(ValueError, match="out of range"):
         explain(model, x, "meaningful_perturbation", steps=2, target=3)
-
-
-# ------------------------------------------------------------------------------------ both
-
-
-@pytest.mark.parametrize(
-    "method,params",
-    [("xrai", dict(steps=4, scales=(250,))), ("meaningful_perturbation", dict(steps=4))],
-)
-def test_model_and_input_left_untouched(method, params):
-    model = tiny_cnn(2)
-    model.train()
-    model[4].eval()  # a mixed-mode model: each module's own flag must come back
-    model[0].weight.requires_grad_(False)
-    x = textured_images(2, 2, 32)
-    x_before = x.clone()
-    state_before = {k: v.clone() for k, v in model.state_dict().items()}
-    modes = [m.training for m in model.modules()]
-    grads = [p.requires_grad for p in model.parameters()]
-    explain(model, x, method, **params)
-    assert [m.training for m in model.modules()] == modes
-    assert [p.requires_grad for p in model.parameters()] == grads
-    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
-    for m in model.modules():
-        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-    assert all(p.grad is None for p in model.parameters())
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, state_before[k])
-    torch.testing.assert_close(x, x_before)
-    assert not x.requires_grad

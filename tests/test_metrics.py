@@ -227,9 +227,8 @@ def test_iou_at_percentiles_matches_reference_and_jaccard(case):
 def test_localization_metrics_is_flat_ordered_json_and_consistent(case):
     saliency, mask = case
     metrics = localization_metrics(saliency, mask)
-    expected_keys = ["roc_auc", "auprc", "soft_dice", "dice_area", "dice_p95"] + [
-        f"iou_p{p}" for p in DEFAULT_PERCENTILES
-    ]
+    ious = [f"iou_p{p}" for p in DEFAULT_PERCENTILES]
+    expected_keys = ["roc_auc", "auprc", "soft_dice", "dice_area", "dice_p95", *ious]
     assert list(metrics) == expected_keys
     assert all(type(value) is float for value in metrics.values())
     assert json.loads(json.dumps(metrics)) == metrics

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_CHANNELS, tiny_card, tiny_conv5fc3
 from scipy import ndimage
 from torch import nn
 from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd
@@ -42,7 +43,7 @@ TINY = {
     "resnet18": {"block_inplanes": [4, 4, 8, 8]},
     "resnet34": {"block_inplanes": [4, 4, 8, 8]},
     "resnet50": {"block_inplanes": [4, 4, 8, 8]},
-    "conv5fc3": {"channels": (4, 4, 8, 8, 8)},
+    "conv5fc3": {"channels": TINY_CHANNELS},
 }
 GRADCAM_LAYER = {
     "densenet121": "class_layers.relu",
@@ -55,16 +56,6 @@ GRADCAM_LAYER = {
 POOLING = (_AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny networks run fastest on one thread, and intra-op threads stall badly when other
-    processes share the 2 CPUs (a 1 s training took 40 s with 2 threads on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def input_size(arch: str, spatial_dims: int) -> tuple[int, ...]:
     # DenseNet halves the grid 5 times (conv0, pool0, 3 transitions): 16 px would end at 0 px.
     side = 32 if spatial_dims == 2 or arch.startswith("densenet") else 16
@@ -73,11 +64,6 @@ def input_size(arch: str, spatial_dims: int) -> tuple[int, ...]:
 
 def random_images(shape, seed: int = 0) -> torch.Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(params=[2, 3], ids=["2d", "3d"])
-def dims(request):
-    return request.param
 
 
 # ----------------------------------------------------------------------------- factory
@@ -149,7 +135,7 @@ def test_conv5fc3_layout(dims):
 
 
 def test_conv5fc3_rejects_inputs_below_16_px():
-    model = Conv5FC3(2, channels=(4, 4, 8, 8, 8)).eval()
+    model = Conv5FC3(2, channels=TINY_CHANNELS).eval()
     with pytest.raises(ValueError, match="16 px"):
         model(random_images((1, 1, 15, 32)))
 
@@ -386,30 +372,20 @@ def test_default_device_follows_cuda_availability(monkeypatch):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def tiny_card(**overrides) -> ModelCard:
-    fields = {
-        "architecture": "conv5fc3",
-        "spatial_dims": 2,
-        "in_channels": 1,
-        "num_classes": 2,
-        "labels": ["normal", "abnormal"],
-        "input_size": [32, 32],
-        "loss": "ce",
-        "augmentations": ["noise"],
-        "data": {"dataset": "synthetic"},
-        "metrics": {"val_auc": 0.9},
-        "arch_kwargs": {"channels": [4, 4, 8, 8, 8]},
-    }
-    fields.update(overrides)
-    return ModelCard(**fields)
+# Optional card fields, filled in so that a checkpoint round trip has them to keep.
+OPTIONAL_FIELDS = {
+    "loss": "ce",
+    "augmentations": ["noise"],
+    "data": {"dataset": "synthetic"},
+    "metrics": {"val_auc": 0.9},
+}
 
 
 def trained_looking(card: ModelCard) -> nn.Module:
     """A network built from ``card`` with non-default weights and BatchNorm statistics."""
     torch.manual_seed(1)
-    model = build_classifier(
-        card.architecture, card.spatial_dims, card.in_channels, card.num_classes, **card.arch_kwargs
-    )
+    arch, dims, channels, classes = card.architecture, card.spatial_dims, card.in_channels, card.num_classes
+    model = build_classifier(arch, dims, channels, classes, **card.arch_kwargs)
     model.train()
     with torch.no_grad():
         model(random_images((4, card.in_channels, *card.input_size)))  # moves the running stats
@@ -419,13 +395,8 @@ def trained_looking(card: ModelCard) -> nn.Module:
 @pytest.mark.parametrize(
     "card",
     [
-        tiny_card(decision_threshold=0.3),
-        tiny_card(
-            architecture="resnet18",
-            spatial_dims=3,
-            input_size=[16, 16, 16],
-            arch_kwargs={"block_inplanes": [4, 4, 8, 8]},
-        ),
+        tiny_card(decision_threshold=0.3, **OPTIONAL_FIELDS),
+        tiny_card(3, architecture="resnet18", arch_kwargs={"block_inplanes": [4, 4, 8, 8]}, **OPTIONAL_FIELDS),
     ],
     ids=["conv5fc3-2d", "resnet18-3d"],
 )
@@ -543,7 +514,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", half_write_then_fail)
-    other = build_classifier("conv5fc3", 2, channels=(4, 4, 8, 8, 8))
+    other = tiny_conv5fc3(seed=2)
     with pytest.raises(OSError, match="disk full"):
         save_classifier(other, path, card)
     assert path.read_bytes() == before

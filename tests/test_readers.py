@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from server_fixtures import write_nrrd
 
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.manifest import load_images, read_manifest, write_manifest
@@ -27,9 +28,7 @@ from monai_sal_app.data.rsna import (
     write_rsna_dicom,
     write_rsna_tables,
 )
-from monai_sal_app.data.rsna import (
-    main as rsna_main,
-)
+from monai_sal_app.data.rsna import main as rsna_main
 
 # --- RSNA ---------------------------------------------------------------------------------------------
 
@@ -154,10 +153,8 @@ def test_rsna_to_manifest_for_training(rsna_root, tmp_path):
     mask = read_image(items[1]["mask"], allow_constant=True)[0] > 0.5
     np.testing.assert_array_equal(mask, box_mask([(264, 152, 213, 379), (562, 152, 256, 453)], (64, 64)))
     kept = read_manifest(rsna_to_manifest(rsna_root, tmp_path / "dicom", size=None, progress=False))
-    assert kept[1]["image"].endswith(".dcm") and read_image(kept[1]["mask"], allow_constant=True)[0].shape == (
-        1024,
-        1024,
-    )
+    assert kept[1]["image"].endswith(".dcm")
+    assert read_image(kept[1]["mask"], allow_constant=True)[0].shape == (1024, 1024)
     assert rsna_main([str(rsna_root), "--out", str(tmp_path / "cli"), "--size", "32", "--quiet"]) == 0
     assert load_images(read_manifest(tmp_path / "cli" / "manifest.csv")).shape == (2, 1, 32, 32)
     assert rsna_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
@@ -175,15 +172,6 @@ def test_rsna_monai_dataset_with_masks_and_loader(rsna_root, tmp_path):
 # --- NIfTI / NRRD folders ---------------------------------------------------------------------------
 
 
-def _write_nrrd(array, path, spacing=(1.0, 1.0, 1.0)):
-    import itk
-
-    image = itk.image_from_array(np.ascontiguousarray(array))
-    image.SetSpacing(spacing)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    itk.imwrite(image, str(path))
-
-
 def _volume(seed, shape=(8, 12, 10)):
     return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
@@ -191,8 +179,8 @@ def _volume(seed, shape=(8, 12, 10)):
 def test_class_folders_with_masks_next_to_the_images(tmp_path):
     write_nifti(_volume(0), tmp_path / "control" / "c1.nii.gz")
     write_nifti(_volume(1), tmp_path / "control" / "c2.nii.gz")
-    _write_nrrd(_volume(2), tmp_path / "patient" / "lung1_image.nrrd")  # the pyradiomics naming
-    _write_nrrd((_volume(3) > 1).astype(np.uint8), tmp_path / "patient" / "lung1_label.nrrd")
+    write_nrrd(_volume(2), tmp_path / "patient" / "lung1_image.nrrd")  # the pyradiomics naming
+    write_nrrd((_volume(3) > 1).astype(np.uint8), tmp_path / "patient" / "lung1_label.nrrd")
     write_nifti(_volume(4), tmp_path / "patient" / "p2.nii.gz")
     write_nifti(_volume(5) > 1, tmp_path / "patient" / "p2_mask.nii.gz")
     items = image_folder_items(tmp_path)
@@ -325,10 +313,7 @@ def test_dicom_series_errors_and_items(tmp_path):
     converted = dicom_series_dataset(
         tmp_path, labels={"pat1_ct": 0, "pat2_ct": 1}, out_dir=tmp_path.parent / f"{tmp_path.name}_nifti"
     )
-    assert converted[0]["image"].endswith("pat1_ct.nii.gz") and read_image(converted[0]["image"])[0].shape == (
-        5,
-        128,
-        128,
-    )
+    assert converted[0]["image"].endswith("pat1_ct.nii.gz")
+    assert read_image(converted[0]["image"])[0].shape == (5, 128, 128)
     with pytest.raises(ValueError, match="no label for series"):
         dicom_series_items(tmp_path, labels={"pat1_ct": 0}, progress=False)

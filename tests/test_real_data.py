@@ -148,51 +148,15 @@ def test_mni152_fallback_regions_overlap_the_aal_regions(brain):
 # Lung fields drawn by hand on the base radiograph (x, y in a 256 x 256 view of the 1024 x 1024 base),
 # checked on an overlay: apex, lateral rib border, costophrenic angle, diaphragm, heart/mediastinum border.
 RIGHT_LUNG = [
-    (72, 24),
-    (88, 26),
-    (98, 32),
-    (104, 44),
-    (106, 64),
-    (106, 96),
-    (106, 128),
-    (104, 150),
-    (102, 168),
-    (98, 178),
-    (80, 180),
-    (60, 184),
-    (44, 190),
-    (30, 196),
-    (26, 184),
-    (24, 160),
-    (26, 128),
-    (30, 96),
-    (38, 64),
-    (50, 40),
-    (60, 30),
-]
+    (72, 24), (88, 26), (98, 32), (104, 44), (106, 64), (106, 96), (106, 128), (104, 150), (102, 168),
+    (98, 178), (80, 180), (60, 184), (44, 190), (30, 196), (26, 184), (24, 160), (26, 128), (30, 96),
+    (38, 64), (50, 40), (60, 30),
+]  # fmt: skip
 LEFT_LUNG = [
-    (160, 24),
-    (176, 26),
-    (190, 34),
-    (204, 48),
-    (212, 64),
-    (218, 96),
-    (222, 128),
-    (222, 160),
-    (221, 190),
-    (218, 205),
-    (204, 200),
-    (192, 194),
-    (184, 186),
-    (176, 170),
-    (166, 150),
-    (158, 128),
-    (152, 110),
-    (150, 96),
-    (148, 64),
-    (150, 40),
-    (154, 30),
-]
+    (160, 24), (176, 26), (190, 34), (204, 48), (212, 64), (218, 96), (222, 128), (222, 160), (221, 190),
+    (218, 205), (204, 200), (192, 194), (184, 186), (176, 170), (166, 150), (158, 128), (152, 110),
+    (150, 96), (148, 64), (150, 40), (154, 30),
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -266,14 +230,8 @@ def test_chest_generator_writes_the_rsna_layout(chest, tmp_path):
         path = tmp_path / IMAGE_DIR / f"{item['id']}.dcm"
         ds = pydicom.dcmread(str(path))
         assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
-        assert (ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (
-            1024,
-            1024,
-            8,
-            8,
-            7,
-            0,
-        )
+        layout = (ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation)
+        assert layout == (1024, 1024, 8, 8, 7, 0)
         assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.SamplesPerPixel == 1 and ds.Modality == "CR"
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and ds.PatientID == item["id"] == ds.PatientName
         assert ds.ViewPosition in ("PA", "AP") and ds.SeriesDescription == f"view: {ds.ViewPosition}"

@@ -23,10 +23,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-import torch
+from conftest import LABELS
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
-from server_fixtures import DICOM_SPACING, LABELS, load_nifti_bytes, make_studies, post_infer, save_tiny_checkpoint
+from server_fixtures import DICOM_SPACING, load_nifti_bytes, make_studies, post_infer, save_tiny_checkpoint
 
 import monai_sal_app
 from monai_sal_app.data.io import read_image, write_nifti
@@ -84,15 +84,6 @@ def env(tmp_path_factory):
         }
     finally:
         server.stop()
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Same thread count as the server (OMP_NUM_THREADS=1), so in-process numbers compare tightly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def in_process(env, model: str, path: Path, method: str = "gradcam", target=None, params=None, array=None):
@@ -298,9 +289,8 @@ def test_mask_gives_the_evaluate_metrics(env, tmp_path, image_id):
         writer = csv.DictWriter(f, fieldnames=["id", "map", "mask", "method"])
         writer.writeheader()
         writer.writerow({"id": image_id, "map": str(map_path), "mask": str(item["mask"]), "method": "gradient"})
-    rows, _ = evaluate_maps(
-        maps_csv, tmp_path / "evaluation", log=lambda message: None
-    )  # what `monai-sal evaluate` runs
+    # what `monai-sal evaluate` runs
+    rows, _ = evaluate_maps(maps_csv, tmp_path / "evaluation", log=lambda message: None)
     expected = {k: v for k, v in rows[0].items() if k not in ("id", "method", "subtype")}
     assert result["metrics"].keys() == expected.keys()
     for key, value in expected.items():

@@ -6,22 +6,13 @@ import math
 
 import pytest
 import torch
+from conftest import MeanIntensity, tiny_conv5fc3
 from torch import nn
 
-from monai_sal_app.models import build_classifier, evaluate_classifier, train_classifier
+from monai_sal_app.models import evaluate_classifier, train_classifier
 
-TINY_CHANNELS = (4, 4, 8, 8, 8)
+DROPOUT = 0.2  # the tiny conv5-fc3's dropout in these runs
 HISTORY_FIELDS = {"epoch", "train_loss", "val_auc", "val_balanced_accuracy", "seconds"}
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny networks run fastest on one thread, and intra-op threads stall badly when other
-    processes share the 2 CPUs (a 1 s training took 40 s with 2 threads on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def squares(n: int, seed: int, spatial_dims: int = 2, side: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,29 +26,13 @@ def squares(n: int, seed: int, spatial_dims: int = 2, side: int = 32) -> tuple[t
     return images, labels
 
 
-def tiny_conv5fc3(spatial_dims: int = 2, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_classifier("conv5fc3", spatial_dims, channels=TINY_CHANNELS, dropout=0.2)
-
-
-class MeanIntensity(nn.Module):
-    """logits = (0, w * mean + b): no BatchNorm, so with lr=0 nothing at all changes between epochs."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(1, 1)
-
-    def forward(self, x):
-        score = self.linear(x.mean(dim=tuple(range(1, x.ndim)))[:, None])
-        return torch.cat([torch.zeros_like(score), score], dim=1)
-
-
 def test_learns_a_separable_problem_quickly():
     train_x, train_y = squares(96, seed=0)
     val_x, val_y = squares(40, seed=1)
     model, history = train_classifier(
-        tiny_conv5fc3(), train_x, train_y, val_x, val_y, epochs=6, batch_size=16, patience=6, progress=False, log=None
-    )
+        tiny_conv5fc3(dropout=DROPOUT), train_x, train_y, val_x, val_y,
+        epochs=6, batch_size=16, patience=6, progress=False, log=None,
+    )  # fmt: skip
     assert not model.training
     assert max(h["val_auc"] for h in history) > 0.9
     assert evaluate_classifier(model, val_x, val_y)["auc"] > 0.9
@@ -72,20 +47,10 @@ def run_short(seed: int, model_seed: int = 0) -> tuple[nn.Module, list[dict]]:
     train_x, train_y = squares(40, seed=2)
     val_x, val_y = squares(20, seed=3)
     return train_classifier(
-        tiny_conv5fc3(seed=model_seed),
-        train_x,
-        train_y,
-        val_x,
-        val_y,
-        loss="smoothl1norm",
-        augmentations=["noise", "erasing", "croppad", "smoothing"],
-        epochs=3,
-        batch_size=8,
-        seed=seed,
-        device="cpu",
-        progress=False,
-        log=None,
-    )
+        tiny_conv5fc3(seed=model_seed, dropout=DROPOUT), train_x, train_y, val_x, val_y,
+        loss="smoothl1norm", augmentations=["noise", "erasing", "croppad", "smoothing"],
+        epochs=3, batch_size=8, seed=seed, device="cpu", progress=False, log=None,
+    )  # fmt: skip
 
 
 def test_same_seed_gives_the_same_run_and_leaves_global_rng_alone():
@@ -108,18 +73,9 @@ def test_early_stopping_stops_after_patience_epochs_without_gain():
     messages: list[str] = []
     torch.manual_seed(0)
     _, history = train_classifier(
-        MeanIntensity(),
-        train_x,
-        train_y,
-        val_x,
-        val_y,
-        epochs=20,
-        lr=0.0,
-        weight_decay=0.0,
-        patience=3,
-        progress=False,
-        log=messages.append,
-    )
+        MeanIntensity(), train_x, train_y, val_x, val_y,
+        epochs=20, lr=0.0, weight_decay=0.0, patience=3, progress=False, log=messages.append,
+    )  # fmt: skip
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert len({h["val_auc"] for h in history}) == 1  # lr=0: nothing changes, so nothing improves
     assert any("early stopping at epoch 4" in m for m in messages)
@@ -132,17 +88,9 @@ def test_best_epoch_weights_are_restored():
     train_x, train_y = squares(64, seed=0)
     val_x, val_y = squares(32, seed=1)
     model, history = train_classifier(
-        tiny_conv5fc3(),
-        train_x,
-        train_y,
-        val_x,
-        1 - val_y,
-        epochs=5,
-        batch_size=16,
-        patience=10,
-        progress=False,
-        log=None,
-    )
+        tiny_conv5fc3(dropout=DROPOUT), train_x, train_y, val_x, 1 - val_y,
+        epochs=5, batch_size=16, patience=10, progress=False, log=None,
+    )  # fmt: skip
     aucs = [h["val_auc"] for h in history]
     assert len(history) == 5 and aucs[-1] < max(aucs)
     assert evaluate_classifier(model, val_x, 1 - val_y)["auc"] == pytest.approx(max(aucs), abs=1e-9)
@@ -153,8 +101,9 @@ def test_single_class_validation_reports_nan_and_still_trains():
     val_x, _ = squares(8, seed=1)
     val_y = torch.zeros(8, dtype=torch.long)
     model, history = train_classifier(
-        tiny_conv5fc3(), train_x, train_y, val_x, val_y, epochs=4, batch_size=8, patience=2, progress=False, log=None
-    )
+        tiny_conv5fc3(dropout=DROPOUT), train_x, train_y, val_x, val_y,
+        epochs=4, batch_size=8, patience=2, progress=False, log=None,
+    )  # fmt: skip
     assert all(math.isnan(h["val_auc"]) for h in history)
     assert len(history) == 3  # no AUC ever counts as a gain: stops after `patience` epochs
     assert not model.training
@@ -164,18 +113,10 @@ def test_trains_3d_with_augmentations_and_progress_bar(capsys):
     train_x, train_y = squares(8, seed=0, spatial_dims=3, side=16)
     val_x, val_y = squares(4, seed=1, spatial_dims=3, side=16)
     _model, history = train_classifier(
-        tiny_conv5fc3(spatial_dims=3),
-        train_x,
-        train_y,
-        val_x,
-        val_y,
-        augmentations=["croppad", "erasing", "smoothing", "noise"],
-        loss="msenorm",
-        epochs=1,
-        batch_size=3,
-        progress=True,
-        log=print,
-    )
+        tiny_conv5fc3(spatial_dims=3, dropout=DROPOUT), train_x, train_y, val_x, val_y,
+        augmentations=["croppad", "erasing", "smoothing", "noise"], loss="msenorm",
+        epochs=1, batch_size=3, progress=True, log=print,
+    )  # fmt: skip
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
     captured = capsys.readouterr()
     assert "restored epoch 1" in captured.out
@@ -203,8 +144,7 @@ def test_evaluate_classifier_matches_hand_computed_metrics():
 
 
 def test_evaluate_classifier_multiclass_auc():
-    torch.manual_seed(0)
-    model = build_classifier("conv5fc3", 2, num_classes=3, channels=TINY_CHANNELS)
+    model = tiny_conv5fc3(num_classes=3)
     x, _ = squares(9, seed=0)
     metrics = evaluate_classifier(model, x, torch.arange(9) % 3)
     assert 0.0 <= metrics["auc"] <= 1.0
@@ -213,7 +153,7 @@ def test_evaluate_classifier_multiclass_auc():
 
 def test_train_rejects_bad_input():
     x, y = squares(8, seed=0)
-    model = tiny_conv5fc3()
+    model = tiny_conv5fc3(dropout=DROPOUT)
     with pytest.raises(ValueError, match="8 images for 7 labels"):
         train_classifier(model, x, y[:7], x, y, progress=False)
     with pytest.raises(TypeError, match="train_x"):

@@ -1,0 +1,286 @@
+"""What the tests share: one torch thread, the ``dims`` fixture, the tiny networks, random test
+images, and the small parameters that keep the slow attribution methods fast.
+
+Fixtures need no import; test modules import the networks and helpers by name
+(``from conftest import tiny_cnn``). Files on disk (checkpoints, images in every format) and the
+HTTP helpers are in ``server_fixtures.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DenseNet121, ResNet
+from torch import nn
+
+from monai_sal_app.models.card import ModelCard
+from monai_sal_app.models.factory import build_classifier
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op thread for the whole session, restored at the end: the tiny networks run fastest
+    on one thread (more OpenMP threads spin against other processes on a small shared machine), and
+    the server under test runs with ``OMP_NUM_THREADS=1``, so its numbers and the in-process ones
+    compare tightly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=[2, 3], ids=["2d", "3d"])
+def dims(request) -> int:
+    """Spatial dims: every test that takes it runs on 2D images and on 3D volumes."""
+    return request.param
+
+
+# ----------------------------------------------------------------------------- test images
+
+
+def images_for(
+    spatial_dims: int, n: int = 4, channels: int = 1, side: int | None = None, seed: int = 1
+) -> torch.Tensor:
+    """Uniform [0, 1) noise of shape (n, channels, side, ...) with ``spatial_dims`` sides of ``side``
+    (default 32 px in 2D, 16 voxels in 3D), from its own generator seeded with ``seed``."""
+    side = side or (32 if spatial_dims == 2 else 16)
+    return torch.rand((n, channels, *(side,) * spatial_dims), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- small method parameters
+
+# The cheapest work of the methods that are slow at their defaults. A method not listed here,
+# such as one registered later, runs with its own defaults.
+SMALL_PARAMS = {
+    "smoothgrad": {"n_samples": 2},
+    "integrated_gradients": {"steps": 2},
+    "smoothgrad_ig": {"n_samples": 1, "steps": 2},
+    "occlusion": {"window": 16, "stride": 16},
+    "xrai": {"steps": 2},
+    "meaningful_perturbation": {"steps": 1},
+}
+
+
+def small_params(method: str) -> dict:
+    """A new dict of the parameters that make ``method`` cheap: its entry in :data:`SMALL_PARAMS`, or {}."""
+    return dict(SMALL_PARAMS.get(method, {}))
+
+
+# ----------------------------------------------------------------------------- tiny networks
+
+
+def tiny_cnn(spatial_dims: int, in_channels: int = 1, num_classes: int = 3) -> nn.Module:
+    """Two 3x3 convolutions (6 and 8 channels, the second with stride 2) with batch norm and
+    in-place ReLUs, global average pooling, dropout and a linear layer: all things an attribution
+    method must leave as it found them. Seeded weights, train mode."""
+    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+    pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
+    torch.manual_seed(0)
+    return nn.Sequential(
+        conv(in_channels, 6, 3, padding=1), norm(6), nn.ReLU(inplace=True),
+        conv(6, 8, 3, padding=1, stride=2), norm(8), nn.ReLU(inplace=True),
+        pool(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(8, num_classes),
+    )  # fmt: skip
+
+
+def tiny_resnet(spatial_dims: int) -> nn.Module:
+    """MONAI's ResNet with one basic block per stage and widths (4, 4, 8, 8): 1 channel in, 2
+    classes, the grid divided by 16 (``layer4`` is a single voxel of a 16^3 volume). Seeded, eval mode."""
+    torch.manual_seed(0)
+    model = ResNet("basic", [1, 1, 1, 1], [4, 4, 8, 8], spatial_dims=spatial_dims, n_input_channels=1, num_classes=2)
+    return model.eval()
+
+
+def tiny_densenet(spatial_dims: int) -> nn.Module:
+    """MONAI's DenseNet121 with 4 initial features and growth rate 4: 1 channel in, 2 classes, the
+    grid divided by 32 (inputs of 64 px leave a 2x2 final feature map). Seeded, eval mode."""
+    torch.manual_seed(0)
+    return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=2, init_features=4, growth_rate=4).eval()
+
+
+TINY_CHANNELS = (4, 4, 8, 8, 8)  # conv5-fc3 widths small enough for a CPU test
+LABELS = ["control", "patient"]  # the classes of tiny_card, as its JSON lists them
+INPUT_SIZE = {2: [32, 32], 3: [16, 16, 16]}
+
+
+def tiny_conv5fc3(spatial_dims: int = 2, seed: int = 0, **kwargs) -> nn.Module:
+    """The project's conv5-fc3 with :data:`TINY_CHANNELS`, weights seeded with ``seed``; ``kwargs``
+    go to ``build_classifier`` (e.g. ``num_classes``, ``dropout``). Inputs from 16 px a side."""
+    torch.manual_seed(seed)
+    return build_classifier("conv5fc3", spatial_dims, channels=TINY_CHANNELS, **kwargs)
+
+
+def tiny_card(spatial_dims: int = 2, **fields) -> ModelCard:
+    """The card of :func:`tiny_conv5fc3` (1 channel in, :data:`LABELS`, :data:`INPUT_SIZE` images);
+    ``fields`` replace or add ModelCard fields (another architecture needs its ``arch_kwargs``)."""
+    card = {
+        "architecture": "conv5fc3",
+        "spatial_dims": spatial_dims,
+        "in_channels": 1,
+        "num_classes": len(LABELS),
+        "labels": LABELS,
+        "input_size": INPUT_SIZE[spatial_dims],
+        "arch_kwargs": {"channels": list(TINY_CHANNELS)},
+    }
+    return ModelCard(**{**card, **fields})
+
+
+class FunctionalReluNet(nn.Module):
+    """Three convolutions (6, 6 and 8 channels, the second with stride 2), ReLUs called as
+    torch.relu, F.relu(inplace=True) and Tensor.relu_ inside forward (no ReLU module anywhere),
+    spatial mean and a linear layer to 3 classes; or, with ``relu`` given, that function at the
+    same three places (for a hand-written reference). Seeded."""
+
+    def __init__(self, spatial_dims: int, in_channels: int = 1, relu=None):
+        super().__init__()
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        torch.manual_seed(0)
+        self.conv1 = conv(in_channels, 6, 3, padding=1)
+        self.conv2 = conv(6, 6, 3, padding=1, stride=2)
+        self.conv3 = conv(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+        self.relu = relu
+
+    def forward(self, x):
+        if self.relu is None:
+            x = torch.relu(self.conv1(x))
+            x = F.relu(self.conv2(x), inplace=True)
+            x = self.conv3(x)
+            x.relu_()
+        else:
+            x = self.relu(self.conv3(self.relu(self.conv2(self.relu(self.conv1(x))))))
+        return self.fc(x.flatten(2).mean(2))
+
+
+class SmoothNet(nn.Module):
+    """Softplus/tanh network pooled by mean and mean square (so a blur changes its output), 2
+    classes, logits scaled by 10: IG's trapezoid rule converges smoothly on it. Seeded."""
+
+    def __init__(self, spatial_dims: int):
+        super().__init__()
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        torch.manual_seed(0)
+        self.conv1 = conv(1, 4, 3, padding=1)
+        self.conv2 = conv(4, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv2(F.softplus(self.conv1(x)))).flatten(2)
+        return 10 * self.fc(torch.cat([h.mean(2), (h * h).mean(2)], 1))
+
+
+class FailsOnCall(nn.Module):
+    """2D, 1 channel in, 2 classes: a 3x3 convolution, a ReLU module (in place) and torch.relu,
+    then the spatial mean. Counts its forward calls in ``calls`` and raises ``RuntimeError("boom")``
+    on call number ``fail_at`` (never when None). A given target costs explain() no forward call,
+    so call 1 is already inside the method. Seeded."""
+
+    def __init__(self, fail_at: int | None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.act = nn.ReLU(inplace=True)
+        self.fail_at, self.calls = fail_at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        x = torch.relu(self.act(self.conv(x)))
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise RuntimeError("boom")
+        return x.mean((2, 3))
+
+
+class MeanIntensity(nn.Module):
+    """logits = (0, w * mean + b) from the mean intensity of each image (any shape): one linear
+    unit, no batch norm, so with lr=0 nothing at all changes between training epochs."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(1, 1)
+
+    def forward(self, x):
+        score = self.linear(x.mean(dim=tuple(range(1, x.ndim)))[:, None])
+        return torch.cat([torch.zeros_like(score), score], dim=1)
+
+
+# ----------------------------------------------------------------------------- models with known evidence
+
+
+class HandWritten(nn.Module):
+    """Base of the models whose logits are written by hand from the pixels, so that the evidence
+    for each class is known. Its only layer, the 1x1 convolution ``probe``, is never called: it is
+    there because explain() reads a model's spatial dims (2 or 3) from its first convolution."""
+
+    def __init__(self, spatial_dims: int = 2):
+        super().__init__()
+        self.probe = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(1, 1, 1)
+
+
+class QuadrantFeatures(nn.Module):
+    """(N, 1, 32, 32) -> (N, 2, 32, 32): channel 0 is the image inside the top-left 16x16 quadrant
+    (zero elsewhere), channel 1 the image inside the bottom-right one."""
+
+    def forward(self, x):
+        top_left, bottom_right = torch.zeros_like(x), torch.zeros_like(x)
+        top_left[..., :16, :16] = 1
+        bottom_right[..., 16:, 16:] = 1
+        return torch.cat([x * top_left, x * bottom_right], 1)
+
+
+class QuadrantModel(HandWritten):
+    """2D, 32x32 images. Logit of class 1 = mean of :class:`QuadrantFeatures` channel 0 (the
+    top-left quadrant), of class 0 = mean of channel 1 (the bottom-right one); ``features`` is the
+    layer Grad-CAM finds by default."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = QuadrantFeatures()
+
+    def forward(self, x):
+        a = self.features(x)
+        return torch.stack([a[:, 1].mean((1, 2)), a[:, 0].mean((1, 2))], 1)
+
+
+class TopLeftEvidence(HandWritten):
+    """2D. Logit of class 0 is 0; of class 1, 4 x the mean of the top-left 8x8 block: nothing else
+    in the image changes the output."""
+
+    def forward(self, x):
+        evidence = x[:, 0, :8, :8].mean((1, 2))
+        return torch.stack([torch.zeros_like(evidence), 4 * evidence], 1)
+
+
+def blob_mask(spatial_dims: int, side: int, centre, radius: float) -> torch.Tensor:
+    """A float {0, 1} disk (2D) or ball (3D) of ``radius`` px around ``centre`` on a grid of
+    ``side`` px a side."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(float(side))] * spatial_dims, indexing="ij"))
+    offset = grid - torch.tensor(centre, dtype=torch.float32).view(-1, *[1] * spatial_dims)
+    return ((offset**2).sum(0) <= radius**2).float()
+
+
+class BlobModel(HandWritten):
+    """Class k (k >= 1) fires on a bright blob inside window k, a disk/ball of ``radius`` around
+    ``centres[k - 1]`` on images of ``side`` px: centre-surround filter (3-px minus 9-px box
+    means), ReLU, mean over the window; class 0 is a constant logit. 2D or 3D. A blurred blob (the
+    perturbation's deleted content) scores below the threshold."""
+
+    def __init__(self, spatial_dims: int, side: int, centres, radius: float = 4.0):
+        super().__init__(spatial_dims)
+        self.pool = F.avg_pool2d if spatial_dims == 2 else F.avg_pool3d
+        self.register_buffer("windows", torch.stack([blob_mask(spatial_dims, side, c, radius) for c in centres]))
+
+    def box_mean(self, x, width):
+        """Mean over a box of side ``width`` (valid pixels only), one axis at a time."""
+        dims = x.ndim - 2
+        for axis in range(dims):
+            kernel = [1] * dims
+            kernel[axis] = width
+            x = self.pool(x, tuple(kernel), 1, tuple(k // 2 for k in kernel), count_include_pad=False)
+        return x
+
+    def forward(self, x):
+        response = F.relu(self.box_mean(x, 3) - self.box_mean(x, 9))
+        score = 10 * (response * self.windows).flatten(2).sum(2) / self.windows.flatten(1).sum(1)
+        return torch.cat([torch.zeros_like(score[:, :1]), 4.0 * (score - 1.6)], 1)
