@@ -165,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint path, e.g. model.pt (card written as model.json)")
     p.add_argument("--arch", default="conv5fc3")
     p.add_argument("--loss", default="ce")
-    p.add_argument("--aug", default="", help="comma list: noise,erasing,croppad,smoothing")
+    p.add_argument(
+        "--aug",
+        default="",
+        help="comma list of noise,erasing,croppad,smoothing,flip; name:value sets its parameter, e.g. croppad:3",
+    )
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -37,7 +37,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,16 +65,20 @@ APP_MAIN_PY = (
     '"""MONAI Label app folder of monai-sal, written by `monai-sal serve`: the app is in the package."""\n\n'
     "from monai_sal_app.main import MonaiSalApp  # noqa: F401\n"
 )
-STUDY_IMAGES_PER_CLASS = 4
+STUDY_IMAGES_PER_CLASS = 4  # held-out test images per class copied into the datastore
+MIN_VAL_AUC = 0.75  # a default model below this validation AUC is trained again with the next seed
+TRAIN_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
 class DefaultModel:
     """A model ``monai-sal serve`` trains when its checkpoint is missing.
 
-    ``generator``/``dim``/``train_preset``/``test_preset``/``per_class``: the data
-    (``data.generators``); ``input_size``: the network's input side in pixels/voxels (images are
-    resized to it); ``epochs``/``lr``: training; ``labels``: class names served in ``/info``.
+    ``generator``/``dim``/``train_preset``/``test_preset``: the data (``data.generators``);
+    ``per_class``/``test_per_class``: training and held-out test images per class;
+    ``input_size``: the network's input side in pixels/voxels (images are resized to it);
+    ``epochs``/``lr``/``augmentations``: training (patience = epochs: the best validation epoch of
+    the whole run is kept); ``labels``: class names served in ``/info``.
     """
 
     generator: str
@@ -83,26 +86,32 @@ class DefaultModel:
     train_preset: str
     test_preset: str
     per_class: int
+    test_per_class: int
     input_size: int
     labels: tuple[str, ...]
     epochs: int
     lr: float
+    augmentations: tuple[str, ...] = ()
 
 
 # name -> model, per --data choice. Real: a PA chest radiograph classifier (opacity vs normal,
-# 256^2 images seen at 128^2) and a 3D CT classifier (lung lesion vs none, 64^3 crops at 1.5 mm
-# seen at 32^3, i.e. 3 mm voxels).
+# 256^2 images seen at 64^2) and a 3D CT classifier (lung lesion vs none, 64^3 crops at 1.5 mm
+# seen at 32^3, i.e. 3 mm voxels). The recipes and what they reach are in the README.
 DEFAULT_MODELS: dict[str, dict[str, DefaultModel]] = {
     "real": {
-        "chest_xray_2d": DefaultModel("chest-xray", 2, "train", "test", 150, 128, ("normal", "opacity"), 25, 1e-3),
-        "ct_lesion_3d": DefaultModel("ct-lesions", 3, "train", "test", 100, 32, ("no lesion", "lesion"), 25, 3e-4),
+        "chest_xray_2d": DefaultModel(
+            "chest-xray", 2, "train", "test", 300, 50, 64, ("normal", "opacity"), 40, 1e-3, ("croppad", "noise")
+        ),
+        "ct_lesion_3d": DefaultModel(
+            "ct-lesions", 3, "train", "test", 200, 50, 32, ("no lesion", "lesion"), 30, 3e-4, ("flip", "croppad:3")
+        ),
     },
     "shepp-logan": {
         "classifier_2d": DefaultModel(
-            "shepp-logan", 2, "homogeneous", "test", 150, 64, ("control", "patient"), 10, 1e-3
+            "shepp-logan", 2, "homogeneous", "test", 150, 50, 64, ("control", "patient"), 10, 1e-3
         ),
         "classifier_3d": DefaultModel(
-            "shepp-logan", 3, "homogeneous", "test", 60, 32, ("control", "patient"), 10, 1e-3
+            "shepp-logan", 3, "homogeneous", "test", 60, 20, 32, ("control", "patient"), 10, 1e-3
         ),
     },
 }
@@ -136,6 +145,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="epochs for the default models (default: per model, 25 real, 10 shepp-logan)",
     )
     p.add_argument("--per-class", type=int, default=None, help="training images per class (default: per model)")
+    p.add_argument(
+        "--test-per-class", type=int, default=None, help="held-out test images per class (default: per model, 50)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: CUDA when available)")
     p.add_argument("--retrain", action="store_true", help="train the default models even if their checkpoints exist")
@@ -152,85 +164,147 @@ def prepare(
     studies: str | os.PathLike | None = None,
     epochs: int | None = None,
     per_class: int | None = None,
+    test_per_class: int | None = None,
     seed: int = 0,
     device: str | None = None,
     retrain: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    jobs: int | None = None,
 ) -> Path:
     """Generate the data and train the default models of ``data`` that are missing; returns the
-    studies folder. A missing base (``--data real`` without ``scripts/install_data.sh``) raises
-    ``BaseNotInstalled`` naming the install command, before anything is written."""
-    from monai_sal_app.data.generators import GENERATORS
-    from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.experiments.workflows import train_from_manifest
+    studies folder.
 
+    Per model: training data (``per_class`` per class), a held-out test set (``test_per_class``
+    per class, scored into the model card; both default to the model's :class:`DefaultModel`), :data:`STUDY_IMAGES_PER_CLASS` of its images per
+    class copied into the datastore, and the checkpoint (trained again with the next seed, up to
+    :data:`TRAIN_ATTEMPTS` times, when its validation AUC stays below :data:`MIN_VAL_AUC`).
+    ``jobs`` models are prepared at once in separate processes sharing the CPU cores (default:
+    as many as there are models to prepare and cores); progress goes to stdout, one line per step.
+    A missing base (``--data real`` without ``scripts/install_data.sh``) raises
+    ``BaseNotInstalled`` naming the install command, before anything is written.
+    """
     if data not in DEFAULT_MODELS:
         raise ValueError(f"unknown data {data!r}; choose one of {', '.join(sorted(DEFAULT_MODELS))}")
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    for option, value in (("per_class", per_class), ("test_per_class", test_per_class)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
     if data == "real":
         _check_real_bases()
     workdir, model_dir = Path(workdir).resolve(), Path(model_dir).resolve()
     studies = Path(studies).resolve() if studies else workdir / "studies"
     model_dir.mkdir(parents=True, exist_ok=True)
-    for name, spec in DEFAULT_MODELS[data].items():
-        generate = GENERATORS[spec.generator]
-        folder = workdir / "data" / f"{spec.generator}_{spec.dim}d"
-        train_manifest = folder / "train" / "manifest.csv"
-        if not train_manifest.is_file():
-            log(f"generating {spec.dim}D {spec.generator} training data in {train_manifest.parent}")
-            generate(
-                train_manifest.parent,
-                preset=spec.train_preset,
-                dim=spec.dim,
-                per_class=per_class or spec.per_class,
-                seed=seed,
-                progress=progress,
-            )
-        test_manifest = folder / "test" / "manifest.csv"
-        if not test_manifest.is_file():
-            generate(
-                test_manifest.parent,
-                preset=spec.test_preset,
-                dim=spec.dim,
-                per_class=STUDY_IMAGES_PER_CLASS,
-                seed=seed + 1,
-                progress=progress,
-            )
-        for k, item in enumerate(read_manifest(test_manifest)):
-            study = f"{name}-{k:03d}.nii.gz"  # the model it is meant for, readable in curl commands
-            if not (studies / study).exists():
-                studies.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(item["image"], studies / study)
-                if item.get("mask"):
-                    label = studies / "labels" / "final" / study
-                    label.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(item["mask"], label)
-        checkpoint = model_dir / f"{name}.pt"
-        if retrain or not (checkpoint.is_file() and checkpoint.with_suffix(".json").is_file()):
-            n_epochs = epochs or spec.epochs
-            log(
-                f"training {name} ({spec.dim}D {spec.generator}, input {spec.input_size} px, {n_epochs} epochs) -> {checkpoint}"
-            )
-            train_from_manifest(
-                train_manifest,
-                checkpoint,
-                arch="conv5fc3",
-                epochs=n_epochs,
-                lr=spec.lr,
-                patience=10,
-                labels=spec.labels,
-                test_manifest=test_manifest,
-                input_size=spec.input_size,
-                seed=seed,
-                device=device,
-                progress=progress,
-                log=log,
-            )
-        else:
-            log(f"{name}: using {checkpoint}")
+    tasks = [
+        (name, spec, workdir, model_dir, studies, epochs, per_class, test_per_class, seed, device, retrain)
+        for name, spec in DEFAULT_MODELS[data].items()
+    ]
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(len(tasks), cores)) if jobs is None else jobs
+    if jobs == 1:
+        for task in tasks:
+            _prepare_model(*task, progress=progress)
+        return studies
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent may already run torch's thread pools
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_share_cores, initargs=(cores // jobs,)) as pool:
+        for future in [pool.submit(_prepare_model, *task, progress=False) for task in tasks]:
+            future.result()
     return studies
+
+
+def _share_cores(threads: int) -> None:
+    """Worker initializer: this process's share of the cores for torch."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+def _prepare_model(
+    name: str,
+    spec: DefaultModel,
+    workdir: Path,
+    model_dir: Path,
+    studies: Path,
+    epochs: int | None,
+    per_class: int | None,
+    test_per_class: int | None,
+    seed: int,
+    device: str | None,
+    retrain: bool,
+    progress: bool,
+) -> None:
+    """Data, datastore studies and checkpoint of one default model (see :func:`prepare`)."""
+    from monai_sal_app.data.generators import GENERATORS
+    from monai_sal_app.data.manifest import read_manifest
+    from monai_sal_app.experiments.workflows import train_from_manifest
+
+    def log(message: str) -> None:
+        print(f"{name}: {message}", flush=True)
+
+    generate = GENERATORS[spec.generator]
+    folder = workdir / "data" / f"{spec.generator}_{spec.dim}d"
+    sets = {
+        "train": (spec.train_preset, per_class or spec.per_class, seed),
+        "test": (spec.test_preset, test_per_class or spec.test_per_class, seed + 1),
+    }
+    for split, (preset, n, data_seed) in sets.items():
+        if not (folder / split / "manifest.csv").is_file():
+            log(f"generating {spec.dim}D {spec.generator} {split} data ({n} per class) in {folder / split}")
+            generate(folder / split, preset=preset, dim=spec.dim, per_class=n, seed=data_seed, progress=progress)
+    test_manifest = folder / "test" / "manifest.csv"
+    _copy_studies(name, read_manifest(test_manifest), studies)
+
+    checkpoint = model_dir / f"{name}.pt"
+    if not retrain and checkpoint.is_file() and checkpoint.with_suffix(".json").is_file():
+        log(f"using {checkpoint}")
+        return
+    n_epochs = epochs or spec.epochs
+    for attempt in range(TRAIN_ATTEMPTS):
+        log(
+            f"training ({spec.dim}D, input {spec.input_size} px, {n_epochs} epochs, seed {seed + attempt}) -> {checkpoint}"
+        )
+        _, card = train_from_manifest(
+            folder / "train" / "manifest.csv",
+            checkpoint,
+            arch="conv5fc3",
+            augmentations=spec.augmentations,
+            epochs=n_epochs,
+            lr=spec.lr,
+            patience=n_epochs,
+            labels=spec.labels,
+            test_manifest=test_manifest,
+            input_size=spec.input_size,
+            seed=seed + attempt,
+            device=device,
+            progress=progress,
+            log=log,
+        )
+        if card.metrics["val_auc"] >= MIN_VAL_AUC:
+            break
+        log(f"validation AUC {card.metrics['val_auc']:.3f} < {MIN_VAL_AUC}: the training did not take; again")
+
+
+def _copy_studies(name: str, items: list[dict], studies: Path) -> None:
+    """The first :data:`STUDY_IMAGES_PER_CLASS` test images of each class into the datastore as
+    ``<name>-000`` ... (in manifest order), with their masks as ``final`` labels."""
+    chosen = []
+    for label in sorted({item["label"] for item in items}):
+        chosen += [i for i, item in enumerate(items) if item["label"] == label][:STUDY_IMAGES_PER_CLASS]
+    for k, index in enumerate(sorted(chosen)):
+        item = items[index]
+        study = f"{name}-{k:03d}.nii.gz"  # the model it is meant for, readable in curl commands
+        if (studies / study).exists():
+            continue
+        studies.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(item["image"], studies / study)
+        if item.get("mask"):
+            label = studies / "labels" / "final" / study
+            label.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(item["mask"], label)
 
 
 def _check_real_bases() -> None:
@@ -310,6 +384,7 @@ def run(args) -> None:
             studies=args.studies,
             epochs=args.epochs,
             per_class=args.per_class,
+            test_per_class=args.test_per_class,
             seed=args.seed,
             device=args.device,
             retrain=args.retrain,

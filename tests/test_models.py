@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 
@@ -23,6 +24,7 @@ from monai_sal_app.models import (
     Conv5FC3,
     CropPad,
     Erasing,
+    Flip,
     ModelCard,
     Noise,
     Smoothing,
@@ -31,6 +33,7 @@ from monai_sal_app.models import (
     default_device,
     get_loss,
     load_classifier,
+    parse_augmentation,
     read_card,
     save_classifier,
 )
@@ -228,6 +231,34 @@ def test_augmentation_changes_every_image_keeps_shape_and_input(transform, dims)
         assert not torch.equal(out[i], x[i])
 
 
+def test_flip_mirrors_each_axis_independently_or_not_at_all(dims):
+    x = batch_for(dims, n=16)
+    out = Flip()(x, torch.Generator().manual_seed(3))
+    seen = set()
+    for i in range(x.shape[0]):
+        matches = [
+            axes
+            for axes in itertools.product([False, True], repeat=dims)
+            if torch.equal(out[i], x[i].flip([1 + a for a, flip in enumerate(axes) if flip]) if any(axes) else x[i])
+        ]
+        assert len(matches) == 1, i  # exactly one combination of axis flips reproduces the image
+        seen.add(matches[0])
+    assert len(seen) > 2  # different images get different flips
+    assert torch.equal(Flip(p=0.0)(x, torch.Generator()), x)
+    assert torch.equal(Flip(p=1.0)(x, torch.Generator()), x.flip(list(range(2, 2 + dims))))
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "attribute", "value"),
+    [("croppad:3", CropPad, "max_shift", 3), ("noise:0.05", Noise, "max_std", 0.05), ("flip:0.25", Flip, "p", 0.25)],
+)
+def test_augmentation_spec_sets_its_parameter(spec, kind, attribute, value):
+    transform = parse_augmentation(spec)
+    assert isinstance(transform, kind) and getattr(transform, attribute) == value
+    x = batch_for(2)
+    torch.testing.assert_close(build_augmentation([spec], seed=4)(x), transform(x, torch.Generator().manual_seed(4)))
+
+
 def test_noise_scale_is_at_most_max_std(dims):
     x = batch_for(dims, n=8)
     residual = Noise(max_std=0.1)(x, torch.Generator().manual_seed(1)) - x
@@ -349,8 +380,12 @@ def test_build_augmentation_keeps_float64():
 
 def test_build_augmentation_rejects_bad_input():
     assert torch.equal(build_augmentation([])(batch_for(2)), batch_for(2))
-    with pytest.raises(ValueError, match="noise, erasing, croppad, smoothing"):
-        build_augmentation(["noise", "flip"])
+    with pytest.raises(ValueError, match="noise, erasing, croppad, smoothing, flip"):
+        build_augmentation(["noise", "rotate"])
+    with pytest.raises(ValueError, match="'croppad:x'.*max_shift"):
+        build_augmentation(["croppad:x"])
+    with pytest.raises(ValueError, match="'flip:2'.*p must be in"):
+        build_augmentation(["flip:2"])
     with pytest.raises(TypeError, match="list"):
         build_augmentation("noise")
     with pytest.raises(TypeError, match="float tensor"):

@@ -502,7 +502,7 @@ def test_training_over_the_api_is_served_without_restart(env):
         # the defaults: a chest X-ray classifier and a 3D CT one, on the bases install_data.sh installs
         (
             "real",
-            {"chest_xray_2d": (2, 128, ["normal", "opacity"]), "ct_lesion_3d": (3, 32, ["no lesion", "lesion"])},
+            {"chest_xray_2d": (2, 64, ["normal", "opacity"]), "ct_lesion_3d": (3, 32, ["no lesion", "lesion"])},
             {"chest_xray_2d-00?.nii.gz": 8, "ct_lesion_3d-00?.nii.gz": 8},
         ),
         (
@@ -512,20 +512,21 @@ def test_training_over_the_api_is_served_without_restart(env):
         ),
     ],
 )
-def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, capsys, data, models, study_glob):
+def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, capfd, data, models, study_glob):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     work = tmp_path / "work"
     # the phantom run keeps the default model folder (<workdir>/model), the other one moves it
     model_dir = work / "model" if data == "shepp-logan" else tmp_path / "checkpoints"
-    argv = f"serve --prepare-only --data {data} --workdir {work} --epochs 1 --per-class 2".split()
+    argv = f"serve --prepare-only --data {data} --workdir {work} --epochs 1 --per-class 2 --test-per-class 4".split()
     if data != "shepp-logan":
         argv += ["--model-dir", str(model_dir)]
     package_files = sorted(p for p in PACKAGE_DIR.rglob("*") if "__pycache__" not in p.parts)
     args = parser.parse_args(argv)
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     args.func(args)
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out  # the models are prepared in worker processes: capture their output too
+    assert all(f"{name}: training" in printed for name in models), printed
     assert f"monailabel start_server --app {work} --studies {work / 'studies'}" in printed
     assert (f"--conf model_dir {model_dir}" in printed) == (data != "shepp-logan")
     assert (work / "main.py").read_text() == APP_MAIN_PY
@@ -534,13 +535,14 @@ def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, cap
     for name, (dim, size, labels) in models.items():
         _, card = load_classifier(found[name], device="cpu")
         assert (card.spatial_dims, list(card.input_size), list(card.labels)) == (dim, [size] * dim, labels)
+        assert card.metrics["n_test"] == 8 and "test_balanced_accuracy" in card.metrics  # 4 held out per class
     studies = work / "studies"
     assert {pattern: len(list(studies.glob(pattern))) for pattern in study_glob} == study_glob
     labels = list((studies / "labels" / "final").glob("*.nii.gz"))
     assert len(labels) == 8 and all((studies / label.name).is_file() for label in labels)  # every positive has its mask
     stamps = {name: path.stat().st_mtime_ns for name, path in found.items()}
     args.func(parser.parse_args(argv))  # a second run reuses the checkpoints
-    assert "training" not in capsys.readouterr().out
+    assert "training" not in capfd.readouterr().out
     assert {name: path.stat().st_mtime_ns for name, path in found.items()} == stamps
     assert sorted(p for p in PACKAGE_DIR.rglob("*") if "__pycache__" not in p.parts) == package_files
 

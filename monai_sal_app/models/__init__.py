@@ -1,6 +1,15 @@
 """Classifiers for monai-sal: network factory (2D/3D), losses, augmentations, training, checkpoints."""
 
-from monai_sal_app.models.augment import AUGMENTATIONS, CropPad, Erasing, Noise, Smoothing, build_augmentation
+from monai_sal_app.models.augment import (
+    AUGMENTATIONS,
+    CropPad,
+    Erasing,
+    Flip,
+    Noise,
+    Smoothing,
+    build_augmentation,
+    parse_augmentation,
+)
 from monai_sal_app.models.card import CardError, ModelCard, predict_classes
 from monai_sal_app.models.checkpoint import CheckpointError, load_classifier, read_card, save_classifier
 from monai_sal_app.models.device import default_device
@@ -22,6 +31,7 @@ __all__ = [
     "Conv5FC3",
     "CropPad",
     "Erasing",
+    "Flip",
     "ModelCard",
     "Noise",
     "Smoothing",
@@ -32,6 +42,7 @@ __all__ = [
     "evaluate_classifier",
     "get_loss",
     "load_classifier",
+    "parse_augmentation",
     "predict_classes",
     "predict_probabilities",
     "read_card",

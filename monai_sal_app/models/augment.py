@@ -11,7 +11,12 @@ They never modify their input in place and keep its shape, dtype and device. Per
 - :class:`CropPad`: translate by an integer shift U{-``max_shift``..``max_shift``} px per axis
   (default 10), filling with 0;
 - :class:`Smoothing`: Gaussian blur with sigma ~ U(0, ``max_sigma``) px (default 1), separable,
-  edges replicated.
+  edges replicated;
+- :class:`Flip`: mirror each spatial axis with probability ``p`` (default 0.5), independently.
+
+An augmentation is named by a spec string, ``"name"`` or ``"name:value"`` where the value is its one
+parameter: ``noise:max_std``, ``erasing:p``, ``croppad:max_shift``, ``smoothing:max_sigma``,
+``flip:p`` (e.g. ``"croppad:3"`` shifts by at most 3 px, right for a 32-voxel input).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-AUGMENTATIONS = ("noise", "erasing", "croppad", "smoothing")
+AUGMENTATIONS = ("noise", "erasing", "croppad", "smoothing", "flip")
 
 
 def _uniform(shape, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -145,7 +150,54 @@ class Smoothing:
         return out.reshape(batch.shape)
 
 
-_BY_NAME = {"noise": Noise, "erasing": Erasing, "croppad": CropPad, "smoothing": Smoothing}
+class Flip:
+    """Mirror each spatial axis with probability ``p`` per image and axis."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0 <= p <= 1:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        self.p = p
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        spatial_dims = batch.ndim - 2
+        flips = torch.rand((batch.shape[0], spatial_dims), generator=generator, dtype=torch.float64) < self.p
+        out = batch.clone()
+        for index, axes in enumerate(flips.tolist()):
+            dims = [1 + axis for axis, flip in enumerate(axes) if flip]  # batch[index] is (C, *spatial)
+            if dims:
+                out[index] = batch[index].flip(dims)
+        return out
+
+
+# name -> (class, the keyword its spec value sets, how the value is read)
+_BY_NAME = {
+    "noise": (Noise, "max_std", float),
+    "erasing": (Erasing, "p", float),
+    "croppad": (CropPad, "max_shift", int),
+    "smoothing": (Smoothing, "max_sigma", float),
+    "flip": (Flip, "p", float),
+}
+
+
+def parse_augmentation(spec: str):
+    """The augmentation object of one spec string (``"croppad"``, ``"croppad:3"``; see the module docstring).
+
+    Raises ``ValueError`` naming the spec when the name is unknown or the value is not valid.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"an augmentation is named by a string, got {spec!r}")
+    name, _, value = spec.partition(":")
+    if name not in _BY_NAME:
+        raise ValueError(
+            f"unknown augmentation {spec!r}; choose from {', '.join(AUGMENTATIONS)} (optionally name:value)"
+        )
+    cls, keyword, read = _BY_NAME[name]
+    if not value:
+        return cls()
+    try:
+        return cls(**{keyword: read(value)})
+    except ValueError as error:
+        raise ValueError(f"augmentation {spec!r}: {keyword} must be a valid {read.__name__} ({error})") from None
 
 
 class ComposedAugmentation:
@@ -157,7 +209,7 @@ class ComposedAugmentation:
 
     def __init__(self, names: Sequence[str], seed: int = 0) -> None:
         self.names = tuple(names)
-        self.transforms = [_BY_NAME[name]() for name in self.names]
+        self.transforms = [parse_augmentation(name) for name in self.names]
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -172,10 +224,8 @@ class ComposedAugmentation:
 
 
 def build_augmentation(names: Sequence[str], seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Compose the augmentations ``names`` (each one of :data:`AUGMENTATIONS`); [] is the identity."""
+    """Compose the augmentations ``names`` (spec strings: a name of :data:`AUGMENTATIONS`, optionally
+    ``name:value``); [] is the identity. Raises ValueError/TypeError for an unknown or invalid spec."""
     if isinstance(names, str):
         raise TypeError(f"names must be a list of augmentation names, got the string {names!r}")
-    unknown = [name for name in names if name not in _BY_NAME]
-    if unknown:
-        raise ValueError(f"unknown augmentation(s) {unknown}; choose from {', '.join(AUGMENTATIONS)}")
     return ComposedAugmentation(names, seed=seed)

@@ -25,7 +25,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.lib.served_model import ServedModel
-from monai_sal_app.models.augment import AUGMENTATIONS
+from monai_sal_app.models.augment import AUGMENTATIONS, parse_augmentation
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.factory import ARCHITECTURES
 from monai_sal_app.models.losses import LOSSES
@@ -124,10 +124,13 @@ class ClassifierTrainer(TrainTask):
         augmentations = p["augmentations"]
         if isinstance(augmentations, str):
             augmentations = [a.strip() for a in augmentations.split(",") if a.strip()]
-        if not isinstance(augmentations, list) or any(a not in AUGMENTATIONS for a in augmentations):
-            raise RequestError(
-                400, f"augmentations must be a list drawn from {', '.join(AUGMENTATIONS)}; got {p['augmentations']!r}"
-            )
+        if not isinstance(augmentations, list):
+            raise RequestError(400, f"augmentations must be a list drawn from {', '.join(AUGMENTATIONS)}")
+        for spec in augmentations:
+            try:
+                parse_augmentation(spec)
+            except (TypeError, ValueError) as error:
+                raise RequestError(400, f"augmentations: {error}") from None
         p["augmentations"] = augmentations
         for key in ("epochs", "batch_size", "patience"):
             p[key] = _positive_int(key, p[key])
