@@ -87,9 +87,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="monai-sal-bench-") as tmp:
         work = Path(args.workdir).resolve() if args.workdir else Path(tmp)
         model_dir = work / "model"
-        studies = prepare(
-            work, model_dir, data=args.data, epochs=1, per_class=2, progress=False, log=lambda m: print(m, flush=True)
-        )
+        studies = prepare(work, model_dir, data=args.data, epochs=1, per_class=2, test_per_class=4, progress=False)
         server = start_background_server(
             studies,
             conf={"model_dir": str(model_dir)},

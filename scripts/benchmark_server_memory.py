@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             epochs=1,
             per_class=2,
             progress=False,
-            log=lambda m: print(m, flush=True),
+            test_per_class=4,
         )
         plans = request_plan(studies, list(DEFAULT_MODELS[args.data]), methods, args.requests)
         server = start_background_server(studies, conf={"model_dir": str(work / "model")}, workdir=work / "run")
