@@ -108,7 +108,7 @@ CASES = {
     "train-bad-input-size": (["train", "--data", "{manifest}", "--input-size", "big"], "--input-size"),
     "train-unknown-architecture": (["train", "--data", "{manifest}", "--arch", "vgg"], "unknown 'vgg'"),
     "train-unknown-loss": (["train", "--data", "{manifest}", "--loss", "hinge"], "hinge"),
-    "train-unknown-augmentation": (["train", "--data", "{manifest}", "--aug", "flip"], "flip"),
+    "train-unknown-augmentation": (["train", "--data", "{manifest}", "--aug", "rotate"], "rotate"),
     "train-labels-count": (["train", "--data", "{manifest}", "--labels", "a,b,c"], "'labels'"),
 }
 

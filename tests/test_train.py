@@ -167,4 +167,4 @@ def test_train_rejects_bad_input():
     with pytest.raises(ValueError, match="unknown loss"):
         train_classifier(model, x, y, x, y, loss="hinge", progress=False)
     with pytest.raises(ValueError, match="unknown augmentation"):
-        train_classifier(model, x, y, x, y, augmentations=["flip"], progress=False)
+        train_classifier(model, x, y, x, y, augmentations=["rotate"], progress=False)
