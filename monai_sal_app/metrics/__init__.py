@@ -8,20 +8,26 @@ are imported from there, never from this ``__init__``.
 from monai_sal_app.metrics.localization import (
     DEFAULT_PERCENTILES,
     auprc,
+    auprc_trapezoid,
     hard_dice,
     iou_at_percentiles,
     localization_metrics,
     mean_mask_baseline,
     minmax,
     partial_auprc,
+    pointwise_average_precision,
+    pointwise_hit,
     roc_auc,
     soft_dice,
+    top_regions_mask,
+    xrai_region_dice,
 )
 from monai_sal_app.metrics.stats import mean_ci, summarize, to_markdown, write_csv
 
 __all__ = [
     "DEFAULT_PERCENTILES",
     "auprc",
+    "auprc_trapezoid",
     "hard_dice",
     "iou_at_percentiles",
     "localization_metrics",
@@ -29,9 +35,13 @@ __all__ = [
     "mean_mask_baseline",
     "minmax",
     "partial_auprc",
+    "pointwise_average_precision",
+    "pointwise_hit",
     "roc_auc",
     "soft_dice",
     "summarize",
     "to_markdown",
+    "top_regions_mask",
     "write_csv",
+    "xrai_region_dice",
 ]

@@ -31,15 +31,21 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_PERCENTILES",
+    "DEFAULT_REGION_FRACTIONS",
     "auprc",
+    "auprc_trapezoid",
     "hard_dice",
     "iou_at_percentiles",
     "localization_metrics",
     "mean_mask_baseline",
     "minmax",
     "partial_auprc",
+    "pointwise_average_precision",
+    "pointwise_hit",
     "roc_auc",
     "soft_dice",
+    "top_regions_mask",
+    "xrai_region_dice",
 ]
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (80, 85, 90, 95, 98)
@@ -71,8 +77,8 @@ def _as_map(saliency, name: str = "saliency") -> np.ndarray:
     return values
 
 
-def _as_mask(mask) -> np.ndarray:
-    """A boolean array with at least one positive and one negative element."""
+def _binary(mask) -> np.ndarray:
+    """A boolean array of a boolean or 0/1 mask (which may be empty or full)."""
     values = np.asarray(mask)
     if values.dtype.kind not in "biuf":
         raise TypeError(f"mask must be a boolean or 0/1 array, got dtype {values.dtype}")
@@ -82,6 +88,20 @@ def _as_mask(mask) -> np.ndarray:
             found = np.unique(values[~is_binary])[:5]
             raise ValueError(f"mask must be boolean or contain only 0 and 1; found values {found.tolist()}")
         values = values == 1
+    return values
+
+
+def _same_grid(values: np.ndarray, labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` and ``labels`` without leading singleton dims; ValueError when their shapes differ."""
+    core = _drop_leading_singletons(values.shape)
+    if core != _drop_leading_singletons(labels.shape):
+        raise ValueError(f"{what} shape {values.shape} does not match mask shape {labels.shape}")
+    return values.reshape(core), labels.reshape(core)
+
+
+def _as_mask(mask) -> np.ndarray:
+    """A boolean array with at least one positive and one negative element."""
+    values = _binary(mask)
     n_positive = int(np.count_nonzero(values))
     if n_positive == 0:
         raise ValueError("mask is empty (no positive pixel/voxel): ROC AUC is undefined")
@@ -92,13 +112,7 @@ def _as_mask(mask) -> np.ndarray:
 
 def _prepare(saliency, mask) -> tuple[np.ndarray, np.ndarray]:
     """Checked, flattened ``(map, boolean mask)`` of equal length."""
-    values = np.asarray(saliency)
-    labels = np.asarray(mask)
-    if values.shape != labels.shape:
-        core = _drop_leading_singletons(values.shape)
-        if core != _drop_leading_singletons(labels.shape):
-            raise ValueError(f"saliency shape {values.shape} does not match mask shape {labels.shape}")
-        values, labels = values.reshape(core), labels.reshape(core)
+    values, labels = _same_grid(np.asarray(saliency), np.asarray(mask), "saliency")
     return _as_map(values).ravel(), _as_mask(labels).ravel()
 
 
@@ -178,6 +192,34 @@ def auprc(saliency, mask) -> float:
     ``mask.mean()``.
     """
     return _Ranking(*_prepare(saliency, mask)).pr_area()
+
+
+def _trapezoid_pr_area(values: np.ndarray, labels: np.ndarray) -> float:
+    """The trapezoid area under the precision-recall points of every distinct map value (see
+    :func:`auprc_trapezoid`); sorts the whole map once."""
+    order = np.argsort(-values, kind="stable")
+    ranked, hits = values[order], labels[order]
+    last_of_value = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]  # each threshold's last index
+    tps = np.cumsum(hits)[last_of_value]
+    fps = last_of_value + 1 - tps
+    full = int(np.searchsorted(tps, tps[-1]))  # the curve stops where recall first reaches 1
+    precision = np.r_[(tps / (tps + fps))[full::-1], 1.0]
+    recall = np.r_[(tps / tps[-1])[full::-1], 0.0]
+    return float(-np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2))
+
+
+def auprc_trapezoid(saliency, mask) -> float:
+    """Area under the precision-recall curve by the trapezoid rule, in [0, 1]: the trust study's
+    variant of :func:`auprc` (its published code).
+
+    Identical to ``sklearn.metrics.auc(recall, precision)`` of
+    ``sklearn.metrics.precision_recall_curve(mask.ravel(), saliency.ravel())``: one point per
+    distinct map value as threshold (``map >= t``) down to the first that reaches recall 1, plus
+    (recall 0, precision 1), joined by straight lines. Linear interpolation between points
+    overstates precision, so it is above the step-wise :func:`auprc` on most maps; report which one
+    a number is.
+    """
+    return _trapezoid_pr_area(*_prepare(saliency, mask))
 
 
 def partial_auprc(saliency, mask, max_recall: float = 0.5) -> float:
@@ -279,7 +321,7 @@ def iou_at_percentiles(saliency, mask, percentiles: Iterable[float] = DEFAULT_PE
 def localization_metrics(saliency, mask, percentiles: Iterable[float] = DEFAULT_PERCENTILES) -> dict[str, float]:
     """Every per-image localization metric in one flat, ordered dict of Python floats.
 
-    Keys, in order: ``roc_auc``, ``auprc``, ``soft_dice``, ``dice_area`` (:func:`hard_dice` at the
+    Keys, in order: ``roc_auc``, ``auprc``, ``auprc_trapezoid``, ``soft_dice``, ``dice_area`` (:func:`hard_dice` at the
     mask's area fraction), ``dice_p95`` (:func:`hard_dice` at the 95th percentile), then
     ``iou_pXX`` for each of ``percentiles`` (:func:`iou_at_percentiles`). JSON-serialisable as is;
     the map is checked and sorted once. This is what the server returns and the CLI writes per image.
@@ -291,6 +333,7 @@ def localization_metrics(saliency, mask, percentiles: Iterable[float] = DEFAULT_
     metrics = {
         "roc_auc": ranking.roc_auc(),
         "auprc": ranking.pr_area(),
+        "auprc_trapezoid": _trapezoid_pr_area(values, labels),
         "soft_dice": _soft_dice(values, labels),
         "dice_area": _dice(ranking.overlap(_area_threshold(values, ranking.n_pos)), ranking.n_pos),
         "dice_p95": _dice(dice_p95_overlap, ranking.n_pos),
@@ -298,6 +341,111 @@ def localization_metrics(saliency, mask, percentiles: Iterable[float] = DEFAULT_
     for p, overlap in zip(percentiles, iou_overlaps):
         metrics[_iou_key(p)] = _iou(overlap, ranking.n_pos)
     return {key: float(value) for key, value in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# pointwise localization
+# ----------------------------------------------------------------------------------------------
+
+
+def pointwise_hit(saliency, mask, tolerance: float = 0.0) -> bool:
+    """Pointwise localization of one map: does its maximum lie in the mask?
+
+    The map's maximum (the first one in C order when several pixels share it) is a hit when it
+    lies inside the mask, or within ``tolerance`` pixels/voxels (Euclidean, on the array grid) of
+    its nearest mask pixel/voxel. The mask (or the box mask of bounding boxes) may be empty, for
+    a negative image: then nothing is hit.
+    """
+    values, labels = _same_grid(_as_map(saliency), _binary(mask), "saliency")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+    peak = np.unravel_index(int(np.argmax(values)), values.shape)
+    if labels[peak]:
+        return True
+    if tolerance == 0 or not labels.any():
+        return False
+    distances = np.linalg.norm(np.argwhere(labels) - np.asarray(peak), axis=1)
+    return bool(distances.min() <= tolerance)
+
+
+def pointwise_average_precision(scores, hits, labels) -> float:
+    """Average precision of pointwise localization over images (as Oquab et al. and WILDCAT report it).
+
+    Images are ranked by the classifier's score for the class (descending); an image is a true
+    positive when it contains the class (``labels`` 1) and its map's maximum hits the evidence
+    (``hits``, see :func:`pointwise_hit`), a false positive otherwise. AP = sum over the true
+    positives' ranks k of precision@k, divided by the number of images that contain the class (so
+    a missed localization costs recall). ``scores``, ``hits``, ``labels``: (N,) each; ties in score
+    keep the given order. Needs at least one image with the class.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    hits = np.asarray(hits, dtype=bool).ravel()
+    labels = np.asarray(labels).ravel()
+    if not (scores.size == hits.size == labels.size) or scores.size == 0:
+        raise ValueError(
+            f"scores, hits and labels need the same length > 0, got {scores.size}, {hits.size}, {labels.size}"
+        )
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1 (does the image contain the class)")
+    n_with_class = int(labels.sum())
+    if n_with_class == 0:
+        raise ValueError("no image contains the class: average precision is undefined")
+    order = np.argsort(-scores, kind="stable")
+    true_positive = (labels.astype(bool) & hits)[order]
+    precision_at_k = np.cumsum(true_positive) / np.arange(1, scores.size + 1)
+    return float(precision_at_k[true_positive].sum() / n_with_class)
+
+
+# ----------------------------------------------------------------------------------------------
+# XRAI regions
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_REGION_FRACTIONS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def _region_ranks(ranks) -> np.ndarray:
+    values = np.asarray(ranks)
+    if values.dtype.kind not in "iu" or values.size == 0 or values.min() < 1:
+        raise ValueError("regions must be a non-empty integer label array of ranks 1, 2, ... (1 = most important)")
+    return values
+
+
+def top_regions_mask(ranks, fraction: float) -> np.ndarray:
+    """Union of the fewest top-ranked regions that together cover at least ``fraction`` of the image.
+
+    ``ranks``: integer array, pixel value k (1-based) = the pixel belongs to the k-th most
+    important region (the label array ``saliency.xrai`` produces: disjoint regions covering the
+    image). ``fraction`` in [0, 1]: 0 gives an empty mask, 1 the whole image.
+    """
+    values = _region_ranks(ranks)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if fraction == 0.0:
+        return np.zeros(values.shape, dtype=bool)
+    cumulative_area = np.cumsum(np.bincount(values.ravel())[1:]) / values.size
+    count = int(np.searchsorted(cumulative_area, fraction - 1e-12) + 1)
+    return values <= count
+
+
+def xrai_region_dice(ranks, mask, fractions: Iterable[float] = DEFAULT_REGION_FRACTIONS) -> dict[str, float]:
+    """Dice between the mask and the top XRAI regions covering p of the image, for each p of
+    ``fractions`` (keys ``xrai_dice_p<percent>``, e.g. ``xrai_dice_p5``) and at p = the mask's own
+    area fraction (``xrai_dice_area``). ``ranks``: the region label array (:func:`top_regions_mask`).
+    """
+    values, labels = _same_grid(_region_ranks(ranks), _binary(mask), "regions")
+    n_pos = int(np.count_nonzero(labels))
+    if n_pos == 0:
+        raise ValueError("mask has no foreground: Dice against it is undefined")
+
+    def dice(fraction: float) -> float:
+        selected = top_regions_mask(values, fraction)
+        return 2.0 * np.count_nonzero(selected & labels) / (np.count_nonzero(selected) + n_pos)
+
+    result = {f"xrai_dice_p{100 * f:g}": dice(float(f)) for f in fractions}
+    result["xrai_dice_area"] = dice(n_pos / labels.size)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,217 @@
+"""Map similarity: how alike two saliency maps of the same image are (definitions and references:
+docs/METHODS.md#map-similarity).
+
+Used by the trust checks (``evaluation``) to compare a map with the map of a randomized,
+retrained or other model. Every function compares two batches of maps image by image:
+
+- ``a``, ``b``: arrays of the same shape ``(N, H, W)`` or ``(N, D, H, W)`` (a channel axis of 1,
+  ``(N, 1, *spatial)`` as ``explain`` returns, is dropped), any real unit; NaN or +-inf ->
+  ``ValueError``. Returns float64 ``(N,)``.
+- A constant map has no ranking and no structure: the correlations and SSIM of a pair in which
+  either map is constant are reported as 0 (never NaN); :func:`constant_maps` flags those maps so
+  that a caller can say so.
+
+numpy and scipy; scikit-image only inside :func:`hog_spearman` (HOG features). No torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = [
+    "SIMILARITY_METRICS",
+    "constant_maps",
+    "hog_spearman",
+    "pearson",
+    "random_pair_baseline",
+    "similarity",
+    "spearman",
+    "spearman_abs",
+    "ssim",
+]
+
+
+def _batch(maps, name: str = "maps") -> np.ndarray:
+    """``maps`` as float64 (N, *spatial) with 2 or 3 spatial dims; ValueError otherwise."""
+    array = np.asarray(maps, dtype=np.float64)
+    if array.ndim in (4, 5) and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim not in (3, 4) or array.shape[0] == 0:
+        raise ValueError(f"{name} must be a batch (N, H, W) or (N, D, H, W) with N >= 1, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contain NaN or infinite values")
+    return array
+
+
+def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _batch(a, "a"), _batch(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"maps to compare must have the same shape, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def constant_maps(maps) -> np.ndarray:
+    """Boolean (N,): True where a map of the batch (N, *spatial) has a single value everywhere."""
+    flat = _batch(maps).reshape(len(maps), -1)
+    return flat.max(axis=1) == flat.min(axis=1)
+
+
+def _correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise Pearson correlation of (N, P) arrays; 0 for a row where either side is constant."""
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    denominator = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+    numerator = (x * y).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(denominator > 0, numerator / denominator, 0.0)
+    return np.clip(r, -1.0, 1.0)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Row-wise ranks of (N, P), ties averaged (as ``scipy.stats.rankdata``)."""
+    from scipy.stats import rankdata  # scipy.stats is slow to import: only when ranking
+
+    return rankdata(x, axis=1)
+
+
+def pearson(a, b) -> np.ndarray:
+    """Pearson correlation of the two maps' values, per image (N,), in [-1, 1]."""
+    a, b = _pair(a, b)
+    return _correlation(a.reshape(len(a), -1), b.reshape(len(b), -1))
+
+
+def spearman(a, b) -> np.ndarray:
+    """Spearman rank correlation of the signed maps, per image (N,), in [-1, 1] (ties get average ranks)."""
+    a, b = _pair(a, b)
+    return _correlation(_ranks(a.reshape(len(a), -1)), _ranks(b.reshape(len(b), -1)))
+
+
+def spearman_abs(a, b) -> np.ndarray:
+    """Spearman rank correlation of |map| (the ranking of importance regardless of sign), per image (N,)."""
+    a, b = _pair(a, b)
+    return spearman(np.abs(a), np.abs(b))
+
+
+def _minmax(maps: np.ndarray) -> np.ndarray:
+    """Each map of (N, *spatial) scaled to [0, 1]; a constant map becomes zeros."""
+    flat = maps.reshape(len(maps), -1)
+    low = flat.min(axis=1)
+    span = flat.max(axis=1) - low
+    scaled = (flat - low[:, None]) / np.where(span > 0, span, 1.0)[:, None]
+    return scaled.reshape(maps.shape)
+
+
+def ssim(a, b, win_size: int = 7) -> np.ndarray:
+    """Structural similarity of the min-max maps (data range 1), per image (N,), 2D or 3D.
+
+    The same computation as ``skimage.metrics.structural_similarity(x, y, data_range=1)`` with its
+    defaults (a ``win_size``-wide uniform window, K1 = 0.01, K2 = 0.03, sample covariance, the mean
+    over the image without a border of ``(win_size - 1) // 2``), for the whole batch at once.
+    A pair with a constant map scores 0. Every spatial side must be at least ``win_size``.
+    """
+    from scipy.ndimage import uniform_filter
+
+    a, b = _pair(a, b)
+    spatial = a.shape[1:]
+    if win_size < 3 or win_size % 2 == 0:
+        raise ValueError(f"win_size must be odd and >= 3, got {win_size}")
+    if min(spatial) < win_size:
+        raise ValueError(f"SSIM needs maps of at least {win_size} pixels per side, got {spatial}")
+    x, y = _minmax(a), _minmax(b)
+    size = (1,) + (win_size,) * len(spatial)
+
+    def mean(z):
+        return uniform_filter(z, size=size)
+
+    n_window = win_size ** len(spatial)
+    covariance_norm = n_window / (n_window - 1)
+    ux, uy = mean(x), mean(y)
+    vx = covariance_norm * (mean(x * x) - ux * ux)
+    vy = covariance_norm * (mean(y * y) - uy * uy)
+    vxy = covariance_norm * (mean(x * y) - ux * uy)
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    pad = (win_size - 1) // 2
+    inner = (slice(None),) + tuple(slice(pad, side - pad) for side in spatial)
+    values = s[inner].reshape(len(s), -1).mean(axis=1)
+    either_constant = constant_maps(a) | constant_maps(b)
+    return np.where(either_constant, 0.0, values)
+
+
+def hog_spearman(a, b, orientations: int = 9, pixels_per_cell: int = 8, cells_per_block: int = 2) -> np.ndarray:
+    """Spearman rank correlation of the HOG features of the min-max maps, per image (N,).
+
+    Histograms of oriented gradients (``skimage.feature.hog``, L2-Hys block normalisation) compare
+    the maps' local edge structure rather than their values. HOG is a 2D descriptor: a 3D map is
+    described slice by slice along its first axis (D), the slices' features concatenated. Every
+    (slice) side must hold at least ``cells_per_block`` cells of ``pixels_per_cell`` pixels.
+    """
+    from skimage.feature import hog
+
+    a, b = _pair(a, b)
+    height, width = a.shape[-2:]
+    if min(height, width) < pixels_per_cell * cells_per_block:
+        raise ValueError(
+            f"HOG with {cells_per_block} cells of {pixels_per_cell} px per block needs maps (slices) of at least "
+            f"{pixels_per_cell * cells_per_block} px per side, got {height} x {width}"
+        )
+
+    def features(maps: np.ndarray) -> np.ndarray:
+        slices = _minmax(maps).reshape(-1, height, width)  # (N * D, H, W) in 3D
+        described = [
+            hog(
+                image,
+                orientations=orientations,
+                pixels_per_cell=(pixels_per_cell,) * 2,
+                cells_per_block=(cells_per_block,) * 2,
+                block_norm="L2-Hys",
+                feature_vector=True,
+            )
+            for image in slices
+        ]
+        return np.stack(described).reshape(len(maps), -1)
+
+    values = _correlation(_ranks(features(a)), _ranks(features(b)))
+    return np.where(constant_maps(a) | constant_maps(b), 0.0, values)
+
+
+SIMILARITY_METRICS: dict[str, Callable[..., np.ndarray]] = {
+    "spearman_abs": spearman_abs,
+    "spearman": spearman,
+    "ssim": ssim,
+    "hog_spearman": hog_spearman,
+    "pearson": pearson,
+}
+
+
+def similarity(a, b, metric: str = "spearman_abs") -> np.ndarray:
+    """``metric`` (a name of :data:`SIMILARITY_METRICS`) of each pair of maps, (N,)."""
+    if metric not in SIMILARITY_METRICS:
+        raise ValueError(f"unknown similarity metric {metric!r}; choose from {', '.join(SIMILARITY_METRICS)}")
+    return SIMILARITY_METRICS[metric](a, b)
+
+
+def random_pair_baseline(maps, metric: str = "spearman_abs", n_pairs: int = 50, seed: int = 0) -> dict:
+    """The similarity two maps have by chance: ``metric`` between the maps of random pairs of
+    different images of one batch (N, *spatial), N >= 2.
+
+    ``n_pairs`` ordered pairs (i, j), i != j, are drawn uniformly with replacement from a generator
+    seeded with ``seed``. Returns ``{"metric", "mean", "ci_low", "ci_high", "n_pairs", "values"}``
+    with the Student-t 95% CI of the mean (``metrics.stats.mean_ci``); a method's similarity is
+    meaningful only against this band.
+    """
+    from monai_sal_app.metrics.stats import mean_ci
+
+    maps = _batch(maps)
+    if len(maps) < 2:
+        raise ValueError(f"a random-pair baseline needs maps of at least 2 images, got {len(maps)}")
+    if isinstance(n_pairs, bool) or not isinstance(n_pairs, (int, np.integer)) or n_pairs < 2:
+        raise ValueError(f"n_pairs must be an integer >= 2, got {n_pairs!r}")
+    rng = np.random.default_rng(seed)
+    first = rng.integers(0, len(maps), size=n_pairs)
+    second = (first + rng.integers(1, len(maps), size=n_pairs)) % len(maps)  # never the same image
+    values = similarity(maps[first], maps[second], metric)
+    mean, low, high = mean_ci(values)
+    return {"metric": metric, "mean": mean, "ci_low": low, "ci_high": high, "n_pairs": int(n_pairs), "values": values}

@@ -1,0 +1,117 @@
+"""Map similarity against independent implementations (scikit-image SSIM and HOG, scipy Spearman)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage, stats
+from skimage.feature import hog
+from skimage.metrics import structural_similarity
+
+from monai_sal_app.metrics.similarity import (
+    SIMILARITY_METRICS,
+    constant_maps,
+    hog_spearman,
+    pearson,
+    random_pair_baseline,
+    similarity,
+    spearman,
+    spearman_abs,
+    ssim,
+)
+
+
+def smooth_maps(n: int, shape: tuple[int, ...], seed: int, sigma: float = 2.0) -> np.ndarray:
+    """n smooth signed random maps (n, *shape), quantised so that ties occur in the rankings."""
+    rng = np.random.default_rng(seed)
+    maps = np.stack([ndimage.gaussian_filter(rng.normal(size=shape), sigma) for _ in range(n)])
+    return np.round(maps * 50) / 50
+
+
+def minmax(x: np.ndarray) -> np.ndarray:
+    return (x - x.min()) / (x.max() - x.min())
+
+
+@pytest.mark.parametrize("shape", [(32, 40), (12, 16, 20)], ids=["2d", "3d"])
+def test_ssim_matches_scikit_image(shape):
+    a = smooth_maps(4, shape, seed=0)
+    b = a + 0.3 * smooth_maps(4, shape, seed=1, sigma=1.0)
+    ours = ssim(a, b)
+    reference = [structural_similarity(minmax(x), minmax(y), data_range=1.0) for x, y in zip(a, b)]
+    np.testing.assert_allclose(ours, reference, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ssim(a, a), 1.0)
+
+
+def test_spearman_and_pearson_match_scipy():
+    a, b = smooth_maps(5, (24, 24), seed=2), smooth_maps(5, (24, 24), seed=3)
+    b[:2] = a[:2] + 0.2 * b[:2]  # some pairs alike, some not
+    np.testing.assert_allclose(spearman(a, b), [stats.spearmanr(x.ravel(), y.ravel())[0] for x, y in zip(a, b)])
+    np.testing.assert_allclose(
+        spearman_abs(a, b), [stats.spearmanr(np.abs(x).ravel(), np.abs(y).ravel())[0] for x, y in zip(a, b)]
+    )
+    np.testing.assert_allclose(pearson(a, b), [stats.pearsonr(x.ravel(), y.ravel())[0] for x, y in zip(a, b)])
+    assert spearman(a, b)[0] > 0.8 and abs(spearman(a, b)[4]) < 0.5
+
+
+def test_sign_matters_to_spearman_and_not_to_spearman_abs():
+    a = smooth_maps(3, (20, 20), seed=4)
+    np.testing.assert_allclose(spearman(a, -a), -1.0)
+    np.testing.assert_allclose(spearman_abs(a, -a), 1.0)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (3, 24, 32)], ids=["2d", "3d-slicewise"])
+def test_hog_spearman_matches_scikit_image_hog(shape):
+    a, b = smooth_maps(3, shape, seed=5), smooth_maps(3, shape, seed=6)
+
+    def features(x):
+        slices = minmax(x).reshape(-1, *shape[-2:])
+        return np.concatenate([hog(s, orientations=9, pixels_per_cell=(8, 8), cells_per_block=(2, 2)) for s in slices])
+
+    expected = [stats.spearmanr(features(x), features(y))[0] for x, y in zip(a, b)]
+    np.testing.assert_allclose(hog_spearman(a, b), expected, rtol=1e-10)
+    np.testing.assert_allclose(hog_spearman(a, a), 1.0)
+
+
+def test_explain_shaped_batches_are_accepted():
+    a = smooth_maps(2, (16, 16), seed=7)
+    np.testing.assert_allclose(spearman(a[:, None], a[:, None]), 1.0)  # (N, 1, H, W) as explain returns
+
+
+@pytest.mark.parametrize("metric", sorted(SIMILARITY_METRICS))
+def test_constant_maps_score_zero_and_are_flagged(metric):
+    a = smooth_maps(3, (24, 24), seed=8)
+    b = a.copy()
+    b[1] = 0.0  # a method that gives a constant map for one image
+    values = similarity(a, b, metric)
+    assert values[1] == 0.0 and np.isfinite(values).all()
+    np.testing.assert_allclose(values[[0, 2]], 1.0)
+    assert constant_maps(b).tolist() == [False, True, False]
+
+
+def test_bad_input_gives_clear_errors():
+    a = smooth_maps(2, (16, 16), seed=9)
+    with pytest.raises(ValueError, match="same shape"):
+        spearman(a, a[:1])
+    with pytest.raises(ValueError, match="NaN"):
+        spearman(a, np.full_like(a, np.nan))
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        spearman(a[0], a[0])
+    with pytest.raises(ValueError, match="at least 7 pixels"):
+        ssim(a[:, :5, :5], a[:, :5, :5])
+    with pytest.raises(ValueError, match="at least 16 px"):
+        hog_spearman(a[:, :12, :12], a[:, :12, :12])
+    with pytest.raises(ValueError, match="unknown similarity metric"):
+        similarity(a, a, "kendall")
+
+
+def test_random_pair_baseline_pairs_different_images_and_gives_a_ci():
+    maps = smooth_maps(6, (24, 24), seed=10)
+    baseline = random_pair_baseline(maps, "spearman_abs", n_pairs=50, seed=1)
+    assert baseline["n_pairs"] == 50 and len(baseline["values"]) == 50
+    assert baseline["ci_low"] <= baseline["mean"] <= baseline["ci_high"]
+    assert np.all(baseline["values"] < 0.999)  # never an image against itself
+    assert random_pair_baseline(maps, "spearman_abs", n_pairs=50, seed=1)["mean"] == baseline["mean"]
+    same = random_pair_baseline(np.repeat(maps[:1], 4, axis=0), "ssim", n_pairs=10)
+    assert same["mean"] == pytest.approx(1.0)  # identical maps of different images: the baseline sees it
+    with pytest.raises(ValueError, match="at least 2 images"):
+        random_pair_baseline(maps[:1])
