@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 from scipy import stats as scipy_stats
+from sklearn.metrics import auc as sklearn_auc
 from sklearn.metrics import (
     average_precision_score,
     f1_score,
@@ -24,6 +25,7 @@ from sklearn.metrics import (
 from monai_sal_app.metrics import (
     DEFAULT_PERCENTILES,
     auprc,
+    auprc_trapezoid,
     hard_dice,
     iou_at_percentiles,
     localization_metrics,
@@ -31,11 +33,15 @@ from monai_sal_app.metrics import (
     mean_mask_baseline,
     minmax,
     partial_auprc,
+    pointwise_average_precision,
+    pointwise_hit,
     roc_auc,
     soft_dice,
     summarize,
     to_markdown,
+    top_regions_mask,
     write_csv,
+    xrai_region_dice,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -224,16 +230,23 @@ def test_iou_at_percentiles_matches_reference_and_jaccard(case):
     assert list(iou_at_percentiles(saliency, mask, (97.5, 50))) == ["iou_p97.5", "iou_p50"]
 
 
+def test_auprc_trapezoid_is_sklearn_precision_recall_curve_then_auc(case):
+    saliency, mask = case
+    precision, recall, _ = precision_recall_curve(mask.ravel(), saliency.ravel().astype(np.float64))
+    assert auprc_trapezoid(saliency, mask) == pytest.approx(sklearn_auc(recall, precision), abs=1e-12)
+
+
 def test_localization_metrics_is_flat_ordered_json_and_consistent(case):
     saliency, mask = case
     metrics = localization_metrics(saliency, mask)
     ious = [f"iou_p{p}" for p in DEFAULT_PERCENTILES]
-    expected_keys = ["roc_auc", "auprc", "soft_dice", "dice_area", "dice_p95", *ious]
+    expected_keys = ["roc_auc", "auprc", "auprc_trapezoid", "soft_dice", "dice_area", "dice_p95", *ious]
     assert list(metrics) == expected_keys
     assert all(type(value) is float for value in metrics.values())
     assert json.loads(json.dumps(metrics)) == metrics
     assert metrics["roc_auc"] == roc_auc(saliency, mask)
     assert metrics["auprc"] == auprc(saliency, mask)
+    assert metrics["auprc_trapezoid"] == auprc_trapezoid(saliency, mask)
     assert metrics["soft_dice"] == soft_dice(saliency, mask)
     assert metrics["dice_area"] == hard_dice(saliency, mask)
     assert metrics["dice_p95"] == hard_dice(saliency, mask, 95)
@@ -429,3 +442,58 @@ def test_metrics_import_pulls_neither_torch_nor_sklearn():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
+
+
+# ----------------------------------------------------------------------------- pointwise localization
+
+
+def test_pointwise_hit_on_hand_made_maps():
+    mask = np.zeros((10, 12), dtype=bool)
+    mask[2:4, 3:6] = True
+    saliency = np.zeros((10, 12))
+    saliency[3, 4] = 1.0
+    assert pointwise_hit(saliency, mask)
+    saliency[3, 4], saliency[3, 8] = 0.0, 1.0  # 3 pixels right of the mask's edge (column 5)
+    assert not pointwise_hit(saliency, mask)
+    assert not pointwise_hit(saliency, mask, tolerance=2.9) and pointwise_hit(saliency, mask, tolerance=3.0)
+    assert not pointwise_hit(saliency, np.zeros_like(mask))  # a negative image has nothing to hit
+    volume, box = np.zeros((6, 6, 6)), np.zeros((6, 6, 6), dtype=np.uint8)
+    volume[1, 2, 3], box[1, 2, 3] = 5.0, 1
+    assert pointwise_hit(volume[None], box)  # (1, D, H, W) as explain returns, 3D
+    with pytest.raises(ValueError, match="does not match"):
+        pointwise_hit(saliency, mask[:5])
+
+
+def test_pointwise_average_precision_counts_images_with_the_class():
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5]
+    labels = [1, 1, 0, 1, 0]
+    hits = [True, False, True, True, False]
+    # ranked: TP (P@1 = 1), FP (missed localization), FP (no class), TP (P@4 = 2/4), FP; 3 images have the class
+    assert pointwise_average_precision(scores, hits, labels) == pytest.approx((1 + 2 / 4) / 3)
+    assert pointwise_average_precision(scores, [True] * 5, [1] * 5) == 1.0
+    with pytest.raises(ValueError, match="no image contains the class"):
+        pointwise_average_precision(scores, hits, [0] * 5)
+    with pytest.raises(ValueError, match="same length"):
+        pointwise_average_precision(scores, hits[:4], labels)
+
+
+# ----------------------------------------------------------------------------- XRAI regions
+
+
+def test_xrai_region_dice_on_hand_made_regions():
+    ranks = np.array([[1, 1, 2, 2], [3, 3, 3, 3], [4, 4, 4, 4], [4, 4, 4, 4]])  # areas 2, 2, 4, 8 of 16
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[0, :2] = True  # exactly region 1
+    assert top_regions_mask(ranks, 0.1).sum() == 2 and top_regions_mask(ranks, 0.2).sum() == 4
+    assert top_regions_mask(ranks, 0).sum() == 0 and top_regions_mask(ranks, 1).all()
+    dice = xrai_region_dice(ranks, mask, fractions=(0.1, 0.25, 0.5))
+    assert dice == {
+        "xrai_dice_p10": 1.0,  # region 1 alone: the mask
+        "xrai_dice_p25": pytest.approx(2 * 2 / (4 + 2)),  # regions 1-2
+        "xrai_dice_p50": pytest.approx(2 * 2 / (8 + 2)),  # regions 1-3
+        "xrai_dice_area": 1.0,  # the mask covers 1/8: region 1
+    }
+    with pytest.raises(ValueError, match="ranks 1, 2"):
+        xrai_region_dice(ranks - 1, mask)
+    with pytest.raises(ValueError, match="no foreground"):
+        xrai_region_dice(ranks, np.zeros_like(mask))

@@ -57,6 +57,7 @@ from skimage.segmentation import felzenszwalb, slic
 from skimage.transform import resize
 from torch import nn
 
+from monai_sal_app.metrics.localization import top_regions_mask
 from monai_sal_app.saliency.core import (
     auto_batch_size,
     chunks,
@@ -109,12 +110,7 @@ class XRAIRegions:
 
         ``fraction`` is in [0, 1]; 0 gives an empty mask, 1 the whole image.
         """
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        if fraction == 0.0:
-            return np.zeros(self.ranks.shape, dtype=bool)
-        count = int(np.searchsorted(self.cumulative_area, fraction - 1e-12) + 1)
-        return self.ranks <= count
+        return top_regions_mask(self.ranks, fraction)
 
 
 def _integrated_gradients_min_max(
