@@ -43,7 +43,7 @@ def build_network(card: ModelCard) -> nn.Module:
     )
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Call ``write(file)`` on a temporary file in ``path``'s directory, then rename it to ``path``."""
     handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)  # noqa: SIM115 (closed by `with handle` below)
     try:
@@ -79,8 +79,8 @@ def save_classifier(model: nn.Module, path: str | os.PathLike, card: ModelCard) 
         )
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(json_path, lambda f: f.write(card_text.encode("utf-8")))
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(json_path, lambda f: f.write(card_text.encode("utf-8")))
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 
