@@ -1,0 +1,283 @@
+"""evaluation/randomization.py: the blocks of every architecture, cascading and independent states,
+the user's model left alone, and the known result of Adebayo et al. (2018) on a trained ResNet."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CHANNELS, images_for, tiny_resnet
+from torch import nn
+
+from monai_sal_app import explain
+from monai_sal_app.data.shepp_logan import shepp_logan_phantom
+from monai_sal_app.evaluation.randomization import (
+    model_randomization,
+    randomization_blocks,
+    randomized_models,
+    reinitialise_block,
+)
+from monai_sal_app.models.factory import ARCHITECTURES, build_classifier
+from monai_sal_app.models.train import train_classifier
+
+DENSENET_BLOCKS = [
+    "class_layers", "features.norm5", "features.denseblock4", "features.transition3", "features.denseblock3",
+    "features.transition2", "features.denseblock2", "features.transition1", "features.denseblock1",
+    "features.norm0", "features.conv0",
+]  # fmt: skip
+RESNET_BLOCKS = ["fc", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
+EXPECTED_BLOCKS = {
+    "densenet121": DENSENET_BLOCKS,
+    "densenet169": DENSENET_BLOCKS,
+    "resnet18": RESNET_BLOCKS,
+    "resnet34": RESNET_BLOCKS,
+    "resnet50": RESNET_BLOCKS,
+    "conv5fc3": [
+        "classifier.6", "classifier.4", "classifier.2", "features.8", "features.6", "features.4", "features.2",
+        "features.0",
+    ],
+}  # fmt: skip
+SMALL_WIDTHS = {
+    "densenet121": {"init_features": 4, "growth_rate": 4},
+    "densenet169": {"init_features": 4, "growth_rate": 4},
+    "resnet18": {"block_inplanes": [4, 4, 8, 8]},
+    "resnet34": {"block_inplanes": [4, 4, 8, 8]},
+    "resnet50": {"block_inplanes": [4, 4, 8, 8]},
+    "conv5fc3": {"channels": TINY_CHANNELS},
+}
+ONE_METRIC = ("spearman",)  # the cheapest run where the metrics do not matter
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_blocks_of_every_architecture(arch):
+    model = build_classifier(arch, 2, **SMALL_WIDTHS[arch])
+    blocks = randomization_blocks(model)
+    assert blocks == EXPECTED_BLOCKS[arch]
+    modules = dict(model.named_modules())
+    assert set(blocks) <= set(modules)
+    assert all(next(modules[name].parameters(), None) is not None for name in blocks)
+    last_linear = [name for name, m in modules.items() if isinstance(m, nn.Linear)][-1]
+    assert last_linear == blocks[0] or last_linear.startswith(blocks[0] + ".")  # logits first
+
+
+def perturbed(model: nn.Module) -> nn.Module:
+    """``model`` with noise added to every float parameter and buffer (variances kept positive), so
+    that a re-initialisation changes every one of them, batch norm weights and statistics included."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point():
+                noise = 0.1 + torch.rand(tensor.shape, generator=generator)
+                tensor.add_(noise if name.endswith("running_var") else noise * torch.sign(torch.randn_like(tensor)))
+    return model
+
+
+def changed_blocks(model: nn.Module, network: nn.Module, blocks: list[str]) -> list[str]:
+    """The blocks in which every float tensor differs from ``model``'s; fails if a block is only
+    partly changed or a tensor outside the blocks changed."""
+    before, after = model.state_dict(), network.state_dict()
+    changed = {key for key, value in before.items() if value.is_floating_point() and not torch.equal(value, after[key])}
+    result = []
+    for block in blocks:
+        keys = {key for key in before if key.startswith(block + ".") and before[key].is_floating_point()}
+        assert keys <= changed or not keys & changed, f"block {block} only partly re-initialised"
+        if keys <= changed:
+            result.append(block)
+            changed -= keys
+    assert not changed, f"tensors outside the blocks changed: {sorted(changed)}"
+    return result
+
+
+def test_cascading_states_are_cumulative_and_independent_ones_single():
+    model = perturbed(tiny_resnet(2))
+    cascading = {}
+    for k, (name, network) in enumerate(randomized_models(model, mode="cascading", seed=3)):
+        assert name == RESNET_BLOCKS[k]
+        assert changed_blocks(model, network, RESNET_BLOCKS) == RESNET_BLOCKS[: k + 1]
+        cascading[name] = {key: v.clone() for key, v in network.get_submodule(name).state_dict().items()}
+    for k, (name, network) in enumerate(randomized_models(model, mode="independent", seed=3)):
+        assert changed_blocks(model, network, RESNET_BLOCKS) == [RESNET_BLOCKS[k]]
+        for key, value in network.get_submodule(name).state_dict().items():
+            torch.testing.assert_close(value, cascading[name][key], rtol=0, atol=0)  # same draws in both modes
+
+
+def test_reinitialisation_resets_batch_norm_and_redraws_convolutions():
+    model = perturbed(tiny_resnet(2))
+    _, network = next(iter(randomized_models(model, blocks=["bn1", "conv1"])))
+    bn = network.bn1
+    assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    assert torch.equal(network.conv1.weight, model.conv1.weight)  # the second state, not yet reached
+    _, network = next(iter(randomized_models(model, blocks=["conv1", "bn1"], seed=1)))
+    _, again = next(iter(randomized_models(model, blocks=["conv1", "bn1"], seed=1)))
+    _, other = next(iter(randomized_models(model, blocks=["conv1", "bn1"], seed=2)))
+    assert torch.equal(network.conv1.weight, again.conv1.weight)
+    assert not torch.equal(network.conv1.weight, other.conv1.weight)
+
+
+def test_the_users_model_and_rng_are_left_alone():
+    model = perturbed(tiny_resnet(2)).train()
+    model.fc.weight.requires_grad_(False)
+    handle = model.layer1.register_forward_hook(lambda module, inputs, output: None)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    grads = [p.requires_grad for p in model.parameters()]
+    hooks = [(m, dict(m._forward_hooks), dict(m._backward_hooks)) for m in model.modules()]
+    rng = torch.get_rng_state()
+    images = images_for(2, n=4)
+    unchanged = images.clone()
+    for mode in ("cascading", "independent"):
+        model_randomization(model, images, "gradient", mode=mode, metrics=ONE_METRIC)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert [(m, dict(m._forward_hooks), dict(m._backward_hooks)) for m in model.modules()] == hooks
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(images, unchanged)
+    handle.remove()
+
+
+def test_reproducible_from_seed_and_given_original_maps_used():
+    model, images = tiny_resnet(2), images_for(2, n=4)
+    first = model_randomization(model, images, "gradient", seed=4, metrics=ONE_METRIC)
+    again = model_randomization(model, images, "gradient", seed=4, metrics=ONE_METRIC)
+    other = model_randomization(model, images, "gradient", seed=5, metrics=ONE_METRIC)
+    np.testing.assert_array_equal(first.similarity["spearman"], again.similarity["spearman"])
+    assert not np.array_equal(first.similarity["spearman"], other.similarity["spearman"])
+    maps = explain(model, images, "gradient", target=first.target)
+    given = model_randomization(model, images, "gradient", seed=4, metrics=ONE_METRIC, original_maps=maps)
+    np.testing.assert_array_equal(given.similarity["spearman"], first.similarity["spearman"])
+    assert given.target == first.target
+
+
+def test_volumes_take_the_same_path():
+    model, images = tiny_resnet(3), images_for(3, n=3)
+    result = model_randomization(model, images, "gradcam", mode="independent", n_pairs=6)
+    assert result.states == RESNET_BLOCKS and result.metrics == ["spearman_abs", "spearman", "ssim", "hog_spearman"]
+    assert all(result.similarity[m].shape == (7, 3) and np.isfinite(result.similarity[m]).all() for m in result.metrics)
+    assert result.seconds_per_map > 0 and result.seconds >= 8 * 3 * result.seconds_per_map
+
+
+# ----------------------------------------------------------------------------- the known result
+
+SUBTYPES = ("control", "typical", "atypical")  # class = index: 3 classes, evidence in either region
+
+
+def shepp_logan_set(n: int, rng: np.random.Generator, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """n 2D Shepp-Logan phantoms (n, 1, size, size) cycling through :data:`SUBTYPES`, labelled by
+    subtype. Head sizes vary by +-15 % (``head_jitter=0.15``, the generator's default is 3 %)."""
+    images = [shepp_logan_phantom(SUBTYPES[i % 3], size, 2, rng, head_jitter=0.15)[0] for i in range(n)]
+    return torch.from_numpy(np.stack(images))[:, None], torch.arange(n) % 3
+
+
+@pytest.fixture(scope="module")
+def trained_resnet():
+    """A MONAI ResNet18 of widths 8-16-32-64 (stride-2 first convolution, no max pool: a 4x4 layer4
+    for Grad-CAM on 64 px), trained for 8 epochs on 160 phantoms (a few seconds), and 32 test
+    phantoms. Returns (model, test images)."""
+    rng = np.random.default_rng(2)
+    train_x, train_y = shepp_logan_set(160, rng)
+    val_x, val_y = shepp_logan_set(40, rng)
+    test_x, _ = shepp_logan_set(32, rng)
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        model = build_classifier(
+            "resnet18", 2, num_classes=3, block_inplanes=[8, 16, 32, 64], conv1_t_stride=2, no_max_pool=True
+        )
+    model, history = train_classifier(
+        model, train_x, train_y, val_x, val_y, epochs=8, patience=8, lr=3e-3, device="cpu", progress=False, log=None
+    )
+    assert max(h["val_auc"] for h in history) > 0.95
+    return model, test_x
+
+
+def test_known_result_gradient_and_gradcam_pass_guided_backprop_fails(trained_resnet):
+    """Adebayo et al. 2018: under cascading randomization the gradient's and Grad-CAM's maps fall to
+    the random-pair baseline, guided backprop's stay above it. Read in signed Spearman: on these
+    aligned heads the |map| of any edge-like map ranks the head above the background, which lifts
+    guided backprop's random-pair baseline in ``spearman_abs`` to its curve (see METHODS.md)."""
+    model, images = trained_resnet
+    results = {
+        method: model_randomization(model, images, method)  # the default verdict metric: signed Spearman
+        for method in ("gradient", "gradcam", "guided_backprop")
+    }
+    for method, result in results.items():
+        assert result.states == RESNET_BLOCKS
+        assert result.similarity["spearman"].shape == (len(RESNET_BLOCKS), len(images))
+        assert all(np.isfinite(result.curve[m]).all() for m in result.metrics), method
+        json.dumps(result.to_dict(), allow_nan=False)
+    assert results["gradient"].verdict == "passes"
+    assert results["gradcam"].verdict == "passes"
+    assert results["guided_backprop"].verdict == "fails"
+    assert results["guided_backprop"].curve["spearman"][0] > 0.9  # blind to the logit layer
+
+
+# ----------------------------------------------------------------------------- constant maps, bad input
+
+
+class ConstantGradient(nn.Module):
+    """2D, 2 classes: logits = fc(0 * spatial mean of conv(x)): the input gradient is 0 everywhere,
+    whatever the weights, so every gradient map is constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(0 * self.conv(x).mean((2, 3)))
+
+
+def test_constant_maps_score_zero_and_are_flagged():
+    images = images_for(2, n=4)
+    result = model_randomization(ConstantGradient(), images, "gradient", n_pairs=10)
+    assert result.constant_maps == {"original": 4, "fc": 4, "conv": 4}
+    for metric in result.metrics:
+        np.testing.assert_array_equal(result.similarity[metric], 0.0)
+        assert result.baseline[metric]["mean"] == 0.0
+    json.dumps(result.to_dict(), allow_nan=False)
+
+
+class NoReset(nn.Module):
+    """A layer holding a parameter of its own and no reset_parameters()."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.scale * x
+
+
+def test_bad_input_errors():
+    model, images = tiny_resnet(2), images_for(2, n=4)
+    one_block = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    cases = [
+        ({"images": images[:1]}, "at least 2 images"),
+        ({"model": one_block}, "at least 2 blocks"),
+        ({"blocks": ["fc"]}, "at least 2 blocks"),
+        ({"blocks": ["fc", "nope"]}, "'nope' is not a submodule"),
+        ({"blocks": ["layer1", "layer1.0"]}, "inside block 'layer1'"),
+        ({"blocks": ["fc", "act"]}, "holds no parameters"),
+        ({"mode": "sideways"}, "mode must be one of"),
+        ({"metrics": ("spearman", "nope")}, "unknown similarity metric"),
+        ({"metrics": ("spearman_abs",)}, "verdict_metric 'spearman' is not one of"),
+        ({"images": images_for(2, n=4, side=12)}, "metric 'hog_spearman' cannot compare maps of \\(12, 12\\)"),
+        ({"n_pairs": 1}, "n_pairs must be an integer >= 2"),
+        ({"margin": float("nan")}, "margin must be a finite number"),
+        ({"method": "nope"}, "unknown saliency method"),
+        ({"params": {"steps": 3}}, "unknown parameter"),
+        ({"original_maps": torch.zeros(4, 1, 16, 16)}, "original_maps must be"),
+    ]
+    for change, match in cases:
+        arguments = {"model": model, "images": images, "method": "gradient", **change}
+        with pytest.raises(ValueError, match=match):
+            model_randomization(**arguments)
+    with pytest.raises(ValueError, match="no reset_parameters"):
+        reinitialise_block(nn.Sequential(nn.Conv2d(1, 1, 1), NoReset()), seed=0, name="head")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        randomized_models(model, mode="sideways")
