@@ -1,0 +1,106 @@
+"""The trust card: every check per method in one JSON-safe dict, stored beside the checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import images_for, tiny_resnet
+
+from monai_sal_app.evaluation.trust import (
+    TrustCardError,
+    read_trust_card,
+    trust_card,
+    trust_card_path,
+    write_trust_card,
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_resnet(2).eval()
+    images = images_for(2, n=6, side=32, seed=5)
+    masks = [None] + [np.pad(np.ones((8, 8), dtype=bool), ((4 + i, 20 - i), (4, 20))) for i in range(5)]
+    return model, images, masks
+
+
+def test_card_holds_every_check_per_method_and_is_json(setup):
+    model, images, masks = setup
+    card = trust_card(model, images, masks=masks, methods=["gradient", "gradcam"], data={"source": "test"})
+    json.dumps(card, allow_nan=False)
+    assert set(card["methods"]) == {"gradient", "gradcam"}
+    assert card["data"] == {"n_images": 6, "image_shape": [1, 32, 32], "n_masks": 5, "source": "test"}
+    for entry in card["methods"].values():
+        assert set(entry["verdicts"]) == {"randomization", "fidelity", "localization"}
+        assert entry["randomization"]["verdict"] in ("passes", "fails")
+        assert entry["randomization"]["states"][0] == "fc"
+        assert entry["fidelity"]["verdict"] in ("tracks the model", "does not track the model")
+        assert entry["localization"]["roc_auc"]["n"] == 5
+        assert entry["seconds_per_map"] > 0
+
+
+def test_checks_can_be_chosen_and_repeatability_compares_models(setup):
+    model, images, _ = setup
+    card = trust_card(
+        model, images, methods=["gradient"], checks=["repeatability"], compare_with={"copy": copy.deepcopy(model)}
+    )
+    entry = card["methods"]["gradient"]
+    assert set(entry) == {"repeatability", "verdicts", "seconds_per_map"}
+    assert entry["repeatability"]["others"] == ["copy"] and entry["verdicts"]["repeatability"] == "passes"
+
+
+def test_localization_without_masks_says_so(setup):
+    model, images, _ = setup
+    card = trust_card(model, images, methods=["gradient"], checks=["localization"])
+    assert card["methods"]["gradient"]["localization"] == {"available": False, "why": "no masks given"}
+
+
+def test_no_trace_on_the_users_model(setup):
+    model, images, masks = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    trust_card(model, images, masks=masks, methods=["guided_backprop"])
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    model.eval()
+
+
+def test_written_atomically_beside_the_checkpoint_and_read_back(tmp_path, setup):
+    model, images, _ = setup
+    card = trust_card(model, images, methods=["gradient"], checks=["fidelity"])
+    checkpoint = tmp_path / "chest.pt"
+    path = write_trust_card(card, checkpoint)
+    assert path == trust_card_path(checkpoint) == tmp_path / "chest.trust.json"
+    assert read_trust_card(checkpoint) == json.loads(json.dumps(card))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.trust.json"]
+    assert read_trust_card(tmp_path / "other.pt") is None
+    (tmp_path / "bad.trust.json").write_text("{")
+    with pytest.raises(ValueError, match="corrupt trust card"):
+        read_trust_card(tmp_path / "bad.pt")
+    with pytest.raises(ValueError):
+        write_trust_card({"methods": {"x": float("nan")}}, checkpoint)  # not JSON: nothing written
+    assert read_trust_card(checkpoint) == json.loads(json.dumps(card))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"images": "first"}, "at least 2 images"),
+        ({"methods": ["gradcamm"]}, "unknown method"),
+        ({"checks": ["sanity"]}, "checks must be drawn from"),
+        ({"checks": ["repeatability"]}, "needs other models"),
+        ({"masks": "small"}, "on the images' grid"),
+        ({"labels": [0, 1]}, "2 labels for 6 images"),
+    ],
+)
+def test_bad_input_raises_before_any_check(setup, arguments, message):
+    model, images, _ = setup
+    if arguments.get("images") == "first":
+        arguments = {**arguments, "images": images[:1]}
+    if arguments.get("masks") == "small":
+        arguments = {**arguments, "masks": [np.zeros((16, 16), dtype=bool)] * 6}
+    with pytest.raises(TrustCardError, match=message):
+        trust_card(model, **{"images": images, **arguments})
