@@ -111,6 +111,29 @@ def cmd_evaluate(args) -> None:
     print(to_markdown(summary))
 
 
+def cmd_trust(args) -> None:
+    from monai_sal_app.experiments.trust_report import run_trust, summary_rows
+    from monai_sal_app.metrics.stats import to_markdown
+
+    source = args.data[0] if len(args.data) == 1 and args.data[0].endswith(".csv") else args.data
+    card = run_trust(
+        args.model,
+        source,
+        args.out,
+        methods=_split(args.methods) or None,
+        checks=_split(args.checks),
+        compare_with=_split(args.compare_with),
+        max_images=args.max_images,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(to_markdown(summary_rows(card)))
+    print(
+        f"wrote {Path(args.model).with_name(Path(args.model).stem + '.trust.json')} and {Path(args.out) / 'trust.md'}"
+    )
+
+
 def cmd_methods(args) -> None:
     from monai_sal_app.saliency import available_methods
 
@@ -204,6 +227,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("maps", help="maps.csv written by `explain`, or its folder")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "trust", help="trust checks of a model's saliency methods; writes <model>.trust.json beside it and a report"
+    )
+    p.add_argument("--model", required=True, help="checkpoint .pt with its .json card")
+    p.add_argument("data", nargs="+", help="a manifest.csv (labels and masks used), or image files")
+    p.add_argument(
+        "--methods",
+        default="",
+        help="comma list (default: gradient,gradient_x_input,guided_backprop,gradcam,guided_gradcam)",
+    )
+    p.add_argument(
+        "--checks",
+        default="randomization,fidelity,localization",
+        help="comma list of randomization,fidelity,localization,repeatability",
+    )
+    p.add_argument(
+        "--compare-with",
+        default="",
+        help="comma list of other checkpoints (same labels and input size) for repeatability",
+    )
+    p.add_argument("--max-images", type=int, default=32, help="the first N images of the data (default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="report folder (trust.md, trust.json, figures/)")
+    p.set_defaults(func=cmd_trust)
 
     p = sub.add_parser("methods", help="list the saliency methods and their default parameters")
     p.set_defaults(func=cmd_methods)

@@ -104,3 +104,44 @@ def test_bad_input_raises_before_any_check(setup, arguments, message):
         arguments = {**arguments, "masks": [np.zeros((16, 16), dtype=bool)] * 6}
     with pytest.raises(TrustCardError, match=message):
         trust_card(model, **{"images": images, **arguments})
+
+
+def test_cli_writes_the_card_beside_the_checkpoint_and_a_report(tmp_path, capsys):
+    from server_fixtures import save_tiny_checkpoint
+
+    from monai_sal_app.cli import main
+    from monai_sal_app.data.shepp_logan import generate_shepp_logan
+
+    manifest = generate_shepp_logan(tmp_path / "data", preset="test", dim=2, size=32, per_class=3, progress=False)
+    model = save_tiny_checkpoint(tmp_path / "model.pt", 2)
+    twin = save_tiny_checkpoint(tmp_path / "twin.pt", 2, seed=1)
+    argv = ["--quiet", "trust", "--model", str(model), str(manifest), "--methods", "gradient,gradcam"]
+    argv += ["--checks", "randomization,fidelity,localization,repeatability", "--compare-with", str(twin)]
+    assert main([*argv, "--out", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    assert "| gradient |" in printed and "| gradcam |" in printed and "model.trust.json" in printed
+    card = read_trust_card(model)
+    assert card["data"]["n_images"] == 6 and card["data"]["n_masks"] == 3  # the patients' region masks
+    assert card["methods"]["gradient"]["repeatability"]["others"] == ["twin"]
+    report = tmp_path / "report"
+    assert json.loads((report / "trust.json").read_text()) == card
+    figures = {p.name for p in (report / "figures").iterdir()}
+    assert figures == {"randomization.png", "fidelity.png", "states_gradient.png", "states_gradcam.png"}
+    text = (report / "trust.md").read_text()
+    assert all(f"figures/{name}" in text for name in figures)
+
+
+def test_cli_refuses_to_compare_models_of_other_labels(tmp_path, capsys):
+    from server_fixtures import save_tiny_checkpoint
+
+    from monai_sal_app.cli import main
+    from monai_sal_app.data.shepp_logan import generate_shepp_logan
+
+    manifest = generate_shepp_logan(tmp_path / "data", preset="test", dim=2, size=32, per_class=2, progress=False)
+    model = save_tiny_checkpoint(tmp_path / "model.pt", 2)
+    other = save_tiny_checkpoint(tmp_path / "other.pt", 2, labels=["normal", "opacity"])
+    argv = ["--quiet", "trust", "--model", str(model), str(manifest), "--checks", "repeatability"]
+    assert main([*argv, "--compare-with", str(other), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "other labels" in err and err.count("\n") == 1
+    assert not (tmp_path / "model.trust.json").exists() and not (tmp_path / "report").exists()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from monai_sal_app import __version__
-from monai_sal_app.evaluation.fidelity import fidelity
+from monai_sal_app.evaluation.fidelity import MIN_REFERENCE_LOGIT, fidelity
 from monai_sal_app.evaluation.randomization import model_randomization
 from monai_sal_app.evaluation.repeatability import map_agreement
 from monai_sal_app.metrics.localization import localization_metrics
@@ -77,10 +77,14 @@ def _localization(maps: np.ndarray, masks: Sequence) -> dict:
     return summary
 
 
-def _targets(model: nn.Module, images: torch.Tensor, targets) -> torch.Tensor:
+def _targets(model: nn.Module, images: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class explained per image (N,), its logit (N,)), on the CPU."""
     device = next(model.parameters()).device
     with model_guard(model), torch.no_grad():
-        return resolve_target(model, images.to(device), targets).cpu()
+        x = images.to(device)
+        resolved = resolve_target(model, x, targets)
+        logits = torch.cat([model(x[i : i + 32]) for i in range(0, x.shape[0], 32)])
+    return resolved.cpu(), logits.gather(1, resolved.view(-1, 1)).squeeze(1).cpu()
 
 
 def _check_inputs(images, labels, masks, methods, checks, compare_with) -> tuple[list[str], list[str]]:
@@ -144,7 +148,11 @@ def trust_card(
     methods, checks = _check_inputs(images, labels, masks, methods, checks, compare_with)
     params = dict(params or {})
     start = time.perf_counter()
-    fixed_targets = _targets(model, images, targets)
+    fixed_targets, target_logits = _targets(model, images, targets)
+    # The logit ratio when every target logit is positive; else the target's probability (softmax
+    # lets the predicted class of a two-class model have a negative logit, and a ratio to it is
+    # meaningless). Probabilities of a saturated model barely move, which is why it is the fallback.
+    fidelity_score = "logit_ratio" if bool((target_logits > MIN_REFERENCE_LOGIT).all()) else "probability"
     card_methods: dict[str, dict] = {}
     for method in methods:
         method_params = dict(params.get(method, {}))
@@ -159,10 +167,8 @@ def trust_card(
             entry["randomization"] = result.to_dict()
             verdicts["randomization"] = result.verdict
         if "fidelity" in checks:
-            # the target's probability: a logit ratio is meaningless when the logit is not positive,
-            # which softmax allows for the predicted class of a two-class model
             result = fidelity(
-                model, images, maps=maps, target=fixed_targets, labels=labels, score="probability", seed=seed
+                model, images, maps=maps, target=fixed_targets, labels=labels, score=fidelity_score, seed=seed
             )
             entry["fidelity"] = {**result.to_dict(), "method": method}
             tracks = result.ci_low is not None and np.isfinite(result.ci_low) and result.ci_low > 0
@@ -204,6 +210,7 @@ def trust_card(
             "methods": methods,
             "seed": seed,
             "targets": "given" if targets is not None else "predicted",
+            "fidelity_score": fidelity_score,
         },
         "methods": card_methods,
     }

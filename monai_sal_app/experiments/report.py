@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["representative_slice", "save_overlay", "write_table"]
+__all__ = ["representative_slice", "save_figure", "save_overlay", "write_table"]
 
 
 def representative_slice(volume: np.ndarray, mask: np.ndarray | None = None, axis: int = 0) -> int:
@@ -46,6 +46,13 @@ def save_overlay(
         ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors="cyan", linewidths=0.8)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG atomically (temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
