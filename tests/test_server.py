@@ -23,14 +23,23 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+import torch
 from conftest import LABELS
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
-from server_fixtures import DICOM_SPACING, load_nifti_bytes, make_studies, post_infer, save_tiny_checkpoint
+from server_fixtures import (
+    DICOM_SPACING,
+    load_nifti_bytes,
+    make_studies,
+    post_infer,
+    save_tiny_checkpoint,
+    smooth_field,
+)
 
 import monai_sal_app
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.shepp_logan import generate_shepp_logan
+from monai_sal_app.evaluation.trust import trust_card, write_trust_card
 from monai_sal_app.experiments.workflows import evaluate_maps
 from monai_sal_app.inference import explain_array
 from monai_sal_app.lib.infers.saliency import json_safe
@@ -46,6 +55,13 @@ PACKAGE_DIR = Path(monai_sal_app.__file__).parent
 CARD_2D = {"decision_threshold": 0.45, "metrics": {"test_auc": 0.93, "test_balanced_accuracy": 0.88, "n_test": 120}}
 
 
+def tiny_trust_card(checkpoint: Path) -> dict:
+    """A real trust card of the tiny checkpoint: randomization and fidelity of two methods on 4 smooth images."""
+    model, _ = load_classifier(checkpoint, device="cpu")
+    images = torch.from_numpy(np.stack([smooth_field((32, 32), seed=s) for s in range(4)]))[:, None]
+    return trust_card(model, images, methods=["gradient", "gradcam"], checks=["randomization", "fidelity"])
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Model folder (2 servable + 3 broken checkpoints), studies, a training manifest, and the running server."""
@@ -53,6 +69,7 @@ def env(tmp_path_factory):
     model_dir = root / "model"
     save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0, **CARD_2D)
     save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
+    write_trust_card(tiny_trust_card(model_dir / "classifier_2d.pt"), model_dir / "classifier_2d.pt")
     (model_dir / "broken.pt").write_bytes(b"these are not weights")
     shutil.copyfile(model_dir / "classifier_2d.json", model_dir / "broken.json")
     shutil.copyfile(model_dir / "classifier_2d.pt", model_dir / "no_card.pt")
@@ -144,6 +161,14 @@ def test_info_lists_servable_models_with_methods_and_device(env):
     assert info["models"]["classifier_2d"]["decision_threshold"] == CARD_2D["decision_threshold"]
     assert info["models"]["classifier_2d"]["metrics"] == CARD_2D["metrics"]
     assert info["models"]["classifier_3d"]["decision_threshold"] is None
+    trust = info["models"]["classifier_2d"]["trust"]
+    assert trust["available"] and not trust["stale"] and set(trust["methods"]) == {"gradient", "gradcam"}
+    assert set(trust["methods"]["gradcam"]["verdicts"]) == {"randomization", "fidelity"}
+    assert trust["data"]["n_images"] == 4
+    assert info["models"]["classifier_3d"]["trust"] == {
+        "available": False,
+        "why": "no trust card: monai-sal trust --model classifier_3d.pt <images>",
+    }
     assert set(info["trainers"]) == {"classifier_2d", "classifier_3d"}
     log = env["server"].log()
     assert "model broken is not served" in log and "model no_card is not served: model card missing" in log
@@ -272,6 +297,22 @@ def test_method_options_are_passed_and_echoed(env):
 # ------------------------------------------------------------------------------------------------
 # masks in, metrics out
 # ------------------------------------------------------------------------------------------------
+
+
+def test_every_answer_carries_the_trust_of_its_method(env):
+    _, result, _, response = post_infer(
+        env["url"], "classifier_2d", image="xray_png", output="json", params={"method": "gradcam"}
+    )
+    assert response.status_code == 200, response.text
+    trust = result["trust"]
+    assert trust["available"] and trust["randomization"]["verdict"] in ("passes", "fails")
+    assert trust["verdicts"]["fidelity"] in ("tracks the model", "does not track the model")
+    _, other, _, _ = post_infer(
+        env["url"], "classifier_2d", image="xray_png", output="json", params={"method": "smoothgrad", "n_samples": 2}
+    )
+    assert other["trust"]["available"] is False and "no entry for 'smoothgrad'" in other["trust"]["why"]
+    _, three_d, _, _ = post_infer(env["url"], "classifier_3d", image="volume_nii", output="json")
+    assert three_d["trust"]["available"] is False
 
 
 @pytest.mark.parametrize("image_id", ["slice_nii", "volume_nii"])
@@ -489,6 +530,7 @@ def test_training_over_the_api_is_served_without_restart(env):
     info = requests.get(f"{url}/info/", timeout=30).json()
     assert info["models"]["classifier_2d"]["input_size"] == [32, 32]
     assert info["train_stats"]["classifier_2d"]["epochs_run"] == 1
+    assert info["models"]["classifier_2d"]["trust"]["stale"]  # the card describes the old weights
 
 
 # ------------------------------------------------------------------------------------------------

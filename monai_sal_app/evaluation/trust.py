@@ -41,6 +41,7 @@ __all__ = [
     "read_trust_card",
     "trust_card",
     "trust_card_path",
+    "trust_summary",
     "write_trust_card",
 ]
 
@@ -242,3 +243,57 @@ def read_trust_card(checkpoint: str | os.PathLike) -> dict | None:
     if not isinstance(card, dict) or not isinstance(card.get("methods"), dict):
         raise ValueError(f"{path}: not a trust card (no 'methods')")
     return card
+
+
+def _method_summary(entry: Mapping) -> dict:
+    """The verdicts and headline numbers of one method's entry (what a client shows next to a map)."""
+    summary: dict[str, Any] = {"verdicts": dict(entry.get("verdicts", {}))}
+    if "randomization" in entry:
+        r = entry["randomization"]
+        metric = r["verdict_metric"]
+        summary["randomization"] = {
+            "verdict": r["verdict"],
+            "metric": metric,
+            "mean_similarity_over_states": r["statistic"][metric],
+            "random_pairs_ci": [r["baseline"][metric]["ci_low"], r["baseline"][metric]["ci_high"]],
+            "states": len(r["states"]),
+        }
+    if "fidelity" in entry:
+        f = entry["fidelity"]
+        summary["fidelity"] = {
+            "verdict": f["verdict"],
+            "mean": f["mean"],
+            "ci": [f["ci_low"], f["ci_high"]],
+            "score": f["score"],
+        }
+    localization = entry.get("localization", {})
+    if "roc_auc" in localization:
+        roc = localization["roc_auc"]
+        summary["localization"] = {
+            "verdict": localization["verdict"],
+            "roc_auc": roc["mean"],
+            "ci": [roc["ci_low"], roc["ci_high"]],
+            "n": roc["n"],
+        }
+    if "repeatability" in entry:
+        rep = entry["repeatability"]
+        summary["repeatability"] = {
+            "verdict": rep["verdict"],
+            "metric": rep["verdict_metric"],
+            "mean": rep["statistic"][rep["verdict_metric"]],
+        }
+    summary["seconds_per_map"] = entry.get("seconds_per_map")
+    return summary
+
+
+def trust_summary(card: Mapping, method: str | None = None) -> dict:
+    """A compact view of a trust card: when and on what it was computed, and per method (or for
+    ``method`` only) the verdicts and headline numbers. For ``method`` not in the card:
+    ``{"available": False, "why": ...}``."""
+    header = {"created": card.get("created"), "data": card.get("data"), "settings": card.get("settings")}
+    if method is None:
+        return {"available": True, **header, "methods": {m: _method_summary(e) for m, e in card["methods"].items()}}
+    if method not in card["methods"]:
+        carded = ", ".join(card["methods"])
+        return {"available": False, "why": f"the trust card has no entry for {method!r} (it covers {carded})"}
+    return {"available": True, **header, **_method_summary(card["methods"][method])}

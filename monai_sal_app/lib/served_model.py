@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from monai_sal_app.evaluation.trust import read_trust_card, trust_card_path
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.checkpoint import card_path, load_classifier
@@ -79,6 +80,8 @@ class ServedModel:
         self._model: nn.Module | None = None
         self._card: ModelCard | None = None
         self._error: str | None = None
+        self._trust: dict | None = None
+        self._trust_stamp: tuple | None = None
 
     def _file_stamp(self) -> tuple:
         """(mtime_ns, size) of the weights and of the card; FileNotFoundError if either is missing."""
@@ -129,6 +132,30 @@ class ServedModel:
         """Modification time of the weights now served, ISO 8601 UTC."""
         seconds = self._stamp[0] / 1e9 if self._stamp else os.stat(self.path).st_mtime
         return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="milliseconds")
+
+    def trust(self) -> dict:
+        """The model's trust card in short (``evaluation.trust.trust_summary``), re-read when its file
+        (``<name>.trust.json``) changes; ``{"available": False, "why": ...}`` without a usable one.
+        ``stale`` is true when the weights are newer than the card (retrained since)."""
+        with self._lock:
+            path = trust_card_path(self.path)
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                self._trust, self._trust_stamp = None, None
+                return {"available": False, "why": f"no trust card: monai-sal trust --model {self.path.name} <images>"}
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp != self._trust_stamp:
+                try:
+                    self._trust = read_trust_card(self.path)
+                except ValueError as error:
+                    logger.warning("model %s: trust card not used: %s", self.name, error)
+                    self._trust = None
+                self._trust_stamp = stamp
+            if self._trust is None:
+                return {"available": False, "why": f"the trust card {path.name} is corrupt (see the server log)"}
+            stale = os.stat(self.path).st_mtime_ns > stat.st_mtime_ns
+            return {"available": True, "stale": stale, "card": self._trust}
 
     @contextlib.contextmanager
     def use(self) -> Iterator[tuple[nn.Module, ModelCard]]:

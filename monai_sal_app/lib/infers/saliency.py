@@ -30,6 +30,7 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from monai_sal_app.data.io import ImageError, read_image, write_nifti
+from monai_sal_app.evaluation.trust import trust_summary
 from monai_sal_app.inference import explain_array
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.lib.inputs import DEFAULT_METHOD, IMAGE_NAME_KEY, parse_explain_request
@@ -108,6 +109,7 @@ class SaliencyInfer(InferTask):
                     "created": card.created,
                 },
                 "metrics": card.metrics,
+                "trust": self._trust(),
                 "output": {
                     "heatmap": "NIfTI float32 on the input's grid",
                     "json": "probabilities, target, method, params, seconds, metrics",
@@ -194,12 +196,20 @@ class SaliencyInfer(InferTask):
                 "task_total": time.perf_counter() - start,
             },
         }
+        result["trust"] = self._trust(method)
         if metrics is not None:
             result["metrics"] = metrics
         logger.info(
             "%s %s %s target=%d: %.3f s", self.name, shown, method, explanation.target, result["seconds"]["task_total"]
         )
         return heatmap_path, json_safe(result)
+
+    def _trust(self, method: str | None = None) -> dict:
+        """The trust card in short: all methods (``/info``) or ``method``'s entry (an answer)."""
+        found = self.served.trust()
+        if not found["available"]:
+            return found
+        return {"stale": found["stale"], **trust_summary(found["card"], method)}
 
     @staticmethod
     def _read(path: str, shown: str, allow_constant: bool) -> tuple[np.ndarray, dict]:
