@@ -39,6 +39,7 @@ from monai_sal_app import __version__
 from monai_sal_app.lib.configs.classifier import ClassifierConfig
 from monai_sal_app.lib.errors import RequestError, install_http_errors
 from monai_sal_app.lib.inputs import IMAGE_NAME_KEY, CheckedSessions, remove_uploads, resolve_image, resolve_label
+from monai_sal_app.lib.scoring.trust import TrustScoring
 from monai_sal_app.lib.served_model import find_checkpoints
 from monai_sal_app.models.device import default_device
 
@@ -135,6 +136,10 @@ class MonaiSalApp(MONAILabelApp):
 
     def init_trainers(self):
         return {name: config.trainer() for name, config in self.task_configs.items()}
+
+    def init_scoring_methods(self):
+        """``trust``: the trust cards of the served models, recomputed on the datastore images."""
+        return {"trust": TrustScoring({name: config.served for name, config in self.task_configs.items()})}
 
     def info(self):
         meta = super().info()

@@ -86,7 +86,8 @@ def env(tmp_path_factory):
         studies,
         conf={"model_dir": str(model_dir)},
         workdir=root / "run",
-        extra_env={"OMP_NUM_THREADS": "1"},
+        # no background scoring after the train test: its stale trust card is checked as left
+        extra_env={"OMP_NUM_THREADS": "1", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"},
         timeout=240,
     )
     try:
@@ -313,6 +314,24 @@ def test_every_answer_carries_the_trust_of_its_method(env):
     assert other["trust"]["available"] is False and "no entry for 'smoothgrad'" in other["trust"]["why"]
     _, three_d, _, _ = post_infer(env["url"], "classifier_3d", image="volume_nii", output="json")
     assert three_d["trust"]["available"] is False
+
+
+def test_scoring_recomputes_a_trust_card_on_the_datastore(env):
+    url, card_path = env["url"], env["model_dir"] / "classifier_3d.trust.json"
+    params = {"model": "classifier_3d", "methods": ["gradient"], "checks": ["randomization", "localization"]}
+    response = requests.post(f"{url}/scoring/trust", params={"run_sync": "true"}, json=params, timeout=300)
+    assert response.status_code == 200, response.text
+    result = response.json()["classifier_3d"]
+    assert result["n_images"] == sum(item["dim"] == 3 for item in env["items"].values())
+    assert set(result["verdicts"]["gradient"]) == {"randomization"}  # the datastore has no masks of these volumes
+    card = json.loads(card_path.read_text())
+    assert card["data"]["source"] == "datastore" and list(card["methods"]) == ["gradient"]
+    assert card["methods"]["gradient"]["localization"] == {"available": False, "why": "no masks given"}
+    trust = requests.get(f"{url}/info/", timeout=30).json()["models"]["classifier_3d"]["trust"]
+    assert trust["available"] and not trust["stale"] and set(trust["methods"]) == {"gradient"}
+    bad = requests.post(f"{url}/scoring/trust", params={"run_sync": "true"}, json={"model": "nope"}, timeout=60)
+    assert bad.status_code == 404 and "unknown model" in bad.json()["detail"]
+    card_path.unlink()
 
 
 @pytest.mark.parametrize("image_id", ["slice_nii", "volume_nii"])

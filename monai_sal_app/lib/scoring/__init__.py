@@ -1,0 +1,1 @@
+"""Scoring methods of the MONAI Label app (``POST /scoring/<method>``)."""
