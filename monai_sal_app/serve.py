@@ -66,6 +66,7 @@ APP_MAIN_PY = (
     "from monai_sal_app.main import MonaiSalApp  # noqa: F401\n"
 )
 STUDY_IMAGES_PER_CLASS = 4  # held-out test images per class copied into the datastore
+TRUST_IMAGES = 32  # held-out test images each default model's trust card is computed on
 MIN_VAL_AUC = 0.75  # a default model below this validation AUC is trained again with the next seed
 TRAIN_ATTEMPTS = 3
 
@@ -176,7 +177,9 @@ def prepare(
     studies folder.
 
     Per model: training data (``per_class`` per class), a held-out test set (``test_per_class``
-    per class, scored into the model card; both default to the model's :class:`DefaultModel`), :data:`STUDY_IMAGES_PER_CLASS` of its images per
+    per class, scored into the model card; both default to the model's :class:`DefaultModel`), the
+    trust card on the first :data:`TRUST_IMAGES` test images (``<name>.trust.json``, report in
+    ``<workdir>/trust/<name>``; again after ``retrain``), :data:`STUDY_IMAGES_PER_CLASS` of its images per
     class copied into the datastore, and the checkpoint (trained again with the next seed, up to
     :data:`TRAIN_ATTEMPTS` times, when its validation AUC stays below :data:`MIN_VAL_AUC`).
     ``jobs`` models are prepared at once in separate processes sharing the CPU cores (default:
@@ -241,7 +244,8 @@ def _prepare_model(
     """Data, datastore studies and checkpoint of one default model (see :func:`prepare`)."""
     from monai_sal_app.data.generators import GENERATORS
     from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.experiments.workflows import train_from_manifest
+    from monai_sal_app.evaluation.trust import trust_card_path
+    from monai_sal_app.experiments.trust_report import run_trust
 
     def log(message: str) -> None:
         print(f"{name}: {message}", flush=True)
@@ -262,7 +266,29 @@ def _prepare_model(
     checkpoint = model_dir / f"{name}.pt"
     if not retrain and checkpoint.is_file() and checkpoint.with_suffix(".json").is_file():
         log(f"using {checkpoint}")
-        return
+    else:
+        _train_model(spec, folder, checkpoint, test_manifest, epochs, seed, device, progress, log)
+    if retrain or not trust_card_path(checkpoint).is_file():
+        log(f"trust card on {TRUST_IMAGES} held-out test images -> {trust_card_path(checkpoint)}")
+        run_trust(
+            checkpoint, test_manifest, workdir / "trust" / name, max_images=TRUST_IMAGES, seed=seed, device=device
+        )
+
+
+def _train_model(
+    spec: DefaultModel,
+    folder: Path,
+    checkpoint: Path,
+    test_manifest: Path,
+    epochs: int | None,
+    seed: int,
+    device: str | None,
+    progress: bool,
+    log,
+) -> None:
+    """Train one default model, again with the next seed while its validation AUC stays below MIN_VAL_AUC."""
+    from monai_sal_app.experiments.workflows import train_from_manifest
+
     n_epochs = epochs or spec.epochs
     for attempt in range(TRAIN_ATTEMPTS):
         log(

@@ -602,8 +602,12 @@ def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, cap
     labels = list((studies / "labels" / "final").glob("*.nii.gz"))
     assert len(labels) == 8 and all((studies / label.name).is_file() for label in labels)  # every positive has its mask
     stamps = {name: path.stat().st_mtime_ns for name, path in found.items()}
-    args.func(parser.parse_args(argv))  # a second run reuses the checkpoints
-    assert "training" not in capfd.readouterr().out
+    for name, path in found.items():  # each default model has its trust card beside it, and a report
+        card = json.loads(path.with_name(f"{name}.trust.json").read_text())
+        assert card["data"]["n_images"] == 8 and (work / "trust" / name / "trust.md").is_file()
+    args.func(parser.parse_args(argv))  # a second run reuses the checkpoints and their trust cards
+    second = capfd.readouterr().out
+    assert "training" not in second and "trust card" not in second
     assert {name: path.stat().st_mtime_ns for name, path in found.items()} == stamps
     assert sorted(p for p in PACKAGE_DIR.rglob("*") if "__pycache__" not in p.parts) == package_files
 
