@@ -145,3 +145,23 @@ def test_cli_refuses_to_compare_models_of_other_labels(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "other labels" in err and err.count("\n") == 1
     assert not (tmp_path / "model.trust.json").exists() and not (tmp_path / "report").exists()
+
+
+def test_an_untrained_model_localizes_at_chance_where_the_mask_is_not_in_the_image(setup):
+    """The masks mark places the images do not show (drawn independently of them): an untrained
+    model's maps then score ROC AUC about 0.5, and the verdict says so. (On anatomy masks an
+    untrained network's edge-like maps do better than 0.5: docs/TRUST_CARD.md.)"""
+    model, _, _ = setup
+    images = images_for(2, n=24, side=32, seed=11)
+    rng = np.random.default_rng(12)
+    masks = []
+    for _ in range(24):
+        y, x = rng.integers(0, 24, size=2)
+        mask = np.zeros((32, 32), dtype=bool)
+        mask[y : y + 8, x : x + 8] = True
+        masks.append(mask)
+    card = trust_card(model, images, masks=masks, methods=["gradient", "gradcam"], checks=["localization"])
+    for entry in card["methods"].values():
+        roc = entry["localization"]["roc_auc"]
+        assert roc["ci_low"] <= 0.5 <= roc["ci_high"] and abs(roc["mean"] - 0.5) < 0.1
+        assert entry["localization"]["verdict"] == "not better than chance"
