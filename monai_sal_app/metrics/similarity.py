@@ -26,6 +26,7 @@ __all__ = [
     "hog_spearman",
     "pearson",
     "random_pair_baseline",
+    "ranks",
     "similarity",
     "spearman",
     "spearman_abs",
@@ -69,8 +70,8 @@ def _correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Row-wise ranks of (N, P), ties averaged (as ``scipy.stats.rankdata``)."""
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Row-wise ranks (1..P) of (N, P) values, ties averaged (as ``scipy.stats.rankdata``); Spearman = Pearson of these."""
     from scipy.stats import rankdata  # scipy.stats is slow to import: only when ranking
 
     return rankdata(x, axis=1)
@@ -85,7 +86,7 @@ def pearson(a, b) -> np.ndarray:
 def spearman(a, b) -> np.ndarray:
     """Spearman rank correlation of the signed maps, per image (N,), in [-1, 1] (ties get average ranks)."""
     a, b = _pair(a, b)
-    return _correlation(_ranks(a.reshape(len(a), -1)), _ranks(b.reshape(len(b), -1)))
+    return _correlation(ranks(a.reshape(len(a), -1)), ranks(b.reshape(len(b), -1)))
 
 
 def spearman_abs(a, b) -> np.ndarray:
@@ -173,7 +174,7 @@ def hog_spearman(a, b, orientations: int = 9, pixels_per_cell: int = 8, cells_pe
         ]
         return np.stack(described).reshape(len(maps), -1)
 
-    values = _correlation(_ranks(features(a)), _ranks(features(b)))
+    values = _correlation(ranks(features(a)), ranks(features(b)))
     return np.where(constant_maps(a) | constant_maps(b), 0.0, values)
 
 
