@@ -104,6 +104,20 @@ def test_bad_input_gives_clear_errors():
         similarity(a, a, "kendall")
 
 
+@pytest.mark.parametrize("metric", sorted(SIMILARITY_METRICS))
+def test_random_pair_baseline_values_are_the_metric_of_each_drawn_pair(metric):
+    """Each distinct pair is scored once and its value repeated: the values must be exactly those
+    of scoring every draw (i, j) on its own, in its order (the draws as documented: ordered pairs
+    of different images, uniform with replacement, from numpy's generator seeded with ``seed``)."""
+    maps = smooth_maps(3, (24, 24), seed=4)  # 3 images: 50 draws repeat 3 distinct pairs
+    baseline = random_pair_baseline(maps, metric, n_pairs=50, seed=2)
+    rng = np.random.default_rng(2)
+    first = rng.integers(0, 3, size=50)
+    second = (first + rng.integers(1, 3, size=50)) % 3
+    expected = [similarity(maps[i : i + 1], maps[j : j + 1], metric)[0] for i, j in zip(first, second, strict=True)]
+    np.testing.assert_array_equal(baseline["values"], expected)
+
+
 def test_random_pair_baseline_pairs_different_images_and_gives_a_ci():
     maps = smooth_maps(6, (24, 24), seed=10)
     baseline = random_pair_baseline(maps, "spearman_abs", n_pairs=50, seed=1)

@@ -213,6 +213,10 @@ def random_pair_baseline(maps, metric: str = "spearman_abs", n_pairs: int = 50, 
     rng = np.random.default_rng(seed)
     first = rng.integers(0, len(maps), size=n_pairs)
     second = (first + rng.integers(1, len(maps), size=n_pairs)) % len(maps)  # never the same image
-    values = similarity(maps[first], maps[second], metric)
+    # Every metric here is symmetric, so each distinct pair is scored once (with few images most
+    # draws repeat a pair) and its value repeated for every draw of it, in either order.
+    drawn = np.stack([np.minimum(first, second), np.maximum(first, second)], axis=1)
+    pairs, inverse = np.unique(drawn, axis=0, return_inverse=True)
+    values = similarity(maps[pairs[:, 0]], maps[pairs[:, 1]], metric)[inverse.ravel()]
     mean, low, high = mean_ci(values)
     return {"metric": metric, "mean": mean, "ci_low": low, "ci_high": high, "n_pairs": int(n_pairs), "values": values}
