@@ -1,4 +1,4 @@
-"""``monai-sal`` command line: data, train, explain, evaluate, methods and the end-to-end demo.
+"""``monai-sal`` command line: data, train, explain, evaluate, trust, compare-wildcat, methods, serve, demo.
 
 Every sub-command is a thin adapter over the library; a bad input ends with a one-line
 ``error: ...`` on stderr and exit code 2 instead of a traceback.
@@ -57,9 +57,44 @@ def cmd_train(args) -> None:
         test_manifest=args.test,
         seed=args.seed,
         input_size=_input_size(args.input_size),
+        head=_head(args),
         device=args.device,
         progress=not args.quiet,
     )
+
+
+WILDCAT_OPTIONS = ("kmax", "kmin", "alpha", "maps")
+_UNSET = object()  # a WILDCAT option not given on the command line (its default is the library's)
+
+
+def _k(text: str) -> float | int | None:
+    """``--kmax``/``--kmin``: "0.2" (a fraction of the positions), "3" (a count) or "none" (kmin only)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a whole count, got {text!r}") from None
+    return int(value) if value.is_integer() and "." not in text else value
+
+
+def _add_wildcat_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kmax", type=_k, default=_UNSET, help="WILDCAT top positions: fraction (0.2) or count (default 0.2)"
+    )
+    p.add_argument("--kmin", type=_k, default=_UNSET, help="WILDCAT bottom positions, 0 for none (default: as kmax)")
+    p.add_argument("--alpha", type=float, default=_UNSET, help="WILDCAT weight of the bottom term (default 0.7)")
+    p.add_argument("--maps", type=int, default=_UNSET, help="WILDCAT maps per class, M (default 8)")
+
+
+def _head(args) -> dict | None:
+    """The WILDCAT head from ``--head wildcat`` and its options (the ones not given keep their defaults)."""
+    given = {name: getattr(args, name) for name in WILDCAT_OPTIONS if getattr(args, name) is not _UNSET}
+    if args.head == "none":
+        if given:
+            raise ValueError(f"--{', --'.join(given)} need(s) --head wildcat")
+        return None
+    return {"name": args.head, **given}
 
 
 def _input_size(text: str | None) -> int | tuple[int, ...] | None:
@@ -134,6 +169,25 @@ def cmd_trust(args) -> None:
     )
 
 
+def cmd_compare_wildcat(args) -> None:
+    from monai_sal_app.experiments.wildcat import compare_wildcat
+    from monai_sal_app.metrics.stats import to_markdown
+
+    rows = compare_wildcat(
+        args.out,
+        data=args.data,
+        head=_head(args),
+        methods=_split(args.methods),
+        epochs=args.epochs,
+        per_class=args.per_class,
+        test_per_class=args.test_per_class,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(to_markdown(rows))
+
+
 def cmd_methods(args) -> None:
     from monai_sal_app.saliency import available_methods
 
@@ -204,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="network input grid: 128 (every axis) or 96,96,64 (default: the first image's shape)",
     )
+    p.add_argument(
+        "--head",
+        choices=("none", "wildcat"),
+        default="none",
+        help="none: the network's own classifier; wildcat: a WILDCAT head on its last feature block, "
+        "whose class maps are the saliency maps of method wildcat",
+    )
+    _add_wildcat_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train)
@@ -253,6 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True, help="report folder (trust.md, trust.json, figures/)")
     p.set_defaults(func=cmd_trust)
+
+    p = sub.add_parser(
+        "compare-wildcat",
+        help="train a plain and a WILDCAT classifier on built-in data; compare their maps against the masks",
+    )
+    p.add_argument("--data", choices=("chest-xray", "ct-lesions"), default="chest-xray", help="the built-in recipe")
+    p.add_argument("--methods", default="gradcam,guided_gradcam,gradient", help="post-hoc methods on the plain model")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--per-class", type=int, default=None, help="override the recipe's training images per class")
+    p.add_argument("--test-per-class", type=int, default=None, help="override the recipe's test images per class")
+    _add_wildcat_options(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="folder for the data, both checkpoints, maps and comparison.md")
+    p.set_defaults(func=cmd_compare_wildcat, head="wildcat")
 
     p = sub.add_parser("methods", help="list the saliency methods and their default parameters")
     p.set_defaults(func=cmd_methods)

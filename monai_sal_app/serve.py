@@ -15,8 +15,8 @@ installed package. The work folder is the MONAI Label app folder::
    phantoms instead (no bases needed); ``--data none`` prepares nothing and serves the checkpoints
    already in the model folder on the given ``--studies``. Eight held-out test images per model go
    to the datastore as ``<model>-000`` ... ``<model>-007``, with their lesion masks as labels.
-2. Models: one conv5-fc3 per data set (:data:`DEFAULT_MODELS`, ``experiments.workflows
-   .train_from_manifest``) is trained into the model folder unless it is already there.
+2. Models: one conv5-fc3 per data set (:data:`DEFAULT_MODELS`, the recipes of
+   ``experiments.recipes``) is trained into the model folder unless it is already there.
 3. Server: MONAI Label's own ``start_server`` (the same as ``monailabel start_server --app
    <workdir> --studies <workdir>/studies``), in the foreground. It needs the ``server`` extra
    (``pip install "monai-sal[server]"``); without it the command stops before any work.
@@ -37,8 +37,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
+
+from monai_sal_app.experiments.recipes import (
+    DEFAULT_MODELS,
+    DefaultModel,
+    generate_recipe_data,
+    train_recipe,
+)
 
 __all__ = [
     "APP_MAIN_PY",
@@ -67,56 +73,6 @@ APP_MAIN_PY = (
 )
 STUDY_IMAGES_PER_CLASS = 4  # held-out test images per class copied into the datastore
 TRUST_IMAGES = 32  # held-out test images each default model's trust card is computed on
-MIN_VAL_AUC = 0.75  # a default model below this validation AUC is trained again with the next seed
-TRAIN_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class DefaultModel:
-    """A model ``monai-sal serve`` trains when its checkpoint is missing.
-
-    ``generator``/``dim``/``train_preset``/``test_preset``: the data (``data.generators``);
-    ``per_class``/``test_per_class``: training and held-out test images per class;
-    ``input_size``: the network's input side in pixels/voxels (images are resized to it);
-    ``epochs``/``lr``/``augmentations``: training (patience = epochs: the best validation epoch of
-    the whole run is kept); ``labels``: class names served in ``/info``.
-    """
-
-    generator: str
-    dim: int
-    train_preset: str
-    test_preset: str
-    per_class: int
-    test_per_class: int
-    input_size: int
-    labels: tuple[str, ...]
-    epochs: int
-    lr: float
-    augmentations: tuple[str, ...] = ()
-
-
-# name -> model, per --data choice. Real: a PA chest radiograph classifier (opacity vs normal,
-# 256^2 images seen at 64^2) and a 3D CT classifier (lung lesion vs none, 64^3 crops at 1.5 mm
-# seen at 32^3, i.e. 3 mm voxels). Translations of up to ~10 % of the input side (croppad:6 at 64 px,
-# croppad:3 at 32 voxels). The recipes and what they reach are in the README.
-DEFAULT_MODELS: dict[str, dict[str, DefaultModel]] = {
-    "real": {
-        "chest_xray_2d": DefaultModel(
-            "chest-xray", 2, "train", "test", 300, 50, 64, ("normal", "opacity"), 40, 1e-3, ("croppad:6", "noise")
-        ),
-        "ct_lesion_3d": DefaultModel(
-            "ct-lesions", 3, "train", "test", 200, 50, 32, ("no lesion", "lesion"), 30, 3e-4, ("flip", "croppad:3")
-        ),
-    },
-    "shepp-logan": {
-        "classifier_2d": DefaultModel(
-            "shepp-logan", 2, "homogeneous", "test", 150, 50, 64, ("control", "patient"), 10, 1e-3
-        ),
-        "classifier_3d": DefaultModel(
-            "shepp-logan", 3, "homogeneous", "test", 60, 20, 32, ("control", "patient"), 10, 1e-3
-        ),
-    },
-}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -180,8 +136,8 @@ def prepare(
     per class, scored into the model card; both default to the model's :class:`DefaultModel`), the
     trust card on the first :data:`TRUST_IMAGES` test images (``<name>.trust.json``, report in
     ``<workdir>/trust/<name>``; again after ``retrain``), :data:`STUDY_IMAGES_PER_CLASS` of its images per
-    class copied into the datastore, and the checkpoint (trained again with the next seed, up to
-    :data:`TRAIN_ATTEMPTS` times, when its validation AUC stays below :data:`MIN_VAL_AUC`).
+    class copied into the datastore, and the checkpoint (``experiments.recipes.train_recipe``: trained
+    again with the next seed while its validation AUC stays too low).
     ``jobs`` models are prepared at once in separate processes sharing the CPU cores (default:
     as many as there are models to prepare and cores); progress goes to stdout, one line per step.
     A missing base (``--data real`` without ``scripts/install_data.sh``) raises
@@ -242,7 +198,6 @@ def _prepare_model(
     progress: bool,
 ) -> None:
     """Data, datastore studies and checkpoint of one default model (see :func:`prepare`)."""
-    from monai_sal_app.data.generators import GENERATORS
     from monai_sal_app.data.manifest import read_manifest
     from monai_sal_app.evaluation.trust import trust_card_path
     from monai_sal_app.experiments.trust_report import run_trust
@@ -250,16 +205,8 @@ def _prepare_model(
     def log(message: str) -> None:
         print(f"{name}: {message}", flush=True)
 
-    generate = GENERATORS[spec.generator]
     folder = workdir / "data" / f"{spec.generator}_{spec.dim}d"
-    sets = {
-        "train": (spec.train_preset, per_class or spec.per_class, seed),
-        "test": (spec.test_preset, test_per_class or spec.test_per_class, seed + 1),
-    }
-    for split, (preset, n, data_seed) in sets.items():
-        if not (folder / split / "manifest.csv").is_file():
-            log(f"generating {spec.dim}D {spec.generator} {split} data ({n} per class) in {folder / split}")
-            generate(folder / split, preset=preset, dim=spec.dim, per_class=n, seed=data_seed, progress=progress)
+    generate_recipe_data(spec, folder, per_class, test_per_class, seed, progress=progress, log=log)
     test_manifest = folder / "test" / "manifest.csv"
     _copy_studies(name, read_manifest(test_manifest), studies)
 
@@ -267,52 +214,12 @@ def _prepare_model(
     if not retrain and checkpoint.is_file() and checkpoint.with_suffix(".json").is_file():
         log(f"using {checkpoint}")
     else:
-        _train_model(spec, folder, checkpoint, test_manifest, epochs, seed, device, progress, log)
+        train_recipe(spec, folder, checkpoint, epochs=epochs, seed=seed, device=device, progress=progress, log=log)
     if retrain or not trust_card_path(checkpoint).is_file():
         log(f"trust card on {TRUST_IMAGES} held-out test images -> {trust_card_path(checkpoint)}")
         run_trust(
             checkpoint, test_manifest, workdir / "trust" / name, max_images=TRUST_IMAGES, seed=seed, device=device
         )
-
-
-def _train_model(
-    spec: DefaultModel,
-    folder: Path,
-    checkpoint: Path,
-    test_manifest: Path,
-    epochs: int | None,
-    seed: int,
-    device: str | None,
-    progress: bool,
-    log,
-) -> None:
-    """Train one default model, again with the next seed while its validation AUC stays below MIN_VAL_AUC."""
-    from monai_sal_app.experiments.workflows import train_from_manifest
-
-    n_epochs = epochs or spec.epochs
-    for attempt in range(TRAIN_ATTEMPTS):
-        log(
-            f"training ({spec.dim}D, input {spec.input_size} px, {n_epochs} epochs, seed {seed + attempt}) -> {checkpoint}"
-        )
-        _, card = train_from_manifest(
-            folder / "train" / "manifest.csv",
-            checkpoint,
-            arch="conv5fc3",
-            augmentations=spec.augmentations,
-            epochs=n_epochs,
-            lr=spec.lr,
-            patience=n_epochs,
-            labels=spec.labels,
-            test_manifest=test_manifest,
-            input_size=spec.input_size,
-            seed=seed + attempt,
-            device=device,
-            progress=progress,
-            log=log,
-        )
-        if card.metrics["val_auc"] >= MIN_VAL_AUC:
-            break
-        log(f"validation AUC {card.metrics['val_auc']:.3f} < {MIN_VAL_AUC}: the training did not take; again")
 
 
 def _copy_studies(name: str, items: list[dict], studies: Path) -> None:

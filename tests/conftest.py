@@ -62,9 +62,53 @@ SMALL_PARAMS = {
 }
 
 
-def small_params(method: str) -> dict:
-    """A new dict of the parameters that make ``method`` cheap: its entry in :data:`SMALL_PARAMS`, or {}."""
-    return dict(SMALL_PARAMS.get(method, {}))
+def small_params(method: str, model: nn.Module | None = None) -> dict:
+    """A new dict of the parameters that make ``method`` cheap: its entry in :data:`SMALL_PARAMS`, or {};
+    for a method that takes a trained explainer, with ``model`` given, an untrained one bound to
+    ``model``'s weights (:func:`untrained_explainer`)."""
+    from monai_sal_app.saliency import get_method
+
+    params = dict(SMALL_PARAMS.get(method, {}))
+    kind = get_method(method).explainer
+    if kind is not None and model is not None:
+        params["explainer"] = untrained_explainer(kind, model)
+    return params
+
+
+def _num_classes_and_dims(model: nn.Module) -> tuple[int, int]:
+    """(classes, spatial dims) of ``model``, from one forward pass on zeros (its modes restored)."""
+    from monai_sal_app.saliency.core import model_input_spec
+
+    spatial_dims, _ = model_input_spec(model)
+    modes = [(module, module.training) for module in model.modules()]
+    with torch.no_grad():
+        outputs = model.eval()(torch.zeros((2, 1, *[32 if spatial_dims == 2 else 16] * spatial_dims)))
+    for module, training in modes:
+        module.training = training
+    return outputs.shape[1], spatial_dims
+
+
+def untrained_explainer(kind: str, model: nn.Module) -> nn.Module:
+    """A seeded, untrained ``kind`` explainer (4 channels a stage) whose card binds it to ``model``'s
+    weights, in eval mode: what a method that takes ``explainer=`` needs to run on ``model``."""
+    from monai_sal_app.explainers import ExplainerCard, build_explainer, explainer_settings
+    from monai_sal_app.models.checkpoint import weights_fingerprint
+
+    num_classes, spatial_dims = _num_classes_and_dims(model)
+    card = ExplainerCard(
+        kind=kind,
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        num_classes=num_classes,
+        input_size=(32,) * spatial_dims if spatial_dims == 2 else (16,) * spatial_dims,
+        classifier={"fingerprint": weights_fingerprint(model), "file": "", "labels": []},
+        settings=explainer_settings(kind, {"channels": [4, 4, 4, 4]}),
+    )
+    with torch.random.fork_rng():  # seeded without touching the caller's random state
+        torch.manual_seed(0)
+        explainer = build_explainer(card).eval()
+    explainer.card = card
+    return explainer
 
 
 # ----------------------------------------------------------------------------- tiny networks
@@ -101,6 +145,17 @@ def tiny_densenet(spatial_dims: int) -> nn.Module:
 
 
 TINY_CHANNELS = (4, 4, 8, 8, 8)  # conv5-fc3 widths small enough for a CPU test
+# build_classifier arguments that make every architecture small enough for a CPU test
+TINY_BACKBONES = {
+    "densenet121": {"init_features": 4, "growth_rate": 4, "bn_size": 2},
+    "densenet169": {"init_features": 4, "growth_rate": 4, "bn_size": 2},
+    "resnet18": {"block_inplanes": [4, 4, 8, 8]},
+    "resnet34": {"block_inplanes": [4, 4, 8, 8]},
+    "resnet50": {"block_inplanes": [4, 4, 8, 8]},
+    "resnet101": {"block_inplanes": [2, 2, 2, 2]},
+    "resnet152": {"block_inplanes": [2, 2, 2, 2]},
+    "conv5fc3": {"channels": TINY_CHANNELS},
+}
 LABELS = ["control", "patient"]  # the classes of tiny_card, as its JSON lists them
 INPUT_SIZE = {2: [32, 32], 3: [16, 16, 16]}
 
@@ -110,6 +165,26 @@ def tiny_conv5fc3(spatial_dims: int = 2, seed: int = 0, **kwargs) -> nn.Module:
     go to ``build_classifier`` (e.g. ``num_classes``, ``dropout``). Inputs from 16 px a side."""
     torch.manual_seed(seed)
     return build_classifier("conv5fc3", spatial_dims, channels=TINY_CHANNELS, **kwargs)
+
+
+TINY_WILDCAT_HEAD = {"name": "wildcat", "kmax": 0.25, "kmin": None, "alpha": 0.7, "maps": 2}
+
+
+def tiny_wildcat(spatial_dims: int = 2, seed: int = 0, num_classes: int = 2, **head) -> nn.Module:
+    """:func:`tiny_conv5fc3`'s feature blocks with a WILDCAT head (:data:`TINY_WILDCAT_HEAD`, updated
+    with ``head``): class maps on a grid 16 times coarser than the input (2x2 for 32 px). Train mode."""
+    return tiny_conv5fc3(spatial_dims, seed, num_classes=num_classes, head={**TINY_WILDCAT_HEAD, **head})
+
+
+def network_for(method: str, network: nn.Module) -> nn.Module:
+    """``network`` if ``method`` can explain it; otherwise a seeded :func:`tiny_wildcat` with the same
+    spatial dims and number of classes (the methods that need a WILDCAT head), in the same mode."""
+    from monai_sal_app.saliency import get_method
+
+    if get_method(method).applies_to(network):
+        return network
+    num_classes, spatial_dims = _num_classes_and_dims(network)
+    return tiny_wildcat(spatial_dims, num_classes=num_classes).train(network.training)
 
 
 def tiny_card(spatial_dims: int = 2, **fields) -> ModelCard:
@@ -258,6 +333,17 @@ def blob_mask(spatial_dims: int, side: int, centre, radius: float) -> torch.Tens
     grid = torch.stack(torch.meshgrid(*[torch.arange(float(side))] * spatial_dims, indexing="ij"))
     offset = grid - torch.tensor(centre, dtype=torch.float32).view(-1, *[1] * spatial_dims)
     return ((offset**2).sum(0) <= radius**2).float()
+
+
+def blob_images(spatial_dims: int, side: int, centres, seed: int = 0) -> torch.Tensor:
+    """(len(centres), 1, side, ...): image i is noise in [0, 0.2) with a bright (1.0) disk/ball of
+    radius 3 px around ``centres[i]``."""
+    g = torch.Generator().manual_seed(seed)
+    images = [
+        torch.maximum(0.2 * torch.rand((side,) * spatial_dims, generator=g), blob_mask(spatial_dims, side, c, 3.0))
+        for c in centres
+    ]
+    return torch.stack(images).unsqueeze(1)
 
 
 class BlobModel(HandWritten):

@@ -1,6 +1,6 @@
 """Files the tests read, and HTTP helpers for the server tests.
 
-Tiny checkpoints (a real conv5-fc3 and its card), and smooth random images written as PNG, DICOM
+Tiny checkpoints (a real conv5-fc3, or one with a WILDCAT head, and its card), and smooth random images written as PNG, DICOM
 (MONOCHROME1 with a PixelSpacing), 2D NIfTI stored as (H, W, 1), 3D NIfTI with an oblique affine
 and NRRD with a non-trivial direction, so that geometry mistakes (a transposed or dropped axis, a
 lost spacing or origin) show up as failures. The DICOM and NRRD writers also serve the reader tests.
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from conftest import tiny_card, tiny_conv5fc3
+import torch
+from conftest import tiny_card
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 from scipy import ndimage
 
 from monai_sal_app.data.io import write_nifti
-from monai_sal_app.models.checkpoint import save_classifier
+from monai_sal_app.models.checkpoint import build_network, save_classifier
 
 DICOM_SPACING = (0.5, 0.7)  # (row, column) mm
 # SOP class by modality: Secondary Capture Image Storage; Digital X-Ray Image Storage - For Presentation
@@ -28,8 +29,10 @@ DICOM_STORAGE = {"OT": "1.2.840.10008.5.1.4.1.1.7", "DX": "1.2.840.10008.5.1.4.1
 def save_tiny_checkpoint(path: Path, spatial_dims: int, seed: int = 0, **card_fields) -> Path:
     """An untrained ``conftest.tiny_conv5fc3`` (weights seeded with ``seed``) saved at ``path`` as a
     real checkpoint + ``conftest.tiny_card`` (``card_fields``: further or other ModelCard fields,
-    e.g. ``decision_threshold``)."""
-    return save_classifier(tiny_conv5fc3(spatial_dims, seed=seed), path, tiny_card(spatial_dims, **card_fields))
+    e.g. ``decision_threshold``, or ``head=conftest.TINY_WILDCAT_HEAD`` for ``conftest.tiny_wildcat``)."""
+    card = tiny_card(spatial_dims, **card_fields)
+    torch.manual_seed(seed)
+    return save_classifier(build_network(card), path, card)
 
 
 def smooth_field(shape: tuple[int, ...], seed: int) -> np.ndarray:

@@ -7,7 +7,16 @@ import copy
 import pytest
 import torch
 from captum.attr import LayerAttribution, LayerGradCam, Saliency
-from conftest import SMALL_PARAMS, QuadrantModel, images_for, small_params, tiny_cnn, tiny_densenet, tiny_resnet
+from conftest import (
+    SMALL_PARAMS,
+    QuadrantModel,
+    images_for,
+    network_for,
+    small_params,
+    tiny_cnn,
+    tiny_densenet,
+    tiny_resnet,
+)
 from torch import nn
 
 from monai_sal_app.saliency import available_methods, explain
@@ -160,14 +169,14 @@ def test_small_params_are_parameters_of_registered_methods():
 
 @pytest.mark.parametrize("method", sorted(available_methods()))
 def test_a_given_target_is_checked_without_an_extra_forward_pass(method):
-    model, x = tiny_cnn(2), images_for(2, n=2)
+    model, x = network_for(method, tiny_cnn(2)), images_for(2, n=2)
     rows = []
     handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:
         with pytest.raises(ValueError, match=r"out of range for a model with 3 classes"):
-            explain(model, x, method, target=[0, 3], **small_params(method))
+            explain(model, x, method, target=[0, 3], **small_params(method, model))
         with pytest.raises(ValueError, match=r"out of range"):
-            explain(model, x, method, target=-1, **small_params(method))
+            explain(model, x, method, target=-1, **small_params(method, model))
         rows.clear()
         explain(model, x, "gradient", target=[0, 2])
     finally:

@@ -9,7 +9,7 @@ import pytest
 import scipy.ndimage as ndi
 import scipy.sparse as sp
 import torch
-from conftest import BlobModel, blob_mask, tiny_cnn
+from conftest import BlobModel, blob_images, tiny_cnn
 from saliency.core import XRAI, XRAIParameters
 from saliency.core import xrai as pair_xrai
 from saliency.core.base import INPUT_OUTPUT_GRADIENTS
@@ -224,17 +224,6 @@ def test_xrai_bad_parameters_raise():
 
 
 # ------------------------------------------------------------------------ meaningful perturbation
-
-
-def blob_images(spatial_dims: int, side: int, centres, seed: int = 0) -> torch.Tensor:
-    """(len(centres), 1, side, ...): image i is noise in [0, 0.2) with a bright (1.0) disk/ball of
-    radius 3 px around ``centres[i]``."""
-    g = torch.Generator().manual_seed(seed)
-    images = [
-        torch.maximum(0.2 * torch.rand((side,) * spatial_dims, generator=g), blob_mask(spatial_dims, side, c, 3.0))
-        for c in centres
-    ]
-    return torch.stack(images).unsqueeze(1)
 
 
 BLOBS = {2: [(20, 40), (44, 18)], 3: [(15, 30, 18), (33, 14, 30)]}

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CHANNELS, tiny_card, tiny_conv5fc3
+from conftest import TINY_BACKBONES, TINY_CHANNELS, tiny_card, tiny_conv5fc3
 from scipy import ndimage
 from torch import nn
 from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd
@@ -40,20 +40,14 @@ from monai_sal_app.models import (
 from monai_sal_app.models import checkpoint as checkpoint_module
 
 # Small widths so that every network runs in well under a second on the CPU.
-TINY = {
-    "densenet121": {"init_features": 4, "growth_rate": 4, "bn_size": 2},
-    "densenet169": {"init_features": 4, "growth_rate": 4, "bn_size": 2},
-    "resnet18": {"block_inplanes": [4, 4, 8, 8]},
-    "resnet34": {"block_inplanes": [4, 4, 8, 8]},
-    "resnet50": {"block_inplanes": [4, 4, 8, 8]},
-    "conv5fc3": {"channels": TINY_CHANNELS},
-}
 GRADCAM_LAYER = {
     "densenet121": "class_layers.relu",
     "densenet169": "class_layers.relu",
     "resnet18": "layer4",
     "resnet34": "layer4",
     "resnet50": "layer4",
+    "resnet101": "layer4",
+    "resnet152": "layer4",
     "conv5fc3": "features",
 }
 POOLING = (_AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd)
@@ -108,7 +102,7 @@ def last_feature_map_module(model: nn.Module, x: torch.Tensor) -> tuple[str, tor
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_architecture_gives_logits_and_its_gradcam_layer(arch, dims):
     torch.manual_seed(0)
-    model = build_classifier(arch, dims, in_channels=2, num_classes=3, **TINY[arch]).eval()
+    model = build_classifier(arch, dims, in_channels=2, num_classes=3, **TINY_BACKBONES[arch]).eval()
     x = random_images((2, 2, *input_size(arch, dims)))
     layer, logits = last_feature_map_module(model, x)
     assert logits.shape == (2, 3)

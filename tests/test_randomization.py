@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CHANNELS, images_for, tiny_resnet
+from conftest import TINY_BACKBONES, images_for, tiny_resnet
 from torch import nn
 
 from monai_sal_app import explain
@@ -34,25 +34,19 @@ EXPECTED_BLOCKS = {
     "resnet18": RESNET_BLOCKS,
     "resnet34": RESNET_BLOCKS,
     "resnet50": RESNET_BLOCKS,
+    "resnet101": RESNET_BLOCKS,
+    "resnet152": RESNET_BLOCKS,
     "conv5fc3": [
         "classifier.6", "classifier.4", "classifier.2", "features.8", "features.6", "features.4", "features.2",
         "features.0",
     ],
 }  # fmt: skip
-SMALL_WIDTHS = {
-    "densenet121": {"init_features": 4, "growth_rate": 4},
-    "densenet169": {"init_features": 4, "growth_rate": 4},
-    "resnet18": {"block_inplanes": [4, 4, 8, 8]},
-    "resnet34": {"block_inplanes": [4, 4, 8, 8]},
-    "resnet50": {"block_inplanes": [4, 4, 8, 8]},
-    "conv5fc3": {"channels": TINY_CHANNELS},
-}
 ONE_METRIC = ("spearman",)  # the cheapest run where the metrics do not matter
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_blocks_of_every_architecture(arch):
-    model = build_classifier(arch, 2, **SMALL_WIDTHS[arch])
+    model = build_classifier(arch, 2, **TINY_BACKBONES[arch])
     blocks = randomization_blocks(model)
     assert blocks == EXPECTED_BLOCKS[arch]
     modules = dict(model.named_modules())
@@ -60,6 +54,20 @@ def test_blocks_of_every_architecture(arch):
     assert all(next(modules[name].parameters(), None) is not None for name in blocks)
     last_linear = [name for name, m in modules.items() if isinstance(m, nn.Linear)][-1]
     assert last_linear == blocks[0] or last_linear.startswith(blocks[0] + ".")  # logits first
+
+
+# With a WILDCAT head: its 1x1 convolution to the class maps first, then the backbone's blocks.
+WILDCAT_BLOCKS = {
+    "densenet121": ["classifier", *DENSENET_BLOCKS[1:]],
+    "resnet18": ["classifier", *[f"features.{name}" for name in RESNET_BLOCKS[1:]]],
+    "conv5fc3": ["classifier", "features.8", "features.6", "features.4", "features.2", "features.0"],
+}
+
+
+@pytest.mark.parametrize("arch", WILDCAT_BLOCKS)
+def test_blocks_of_a_wildcat_head(arch):
+    model = build_classifier(arch, 2, head={"name": "wildcat"}, **TINY_BACKBONES[arch])
+    assert randomization_blocks(model) == WILDCAT_BLOCKS[arch]
 
 
 def perturbed(model: nn.Module) -> nn.Module:

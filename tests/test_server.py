@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import LABELS
+from conftest import LABELS, TINY_WILDCAT_HEAD
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from server_fixtures import (
@@ -46,10 +46,13 @@ from monai_sal_app.lib.infers.saliency import json_safe
 from monai_sal_app.lib.served_model import find_checkpoints
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.device import default_device
-from monai_sal_app.saliency import available_methods
+from monai_sal_app.saliency import available_methods, get_method
 from monai_sal_app.serve import APP_MAIN_PY, add_parser, start_background_server
 
 MODEL_OF_DIM = {2: "classifier_2d", 3: "classifier_3d"}
+SERVED = {"classifier_2d", "classifier_3d", "wildcat_2d"}  # wildcat_2d: a conv5-fc3 with a WILDCAT head
+# The methods that explain any classifier, as /info lists them for the plain models.
+ANY_MODEL_METHODS = {name: spec for name, spec in available_methods().items() if get_method(name).requires is None}
 PACKAGE_DIR = Path(monai_sal_app.__file__).parent
 # The 2D model decides at a threshold (as trained models do) and carries test numbers for /info.
 CARD_2D = {"decision_threshold": 0.45, "metrics": {"test_auc": 0.93, "test_balanced_accuracy": 0.88, "n_test": 120}}
@@ -64,11 +67,12 @@ def tiny_trust_card(checkpoint: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """Model folder (2 servable + 3 broken checkpoints), studies, a training manifest, and the running server."""
+    """Model folder (3 servable + 3 broken checkpoints), studies, a training manifest, and the running server."""
     root = tmp_path_factory.mktemp("server")
     model_dir = root / "model"
     save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0, **CARD_2D)
     save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
+    save_tiny_checkpoint(model_dir / "wildcat_2d.pt", 2, seed=2, head=TINY_WILDCAT_HEAD)
     write_trust_card(tiny_trust_card(model_dir / "classifier_2d.pt"), model_dir / "classifier_2d.pt")
     (model_dir / "broken.pt").write_bytes(b"these are not weights")
     shutil.copyfile(model_dir / "classifier_2d.json", model_dir / "broken.json")
@@ -149,14 +153,14 @@ def assert_matches_in_process(
 def test_info_lists_servable_models_with_methods_and_device(env):
     info = requests.get(f"{env['url']}/info/", timeout=30).json()
     # broken.pt, no_card.pt and no_input_size.pt are left out
-    assert set(info["models"]) == {"classifier_2d", "classifier_3d"}
+    assert set(info["models"]) == SERVED
     assert info["device"] == str(default_device())
     for dim, name in MODEL_OF_DIM.items():
         model = info["models"][name]
         assert model["dimension"] == dim
         assert model["labels"] == LABELS
         assert model["input_size"] == ([32, 32] if dim == 2 else [16, 16, 16])
-        assert model["methods"] == json_safe(available_methods())
+        assert model["methods"] == json_safe(ANY_MODEL_METHODS)
         assert model["device"] == str(default_device())
         assert model["default_method"] in model["methods"]
     assert info["models"]["classifier_2d"]["decision_threshold"] == CARD_2D["decision_threshold"]
@@ -170,7 +174,8 @@ def test_info_lists_servable_models_with_methods_and_device(env):
         "available": False,
         "why": "no trust card: monai-sal trust --model classifier_3d.pt <images>",
     }
-    assert set(info["trainers"]) == {"classifier_2d", "classifier_3d"}
+    assert info["models"]["wildcat_2d"]["methods"] == json_safe(available_methods())  # "wildcat" among them
+    assert set(info["trainers"]) == SERVED
     log = env["server"].log()
     assert "model broken is not served" in log and "model no_card is not served: model card missing" in log
     assert "model no_input_size is not served" in log and "model card field 'input_size': missing" in log
@@ -269,13 +274,21 @@ def test_output_json_has_no_heatmap_and_same_numbers(env):
 
 @pytest.mark.parametrize("method", sorted(available_methods()))
 def test_every_registered_method_runs_under_the_server(env, method):
-    """Gradient-based methods need autograd although MONAI Label serves under no_grad."""
+    """Gradient-based methods need autograd although MONAI Label serves under no_grad. A method
+    for one kind of model only (``wildcat``) runs on the model it explains."""
+    model = "classifier_2d" if method in ANY_MODEL_METHODS else "wildcat_2d"
     item = env["items"]["slice_nii"]
-    status, result, heatmap, response = post_infer(
-        env["url"], "classifier_2d", image="slice_nii", params={"method": method}
-    )
+    status, result, heatmap, response = post_infer(env["url"], model, image="slice_nii", params={"method": method})
     assert status == 200, response.text
-    assert_matches_in_process(env, result, load_nifti_bytes(heatmap), "classifier_2d", item["path"], method=method)
+    assert_matches_in_process(env, result, load_nifti_bytes(heatmap), model, item["path"], method=method)
+
+
+def test_wildcat_on_a_model_without_the_head_is_a_400_naming_what_it_needs(env):
+    status, _, _, response = post_infer(env["url"], "classifier_2d", image="slice_nii", params={"method": "wildcat"})
+    assert status == 400
+    message = response.json()["detail"]
+    assert "saliency method 'wildcat' cannot explain this model: it needs a model with a WILDCAT head" in message
+    assert "available for this model: " in message and "gradcam" in message
 
 
 def test_method_options_are_passed_and_echoed(env):
@@ -512,12 +525,27 @@ def test_bad_train_parameters_get_a_4xx(env):
         ({}, 400, "no manifest"),  # the tiny checkpoints record no manifest
         ({"augmentations": ["rotate"], **manifest}, 400, "augmentations"),
         ({"epoch": 3, **manifest}, 400, "unknown train parameter"),
+        ({"head": "cam", **manifest}, 400, "head: unknown head 'cam'"),
+        ({"head": {"name": "wildcat", "kmax": 3.5}, **manifest}, 400, "head: kmax must be a fraction in (0, 1)"),
     ):
         response = requests.post(
             f"{env['url']}/train/classifier_2d", params={"run_sync": "true"}, json=params, timeout=60
         )
         assert response.status_code == status, (params, response.text)
         assert words in response.json()["detail"]
+
+
+def train_over_the_api(url: str, model: str, params: dict) -> None:
+    """Start a train task in the background (as MONAI Label runs it) and wait until it is done."""
+    response = requests.post(f"{url}/train/{model}", json=params, timeout=60)
+    assert response.status_code == 200, response.text
+    deadline = time.monotonic() + 180
+    while True:
+        task = requests.get(f"{url}/train/", timeout=30).json()
+        if task["status"] in ("DONE", "ERROR") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert task["status"] == "DONE", json.dumps(task, indent=1)
 
 
 def test_training_over_the_api_is_served_without_restart(env):
@@ -531,15 +559,7 @@ def test_training_over_the_api_is_served_without_restart(env):
         "batch_size": 8,
         "patience": 1,
     }
-    response = requests.post(f"{url}/train/classifier_2d", json=params, timeout=60)
-    assert response.status_code == 200, response.text
-    deadline = time.monotonic() + 180
-    while True:
-        task = requests.get(f"{url}/train/", timeout=30).json()
-        if task["status"] in ("DONE", "ERROR") or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert task["status"] == "DONE", json.dumps(task, indent=1)
+    train_over_the_api(url, "classifier_2d", params)
     card = json.loads((env["model_dir"] / "classifier_2d.json").read_text())
     assert card["loss"] == "ce" and card["augmentations"] == ["noise"] and card["input_size"] == [32, 32]
     status, after, heatmap, response = post_infer(url, "classifier_2d", image="xray_png")
@@ -550,6 +570,20 @@ def test_training_over_the_api_is_served_without_restart(env):
     assert info["models"]["classifier_2d"]["input_size"] == [32, 32]
     assert info["train_stats"]["classifier_2d"]["epochs_run"] == 1
     assert info["models"]["classifier_2d"]["trust"]["stale"]  # the card describes the old weights
+
+
+def test_a_wildcat_head_is_trained_over_the_api_and_its_maps_served(env):
+    url = env["url"]
+    head = {"name": "wildcat", "kmax": 0.5, "maps": 3}
+    params = {"manifest": "train2d/manifest.csv", "epochs": 1, "batch_size": 8, "patience": 1, "head": head}
+    train_over_the_api(url, "wildcat_2d", params)
+    card = json.loads((env["model_dir"] / "wildcat_2d.json").read_text())
+    assert card["head"] == {"name": "wildcat", "kmax": 0.5, "kmin": None, "alpha": 0.7, "maps": 3}
+    status, result, heatmap, response = post_infer(url, "wildcat_2d", image="xray_png", params={"method": "wildcat"})
+    assert status == 200, response.text
+    path = env["items"]["xray_png"]["path"]
+    assert_matches_in_process(env, result, load_nifti_bytes(heatmap), "wildcat_2d", path, method="wildcat")
+    assert requests.get(f"{url}/info/", timeout=30).json()["trainers"]["wildcat_2d"]["config"]["head"] == card["head"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def load_inputs(
     return torch.cat(tensors), tuple(int(s) for s in input_size)
 
 
-def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     train, val = [], []
     for c in np.unique(labels):
@@ -105,6 +105,7 @@ def train_from_manifest(
     labels: Sequence[str] | None = None,
     test_manifest: str | Path | None = None,
     input_size: int | Sequence[int] | None = None,
+    head: dict | None = None,
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
@@ -119,6 +120,8 @@ def train_from_manifest(
     balanced accuracy and accuracy at that threshold, ``n_test``).
     ``input_size``: the network's input grid in pixels/voxels (one int for every axis, or one per
     axis); images are resized to it (:func:`preprocess`). Default: the first image's shape.
+    ``head``: None for the architecture's own classifier, or ``{"name": "wildcat", ...options}``
+    for a WILDCAT head (``models.wildcat``; options not given take their defaults, all in the card).
     """
     items = read_manifest(manifest)
     if isinstance(input_size, int):
@@ -130,7 +133,7 @@ def train_from_manifest(
     num_classes = int(y.max()) + 1
     if num_classes < 2:
         raise ValueError(f"{manifest}: a classifier needs at least two classes, found labels {sorted(set(y.tolist()))}")
-    train_idx, val_idx = _stratified_split(y.numpy(), val_fraction, seed)
+    train_idx, val_idx = stratified_split(y.numpy(), val_fraction, seed)
     card = ModelCard(  # validated before the training, completed after it
         architecture=arch,
         spatial_dims=len(input_size),
@@ -138,6 +141,7 @@ def train_from_manifest(
         num_classes=num_classes,
         labels=tuple(labels) if labels else tuple(f"class_{c}" for c in range(num_classes)),
         input_size=tuple(input_size),
+        head=head,
         loss=loss,
         augmentations=tuple(augmentations),
         data={
@@ -148,7 +152,7 @@ def train_from_manifest(
         },
     )
     torch.manual_seed(seed)
-    model = build_classifier(arch, spatial_dims=len(input_size), in_channels=1, num_classes=num_classes)
+    model = build_classifier(arch, spatial_dims=len(input_size), in_channels=1, num_classes=num_classes, head=card.head)
     dev = torch.device(device) if device else default_device()
     model, history = train_classifier(
         model,
@@ -190,7 +194,7 @@ def train_from_manifest(
     )
     save_classifier(model, out, card)
     log(
-        f"saved {out} ({arch}, {len(input_size)}D, input {input_size}); "
+        f"saved {out} ({arch}{' + WILDCAT head' if card.head else ''}, {len(input_size)}D, input {input_size}); "
         + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float))
     )
     return model, card

@@ -27,7 +27,7 @@ from typing import Any
 from monailabel.utils.sessions import Sessions
 
 from monai_sal_app.lib.errors import RequestError
-from monai_sal_app.saliency import available_methods
+from monai_sal_app.saliency import available_methods, get_method
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -179,18 +179,23 @@ def parse_target(value: Any, labels: list[str]) -> int | None:
 
 
 def parse_explain_request(
-    request: dict, labels: list[str], task_config: dict
+    request: dict, labels: list[str], task_config: dict, methods: dict[str, dict]
 ) -> tuple[str, int | None, dict[str, Any]]:
     """``(method, target, method options)`` from an infer request's top-level keys.
 
-    The options are the keys named like the chosen method's parameters (``available_methods()``);
+    ``methods``: the methods that can explain the model (``available_methods(model)``); a method
+    the model cannot use is refused like an unknown one, naming the ones it can.
+    The options are the keys named like the chosen method's parameters;
     any other key that is neither ours (``method``, ``target``), MONAI Label's
     (:data:`MONAILABEL_REQUEST_KEYS`) nor the task's config gives a 400 naming it.
     """
-    methods = available_methods()
     method = request.get("method", DEFAULT_METHOD)
     if not isinstance(method, str) or method not in methods:
-        raise RequestError(400, f"unknown saliency method {method!r}; available: {', '.join(methods)}")
+        available = f"available for this model: {', '.join(methods)}"
+        if isinstance(method, str) and method in available_methods():
+            needs = get_method(method).requires[1]
+            raise RequestError(400, f"saliency method {method!r} cannot explain this model: {needs}; {available}")
+        raise RequestError(400, f"unknown saliency method {method!r}; {available}")
     takes = methods[method]["defaults"]
     target = parse_target(request.get("target"), labels)
     options = {key: value for key, value in request.items() if key in takes}

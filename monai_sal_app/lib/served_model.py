@@ -26,6 +26,7 @@ from monai_sal_app.evaluation.trust import read_trust_card, trust_card_path
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.checkpoint import card_path, load_classifier
+from monai_sal_app.saliency import available_methods
 
 __all__ = ["MODEL_NAME", "ServedModel", "find_checkpoints"]
 
@@ -156,6 +157,11 @@ class ServedModel:
                 return {"available": False, "why": f"the trust card {path.name} is corrupt (see the server log)"}
             stale = os.stat(self.path).st_mtime_ns > stat.st_mtime_ns
             return {"available": True, "stale": stale, "card": self._trust}
+
+    def methods(self) -> dict[str, dict]:
+        """The saliency methods that can explain the model now served (``available_methods(model)``)."""
+        with self.use() as (model, _):
+            return available_methods(model)
 
     @contextlib.contextmanager
     def use(self) -> Iterator[tuple[nn.Module, ModelCard]]:

@@ -9,7 +9,7 @@ of failing later on every request.
 JSON form (``ModelCard.to_dict``)::
 
     {"architecture": "conv5fc3", "spatial_dims": 2, "in_channels": 1, "num_classes": 2,
-     "labels": ["normal", "opacity"], "input_size": [128, 128], "arch_kwargs": {},
+     "labels": ["normal", "opacity"], "input_size": [128, 128], "arch_kwargs": {}, "head": null,
      "decision_threshold": 0.42, "preprocessing": "...", "loss": "ce", "augmentations": ["noise"],
      "data": {...}, "training": {...}, "metrics": {...}, "history": [...], "description": "",
      "created": "2026-11-30T09:00:00+00:00", "monai_sal_version": "0.1.0"}
@@ -72,6 +72,8 @@ class ModelCard:
 
     - ``architecture``: a name of ``models.factory.ARCHITECTURES``; ``arch_kwargs``: the keyword
       arguments it was built with; ``spatial_dims``: 2 or 3; ``in_channels``: image channels.
+    - ``head``: None for the network's own classifier, or a WILDCAT head on its last feature block,
+      ``{"name": "wildcat", "kmax", "kmin", "alpha", "maps"}`` (see ``models.wildcat``).
     - ``labels``: one name per class (``num_classes`` of them, at least 2, distinct).
     - ``input_size``: the network's input grid, one side in pixels/voxels per spatial axis;
       images are min-max normalised and resized to it (``preprocessing``).
@@ -88,6 +90,7 @@ class ModelCard:
     labels: tuple[str, ...]
     input_size: tuple[int, ...]
     arch_kwargs: dict = dataclasses.field(default_factory=dict)
+    head: dict | None = None
     decision_threshold: float | None = None
     preprocessing: str = PREPROCESSING
     loss: str | None = None
@@ -126,6 +129,14 @@ class ModelCard:
             raise CardError("input_size", f"must list {self.spatial_dims} sides (one per spatial axis), got {size!r}")
         put("input_size", tuple(_positive_int("input_size", side) for side in size))
         put("arch_kwargs", _mapping("arch_kwargs", self.arch_kwargs))
+        if self.head is not None:
+            from monai_sal_app.models.factory import head_options
+
+            head = _mapping("head", self.head)
+            try:
+                put("head", head_options(head))
+            except ValueError as error:
+                raise CardError("head", str(error)) from None
         threshold = self.decision_threshold
         if threshold is not None:
             if self.num_classes != 2:

@@ -10,6 +10,7 @@ that fails on every image) is never returned.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -39,7 +40,7 @@ def card_path(weights_path: str | os.PathLike) -> Path:
 def build_network(card: ModelCard) -> nn.Module:
     """The untrained network ``card`` describes (logits (N, num_classes))."""
     return build_classifier(
-        card.architecture, card.spatial_dims, card.in_channels, card.num_classes, **card.arch_kwargs
+        card.architecture, card.spatial_dims, card.in_channels, card.num_classes, head=card.head, **card.arch_kwargs
     )
 
 
@@ -75,13 +76,26 @@ def save_classifier(model: nn.Module, path: str | os.PathLike, card: ModelCard) 
     actual = {name: tuple(t.shape) for name, t in state.items()}
     if expected != actual:
         raise ValueError(
-            f"the model card ({card.architecture}, {card.arch_kwargs}) does not describe this model's state_dict"
+            f"the model card ({card.architecture}, {card.arch_kwargs}, head {card.head}) does not describe this"
+            " model's state_dict"
         )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(json_path, lambda f: f.write(card_text.encode("utf-8")))
     atomic_write(path, lambda f: torch.save(state, f))
     return path
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (hex) of ``model``'s state_dict: every entry's name, dtype, shape and values, in name
+    order. Two models share it exactly when they hold the same weights and buffers, wherever they
+    were loaded from (a trained explainer records its classifier's)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_card(path: str | os.PathLike) -> ModelCard:

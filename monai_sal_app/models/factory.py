@@ -5,24 +5,40 @@ Nothing is ever pretrained or downloaded: weights come from :mod:`monai_sal_app.
 
 Grad-CAM contract: the last module (in order of forward completion) whose output is a
 (N, K, *spatial) tensor and that is not a pooling layer is ``class_layers.relu`` for the DenseNets,
-``layer4`` for the ResNets and ``features`` for :class:`Conv5FC3`.
+``layer4`` for the ResNets and ``features`` for :class:`Conv5FC3`. A network with a WILDCAT head
+names its own (``cam_layer = "features"``, the backbone's last feature block, before the 1x1
+convolution to the class maps).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from monai.networks.nets import DenseNet121, DenseNet169, ResNet
 from monai.networks.nets.resnet import get_inplanes
 from torch import nn
 
-ARCHITECTURES = ("densenet121", "densenet169", "resnet18", "resnet34", "resnet50", "conv5fc3")
+ARCHITECTURES = (
+    "densenet121",
+    "densenet169",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "conv5fc3",
+)
+# The classifier on top of the feature blocks: the network's own (None), or a WILDCAT head.
+HEADS = ("wildcat",)
 
-# arch -> (block type, blocks per stage), as in monai.networks.nets.resnet18/34/50.
+# arch -> (block type, blocks per stage), as in monai.networks.nets.resnet18 ... resnet152.
 _RESNET_LAYOUTS = {
     "resnet18": ("basic", [2, 2, 2, 2]),
     "resnet34": ("basic", [3, 4, 6, 3]),
     "resnet50": ("bottleneck", [3, 4, 6, 3]),
+    "resnet101": ("bottleneck", [3, 4, 23, 3]),
+    "resnet152": ("bottleneck", [3, 8, 36, 3]),
 }
 _DENSENETS = {"densenet121": DenseNet121, "densenet169": DenseNet169}
 
@@ -89,9 +105,19 @@ class Conv5FC3(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-def build_classifier(arch: str, spatial_dims: int, in_channels: int = 1, num_classes: int = 2, **kwargs) -> nn.Module:
+def build_classifier(
+    arch: str,
+    spatial_dims: int,
+    in_channels: int = 1,
+    num_classes: int = 2,
+    head: Mapping[str, Any] | None = None,
+    **kwargs,
+) -> nn.Module:
     """Build an untrained classifier returning logits (N, num_classes).
 
+    ``head``: None for the network's own classifier, or ``{"name": "wildcat", **options}`` to put a
+    :class:`~monai_sal_app.models.wildcat.WildcatClassifier` head (options ``kmax``, ``kmin``,
+    ``alpha``, ``maps``; defaults filled in) on the network's last feature block.
     ``arch`` is one of :data:`ARCHITECTURES`; ``kwargs`` go to the network: for the DenseNets
     e.g. ``init_features``, ``growth_rate``, ``block_config``, ``dropout_prob``; for the ResNets
     ``block_inplanes`` (4 widths) and any ``monai.networks.nets.ResNet`` option
@@ -103,6 +129,31 @@ def build_classifier(arch: str, spatial_dims: int, in_channels: int = 1, num_cla
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     if "pretrained" in kwargs:
         raise ValueError("pretrained weights are not supported: load a checkpoint with load_classifier instead")
+    if head is None:
+        return _build_network(arch, spatial_dims, in_channels, num_classes, **kwargs)
+    from monai_sal_app.models.wildcat import WildcatClassifier
+
+    options = head_options(head)
+    options.pop("name")
+    network = _build_network(arch, spatial_dims, in_channels, num_classes, **kwargs)
+    return WildcatClassifier(network, num_classes, **options)
+
+
+def head_options(head: Mapping[str, Any]) -> dict[str, Any]:
+    """A head description validated, defaults filled in: ``{"name": "wildcat", "kmax", "kmin", "alpha", "maps"}``.
+
+    Raises ValueError naming an unknown head or an invalid option.
+    """
+    from monai_sal_app.models.wildcat import wildcat_settings
+
+    if not isinstance(head, Mapping) or head.get("name") not in HEADS:
+        name = head.get("name") if isinstance(head, Mapping) else head
+        raise ValueError(f"unknown head {name!r}; one of {', '.join(HEADS)} (or none for the network's own)")
+    options = {key: value for key, value in head.items() if key != "name"}
+    return {"name": head["name"], **wildcat_settings(options)}
+
+
+def _build_network(arch: str, spatial_dims: int, in_channels: int, num_classes: int, **kwargs) -> nn.Module:
     if arch in _DENSENETS:
         return _DENSENETS[arch](
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, pretrained=False, **kwargs

@@ -36,6 +36,7 @@ __all__ = [
     "MethodSpec",
     "auto_batch_size",
     "available_methods",
+    "check_target_range",
     "chunks",
     "explain",
     "get_method",
@@ -52,22 +53,40 @@ __all__ = [
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered attribution method: its function, default parameters and a one-line summary."""
+    """A registered attribution method: its function, default parameters and a one-line summary.
+
+    ``requires``: None when the method explains any classifier; otherwise (test, what it needs):
+    ``test(model)`` says whether the method can explain ``model`` and the text says what it needs.
+    ``explainer``: the kind of trained explainer (``monai_sal_app.explainers``) the method needs as
+    its ``explainer=`` parameter, or None.
+    """
 
     name: str
     fn: Callable[..., torch.Tensor]
     defaults: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    requires: tuple[Callable[[nn.Module], bool], str] | None = None
+    explainer: str | None = None
+
+    def applies_to(self, model: nn.Module) -> bool:
+        return self.requires is None or bool(self.requires[0](model))
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, summary: str = "") -> Callable[[Callable], Callable]:
+def register(
+    name: str,
+    summary: str = "",
+    requires: tuple[Callable[[nn.Module], bool], str] | None = None,
+    explainer: str | None = None,
+) -> Callable[[Callable], Callable]:
     """Register ``fn(model, images, target, **params)`` under ``name``.
 
     The defaults published by :func:`available_methods` are read from the keyword arguments of
-    ``fn`` after ``target`` so that the signature is the single source of truth.
+    ``fn`` after ``target`` so that the signature is the single source of truth. ``requires``:
+    (test, what it needs) for a method that explains only some models; ``explainer``: the kind of
+    trained explainer it takes (see :class:`MethodSpec`).
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -77,15 +96,21 @@ def register(name: str, summary: str = "") -> Callable[[Callable], Callable]:
         defaults = {
             p.name: p.default for p in list(sig.parameters.values())[3:] if p.default is not inspect.Parameter.empty
         }
-        _REGISTRY[name] = MethodSpec(name, fn, defaults, summary or (fn.__doc__ or "").strip().split("\n")[0])
+        summary_line = summary or (fn.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[name] = MethodSpec(name, fn, defaults, summary_line, requires, explainer)
         return fn
 
     return decorate
 
 
-def available_methods() -> dict[str, dict[str, Any]]:
-    """Name -> {"defaults": {...}, "summary": str} for every registered method (sorted by name)."""
-    return {n: {"defaults": dict(s.defaults), "summary": s.summary} for n, s in sorted(_REGISTRY.items())}
+def available_methods(model: nn.Module | None = None) -> dict[str, dict[str, Any]]:
+    """Name -> {"defaults": {...}, "summary": str} for every registered method (sorted by name);
+    with ``model``, only the methods that can explain it (``wildcat`` needs a WILDCAT head)."""
+    return {
+        n: {"defaults": dict(s.defaults), "summary": s.summary}
+        for n, s in sorted(_REGISTRY.items())
+        if model is None or s.applies_to(model)
+    }
 
 
 def get_method(name: str) -> MethodSpec:
@@ -161,10 +186,14 @@ def target_scores(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     shape (N,). Summing it gives per-image gradients. A target >= num_classes raises ``ValueError``
     (checked here rather than with an extra forward pass; an out-of-range gather is an opaque
     device-side assert on CUDA)."""
-    num_classes = outputs.shape[1]
+    check_target_range(target, outputs.shape[1])
+    return outputs.gather(1, target.view(-1, 1)).squeeze(1)
+
+
+def check_target_range(target: torch.Tensor, num_classes: int) -> None:
+    """``ValueError`` when a class index in ``target`` (N,) is >= ``num_classes``."""
     if int(target.max()) >= num_classes:
         raise ValueError(f"target {target.tolist()} out of range for a model with {num_classes} classes")
-    return outputs.gather(1, target.view(-1, 1)).squeeze(1)
 
 
 def chunks(n: int, batch_size: int | None) -> Iterator[slice]:
@@ -329,6 +358,8 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam", tar
         raise ValueError(
             f"unknown parameter(s) {sorted(unknown)} for method {method!r}; it takes {sorted(spec.defaults)}"
         )
+    if not spec.applies_to(model):
+        raise ValueError(f"method {method!r} cannot explain this {type(model).__name__}: {spec.requires[1]}")
     validate_images(model, images)
     device = model_device(model)
     x = images.detach().to(device=device, dtype=torch.float32)

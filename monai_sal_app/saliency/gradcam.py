@@ -26,9 +26,12 @@ def _capture_layer(model: nn.Module, layer: str | None, spatial_dims: int, x: to
 
     With ``layer=None`` the layer is the last module, in order of completion, whose output is a
     (N, K, *spatial) tensor and that is not a pooling layer: the last convolutional feature block
-    (``class_layers.relu`` in MONAI's DenseNet, ``layer4`` in its ResNet, ``features`` in conv5-fc3).
+    (``class_layers.relu`` in MONAI's DenseNet, ``layer4`` in its ResNet, ``features`` in conv5-fc3),
+    unless the model names its own with a ``cam_layer`` attribute (a WILDCAT head does).
     Returns (logits, name, activation). All hooks are removed before returning.
     """
+    if layer is None and isinstance(getattr(model, "cam_layer", None), str):
+        layer = model.cam_layer
     modules = dict(model.named_modules())
     if layer is not None and layer not in modules:
         raise ValueError(f"layer {layer!r} is not a module of {type(model).__name__}")

@@ -100,7 +100,7 @@ class SaliencyInfer(InferTask):
                 "decision_threshold": card.decision_threshold,
                 "input_formats": INPUT_FORMATS[spatial_dims],
                 "preprocessing": card.preprocessing,
-                "methods": available_methods(),
+                "methods": self.served.methods(),
                 "default_method": DEFAULT_METHOD,
                 "device": str(self.served.device),
                 "checkpoint": {
@@ -123,7 +123,8 @@ class SaliencyInfer(InferTask):
         image_path = request["image"]
         shown = request.get(IMAGE_NAME_KEY, "image")
         labels = list(self.served.card().labels)
-        method, target, options = parse_explain_request(request, labels, self.config())  # fail fast, before reading
+        methods = self.served.methods()
+        method, target, options = parse_explain_request(request, labels, self.config(), methods)  # before reading
         array, meta = self._read(image_path, shown, allow_constant=False)
         mask = None
         if request.get("label"):
@@ -140,9 +141,9 @@ class SaliencyInfer(InferTask):
         read_seconds = time.perf_counter() - start
 
         with self.served.use() as (model, card):
-            if list(card.labels) != labels:  # the checkpoint was replaced meanwhile
-                labels = list(card.labels)
-                method, target, options = parse_explain_request(request, labels, self.config())
+            if list(card.labels) != labels or available_methods(model) != methods:  # replaced meanwhile
+                labels, methods = list(card.labels), available_methods(model)
+                method, target, options = parse_explain_request(request, labels, self.config(), methods)
             try:
                 with torch.enable_grad():
                     explanation = explain_array(model, card, array, method, target=target, params=options)
@@ -177,7 +178,7 @@ class SaliencyInfer(InferTask):
                 "probability": probabilities[explanation.target],
             },
             "method": method,
-            "params": {**available_methods()[method]["defaults"], **options},
+            "params": {**methods[method]["defaults"], **options},
             "device": str(self.served.device),
             "checkpoint": checkpoint,
             "image": {"format": meta["format"], "shape": list(array.shape)},

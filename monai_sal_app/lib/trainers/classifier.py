@@ -4,7 +4,11 @@
 
     {"manifest": "train/manifest.csv", "loss": "ce", "augmentations": ["noise", "erasing"],
      "epochs": 20, "batch_size": 32, "lr": 0.001, "patience": 5, "val_fraction": 0.2, "seed": 0,
-     "architecture": "conv5fc3"}
+     "architecture": "conv5fc3", "head": null}
+
+``head``: null (the architecture's own classifier), ``"wildcat"`` or ``{"name": "wildcat", "kmax": 0.2,
+"kmin": null, "alpha": 0.7, "maps": 8}`` (options not given take their defaults); by default the
+current checkpoint's head.
 
 ``manifest`` is a path inside the studies folder (relative to it, or absolute) or, by default,
 the manifest the current checkpoint was trained on (recorded in its model card). Training is
@@ -27,7 +31,7 @@ from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.lib.served_model import ServedModel
 from monai_sal_app.models.augment import AUGMENTATIONS, parse_augmentation
 from monai_sal_app.models.card import ModelCard
-from monai_sal_app.models.factory import ARCHITECTURES
+from monai_sal_app.models.factory import ARCHITECTURES, head_options
 from monai_sal_app.models.losses import LOSSES
 
 __all__ = ["TRAIN_DEFAULTS", "ClassifierTrainer"]
@@ -58,6 +62,18 @@ def _number(name: str, value: Any, low: float, high: float) -> float:
     return float(value)
 
 
+def _head(value: Any) -> dict | None:
+    """The ``head`` train parameter: null or "none", "wildcat", or {"name": "wildcat", ...options}."""
+    if value is None or value == "none":
+        return None
+    if isinstance(value, str):
+        value = {"name": value}
+    try:
+        return head_options(value)
+    except ValueError as error:
+        raise RequestError(400, f"head: {error}") from None
+
+
 class ClassifierTrainer(TrainTask):
     """Retrain the classifier served as ``name`` (its checkpoint is replaced in place)."""
 
@@ -73,10 +89,18 @@ class ClassifierTrainer(TrainTask):
     def config(self) -> dict[str, Any]:
         card = self._card()
         if card is None:
-            return {"manifest": "", "architecture": "conv5fc3", "loss": "ce", "augmentations": [], **TRAIN_DEFAULTS}
+            return {
+                "manifest": "",
+                "architecture": "conv5fc3",
+                "head": None,
+                "loss": "ce",
+                "augmentations": [],
+                **TRAIN_DEFAULTS,
+            }
         return {
             "manifest": card.data.get("manifest", ""),
             "architecture": card.architecture,
+            "head": card.head,
             "loss": card.loss or "ce",
             "augmentations": list(card.augmentations),
             **TRAIN_DEFAULTS,
@@ -119,6 +143,7 @@ class ClassifierTrainer(TrainTask):
             raise RequestError(
                 400, f"unknown architecture {p['architecture']!r}; choose one of {', '.join(ARCHITECTURES)}"
             )
+        p["head"] = _head(p["head"])
         if p["loss"] not in LOSSES:
             raise RequestError(400, f"unknown loss {p['loss']!r}; choose one of {', '.join(LOSSES)}")
         augmentations = p["augmentations"]
@@ -155,6 +180,7 @@ class ClassifierTrainer(TrainTask):
                 p["manifest"],
                 self.served.path,
                 arch=p["architecture"],
+                head=p["head"],
                 loss=p["loss"],
                 augmentations=p["augmentations"],
                 epochs=p["epochs"],

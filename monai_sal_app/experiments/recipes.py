@@ -1,0 +1,158 @@
+"""The built-in recipes: which data to generate and how to train a classifier on it.
+
+``monai-sal serve`` trains its default models with them, and ``monai-sal compare-wildcat`` trains a
+plain classifier and a WILDCAT one with the same recipe. A recipe names a generator of
+``data.generators`` with its train and test presets and sizes, the network's input side, and the
+training settings (conv5-fc3 backbone, Adam, patience = epochs so that the best validation epoch
+of the whole run is kept).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "MIN_VAL_AUC",
+    "TRAIN_ATTEMPTS",
+    "DefaultModel",
+    "generate_recipe_data",
+    "recipe_for",
+    "train_recipe",
+]
+
+MIN_VAL_AUC = 0.75  # a model below this validation AUC is trained again with the next seed
+TRAIN_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """A recipe: the data and training of one built-in model.
+
+    ``generator``/``dim``/``train_preset``/``test_preset``: the data (``data.generators``);
+    ``per_class``/``test_per_class``: training and held-out test images per class;
+    ``input_size``: the network's input side in pixels/voxels (images are resized to it);
+    ``epochs``/``lr``/``augmentations``: training (patience = epochs: the best validation epoch of
+    the whole run is kept); ``labels``: class names served in ``/info``.
+    """
+
+    generator: str
+    dim: int
+    train_preset: str
+    test_preset: str
+    per_class: int
+    test_per_class: int
+    input_size: int
+    labels: tuple[str, ...]
+    epochs: int
+    lr: float
+    augmentations: tuple[str, ...] = ()
+
+
+# name -> model, per `monai-sal serve --data` choice. Real: a PA chest radiograph classifier
+# (opacity vs normal, 256^2 images seen at 64^2) and a 3D CT classifier (lung lesion vs none, 64^3
+# crops at 1.5 mm seen at 32^3, i.e. 3 mm voxels). Translations of up to ~10 % of the input side
+# (croppad:6 at 64 px, croppad:3 at 32 voxels). The recipes and what they reach are in the README.
+DEFAULT_MODELS: dict[str, dict[str, DefaultModel]] = {
+    "real": {
+        "chest_xray_2d": DefaultModel(
+            "chest-xray", 2, "train", "test", 300, 50, 64, ("normal", "opacity"), 40, 1e-3, ("croppad:6", "noise")
+        ),
+        "ct_lesion_3d": DefaultModel(
+            "ct-lesions", 3, "train", "test", 200, 50, 32, ("no lesion", "lesion"), 30, 3e-4, ("flip", "croppad:3")
+        ),
+    },
+    "shepp-logan": {
+        "classifier_2d": DefaultModel(
+            "shepp-logan", 2, "homogeneous", "test", 150, 50, 64, ("control", "patient"), 10, 1e-3
+        ),
+        "classifier_3d": DefaultModel(
+            "shepp-logan", 3, "homogeneous", "test", 60, 20, 32, ("control", "patient"), 10, 1e-3
+        ),
+    },
+}
+
+
+def recipe_for(generator: str) -> DefaultModel:
+    """The built-in recipe of a generator with pathology masks: ``chest-xray`` or ``ct-lesions``."""
+    recipes = {spec.generator: spec for spec in DEFAULT_MODELS["real"].values()}
+    if generator not in recipes:
+        raise ValueError(f"no built-in recipe for {generator!r}; choose one of {', '.join(sorted(recipes))}")
+    return recipes[generator]
+
+
+def generate_recipe_data(
+    spec: DefaultModel,
+    folder: str | os.PathLike,
+    per_class: int | None = None,
+    test_per_class: int | None = None,
+    seed: int = 0,
+    *,
+    progress: bool = True,
+    log: Callable[[str], object] = print,
+) -> tuple[Path, Path]:
+    """The recipe's training and test data under ``folder/train`` and ``folder/test`` (each generated
+    unless its manifest is there; the test set from seed + 1); returns their manifests."""
+    from monai_sal_app.data.generators import GENERATORS
+
+    folder = Path(folder)
+    generate = GENERATORS[spec.generator]
+    sets = {
+        "train": (spec.train_preset, per_class or spec.per_class, seed),
+        "test": (spec.test_preset, test_per_class or spec.test_per_class, seed + 1),
+    }
+    for split, (preset, n, data_seed) in sets.items():
+        if not (folder / split / "manifest.csv").is_file():
+            log(f"generating {spec.dim}D {spec.generator} {split} data ({n} per class) in {folder / split}")
+            generate(folder / split, preset=preset, dim=spec.dim, per_class=n, seed=data_seed, progress=progress)
+    return folder / "train" / "manifest.csv", folder / "test" / "manifest.csv"
+
+
+def train_recipe(
+    spec: DefaultModel,
+    folder: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    *,
+    head: dict | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], object] = print,
+):
+    """Train the recipe's classifier on ``folder/train`` (scored on ``folder/test``) into ``checkpoint``,
+    again with the next seed while its validation AUC stays below :data:`MIN_VAL_AUC` (at most
+    :data:`TRAIN_ATTEMPTS` runs). ``head``: a WILDCAT head (see ``models.factory.build_classifier``).
+    Returns (model, card)."""
+    from monai_sal_app.experiments.workflows import train_from_manifest
+
+    folder = Path(folder)
+    n_epochs = epochs or spec.epochs
+    for attempt in range(TRAIN_ATTEMPTS):
+        log(
+            f"training ({spec.dim}D, input {spec.input_size} px, {n_epochs} epochs, seed {seed + attempt}) -> {checkpoint}"
+        )
+        model, card = train_from_manifest(
+            folder / "train" / "manifest.csv",
+            checkpoint,
+            arch="conv5fc3",
+            head=head,
+            augmentations=spec.augmentations,
+            epochs=n_epochs,
+            lr=spec.lr,
+            patience=n_epochs,
+            labels=spec.labels,
+            test_manifest=folder / "test" / "manifest.csv",
+            input_size=spec.input_size,
+            seed=seed + attempt,
+            device=device,
+            progress=progress,
+            log=log,
+        )
+        if card.metrics["val_auc"] >= MIN_VAL_AUC:
+            break
+        log(f"validation AUC {card.metrics['val_auc']:.3f} < {MIN_VAL_AUC}: the training did not take; again")
+    return model, card

@@ -1,0 +1,38 @@
+"""WILDCAT class maps as saliency maps (Durand et al. 2017), 2D and 3D.
+
+The map of class c is the WILDCAT head's class map c (after class-wise pooling, before spatial
+pooling; ``models.wildcat``), upsampled bi/trilinearly from the feature grid to the input grid.
+One forward pass, no gradient. Only for a model with a WILDCAT head (``monai-sal train --head wildcat``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from monai_sal_app.models.wildcat import WildcatClassifier
+from monai_sal_app.saliency.core import check_target_range, chunks, register
+from monai_sal_app.saliency.gradcam import upsample_to
+
+
+def _has_wildcat_head(model: nn.Module) -> bool:
+    return isinstance(model, WildcatClassifier)
+
+
+@register(
+    "wildcat",
+    "the WILDCAT head's class map of the target class, upsampled to the input grid (one forward pass)",
+    requires=(_has_wildcat_head, "it needs a model with a WILDCAT head (monai-sal train --head wildcat)"),
+)
+def wildcat(
+    model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None
+) -> torch.Tensor:
+    """Class maps (N, 1, *spatial) of the target classes, signed (a class map's values are logit evidence)."""
+    maps = []
+    with torch.no_grad():
+        for sl in chunks(images.shape[0], batch_size):
+            class_maps = model.class_maps(images[sl])
+            check_target_range(target[sl], class_maps.shape[1])
+            picked = class_maps[torch.arange(class_maps.shape[0], device=class_maps.device), target[sl]]
+            maps.append(upsample_to(picked.unsqueeze(1), images.shape[2:]))
+    return torch.cat(maps)
