@@ -1,4 +1,5 @@
-"""``monai-sal`` command line: data, train, explain, evaluate, trust, compare-wildcat, methods, serve, demo.
+"""``monai-sal`` command line: data, train, train-explainer, explain, evaluate, trust, compare-wildcat,
+methods, serve, demo.
 
 Every sub-command is a thin adapter over the library; a bad input ends with a one-line
 ``error: ...`` on stderr and exit code 2 instead of a traceback.
@@ -179,6 +180,7 @@ def cmd_compare_wildcat(args) -> None:
         head=_head(args),
         methods=_split(args.methods),
         epochs=args.epochs,
+        input_size=args.input_size,
         per_class=args.per_class,
         test_per_class=args.test_per_class,
         seed=args.seed,
@@ -186,6 +188,26 @@ def cmd_compare_wildcat(args) -> None:
         progress=not args.quiet,
     )
     print(to_markdown(rows))
+
+
+def cmd_train_explainer(args) -> None:
+    from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
+
+    train_explainer_from_manifest(
+        args.kind.replace("-", "_"),
+        args.classifier,
+        args.data,
+        args.out,
+        settings=_method_params(args.set),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
 
 
 def cmd_methods(args) -> None:
@@ -323,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=("chest-xray", "ct-lesions"), default="chest-xray", help="the built-in recipe")
     p.add_argument("--methods", default="gradcam,guided_gradcam,gradient", help="post-hoc methods on the plain model")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--input-size", type=int, default=None, help="override the recipe's network input side (px)")
     p.add_argument("--per-class", type=int, default=None, help="override the recipe's training images per class")
     p.add_argument("--test-per-class", type=int, default=None, help="override the recipe's test images per class")
     _add_wildcat_options(p)
@@ -330,6 +353,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True, help="folder for the data, both checkpoints, maps and comparison.md")
     p.set_defaults(func=cmd_compare_wildcat, head="wildcat")
+
+    p = sub.add_parser(
+        "train-explainer",
+        help="train an explainer network for a classifier checkpoint; writes a state_dict, its card and loss curves",
+    )
+    p.add_argument("kind", choices=("mask-generator",), help="which explainer")
+    p.add_argument("--classifier", required=True, help="the classifier checkpoint .pt (with its .json card)")
+    p.add_argument("--data", required=True, help="manifest.csv of the training images")
+    p.add_argument("--out", required=True, help="explainer checkpoint, e.g. model.mask_generator.pt")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="an explainer setting, e.g. area_weight=8"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_train_explainer)
 
     p = sub.add_parser("methods", help="list the saliency methods and their default parameters")
     p.set_defaults(func=cmd_methods)

@@ -100,6 +100,38 @@ def test_explain_then_evaluate(trained, tmp_path):
     assert "roc_auc_mean" in summary and "gradcam" in summary
 
 
+def test_train_explainer_then_explain_with_it(trained, tmp_path):
+    out = tmp_path / "model.mask_generator.pt"
+    manifest = str(trained / "train" / "manifest.csv")
+    options = ["--epochs", "2", "--batch-size", "4", "--set", "channels=[4,4,8,8]", "--set", "area_weight=6"]
+    assert run("train-explainer", "mask-generator", "--classifier", str(trained / "model.pt"), "--data", manifest,
+               *options, "--out", str(out)) == 0  # fmt: skip
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["kind"] == "mask_generator" and card["settings"]["area_weight"] == 6
+    assert card["classifier"]["file"] == "model.pt" and len(card["classifier"]["fingerprint"]) == 64
+    history = list(csv.DictReader((tmp_path / "model.mask_generator.history.csv").read_text().splitlines()))
+    assert len(history) == card["training"]["epochs_run"] and "val_destroyer" in history[0]
+    assert (tmp_path / "model.mask_generator.history.png").stat().st_size > 0
+    maps = tmp_path / "maps"
+    test = str(trained / "test" / "manifest.csv")
+    assert run("explain", "--model", str(trained / "model.pt"), test, "--method", "mask_generator",
+               "--param", f"explainer={out}", "--out", str(maps)) == 0  # fmt: skip
+    rows = list(csv.DictReader(Path(maps / "maps.csv").read_text().splitlines()))
+    assert len(rows) == 6 and all(nib.load(r["map"]).get_fdata().min() >= 0 for r in rows)
+
+
+def test_train_with_a_wildcat_head_then_explain_with_its_class_maps(trained, tmp_path):
+    manifest = str(trained / "train" / "manifest.csv")
+    options = ["--epochs", "1", "--head", "wildcat", "--kmax", "0.3", "--kmin", "2", "--alpha", "0.5", "--maps", "4"]
+    assert run("train", "--data", manifest, *options, "--out", str(tmp_path / "w.pt")) == 0
+    card = json.loads((tmp_path / "w.json").read_text())
+    assert card["head"] == {"name": "wildcat", "kmax": 0.3, "kmin": 2, "alpha": 0.5, "maps": 4}
+    test = str(trained / "test" / "manifest.csv")
+    maps = tmp_path / "maps"
+    assert run("explain", "--model", str(tmp_path / "w.pt"), test, "--method", "wildcat", "--out", str(maps)) == 0
+    assert len(list((maps / "maps" / "wildcat").glob("*.nii.gz"))) == 6
+
+
 def test_explain_image_files_on_their_own_grid(trained, tmp_path):
     """A NIfTI with a non-identity affine and another size: the map keeps both."""
     image, _ = read_image(next((trained / "test" / "images").glob("*.nii.gz")))

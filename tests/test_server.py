@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import LABELS, TINY_WILDCAT_HEAD
+from conftest import LABELS, TINY_WILDCAT_HEAD, untrained_explainer
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from server_fixtures import (
@@ -41,6 +41,7 @@ from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.shepp_logan import generate_shepp_logan
 from monai_sal_app.evaluation.trust import trust_card, write_trust_card
 from monai_sal_app.experiments.workflows import evaluate_maps
+from monai_sal_app.explainers import save_explainer
 from monai_sal_app.inference import explain_array
 from monai_sal_app.lib.infers.saliency import json_safe
 from monai_sal_app.lib.served_model import find_checkpoints
@@ -53,6 +54,9 @@ MODEL_OF_DIM = {2: "classifier_2d", 3: "classifier_3d"}
 SERVED = {"classifier_2d", "classifier_3d", "wildcat_2d"}  # wildcat_2d: a conv5-fc3 with a WILDCAT head
 # The methods that explain any classifier, as /info lists them for the plain models.
 ANY_MODEL_METHODS = {name: spec for name, spec in available_methods().items() if get_method(name).requires is None}
+# classifier_2d has a mask generator beside it; classifier_3d one trained for other weights (not offered).
+WITH_EXPLAINER = ANY_MODEL_METHODS
+WITHOUT_EXPLAINER = {name: spec for name, spec in ANY_MODEL_METHODS.items() if get_method(name).explainer is None}
 PACKAGE_DIR = Path(monai_sal_app.__file__).parent
 # The 2D model decides at a threshold (as trained models do) and carries test numbers for /info.
 CARD_2D = {"decision_threshold": 0.45, "metrics": {"test_auc": 0.93, "test_balanced_accuracy": 0.88, "n_test": 120}}
@@ -74,6 +78,10 @@ def env(tmp_path_factory):
     save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
     save_tiny_checkpoint(model_dir / "wildcat_2d.pt", 2, seed=2, head=TINY_WILDCAT_HEAD)
     write_trust_card(tiny_trust_card(model_dir / "classifier_2d.pt"), model_dir / "classifier_2d.pt")
+    classifier_2d, _ = load_classifier(model_dir / "classifier_2d.pt", device="cpu")
+    generator = untrained_explainer("mask_generator", classifier_2d)
+    save_explainer(generator, model_dir / "classifier_2d.mask_generator.pt", generator.card)
+    save_explainer(generator, model_dir / "classifier_3d.mask_generator.pt", generator.card)  # for other weights
     (model_dir / "broken.pt").write_bytes(b"these are not weights")
     shutil.copyfile(model_dir / "classifier_2d.json", model_dir / "broken.json")
     shutil.copyfile(model_dir / "classifier_2d.pt", model_dir / "no_card.pt")
@@ -112,6 +120,9 @@ def in_process(env, model: str, path: Path, method: str = "gradcam", target=None
     """The CLI's path on the same checkpoint and file: ``(Explanation, read_image meta)``."""
     network, card = load_classifier(env["model_dir"] / f"{model}.pt", device="cpu")
     image, meta = read_image(path)
+    kind = get_method(method).explainer
+    if kind is not None:  # the server's: the explainer checkpoint beside the model
+        params = {**(params or {}), "explainer": str(env["model_dir"] / f"{model}.{kind}.pt")}
     return explain_array(network, card, image if array is None else array, method, target=target, params=params), meta
 
 
@@ -160,7 +171,7 @@ def test_info_lists_servable_models_with_methods_and_device(env):
         assert model["dimension"] == dim
         assert model["labels"] == LABELS
         assert model["input_size"] == ([32, 32] if dim == 2 else [16, 16, 16])
-        assert model["methods"] == json_safe(ANY_MODEL_METHODS)
+        assert model["methods"] == json_safe(WITH_EXPLAINER if dim == 2 else WITHOUT_EXPLAINER)
         assert model["device"] == str(default_device())
         assert model["default_method"] in model["methods"]
     assert info["models"]["classifier_2d"]["decision_threshold"] == CARD_2D["decision_threshold"]
@@ -174,11 +185,13 @@ def test_info_lists_servable_models_with_methods_and_device(env):
         "available": False,
         "why": "no trust card: monai-sal trust --model classifier_3d.pt <images>",
     }
-    assert info["models"]["wildcat_2d"]["methods"] == json_safe(available_methods())  # "wildcat" among them
-    assert set(info["trainers"]) == SERVED
+    wildcat_methods = {name: spec for name, spec in available_methods().items() if get_method(name).explainer is None}
+    assert info["models"]["wildcat_2d"]["methods"] == json_safe(wildcat_methods)  # "wildcat" among them
+    assert set(info["trainers"]) == SERVED  # the explainer checkpoints are not models of their own
     log = env["server"].log()
     assert "model broken is not served" in log and "model no_card is not served: model card missing" in log
     assert "model no_input_size is not served" in log and "model card field 'input_size': missing" in log
+    assert "model classifier_3d: method mask_generator is not offered: this mask_generator was trained for" in log
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,6 +294,19 @@ def test_every_registered_method_runs_under_the_server(env, method):
     status, result, heatmap, response = post_infer(env["url"], model, image="slice_nii", params={"method": method})
     assert status == 200, response.text
     assert_matches_in_process(env, result, load_nifti_bytes(heatmap), model, item["path"], method=method)
+    if get_method(method).explainer:
+        assert result["params"]["explainer"] == f"classifier_2d.{method}.pt"
+
+
+def test_a_client_cannot_name_an_explainer_file(env):
+    params = {"method": "mask_generator", "explainer": "/etc/passwd"}
+    status, _, _, response = post_infer(env["url"], "classifier_2d", image="slice_nii", params=params)
+    assert status == 400 and "'explainer' is not a request parameter" in response.json()["detail"]
+    status, _, _, response = post_infer(
+        env["url"], "classifier_3d", image="volume_nii", params={"method": "mask_generator"}
+    )
+    message = "saliency method 'mask_generator' cannot explain this model: it needs a mask_generator trained for its"
+    assert status == 400 and message in response.json()["detail"]
 
 
 def test_wildcat_on_a_model_without_the_head_is_a_400_naming_what_it_needs(env):
@@ -570,6 +596,8 @@ def test_training_over_the_api_is_served_without_restart(env):
     assert info["models"]["classifier_2d"]["input_size"] == [32, 32]
     assert info["train_stats"]["classifier_2d"]["epochs_run"] == 1
     assert info["models"]["classifier_2d"]["trust"]["stale"]  # the card describes the old weights
+    assert "mask_generator" not in info["models"]["classifier_2d"]["methods"]  # trained for the old weights
+    assert "model classifier_2d: method mask_generator is not offered" in env["server"].log()
 
 
 def test_a_wildcat_head_is_trained_over_the_api_and_its_maps_served(env):

@@ -118,6 +118,7 @@ def train_recipe(
     *,
     head: dict | None = None,
     epochs: int | None = None,
+    input_size: int | None = None,
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
@@ -125,16 +126,15 @@ def train_recipe(
 ):
     """Train the recipe's classifier on ``folder/train`` (scored on ``folder/test``) into ``checkpoint``,
     again with the next seed while its validation AUC stays below :data:`MIN_VAL_AUC` (at most
-    :data:`TRAIN_ATTEMPTS` runs). ``head``: a WILDCAT head (see ``models.factory.build_classifier``).
-    Returns (model, card)."""
+    :data:`TRAIN_ATTEMPTS` runs). ``head``: a WILDCAT head (see ``models.factory.build_classifier``);
+    ``epochs``, ``input_size``: override the recipe's. Returns (model, card)."""
     from monai_sal_app.experiments.workflows import train_from_manifest
 
     folder = Path(folder)
     n_epochs = epochs or spec.epochs
+    side = input_size or spec.input_size
     for attempt in range(TRAIN_ATTEMPTS):
-        log(
-            f"training ({spec.dim}D, input {spec.input_size} px, {n_epochs} epochs, seed {seed + attempt}) -> {checkpoint}"
-        )
+        log(f"training ({spec.dim}D, input {side} px, {n_epochs} epochs, seed {seed + attempt}) -> {checkpoint}")
         model, card = train_from_manifest(
             folder / "train" / "manifest.csv",
             checkpoint,
@@ -146,7 +146,7 @@ def train_recipe(
             patience=n_epochs,
             labels=spec.labels,
             test_manifest=folder / "test" / "manifest.csv",
-            input_size=spec.input_size,
+            input_size=side,
             seed=seed + attempt,
             device=device,
             progress=progress,

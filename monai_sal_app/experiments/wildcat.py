@@ -105,6 +105,7 @@ def compare_wildcat(
     head: dict | None = None,
     methods: Sequence[str] = POSTHOC_METHODS,
     epochs: int | None = None,
+    input_size: int | None = None,
     per_class: int | None = None,
     test_per_class: int | None = None,
     seed: int = 0,
@@ -116,8 +117,8 @@ def compare_wildcat(
 
     ``data``: ``chest-xray`` (2D) or ``ct-lesions`` (3D); ``head``: the WILDCAT options (``kmax``,
     ``kmin``, ``alpha``, ``maps``; defaults ``models.wildcat.WILDCAT_DEFAULTS``); ``methods``: the
-    post-hoc methods run on the plain model; ``epochs``, ``per_class``, ``test_per_class``: override
-    the recipe's. A checkpoint already in ``out`` is used as it is (delete it to train again).
+    post-hoc methods run on the plain model; ``epochs``, ``input_size`` (the network's input side),
+    ``per_class``, ``test_per_class``: override the recipe's. A checkpoint already in ``out`` is used as it is (delete it to train again).
     Returns the table's rows (one per model and method; see the module docstring), also written to
     ``out/comparison.csv`` and ``out/comparison.md``.
     """
@@ -131,7 +132,12 @@ def compare_wildcat(
     for name, (model_head, model_methods) in runs.items():
         checkpoint = out / f"{name}.pt"
         wanted = head_options(model_head) if model_head else None
-        if checkpoint.is_file() and read_card(checkpoint).head == wanted:
+        side = input_size or spec.input_size
+        if (
+            checkpoint.is_file()
+            and read_card(checkpoint).head == wanted
+            and read_card(checkpoint).input_size[0] == side
+        ):
             log(f"using {checkpoint}")
         else:
             train_recipe(
@@ -140,6 +146,7 @@ def compare_wildcat(
                 checkpoint,
                 head=model_head,
                 epochs=epochs,
+                input_size=side,
                 seed=seed,
                 device=device,
                 progress=progress,

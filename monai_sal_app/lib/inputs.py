@@ -193,10 +193,15 @@ def parse_explain_request(
     if not isinstance(method, str) or method not in methods:
         available = f"available for this model: {', '.join(methods)}"
         if isinstance(method, str) and method in available_methods():
-            needs = get_method(method).requires[1]
+            spec = get_method(method)
+            needs = (
+                spec.requires[1] if spec.requires else f"it needs a {spec.explainer} trained for its weights beside it"
+            )
             raise RequestError(400, f"saliency method {method!r} cannot explain this model: {needs}; {available}")
         raise RequestError(400, f"unknown saliency method {method!r}; {available}")
     takes = methods[method]["defaults"]
+    if "explainer" in request:
+        raise RequestError(400, "'explainer' is not a request parameter: the server uses the one beside the model")
     target = parse_target(request.get("target"), labels)
     options = {key: value for key, value in request.items() if key in takes}
     unknown = sorted(

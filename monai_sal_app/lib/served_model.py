@@ -6,6 +6,10 @@ network and reloads it when the size or modification time of either file changes
 task (or a user copying a new checkpoint in) is picked up by the next request without restarting
 the server. If the files are missing or do not load, the model is unavailable (:meth:`problem`
 says why) and requests get a 503: it never runs with random or stale weights after a failed reload.
+
+Trained explainers beside the checkpoint (``<name>.mask_generator.pt`` with its card) are loaded
+the same way; each offers its method for this model only while its card names the weights now
+served (after a retraining it is not offered, and the log says why).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import torch
 from torch import nn
 
 from monai_sal_app.evaluation.trust import read_trust_card, trust_card_path
+from monai_sal_app.explainers import EXPLAINER_KINDS, check_explainer_for, load_explainer
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.models.card import ModelCard
-from monai_sal_app.models.checkpoint import card_path, load_classifier
-from monai_sal_app.saliency import available_methods
+from monai_sal_app.models.checkpoint import card_path, load_classifier, weights_fingerprint
+from monai_sal_app.saliency import available_methods, get_method
 
 __all__ = ["MODEL_NAME", "ServedModel", "find_checkpoints"]
 
@@ -41,14 +46,16 @@ def find_checkpoints(
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """Checkpoints in ``model_dir``: ``({name: weights path}, {name: why it is not served})``.
 
-    ``names`` None takes every ``<name>.pt`` that has a ``<name>.json`` card; otherwise exactly
-    those names. Names must match :data:`MODEL_NAME`. Nothing is loaded here.
+    ``names`` None takes every ``<name>.pt`` that has a ``<name>.json`` card, except the trained
+    explainers (``<name>.<kind>.pt``, served with their model); otherwise exactly those names.
+    Names must match :data:`MODEL_NAME`. Nothing is loaded here.
     """
     model_dir = Path(model_dir)
     found: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     if names is None:
-        candidates = sorted(p.stem for p in model_dir.glob("*.pt")) if model_dir.is_dir() else []
+        stems = sorted(p.stem for p in model_dir.glob("*.pt")) if model_dir.is_dir() else []
+        candidates = [stem for stem in stems if not stem.endswith(tuple(f".{kind}" for kind in EXPLAINER_KINDS))]
     else:
         candidates = list(names)
     for name in candidates:
@@ -83,6 +90,8 @@ class ServedModel:
         self._error: str | None = None
         self._trust: dict | None = None
         self._trust_stamp: tuple | None = None
+        self._fingerprint: str | None = None
+        self._explainers: dict[str, tuple[tuple, nn.Module | None]] = {}  # kind -> (stamps, module or None)
 
     def _file_stamp(self) -> tuple:
         """(mtime_ns, size) of the weights and of the card; FileNotFoundError if either is missing."""
@@ -109,6 +118,7 @@ class ServedModel:
                 if self._stamp is not None:
                     logger.info("model %s: reloaded %s (changed on disk)", self.name, self.path)
                 self._model, self._card, self._stamp, self._error = model, card, stamp, None
+                self._fingerprint = weights_fingerprint(model)
                 return
             stamp = after  # replaced while loading: read the new files
         self._forget(f"checkpoint kept changing while being read ({self.path})")
@@ -158,10 +168,44 @@ class ServedModel:
             stale = os.stat(self.path).st_mtime_ns > stat.st_mtime_ns
             return {"available": True, "stale": stale, "card": self._trust}
 
+    def explainer_path(self, kind: str) -> Path:
+        """Where this model's trained ``kind`` explainer is looked for: ``<name>.<kind>.pt`` beside it."""
+        return self.path.with_name(f"{self.path.stem}.{kind}.pt")
+
+    def explainers(self) -> dict[str, nn.Module]:
+        """Kind -> loaded explainer, for the explainer checkpoints beside the model that were trained
+        for the weights now served; re-read when their files or the model's change."""
+        with self.use():
+            found = {}
+            for kind in EXPLAINER_KINDS:
+                path = self.explainer_path(kind)
+                try:
+                    stamps = (os.stat(path).st_mtime_ns, os.stat(card_path(path)).st_mtime_ns, self._stamp)
+                except FileNotFoundError:
+                    self._explainers.pop(kind, None)
+                    continue
+                if kind not in self._explainers or self._explainers[kind][0] != stamps:
+                    try:
+                        explainer, explainer_card = load_explainer(path, device=self.device)
+                        check_explainer_for(explainer_card, self._fingerprint)
+                    except (FileNotFoundError, ValueError) as error:  # CheckpointError, ExplainerMismatch
+                        logger.warning("model %s: method %s is not offered: %s", self.name, kind, error)
+                        explainer = None
+                    self._explainers[kind] = (stamps, explainer)
+                if self._explainers[kind][1] is not None:
+                    found[kind] = self._explainers[kind][1]
+            return found
+
     def methods(self) -> dict[str, dict]:
-        """The saliency methods that can explain the model now served (``available_methods(model)``)."""
+        """The saliency methods that can explain the model now served: ``available_methods(model)``,
+        those that need a trained explainer only when one for these weights is beside it."""
         with self.use() as (model, _):
-            return available_methods(model)
+            explainers = self.explainers()
+            return {
+                name: spec
+                for name, spec in available_methods(model).items()
+                if get_method(name).explainer is None or get_method(name).explainer in explainers
+            }
 
     @contextlib.contextmanager
     def use(self) -> Iterator[tuple[nn.Module, ModelCard]]:

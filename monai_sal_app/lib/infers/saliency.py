@@ -36,7 +36,7 @@ from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.lib.inputs import DEFAULT_METHOD, IMAGE_NAME_KEY, parse_explain_request
 from monai_sal_app.lib.served_model import ServedModel
 from monai_sal_app.metrics.localization import localization_metrics
-from monai_sal_app.saliency import available_methods
+from monai_sal_app.saliency import get_method
 
 __all__ = ["SaliencyInfer", "json_safe", "nifti_array_shape"]
 
@@ -141,9 +141,12 @@ class SaliencyInfer(InferTask):
         read_seconds = time.perf_counter() - start
 
         with self.served.use() as (model, card):
-            if list(card.labels) != labels or available_methods(model) != methods:  # replaced meanwhile
-                labels, methods = list(card.labels), available_methods(model)
+            if list(card.labels) != labels or self.served.methods() != methods:  # replaced meanwhile
+                labels, methods = list(card.labels), self.served.methods()
                 method, target, options = parse_explain_request(request, labels, self.config(), methods)
+            kind = get_method(method).explainer
+            if kind is not None:  # the trained explainer beside the checkpoint, never one named by the client
+                options = {**options, "explainer": self.served.explainers()[kind]}
             try:
                 with torch.enable_grad():
                     explanation = explain_array(model, card, array, method, target=target, params=options)
@@ -178,7 +181,11 @@ class SaliencyInfer(InferTask):
                 "probability": probabilities[explanation.target],
             },
             "method": method,
-            "params": {**methods[method]["defaults"], **options},
+            "params": {
+                **methods[method]["defaults"],
+                **options,
+                **({"explainer": self.served.explainer_path(kind).name} if kind is not None else {}),
+            },
             "device": str(self.served.device),
             "checkpoint": checkpoint,
             "image": {"format": meta["format"], "shape": list(array.shape)},
