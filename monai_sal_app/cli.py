@@ -1,5 +1,5 @@
 """``monai-sal`` command line: data, train, train-explainer, explain, evaluate, trust, compare-wildcat,
-methods, serve, demo.
+compare-explainers, methods, serve, demo.
 
 Every sub-command is a thin adapter over the library; a bad input ends with a one-line
 ``error: ...`` on stderr and exit code 2 instead of a traceback.
@@ -190,6 +190,27 @@ def cmd_compare_wildcat(args) -> None:
     print(to_markdown(rows))
 
 
+def cmd_compare_explainers(args) -> None:
+    from monai_sal_app.experiments.explainers import compare_explainers
+    from monai_sal_app.metrics.stats import to_markdown
+
+    rows = compare_explainers(
+        args.out,
+        data=args.data,
+        methods=_split(args.methods),
+        explainer_epochs=args.explainer_epochs,
+        epochs=args.epochs,
+        per_class=args.per_class,
+        test_per_class=args.test_per_class,
+        max_images=args.max_images,
+        params={"meaningful_perturbation": {"steps": args.mp_steps}} if args.mp_steps else None,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(to_markdown(rows))
+
+
 def cmd_train_explainer(args) -> None:
     from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
 
@@ -373,6 +394,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train_explainer)
+
+    p = sub.add_parser(
+        "compare-explainers",
+        help="train a classifier and its mask generator on built-in data; compare with post-hoc methods",
+    )
+    p.add_argument("--data", choices=("chest-xray", "ct-lesions"), default="chest-xray", help="the built-in recipe")
+    p.add_argument("--methods", default="gradient,gradcam,meaningful_perturbation", help="post-hoc methods")
+    p.add_argument("--explainer-epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's classifier epochs")
+    p.add_argument("--per-class", type=int, default=None, help="override the recipe's training images per class")
+    p.add_argument("--test-per-class", type=int, default=None, help="override the recipe's test images per class")
+    p.add_argument("--max-images", type=int, default=None, help="explain the first N test images with a mask")
+    p.add_argument("--mp-steps", type=int, default=None, help="meaningful perturbation's steps (default 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="folder for the data, checkpoints, maps and explainers.md")
+    p.set_defaults(func=cmd_compare_explainers)
 
     p = sub.add_parser("methods", help="list the saliency methods and their default parameters")
     p.set_defaults(func=cmd_methods)

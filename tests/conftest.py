@@ -48,6 +48,29 @@ def images_for(
     return torch.rand((n, channels, *(side,) * spatial_dims), generator=torch.Generator().manual_seed(seed))
 
 
+# ----------------------------------------------------------------------------- real-anatomy bases
+
+
+def missing_base(reason: str) -> None:
+    """Skip a test whose real-anatomy base is not installed; under CI (``CI`` set) fail instead, so
+    that a broken install cannot turn into a green run of skips."""
+    import os
+
+    if os.environ.get("CI"):
+        pytest.fail(f"base not installed under CI: {reason}")
+    pytest.skip(f"base not installed: {reason}")
+
+
+def base_or_skip(locate):
+    """``locate()`` (a ``data.bases`` locator), or :func:`missing_base` when its base is absent."""
+    from monai_sal_app.data import bases
+
+    try:
+        return locate()
+    except bases.BaseNotInstalled as error:
+        missing_base(str(error))
+
+
 # ----------------------------------------------------------------------------- small method parameters
 
 # The cheapest work of the methods that are slow at their defaults. A method not listed here,

@@ -5,31 +5,15 @@ missing base) only when it is absent, and fails instead under CI (``CI`` set), s
 """
 
 import csv
-import os
 
 import numpy as np
 import pytest
+from conftest import base_or_skip, missing_base
 from scipy import ndimage
 
 from monai_sal_app.data import bases
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
-
-
-def _missing_base(reason: str) -> None:
-    """Skip a test whose base is not installed; under CI fail instead, so that a broken install
-    cannot turn the real-anatomy tests into a green run of skips."""
-    if os.environ.get("CI"):
-        pytest.fail(f"base not installed under CI: {reason}")
-    pytest.skip(f"base not installed: {reason}")
-
-
-def _base_or_skip(locate):
-    try:
-        return locate()
-    except bases.BaseNotInstalled as err:
-        _missing_base(str(err))
-
 
 # --- brain atrophy ----------------------------------------------------------------------------------
 
@@ -38,7 +22,7 @@ NO_DRIFT = {"gain": (1.0, 1.0), "gamma": (1.0, 1.0), "bias": 0.0, "noise_std": 0
 
 @pytest.fixture(scope="module")
 def brain():
-    _base_or_skip(bases.colin27_files)
+    base_or_skip(bases.colin27_files)
     from monai_sal_app.data.brain_atrophy import load_brain_base
 
     return load_brain_base("colin27")
@@ -130,7 +114,7 @@ def test_brain_generator_writes_a_deterministic_manifest(brain, tmp_path):
 
 def test_mni152_fallback_regions_overlap_the_aal_regions(brain):
     if not bases.mni152_available():
-        _missing_base("nilearn (MNI152 fallback)")
+        missing_base("nilearn (MNI152 fallback)")
     from monai_sal_app.data.brain_atrophy import load_brain_base
 
     mni = load_brain_base("mni152")
@@ -161,7 +145,7 @@ LEFT_LUNG = [
 
 @pytest.fixture(scope="module")
 def chest():
-    _base_or_skip(bases.chest_radiograph_file)
+    base_or_skip(bases.chest_radiograph_file)
     from monai_sal_app.data.chest_xray import chest_base
 
     return chest_base()
@@ -261,7 +245,7 @@ FLAT = {"noise_hu": (0.0, 0.0), "smoothing": 0.0, "gain": 0.0, "offset_hu": 0.0}
 
 @pytest.fixture(scope="module")
 def lung_cases():
-    _base_or_skip(bases.lung_ct_files)
+    base_or_skip(bases.lung_ct_files)
     from monai_sal_app.data.ct_lesions import CASES, load_lung_case
 
     return [load_lung_case(c) for c in CASES]
