@@ -24,9 +24,11 @@ from monai_sal_app.experiments.explainer_training import train_explainer_from_ma
 from monai_sal_app.experiments.recipes import generate_recipe_data, recipe_for, train_recipe
 from monai_sal_app.experiments.report import write_table
 from monai_sal_app.experiments.workflows import explain_items
+from monai_sal_app.explainers import load_explainer
 from monai_sal_app.metrics.localization import DEFAULT_PERCENTILES, localization_metrics, partial_auprc
 from monai_sal_app.metrics.stats import mean_ci, write_csv
 from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.saliency.core import model_device
 
 __all__ = ["POSTHOC_BASELINES", "compare_explainers", "localization_table"]
 
@@ -123,8 +125,11 @@ def compare_explainers(
                 kind, classifier, train_manifest, path, epochs=explainer_epochs, patience=explainer_epochs,
                 seed=seed, device=device, progress=progress, log=log,
             )  # fmt: skip
-        method_params.setdefault(kind, {})["explainer"] = str(path)
     model, card = load_classifier(classifier, device=device)
+    for kind in explainers:  # loaded once: each map is then one forward pass of the explainer
+        method_params.setdefault(kind, {})["explainer"] = load_explainer(
+            out / f"classifier.{kind}.pt", model_device(model)
+        )[0]
     items = [item for item in read_manifest(test_manifest) if item.get("mask")][:max_images]
     maps_csv = explain_items(
         model,
