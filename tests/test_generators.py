@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_real_data import _base_or_skip
+from conftest import base_or_skip
 
 from monai_sal_app.cli import main
 from monai_sal_app.data import bases
@@ -115,7 +115,7 @@ def _group_digests(root: Path) -> dict[str, str]:
 def test_generated_files_are_those_written_before_the_skeleton(config, tmp_path):
     generator, arguments, locate_base = CONFIGS[config]
     if locate_base is not None:
-        _base_or_skip(locate_base)
+        base_or_skip(locate_base)
     manifest = GENERATORS[generator](tmp_path, progress=False, **arguments)
     assert manifest == tmp_path / "manifest.csv"
     digests = _group_digests(tmp_path)
@@ -141,7 +141,7 @@ def test_registry_defaults_are_the_generators_own(name):
 
 
 def test_cli_data_uses_the_generators_own_dim_when_not_given(tmp_path):
-    _base_or_skip(bases.lung_ct_files)
+    base_or_skip(bases.lung_ct_files)
     argv = ["--quiet", "data", "ct-lesions", "--size", "16", "--per-class", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     items = read_manifest(tmp_path / "manifest.csv")
