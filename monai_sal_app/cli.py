@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train-explainer",
         help="train an explainer network for a classifier checkpoint; writes a state_dict, its card and loss curves",
     )
-    p.add_argument("kind", choices=("mask-generator",), help="which explainer")
+    p.add_argument("kind", choices=("mask-generator", "similarity-adversarial"), help="which explainer")
     p.add_argument("--classifier", required=True, help="the classifier checkpoint .pt (with its .json card)")
     p.add_argument("--data", required=True, help="manifest.csv of the training images")
     p.add_argument("--out", required=True, help="explainer checkpoint, e.g. model.mask_generator.pt")

@@ -115,8 +115,15 @@ def test_compare_explainers_end_to_end(chest_base, tmp_path):
     work = ["--max-images", "2", "--mp-steps", "2", "--methods", "gradient,meaningful_perturbation"]
     assert main(["--quiet", "compare-explainers", *options, *work, "--out", str(out)]) == 0
     table = list(csv.DictReader((out / "explainers.csv").read_text().splitlines()))
-    assert [row["method"] for row in table] == ["gradient", "meaningful_perturbation", "mask_generator"]
+    assert [row["method"] for row in table] == [
+        "gradient",
+        "meaningful_perturbation",
+        "mask_generator",
+        "similarity_adversarial",
+        "similarity_adversarial (tta)",
+    ]
     assert all(row["n"] == "2" for row in table)
-    assert (out / "classifier.mask_generator.pt").is_file() and (
-        out / "classifier.mask_generator.history.csv"
-    ).is_file()
+    flip_rates = [row["flip_rate"] for row in table]
+    assert flip_rates[:3] == ["", "", ""] and flip_rates[3] == flip_rates[4] and 0 <= float(flip_rates[3]) <= 1
+    for kind in ("mask_generator", "similarity_adversarial"):
+        assert (out / f"classifier.{kind}.pt").is_file() and (out / f"classifier.{kind}.history.csv").is_file()

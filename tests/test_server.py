@@ -41,7 +41,7 @@ from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.shepp_logan import generate_shepp_logan
 from monai_sal_app.evaluation.trust import trust_card, write_trust_card
 from monai_sal_app.experiments.workflows import evaluate_maps
-from monai_sal_app.explainers import save_explainer
+from monai_sal_app.explainers import EXPLAINER_KINDS, save_explainer
 from monai_sal_app.inference import explain_array
 from monai_sal_app.lib.infers.saliency import json_safe
 from monai_sal_app.lib.served_model import find_checkpoints
@@ -54,7 +54,7 @@ MODEL_OF_DIM = {2: "classifier_2d", 3: "classifier_3d"}
 SERVED = {"classifier_2d", "classifier_3d", "wildcat_2d"}  # wildcat_2d: a conv5-fc3 with a WILDCAT head
 # The methods that explain any classifier, as /info lists them for the plain models.
 ANY_MODEL_METHODS = {name: spec for name, spec in available_methods().items() if get_method(name).requires is None}
-# classifier_2d has a mask generator beside it; classifier_3d one trained for other weights (not offered).
+# classifier_2d has every trained explainer beside it; classifier_3d ones trained for other weights (not offered).
 WITH_EXPLAINER = ANY_MODEL_METHODS
 WITHOUT_EXPLAINER = {name: spec for name, spec in ANY_MODEL_METHODS.items() if get_method(name).explainer is None}
 PACKAGE_DIR = Path(monai_sal_app.__file__).parent
@@ -79,9 +79,10 @@ def env(tmp_path_factory):
     save_tiny_checkpoint(model_dir / "wildcat_2d.pt", 2, seed=2, head=TINY_WILDCAT_HEAD)
     write_trust_card(tiny_trust_card(model_dir / "classifier_2d.pt"), model_dir / "classifier_2d.pt")
     classifier_2d, _ = load_classifier(model_dir / "classifier_2d.pt", device="cpu")
-    generator = untrained_explainer("mask_generator", classifier_2d)
-    save_explainer(generator, model_dir / "classifier_2d.mask_generator.pt", generator.card)
-    save_explainer(generator, model_dir / "classifier_3d.mask_generator.pt", generator.card)  # for other weights
+    for kind in EXPLAINER_KINDS:
+        explainer = untrained_explainer(kind, classifier_2d)
+        save_explainer(explainer, model_dir / f"classifier_2d.{kind}.pt", explainer.card)
+        save_explainer(explainer, model_dir / f"classifier_3d.{kind}.pt", explainer.card)  # for other weights
     (model_dir / "broken.pt").write_bytes(b"these are not weights")
     shutil.copyfile(model_dir / "classifier_2d.json", model_dir / "broken.json")
     shutil.copyfile(model_dir / "classifier_2d.pt", model_dir / "no_card.pt")

@@ -4,7 +4,9 @@
 recipe's classifier and each trained explainer for it (``monai-sal train-explainer``), and explains
 the held-out test images that have a pathology mask, for the pathology class, with every method.
 Per method: localization against the masks (mean and 95% CI of the AUPRC, i.e. AUC_loc; the
-partial AUC_loc up to recall 0.5; IoU at the 80th ... 98th percentiles) and the mean time per map.
+partial AUC_loc up to recall 0.5; IoU at the 80th ... 98th percentiles) and the mean time per map;
+the similarity-adversarial explainer with and without test-time averaging, and its flip rate (how
+often the classifier assigns x_adv to another class than the image, over all test images).
 Everything goes under ``out``: data, checkpoints, maps and overlays, ``per_image.csv`` and the table
 ``explainers.{csv,md}``.
 """
@@ -81,12 +83,31 @@ def localization_table(maps_csv: str | os.PathLike) -> tuple[list[dict], list[di
     return rows, summary
 
 
+def flip_rate(model, card, generator, items: list[dict]) -> dict:
+    """How often the classifier's prediction for x_adv differs from its prediction for the image, over
+    ``items`` (preprocessed as the classifier sees them): ``{"rate", "n"}``."""
+    import torch
+
+    from monai_sal_app.experiments.workflows import load_inputs
+
+    x, _ = load_inputs(items, card.input_size, progress=False)
+    device = model_device(model)
+    flipped = 0
+    with torch.no_grad():
+        for start in range(0, len(x), 32):
+            batch = x[start : start + 32].to(device)
+            predicted = card.predict(model(batch).softmax(1).cpu().numpy())
+            _, adversarial = generator(batch)
+            flipped += int((card.predict(model(adversarial).softmax(1).cpu().numpy()) != predicted).sum())
+    return {"rate": flipped / len(x), "n": len(x)}
+
+
 def compare_explainers(
     out: str | os.PathLike,
     *,
     data: str = "chest-xray",
     methods: Sequence[str] = POSTHOC_BASELINES,
-    explainers: Sequence[str] = ("mask_generator",),
+    explainers: Sequence[str] = ("mask_generator", "similarity_adversarial"),
     explainer_epochs: int = 20,
     epochs: int | None = None,
     per_class: int | None = None,
@@ -143,6 +164,23 @@ def compare_explainers(
         progress=progress,
     )
     rows, summary = localization_table(maps_csv)
+    if "similarity_adversarial" in explainers:  # again with test-time averaging, and its flip rate
+        tta_params = {"similarity_adversarial": {**method_params["similarity_adversarial"], "tta": True}}
+        tta_csv = explain_items(
+            model, card, items, out / "maps_tta", methods=["similarity_adversarial"], params=tta_params,
+            target=PATHOLOGY_CLASS, batch_size=1, progress=progress,
+        )  # fmt: skip
+        tta_rows, tta_summary = localization_table(tta_csv)
+        for row in (*tta_rows, *tta_summary):
+            row["method"] = "similarity_adversarial (tta)"
+        rows += tta_rows
+        summary += tta_summary
+        flip = flip_rate(
+            model, card, method_params["similarity_adversarial"]["explainer"], read_manifest(test_manifest)
+        )
+        for row in summary:
+            row["flip_rate"] = flip["rate"] if row["method"].startswith("similarity_adversarial") else None
+        log(f"similarity-adversarial flip rate on the {flip['n']} test images: {flip['rate']:.3f}")
     write_csv(rows, out / "per_image.csv")
     write_table(summary, out, "explainers")
     log(f"wrote {out / 'explainers.md'}")

@@ -46,6 +46,10 @@ def _defaults(kind: str) -> dict:
         from monai_sal_app.explainers.mask_generator import MASK_GENERATOR_DEFAULTS
 
         return dict(MASK_GENERATOR_DEFAULTS)
+    if kind == "similarity_adversarial":
+        from monai_sal_app.explainers.similarity_adversarial import SIMILARITY_ADVERSARIAL_DEFAULTS
+
+        return dict(SIMILARITY_ADVERSARIAL_DEFAULTS)
     raise ValueError(f"unknown explainer {kind!r}; one of {', '.join(EXPLAINER_KINDS)}")
 
 
@@ -56,4 +60,8 @@ def build_explainer(card: ExplainerCard) -> nn.Module:
         from monai_sal_app.explainers.mask_generator import MaskGenerator
 
         return MaskGenerator(card.spatial_dims, card.num_classes, card.in_channels, settings["channels"])
+    if card.kind == "similarity_adversarial":
+        from monai_sal_app.explainers.similarity_adversarial import SimilarityAdversarialGenerator
+
+        return SimilarityAdversarialGenerator(card.spatial_dims, card.in_channels, settings["channels"])
     raise ValueError(f"unknown explainer {card.kind!r}")

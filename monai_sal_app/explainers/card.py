@@ -36,7 +36,7 @@ __all__ = [
     "save_explainer",
 ]
 
-EXPLAINER_KINDS = ("mask_generator",)
+EXPLAINER_KINDS = ("mask_generator", "similarity_adversarial")
 
 
 def _now() -> str:

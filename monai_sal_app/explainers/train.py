@@ -36,6 +36,10 @@ def explainer_loss(kind: str) -> Callable[..., dict[str, torch.Tensor]]:
         from monai_sal_app.explainers.mask_generator import mask_generator_losses
 
         return mask_generator_losses
+    if kind == "similarity_adversarial":
+        from monai_sal_app.explainers.similarity_adversarial import similarity_adversarial_losses
+
+        return similarity_adversarial_losses
     raise ValueError(f"unknown explainer {kind!r}")
 
 

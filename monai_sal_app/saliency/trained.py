@@ -69,3 +69,31 @@ def mask_generator(
         for sl in chunks(images.shape[0], batch_size):
             maps.append(upsample_to(generator(images[sl], target[sl]), images.shape[2:]))
     return torch.cat(maps)
+
+
+@register(
+    "similarity_adversarial",
+    "|x_sim - x_adv| of the similarity-adversarial generator, optionally averaged over flips and rotations "
+    "(needs explainer=)",
+    explainer="similarity_adversarial",
+)
+def similarity_adversarial(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    explainer=None,
+    tta: bool = False,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Maps (N, 1, *spatial) >= 0 on the input grid. They explain the model's decision on each image
+    (the generator changes it to another class); ``target`` is only checked against the classes.
+    ``tta``: average over the dihedral transforms of the image plane and their inverses."""
+    from monai_sal_app.explainers.similarity_adversarial import explanation_map
+
+    generator = resolve_explainer(explainer, "similarity_adversarial", model)
+    check_target_range(target, generator.card.num_classes)
+    maps = []
+    with model_guard(generator), torch.no_grad():
+        for sl in chunks(images.shape[0], batch_size):
+            maps.append(explanation_map(generator, images[sl], tta=bool(tta)))
+    return torch.cat(maps)
