@@ -11,10 +11,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import untrained_explainer
 from server_fixtures import save_tiny_checkpoint, smooth_field
 
 from monai_sal_app.cli import main
 from monai_sal_app.data.generators import GENERATORS
+from monai_sal_app.explainers import save_explainer
+from monai_sal_app.models.checkpoint import load_classifier
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,9 @@ def files(tmp_path_factory):
         "no_card": str(root / "no_card.pt"),
     }
     shutil.copyfile(model, root / "no_card.pt")
+    other = load_classifier(save_tiny_checkpoint(root / "other.pt", 2, seed=1), device="cpu")[0]
+    explainer = untrained_explainer("mask_generator", other)  # trained for other weights than model.pt
+    paths["explainer"] = str(save_explainer(explainer, root / "other.mask_generator.pt", explainer.card))
     (root / "broken_json.pt").write_bytes(model.read_bytes())
     (root / "broken_json.json").write_text("{")
     paths["broken_json"] = str(root / "broken_json.pt")
@@ -97,6 +103,42 @@ CASES = {
     "param-without-value": (["explain", "--model", "{model}", "{image}", "--param", "steps"], "key=value"),
     "target-out-of-range": (["explain", "--model", "{model}", "{image}", "--target", "5"], "target"),
     "unknown-postprocess": (["explain", "--model", "{model}", "{image}", "--postprocess", "blur"], "blur"),
+    "wildcat-without-head": (["explain", "--model", "{model}", "{image}", "--method", "wildcat"], "WILDCAT head"),
+    "explainer-missing": (
+        ["explain", "--model", "{model}", "{image}", "--method", "mask_generator"],
+        "needs explainer=",
+    ),
+    "explainer-file-missing": (
+        ["explain", "--model", "{model}", "{image}", "--method", "mask_generator", "--param", "explainer={root}/no.pt"],
+        "explainer checkpoint not found",
+    ),
+    "explainer-of-other-weights": (
+        ["explain", "--model", "{model}", "{image}", "--method", "mask_generator", "--param", "explainer={explainer}"],
+        "trained for another classifier",
+    ),
+    "wildcat-option-without-head": (
+        ["train", "--data", "{manifest}", "--out", "{root}/w.pt", "--kmax", "0.3"],
+        "--head",
+    ),
+    "wildcat-bad-kmax": (
+        ["train", "--data", "{manifest}", "--out", "{root}/w.pt", "--head", "wildcat", "--kmax", "2.5"],
+        "kmax must be",
+    ),
+    "explainer-unknown-setting": (
+        [
+            "train-explainer",
+            "mask-generator",
+            "--classifier",
+            "{model}",
+            "--data",
+            "{manifest}",
+            "--out",
+            "{root}/e.pt",
+            "--set",
+            "areaweight=3",
+        ],
+        "unknown mask_generator setting",
+    ),
     "evaluate-missing": (["evaluate", "{root}/absent_maps.csv"], "absent_maps.csv"),
     "evaluate-without-columns": (["evaluate", "{maps_without_columns}"], "missing column"),
     "data-unknown-preset": (["data", "shepp-logan", "--preset", "huge"], "unknown preset"),
