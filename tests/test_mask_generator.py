@@ -15,8 +15,9 @@ from monai_sal_app.explainers.mask_generator import (
     mask_generator_losses,
     smoothness_loss,
 )
-from monai_sal_app.explainers.train import train_explainer
+from monai_sal_app.explainers.train import DecisionLogits, train_explainer
 from monai_sal_app.metrics.localization import localization_metrics
+from monai_sal_app.models.card import predict_classes
 from monai_sal_app.models.checkpoint import CheckpointError
 from monai_sal_app.saliency import explain
 
@@ -38,6 +39,16 @@ def test_mask_shape_range_and_grid(dims):
 def test_margin_over_the_best_other_class():
     logits = torch.tensor([[1.0, 4.0, 2.5], [3.0, -1.0, 0.0]])
     torch.testing.assert_close(_margin_over_best_other(logits, torch.tensor([1, 1])), torch.tensor([1.5, -4.0]))
+
+
+@pytest.mark.parametrize("threshold", [None, 0.2, 0.5, 0.93])
+def test_decision_logits_argmax_is_the_cards_prediction(threshold):
+    torch.manual_seed(0)
+    classifier, x = torch.nn.Linear(3, 2), torch.randn(400, 3) * 3
+    with torch.no_grad():
+        shifted = DecisionLogits(classifier, threshold)(x)
+        expected = predict_classes(classifier(x).softmax(1).numpy(), threshold)
+    assert (shifted.argmax(1).numpy() == expected).all()
 
 
 def test_smoothness_loss_by_hand():

@@ -1,6 +1,8 @@
 """Training a trainable explainer against a frozen classifier, on images in memory.
 
-The classifier's predicted class of each image is the class the explainer learns to explain. The
+The classifier's predicted class of each image (through its card's decision threshold) is the class
+the explainer learns to explain, and the losses see the logits shifted by that threshold
+(:class:`DecisionLogits`), so that "keeps" and "changes the class" mean what the card predicts. The
 validation images' mean loss (with the same random draws every epoch) drives early stopping and
 the choice of the epoch kept. ``experiments.explainer_training`` runs it on a manifest
 (``monai-sal train-explainer``).
@@ -41,6 +43,24 @@ def explainer_loss(kind: str) -> Callable[..., dict[str, torch.Tensor]]:
 
         return similarity_adversarial_losses
     raise ValueError(f"unknown explainer {kind!r}")
+
+
+class DecisionLogits(nn.Module):
+    """The classifier's logits shifted so that their argmax is the card's prediction: for a two-class
+    model with decision threshold t on P(class 1), logit(t) = log(t / (1 - t)) is subtracted from
+    class 1's logit (softmax then crosses 0.5 where P(class 1) crosses t). Without a threshold, the
+    logits as they are. The losses' margins and cross-entropies are taken on these."""
+
+    def __init__(self, classifier: nn.Module, decision_threshold: float | None) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.shift = 0.0 if decision_threshold is None else math.log(decision_threshold / (1 - decision_threshold))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(images)
+        if self.shift == 0.0:
+            return logits
+        return logits - torch.tensor([0.0, self.shift], device=logits.device, dtype=logits.dtype)
 
 
 def _mean_terms(
@@ -113,6 +133,7 @@ def train_explainer(
         classifier.to(device)
         train_t = _predicted(classifier, card, train_x, device)
         val_t = _predicted(classifier, card, val_x, device)
+        classifier = DecisionLogits(classifier, card.decision_threshold)
         history: list[dict] = []
         best, best_epoch, best_state = math.inf, 0, None
         with tqdm(range(1, epochs + 1), desc=f"train {kind}", unit="epoch", disable=not progress) as bar:
