@@ -258,6 +258,21 @@ def best(times: list[float]) -> float | None:
     return min(times) if times else None
 
 
+def our_mprt(setup: Setup, method: str, blocks: list[str] | None = None):
+    """Ours: cascading randomization scored by the Spearman correlation of |map| (Quantus MPRT's)."""
+    return model_randomization(
+        setup.model,
+        setup.images,
+        method,
+        target=setup.target,
+        mode="cascading",
+        metrics=["spearman_abs"],
+        verdict_metric="spearman_abs",
+        seed=SEED,
+        blocks=blocks,
+    )
+
+
 def bench_mprt(setup: Setup, method: str, repeats: int) -> Row:
     blocks = randomization_blocks(setup.model)
     row = Row(setup.name, "mprt (same states)", method, f"{len(blocks)} states x {setup.label()}")
@@ -266,16 +281,7 @@ def bench_mprt(setup: Setup, method: str, repeats: int) -> Row:
     explain(setup.model, setup.images, method, target=setup.target)  # warm-up
 
     def ours():
-        return model_randomization(
-            setup.model,
-            setup.images,
-            method,
-            target=setup.target,
-            mode="cascading",
-            metrics=["spearman_abs"],
-            verdict_metric="spearman_abs",
-            seed=SEED,
-        )
+        return our_mprt(setup, method)
 
     def peer():
         with quantus_on_our_states(blocks, SEED):
@@ -326,17 +332,7 @@ def bench_mprt_stock(setup: Setup, method: str) -> Row:
     row.per_unit, row.units = "state x image", len(layers) * setup.n
 
     def ours():
-        return model_randomization(
-            setup.model,
-            setup.images,
-            method,
-            target=setup.target,
-            mode="cascading",
-            metrics=["spearman_abs"],
-            verdict_metric="spearman_abs",
-            seed=SEED,
-            blocks=layers,
-        )
+        return our_mprt(setup, method, blocks=layers)
 
     row.ours, _ = timed(ours)
     log(f"  {setup.name} mprt (Quantus layers) {method} ours done")
