@@ -273,6 +273,31 @@ def our_mprt(setup: Setup, method: str, blocks: list[str] | None = None):
     )
 
 
+def round_robin(row: Row, ours, peer, floor, repeats: int, label: str):
+    """Time ``ours``, ``peer`` and ``floor`` (which returns its own seconds) ``repeats`` times each,
+    round robin with a different lead each time; the best times go into ``row``. A peer that fails
+    (Quantus refuses some maps) is noted in ``row.peer_note`` and not run again. Returns (ours' last
+    result, the peer's last result or None)."""
+    ours_times, peer_times, floor_times = [], [], []
+    result = peer_result = None
+    for repeat in range(repeats):
+        for which in np.roll(["ours", "peer", "floor"], repeat):
+            if which == "ours":
+                seconds, result = timed(ours)
+                ours_times.append(seconds)
+            elif which == "peer" and row.peer_note == "":
+                try:
+                    seconds, peer_result = timed(peer)
+                    peer_times.append(seconds)
+                except Exception as error:  # Quantus refuses some maps (assert_attributions) or fails
+                    row.peer_note = peer_failure(error)
+            elif which == "floor":
+                floor_times.append(floor())
+            log(f"  {label} repeat {repeat + 1} {which} done")
+    row.ours, row.peer, row.floor = best(ours_times), best(peer_times), best(floor_times)
+    return result, peer_result
+
+
 def bench_mprt(setup: Setup, method: str, repeats: int) -> Row:
     blocks = randomization_blocks(setup.model)
     row = Row(setup.name, "mprt (same states)", method, f"{len(blocks)} states x {setup.label()}")
@@ -294,23 +319,7 @@ def bench_mprt(setup: Setup, method: str, repeats: int) -> Row:
             seconds += spent
         return seconds
 
-    ours_times, peer_times, floor_times = [], [], []
-    result = scores = None
-    for repeat in range(repeats):
-        for which in np.roll(["ours", "peer", "floor"], repeat):  # round robin, a different lead each time
-            if which == "ours":
-                seconds, result = timed(ours)
-                ours_times.append(seconds)
-            elif which == "peer" and row.peer_note == "":
-                try:
-                    seconds, scores = timed(peer)
-                    peer_times.append(seconds)
-                except Exception as error:  # Quantus refuses some maps (assert_attributions) or fails
-                    row.peer_note = peer_failure(error)
-            elif which == "floor":
-                floor_times.append(floor())
-            log(f"  {setup.name} mprt {method} repeat {repeat + 1} {which} done")
-    row.ours, row.peer, row.floor = best(ours_times), best(peer_times), best(floor_times)
+    result, scores = round_robin(row, ours, peer, floor, repeats, f"{setup.name} mprt {method}")
     constant = dict(result.constant_maps)
     if constant:
         row.notes.append(f"constant maps (ours scores 0) by state: {constant}")
@@ -380,23 +389,7 @@ def bench_fidelity(setup: Setup, method: str, repeats: int, steps: int = FIDELIT
                 setup.model(rows[begin : begin + chunk])
             return time.perf_counter() - start
 
-    ours_times, peer_times, floor_times = [], [], []
-    result = curves = None
-    for repeat in range(repeats):
-        for which in np.roll(["ours", "peer", "floor"], repeat):
-            if which == "ours":
-                seconds, result = timed(ours)
-                ours_times.append(seconds)
-            elif which == "peer" and row.peer_note == "":
-                try:
-                    seconds, curves = timed(peer)
-                    peer_times.append(seconds)
-                except Exception as error:
-                    row.peer_note = peer_failure(error)
-            elif which == "floor":
-                floor_times.append(floor())
-            log(f"  {setup.name} fidelity {method} repeat {repeat + 1} {which} done")
-    row.ours, row.peer, row.floor = best(ours_times), best(peer_times), best(floor_times)
+    result, curves = round_robin(row, ours, peer, floor, repeats, f"{setup.name} fidelity {method}")
     row.notes.append(f"ours: chunks of {chunk} rows; Quantus: {steps} passes of {setup.n} rows per order")
     if curves is not None:
         mif, lif = curves

@@ -141,8 +141,9 @@ class SaliencyInfer(InferTask):
         read_seconds = time.perf_counter() - start
 
         with self.served.use() as (model, card):
-            if list(card.labels) != labels or self.served.methods() != methods:  # replaced meanwhile
-                labels, methods = list(card.labels), self.served.methods()
+            current = self.served.methods()
+            if list(card.labels) != labels or current != methods:  # replaced meanwhile
+                labels, methods = list(card.labels), current
                 method, target, options = parse_explain_request(request, labels, self.config(), methods)
             kind = get_method(method).explainer
             if kind is not None:  # the trained explainer beside the checkpoint, never one named by the client
