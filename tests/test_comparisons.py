@@ -15,6 +15,7 @@ from monai_sal_app.cli import main
 from monai_sal_app.data import bases
 from monai_sal_app.data.io import write_nifti
 from monai_sal_app.experiments.explainers import localization_table
+from monai_sal_app.experiments.recipes import scaled_augmentations
 from monai_sal_app.experiments.wildcat import score_maps
 from monai_sal_app.metrics.localization import localization_metrics, pointwise_average_precision
 from monai_sal_app.metrics.stats import write_csv
@@ -92,6 +93,13 @@ def test_localization_table_by_hand(tmp_path):
 @pytest.fixture(scope="module")
 def chest_base():
     return base_or_skip(bases.chest_radiograph_file)
+
+
+def test_scaled_augmentations_keep_the_shift_a_fraction_of_the_side():
+    assert scaled_augmentations(("croppad:6", "noise"), 256 / 64) == ("croppad:24", "noise")
+    assert scaled_augmentations(("flip", "croppad:3"), 16 / 32) == ("flip", "croppad:2")
+    assert scaled_augmentations(("croppad:3", "noise:0.1"), 0.1) == ("croppad:1", "noise:0.1")
+    assert scaled_augmentations(("croppad",), 4) == ("croppad",)  # the augmentation's own default shift
 
 
 def test_compare_wildcat_end_to_end(chest_base, tmp_path):

@@ -21,6 +21,7 @@ __all__ = [
     "DefaultModel",
     "generate_recipe_data",
     "recipe_for",
+    "scaled_augmentations",
     "train_recipe",
 ]
 
@@ -111,6 +112,16 @@ def generate_recipe_data(
     return folder / "train" / "manifest.csv", folder / "test" / "manifest.csv"
 
 
+def scaled_augmentations(augmentations: tuple[str, ...], scale: float) -> tuple[str, ...]:
+    """The augmentation specs with every ``croppad:<max_shift>`` shift (pixels/voxels) multiplied by
+    ``scale`` and rounded (at least 1); the others as they are."""
+    scaled = []
+    for spec in augmentations:
+        name, _, value = spec.partition(":")
+        scaled.append(f"croppad:{max(1, round(int(value) * scale))}" if name == "croppad" and value else spec)
+    return tuple(scaled)
+
+
 def train_recipe(
     spec: DefaultModel,
     folder: str | os.PathLike,
@@ -127,12 +138,14 @@ def train_recipe(
     """Train the recipe's classifier on ``folder/train`` (scored on ``folder/test``) into ``checkpoint``,
     again with the next seed while its validation AUC stays below :data:`MIN_VAL_AUC` (at most
     :data:`TRAIN_ATTEMPTS` runs). ``head``: a WILDCAT head (see ``models.factory.build_classifier``);
-    ``epochs``, ``input_size``: override the recipe's. Returns (model, card)."""
+    ``epochs``, ``input_size``: override the recipe's (a ``croppad`` shift is scaled with the input
+    side, so that it stays the same fraction of the image). Returns (model, card)."""
     from monai_sal_app.experiments.workflows import train_from_manifest
 
     folder = Path(folder)
     n_epochs = epochs or spec.epochs
     side = input_size or spec.input_size
+    augmentations = scaled_augmentations(spec.augmentations, side / spec.input_size)
     for attempt in range(TRAIN_ATTEMPTS):
         log(f"training ({spec.dim}D, input {side} px, {n_epochs} epochs, seed {seed + attempt}) -> {checkpoint}")
         model, card = train_from_manifest(
@@ -140,7 +153,7 @@ def train_recipe(
             checkpoint,
             arch="conv5fc3",
             head=head,
-            augmentations=spec.augmentations,
+            augmentations=augmentations,
             epochs=n_epochs,
             lr=spec.lr,
             patience=n_epochs,
