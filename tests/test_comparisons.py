@@ -112,8 +112,10 @@ def test_compare_wildcat_end_to_end(chest_base, tmp_path):
         ("plain", "guided_gradcam"),
         ("plain", "gradient"),
         ("wildcat", "wildcat"),
+        ("wildcat", "wildcat (contrast)"),
     ]
     assert all(row["n_images"] == "6" and row["n_masks"] == "3" for row in table)
+    assert (out / "maps" / "wildcat" / "wildcat_contrast" / "maps.csv").is_file()
     assert (out / "wildcat.json").is_file() and "| wildcat | " in (out / "comparison.md").read_text()
 
 

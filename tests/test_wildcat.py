@@ -155,6 +155,24 @@ def test_wildcat_maps_are_the_target_class_maps_upsampled(dims):
     )
 
 
+def test_wildcat_contrast_subtracts_the_other_classes_mean_map(dims):
+    model, x = tiny_wildcat(dims, num_classes=3).eval(), images_for(dims, n=2, side=32)
+    target = torch.tensor([2, 0])
+    with torch.no_grad():
+        class_maps = model.class_maps(x)
+    mode = "bilinear" if dims == 2 else "trilinear"
+    contrast = explain(model, x, "wildcat", target=target, contrast=True)
+    for i, (t, others) in enumerate(((2, [0, 1]), (0, [1, 2]))):
+        evidence = class_maps[i : i + 1, t : t + 1] - class_maps[i : i + 1, others].mean(dim=1, keepdim=True)
+        expected = F.interpolate(evidence, size=x.shape[2:], mode=mode, align_corners=False)
+        torch.testing.assert_close(contrast[i : i + 1], expected)
+    # with two classes, the two targets' contrast maps are each other's negatives
+    two = tiny_wildcat(dims).eval()
+    one, zero = (explain(two, x, "wildcat", target=t, contrast=True) for t in (1, 0))
+    torch.testing.assert_close(one, -zero)
+    assert not torch.allclose(one, explain(two, x, "wildcat", target=1))
+
+
 def test_wildcat_method_is_refused_for_a_model_without_the_head():
     with pytest.raises(
         ValueError, match=r"method 'wildcat' cannot explain this Sequential: it needs a model with a WILDCAT head"

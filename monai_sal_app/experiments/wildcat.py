@@ -10,11 +10,12 @@ once with a WILDCAT head, and scores on the held-out test set:
   test images ranked by the classifier's probability of class 1 (``metrics.localization``);
 * time per map.
 
-The WILDCAT model is explained by its class maps (method ``wildcat``), the plain model by post-hoc
-methods (Grad-CAM, guided Grad-CAM and the gradient by default). Everything is written under
-``out``: the data, both checkpoints with their cards, the maps and overlays of each model
-(``maps/<model>/``, as ``monai-sal explain`` writes them), ``per_image.csv`` and the table
-``comparison.{csv,md}``.
+The WILDCAT model is explained by its class maps (method ``wildcat``), as they are and against the
+other class (``wildcat (contrast)``, the method's ``contrast`` parameter), the plain model by
+post-hoc methods (Grad-CAM, guided Grad-CAM and the gradient by default). Everything is written
+under ``out``: the data, both checkpoints with their cards, the maps and overlays of each model
+(``maps/<model>/<method>/``, as ``monai-sal explain`` writes them), ``per_image.csv`` and the
+table ``comparison.{csv,md}``.
 """
 
 from __future__ import annotations
@@ -127,9 +128,19 @@ def compare_wildcat(
     head = {"name": "wildcat", **(head or {})}
     folder = out / "data"
     _, test_manifest = generate_recipe_data(spec, folder, per_class, test_per_class, seed, progress=progress, log=log)
-    runs = {"plain": (None, tuple(methods)), "wildcat": (head, ("wildcat",))}
+    # model -> (head, [(row label, folder under maps/<model>/, method, its parameters)])
+    runs = {
+        "plain": (None, [(method, method, method, {}) for method in methods]),
+        "wildcat": (
+            head,
+            [
+                ("wildcat", "wildcat", "wildcat", {}),
+                ("wildcat (contrast)", "wildcat_contrast", "wildcat", {"contrast": True}),
+            ],
+        ),
+    }
     table, per_image = [], []
-    for name, (model_head, model_methods) in runs.items():
+    for name, (model_head, model_runs) in runs.items():
         checkpoint = out / f"{name}.pt"
         wanted = head_options(model_head) if model_head else None
         side = input_size or spec.input_size
@@ -153,18 +164,22 @@ def compare_wildcat(
                 log=log,
             )
         model, card = load_classifier(checkpoint, device=device)
-        maps_csv = explain_items(
-            model,
-            card,
-            read_manifest(test_manifest),
-            out / "maps" / name,
-            methods=model_methods,
-            target=PATHOLOGY_CLASS,
-            progress=progress,
-        )
-        rows, summary = score_maps(maps_csv)
-        per_image += [{"model": name, **row} for row in rows]
-        table += [{"model": name, "test_auc": card.metrics.get("test_auc"), **row} for row in summary]
+        for label, subfolder, method, params in model_runs:
+            maps_csv = explain_items(
+                model,
+                card,
+                read_manifest(test_manifest),
+                out / "maps" / name / subfolder,
+                methods=(method,),
+                params={method: params},
+                target=PATHOLOGY_CLASS,
+                progress=progress,
+            )
+            rows, summary = score_maps(maps_csv)
+            per_image += [{"model": name, **row, "method": label} for row in rows]
+            table += [
+                {"model": name, "test_auc": card.metrics.get("test_auc"), **row, "method": label} for row in summary
+            ]
     write_csv(per_image, out / "per_image.csv")
     write_table(table, out, "comparison")
     log(f"wrote {out / 'comparison.md'}")

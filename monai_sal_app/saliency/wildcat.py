@@ -2,7 +2,10 @@
 
 The map of class c is the WILDCAT head's class map c (after class-wise pooling, before spatial
 pooling; ``models.wildcat``), upsampled bi/trilinearly from the feature grid to the input grid.
-One forward pass, no gradient. Only for a model with a WILDCAT head (``monai-sal train --head wildcat``).
+With ``contrast``, the mean of the other classes' maps is subtracted from it: the evidence for c
+against the other classes, which is what a softmax decides on (a head with negative evidence,
+alpha != 0, may put what tells the classes apart in another class's low values). One forward pass,
+no gradient. Only for a model with a WILDCAT head (``monai-sal train --head wildcat``).
 """
 
 from __future__ import annotations
@@ -25,14 +28,23 @@ def _has_wildcat_head(model: nn.Module) -> bool:
     requires=(_has_wildcat_head, "it needs a model with a WILDCAT head (monai-sal train --head wildcat)"),
 )
 def wildcat(
-    model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None
+    model: nn.Module,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    contrast: bool = False,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
-    """Class maps (N, 1, *spatial) of the target classes, signed (a class map's values are logit evidence)."""
+    """Class maps (N, 1, *spatial) of the target classes, signed (a class map's values are logit
+    evidence); with ``contrast``, each minus the mean of the other classes' maps."""
     maps = []
     with torch.no_grad():
         for sl in chunks(images.shape[0], batch_size):
             class_maps = model.class_maps(images[sl])
             check_target_range(target[sl], class_maps.shape[1])
-            picked = class_maps[torch.arange(class_maps.shape[0], device=class_maps.device), target[sl]]
+            rows = torch.arange(class_maps.shape[0], device=class_maps.device)
+            picked = class_maps[rows, target[sl]]
+            if contrast:
+                others = (class_maps.sum(dim=1) - picked) / (class_maps.shape[1] - 1)
+                picked = picked - others
             maps.append(upsample_to(picked.unsqueeze(1), images.shape[2:]))
     return torch.cat(maps)
