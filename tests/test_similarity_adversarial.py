@@ -103,6 +103,13 @@ def test_a_trained_generator_flips_the_decision_and_shows_the_evidence(trained):
             assert localization_metrics(maps[i, 0].numpy(), evidence)["roc_auc"] > 0.95
 
 
+@pytest.mark.parametrize("tta", ["maybe", 1, None])
+def test_tta_must_be_a_bool(trained, tta):
+    model, generator, _ = trained
+    with pytest.raises(TypeError, match=f"tta must be a bool, got {tta!r}"):
+        explain(model, blob_images(2, SIDE, CENTRES, seed=5), "similarity_adversarial", explainer=generator, tta=tta)
+
+
 def test_checkpoint_round_trip(trained, tmp_path):
     model, generator, card = trained
     path = save_explainer(generator, tmp_path / "blob.similarity_adversarial.pt", card)

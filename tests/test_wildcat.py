@@ -173,6 +173,12 @@ def test_wildcat_contrast_subtracts_the_other_classes_mean_map(dims):
     assert not torch.allclose(one, explain(two, x, "wildcat", target=1))
 
 
+@pytest.mark.parametrize("contrast", ["maybe", 1, None])
+def test_wildcat_contrast_must_be_a_bool(contrast):
+    with pytest.raises(TypeError, match=f"contrast must be a bool, got {contrast!r}"):
+        explain(tiny_wildcat(2), images_for(2, n=1, side=32), "wildcat", contrast=contrast)
+
+
 def test_wildcat_method_is_refused_for_a_model_without_the_head():
     with pytest.raises(
         ValueError, match=r"method 'wildcat' cannot explain this Sequential: it needs a model with a WILDCAT head"

@@ -90,10 +90,12 @@ def similarity_adversarial(
     ``tta``: average over the dihedral transforms of the image plane and their inverses."""
     from monai_sal_app.explainers.similarity_adversarial import explanation_map
 
+    if not isinstance(tta, bool):
+        raise TypeError(f"tta must be a bool, got {tta!r}")
     generator = resolve_explainer(explainer, "similarity_adversarial", model)
     check_target_range(target, generator.card.num_classes)
     maps = []
     with model_guard(generator), torch.no_grad():
         for sl in chunks(images.shape[0], batch_size):
-            maps.append(explanation_map(generator, images[sl], tta=bool(tta)))
+            maps.append(explanation_map(generator, images[sl], tta=tta))
     return torch.cat(maps)

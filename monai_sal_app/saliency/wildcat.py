@@ -36,6 +36,8 @@ def wildcat(
 ) -> torch.Tensor:
     """Class maps (N, 1, *spatial) of the target classes, signed (a class map's values are logit
     evidence); with ``contrast``, each minus the mean of the other classes' maps."""
+    if not isinstance(contrast, bool):
+        raise TypeError(f"contrast must be a bool, got {contrast!r}")
     maps = []
     with torch.no_grad():
         for sl in chunks(images.shape[0], batch_size):
