@@ -14,7 +14,8 @@ The WILDCAT model is explained by its class maps (method ``wildcat``), as they a
 other class (``wildcat (contrast)``, the method's ``contrast`` parameter), the plain model by
 post-hoc methods (Grad-CAM, guided Grad-CAM and the gradient by default). Everything is written
 under ``out``: the data, both checkpoints with their cards, the maps and overlays of each model
-(``maps/<model>/<method>/``, as ``monai-sal explain`` writes them), ``per_image.csv`` and the
+(``maps/plain/``, ``maps/wildcat/wildcat/`` and ``maps/wildcat/wildcat_contrast/``, as
+``monai-sal explain`` writes them), ``per_image.csv`` and the
 table ``comparison.{csv,md}``.
 """
 
@@ -128,14 +129,14 @@ def compare_wildcat(
     head = {"name": "wildcat", **(head or {})}
     folder = out / "data"
     _, test_manifest = generate_recipe_data(spec, folder, per_class, test_per_class, seed, progress=progress, log=log)
-    # model -> (head, [(row label, folder under maps/<model>/, method, its parameters)])
+    # model -> (head, [(folder under maps/<model>/, methods, their parameters, suffix of the rows' method)])
     runs = {
-        "plain": (None, [(method, method, method, {}) for method in methods]),
+        "plain": (None, [("", tuple(methods), {}, "")]),
         "wildcat": (
             head,
             [
-                ("wildcat", "wildcat", "wildcat", {}),
-                ("wildcat (contrast)", "wildcat_contrast", "wildcat", {"contrast": True}),
+                ("wildcat", ("wildcat",), {}, ""),
+                ("wildcat_contrast", ("wildcat",), {"wildcat": {"contrast": True}}, " (contrast)"),
             ],
         ),
     }
@@ -164,22 +165,21 @@ def compare_wildcat(
                 log=log,
             )
         model, card = load_classifier(checkpoint, device=device)
-        for label, subfolder, method, params in model_runs:
+        for subfolder, model_methods, params, suffix in model_runs:
             maps_csv = explain_items(
                 model,
                 card,
                 read_manifest(test_manifest),
                 out / "maps" / name / subfolder,
-                methods=(method,),
-                params={method: params},
+                methods=model_methods,
+                params=params,
                 target=PATHOLOGY_CLASS,
                 progress=progress,
             )
             rows, summary = score_maps(maps_csv)
-            per_image += [{"model": name, **row, "method": label} for row in rows]
-            table += [
-                {"model": name, "test_auc": card.metrics.get("test_auc"), **row, "method": label} for row in summary
-            ]
+            per_image += [{"model": name, **row, "method": row["method"] + suffix} for row in rows]
+            test_auc = card.metrics.get("test_auc")
+            table += [{"model": name, "test_auc": test_auc, **row, "method": row["method"] + suffix} for row in summary]
     write_csv(per_image, out / "per_image.csv")
     write_table(table, out, "comparison")
     log(f"wrote {out / 'comparison.md'}")
