@@ -369,6 +369,26 @@ def blob_images(spatial_dims: int, side: int, centres, seed: int = 0) -> torch.T
     return torch.stack(images).unsqueeze(1)
 
 
+# BlobModel on 64 px images: class 1 fires on a blob at BLOB_CENTRES[0], class 2 at BLOB_CENTRES[1].
+BLOB_SIDE, BLOB_CENTRES = 64, [(20, 40), (44, 18)]
+
+
+def trained_blob_explainer(kind: str, settings: dict, epochs: int):
+    """A small ``kind`` explainer trained for a few seconds against :class:`BlobModel` (2D,
+    :data:`BLOB_SIDE`, :data:`BLOB_CENTRES`) on 48 blob images (40 train, 8 validation).
+    Returns (BlobModel in eval mode, explainer, its card)."""
+    from monai_sal_app.explainers.train import train_explainer
+
+    model = BlobModel(2, BLOB_SIDE, BLOB_CENTRES).eval()
+    x = torch.cat([blob_images(2, BLOB_SIDE, BLOB_CENTRES, seed=s) for s in range(24)])
+    card = tiny_card(2, input_size=[BLOB_SIDE, BLOB_SIDE], labels=["none", "blob a", "blob b"], num_classes=3)
+    explainer, explainer_card = train_explainer(
+        kind, model, card, x[:40], x[40:], settings=settings, epochs=epochs, patience=epochs, batch_size=8,
+        lr=3e-3, progress=False, log=None,
+    )  # fmt: skip
+    return model, explainer, explainer_card
+
+
 class BlobModel(HandWritten):
     """Class k (k >= 1) fires on a bright blob inside window k, a disk/ball of ``radius`` around
     ``centres[k - 1]`` on images of ``side`` px: centre-surround filter (3-px minus 9-px box

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BlobModel, blob_images, blob_mask, tiny_card, tiny_conv5fc3
+from conftest import (
+    BLOB_CENTRES,
+    BLOB_SIDE,
+    BlobModel,
+    blob_images,
+    blob_mask,
+    tiny_conv5fc3,
+    trained_blob_explainer,
+)
 
 from monai_sal_app.explainers import ExplainerMismatch, explainer_settings, load_explainer, save_explainer
 from monai_sal_app.explainers.mask_generator import (
@@ -15,13 +23,13 @@ from monai_sal_app.explainers.mask_generator import (
     mask_generator_losses,
     smoothness_loss,
 )
-from monai_sal_app.explainers.train import DecisionLogits, train_explainer
+from monai_sal_app.explainers.train import DecisionLogits
 from monai_sal_app.metrics.localization import localization_metrics
 from monai_sal_app.models.card import predict_classes
 from monai_sal_app.models.checkpoint import CheckpointError
 from monai_sal_app.saliency import explain
 
-SIDE, CENTRES = 64, [(20, 40), (44, 18)]  # BlobModel: class 1 fires on a blob at CENTRES[0], class 2 at CENTRES[1]
+SIDE, CENTRES = BLOB_SIDE, BLOB_CENTRES
 SMALL = {"channels": [8, 8, 16, 16]}
 
 
@@ -83,14 +91,7 @@ def test_loss_terms_by_their_definitions():
 @pytest.fixture(scope="module")
 def trained():
     """A small mask generator trained for a few seconds to explain BlobModel on blob images."""
-    model = BlobModel(2, SIDE, CENTRES).eval()
-    x = torch.cat([blob_images(2, SIDE, CENTRES, seed=s) for s in range(24)])
-    card = tiny_card(2, input_size=[SIDE, SIDE], labels=["none", "blob a", "blob b"], num_classes=3)
-    generator, explainer_card = train_explainer(
-        "mask_generator", model, card, x[:40], x[40:], settings=SMALL, epochs=12, patience=12, batch_size=8,
-        lr=3e-3, progress=False, log=None,
-    )  # fmt: skip
-    return model, generator, explainer_card
+    return trained_blob_explainer("mask_generator", SMALL, epochs=12)
 
 
 def test_a_trained_generator_finds_the_evidence_of_the_target_class(trained):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BlobModel, blob_images, blob_mask, tiny_card
+from conftest import BLOB_CENTRES, BLOB_SIDE, BlobModel, blob_images, blob_mask, trained_blob_explainer
 
 from monai_sal_app.explainers import explainer_settings, load_explainer, save_explainer
 from monai_sal_app.explainers.similarity_adversarial import (
@@ -16,11 +16,10 @@ from monai_sal_app.explainers.similarity_adversarial import (
     similarity_adversarial_losses,
     total_variation,
 )
-from monai_sal_app.explainers.train import train_explainer
 from monai_sal_app.metrics.localization import localization_metrics
 from monai_sal_app.saliency import explain
 
-SIDE, CENTRES = 64, [(20, 40), (44, 18)]  # BlobModel: class 1 fires on a blob at CENTRES[0], class 2 at CENTRES[1]
+SIDE, CENTRES = BLOB_SIDE, BLOB_CENTRES
 
 
 def test_outputs_are_two_images_in_0_1_on_the_input_grid(dims):
@@ -76,14 +75,7 @@ def test_test_time_averaging_commutes_with_flips_and_rotations(dims, axis):
 @pytest.fixture(scope="module")
 def trained():
     """A small similarity-adversarial generator trained for a few seconds against BlobModel."""
-    model = BlobModel(2, SIDE, CENTRES).eval()
-    x = torch.cat([blob_images(2, SIDE, CENTRES, seed=s) for s in range(24)])
-    card = tiny_card(2, input_size=[SIDE, SIDE], labels=["none", "blob a", "blob b"], num_classes=3)
-    generator, explainer_card = train_explainer(
-        "similarity_adversarial", model, card, x[:40], x[40:], settings={"channels": [8, 16, 32]}, epochs=15,
-        patience=15, batch_size=8, lr=3e-3, progress=False, log=None,
-    )  # fmt: skip
-    return model, generator, explainer_card
+    return trained_blob_explainer("similarity_adversarial", {"channels": [8, 16, 32]}, epochs=15)
 
 
 def test_a_trained_generator_flips_the_decision_and_shows_the_evidence(trained):
