@@ -202,6 +202,7 @@ def cmd_compare_explainers(args) -> None:
         epochs=args.epochs,
         per_class=args.per_class,
         test_per_class=args.test_per_class,
+        explainer_per_class=args.explainer_per_class,
         max_images=args.max_images,
         params={"meaningful_perturbation": {"steps": args.mp_steps}} if args.mp_steps else None,
         seed=args.seed,
@@ -405,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's classifier epochs")
     p.add_argument("--per-class", type=int, default=None, help="override the recipe's training images per class")
     p.add_argument("--test-per-class", type=int, default=None, help="override the recipe's test images per class")
+    p.add_argument(
+        "--explainer-per-class",
+        type=int,
+        default=None,
+        help="train the explainers on N more generated images per class (default: the classifier's training images)",
+    )
     p.add_argument("--max-images", type=int, default=None, help="explain the first N test images with a mask")
     p.add_argument("--mp-steps", type=int, default=None, help="meaningful perturbation's steps (default 300)")
     p.add_argument("--seed", type=int, default=0)

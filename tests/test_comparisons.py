@@ -5,6 +5,7 @@ each command end to end on a few real-anatomy chest X-rays (the bases of scripts
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,7 @@ def test_compare_explainers_end_to_end(chest_base, tmp_path):
     out = tmp_path / "explainers"
     options = ["--per-class", "6", "--test-per-class", "3", "--epochs", "1", "--explainer-epochs", "1"]
     work = ["--max-images", "2", "--mp-steps", "2", "--methods", "gradient,meaningful_perturbation"]
+    work += ["--explainer-per-class", "5"]
     assert main(["--quiet", "compare-explainers", *options, *work, "--out", str(out)]) == 0
     table = list(csv.DictReader((out / "explainers.csv").read_text().splitlines()))
     assert [row["method"] for row in table] == [
@@ -137,3 +139,15 @@ def test_compare_explainers_end_to_end(chest_base, tmp_path):
     assert flip_rates[:3] == ["", "", ""] and flip_rates[3] == flip_rates[4] and 0 <= float(flip_rates[3]) <= 1
     for kind in ("mask_generator", "similarity_adversarial"):
         assert (out / f"classifier.{kind}.pt").is_file() and (out / f"classifier.{kind}.history.csv").is_file()
+        data = json.loads((out / f"classifier.{kind}.json").read_text())["data"]  # the extra images, not the 12
+        assert data["manifest"] == str((out / "data" / "explainer" / "manifest.csv").resolve())
+        assert data["n_train"] + data["n_val"] == 10
+
+
+def test_compare_explainers_refuses_a_bad_explainer_image_count_before_any_work(tmp_path, capsys):
+    out = tmp_path / "explainers"
+    assert main(["compare-explainers", "--explainer-per-class", "0", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: explainer_per_class must be a positive integer, got 0"
+    ]
+    assert not out.exists()

@@ -1,7 +1,8 @@
 """Trained explainers against post-hoc methods on one classifier: localization and time per map.
 
 :func:`compare_explainers` generates a built-in recipe's data (``experiments.recipes``), trains the
-recipe's classifier and each trained explainer for it (``monai-sal train-explainer``), and explains
+recipe's classifier and each trained explainer for it (``monai-sal train-explainer``; on the
+classifier's training images, or on ``explainer_per_class`` more generated ones), and explains
 the held-out test images that have a pathology mask, for the pathology class, with every method.
 Per method: localization against the masks (mean and 95% CI of the AUPRC, i.e. AUC_loc; the
 partial AUC_loc up to recall 0.5; IoU at the 80th ... 98th percentiles) and the mean time per map;
@@ -20,10 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_sal_app.data.dataset_writer import require_positive_int
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
-from monai_sal_app.experiments.recipes import generate_recipe_data, recipe_for, train_recipe
+from monai_sal_app.experiments.recipes import (
+    generate_explainer_data,
+    generate_recipe_data,
+    recipe_for,
+    train_recipe,
+)
 from monai_sal_app.experiments.report import write_table
 from monai_sal_app.experiments.workflows import explain_items
 from monai_sal_app.explainers import load_explainer
@@ -112,6 +119,7 @@ def compare_explainers(
     epochs: int | None = None,
     per_class: int | None = None,
     test_per_class: int | None = None,
+    explainer_per_class: int | None = None,
     max_images: int | None = None,
     params: dict | None = None,
     seed: int = 0,
@@ -122,15 +130,24 @@ def compare_explainers(
     """Train ``data``'s recipe classifier and the ``explainers`` for it, then compare them with the
     post-hoc ``methods`` on the test images that have a mask (the first ``max_images`` of them).
 
+    ``explainer_per_class``: train the explainers on that many more generated images per class
+    (``recipes.generate_explainer_data``) instead of the classifier's training images.
     ``params``: method -> its parameters (e.g. fewer meaningful-perturbation steps). Checkpoints
     already in ``out`` are used as they are. Returns the table's rows (see the module docstring).
     """
     spec = recipe_for(data)
+    if explainer_per_class is not None:
+        require_positive_int(explainer_per_class, "explainer_per_class")
     out = Path(out)
     folder = out / "data"
     train_manifest, test_manifest = generate_recipe_data(
         spec, folder, per_class, test_per_class, seed, progress=progress, log=log
     )
+    explainer_manifest = train_manifest
+    if explainer_per_class is not None:
+        explainer_manifest = generate_explainer_data(
+            spec, folder, explainer_per_class, seed, progress=progress, log=log
+        )
     classifier = out / "classifier.pt"
     if classifier.is_file():
         log(f"using {classifier}")
@@ -143,7 +160,7 @@ def compare_explainers(
             log(f"using {path}")
         else:
             train_explainer_from_manifest(
-                kind, classifier, train_manifest, path, epochs=explainer_epochs, patience=explainer_epochs,
+                kind, classifier, explainer_manifest, path, epochs=explainer_epochs, patience=explainer_epochs,
                 seed=seed, device=device, progress=progress, log=log,
             )  # fmt: skip
     model, card = load_classifier(classifier, device=device)

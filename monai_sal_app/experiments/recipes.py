@@ -19,6 +19,7 @@ __all__ = [
     "MIN_VAL_AUC",
     "TRAIN_ATTEMPTS",
     "DefaultModel",
+    "generate_explainer_data",
     "generate_recipe_data",
     "recipe_for",
     "scaled_augmentations",
@@ -97,19 +98,39 @@ def generate_recipe_data(
 ) -> tuple[Path, Path]:
     """The recipe's training and test data under ``folder/train`` and ``folder/test`` (each generated
     unless its manifest is there; the test set from seed + 1); returns their manifests."""
+    folder = Path(folder)
+    train = _generate_split(spec, folder, "train", spec.train_preset, per_class or spec.per_class, seed, progress, log)
+    test = _generate_split(
+        spec, folder, "test", spec.test_preset, test_per_class or spec.test_per_class, seed + 1, progress, log
+    )
+    return train, test
+
+
+def generate_explainer_data(
+    spec: DefaultModel,
+    folder: str | os.PathLike,
+    per_class: int,
+    seed: int = 0,
+    *,
+    progress: bool = True,
+    log: Callable[[str], object] = print,
+) -> Path:
+    """More images like the recipe's training data, under ``folder/explainer`` (from seed + 2, so none
+    is a training or test image; generated unless its manifest is there), for training explainers:
+    they need images, not labels, and overfit the recipe's few hundred. Returns the manifest."""
+    return _generate_split(spec, Path(folder), "explainer", spec.train_preset, per_class, seed + 2, progress, log)
+
+
+def _generate_split(spec, folder: Path, split: str, preset: str, per_class: int, seed: int, progress, log) -> Path:
     from monai_sal_app.data.generators import GENERATORS
 
-    folder = Path(folder)
-    generate = GENERATORS[spec.generator]
-    sets = {
-        "train": (spec.train_preset, per_class or spec.per_class, seed),
-        "test": (spec.test_preset, test_per_class or spec.test_per_class, seed + 1),
-    }
-    for split, (preset, n, data_seed) in sets.items():
-        if not (folder / split / "manifest.csv").is_file():
-            log(f"generating {spec.dim}D {spec.generator} {split} data ({n} per class) in {folder / split}")
-            generate(folder / split, preset=preset, dim=spec.dim, per_class=n, seed=data_seed, progress=progress)
-    return folder / "train" / "manifest.csv", folder / "test" / "manifest.csv"
+    manifest = folder / split / "manifest.csv"
+    if not manifest.is_file():
+        log(f"generating {spec.dim}D {spec.generator} {split} data ({per_class} per class) in {folder / split}")
+        GENERATORS[spec.generator](
+            folder / split, preset=preset, dim=spec.dim, per_class=per_class, seed=seed, progress=progress
+        )
+    return manifest
 
 
 def scaled_augmentations(augmentations: tuple[str, ...], scale: float) -> tuple[str, ...]:
