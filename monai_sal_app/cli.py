@@ -119,6 +119,11 @@ def cmd_explain(args) -> None:
         get_method(m)  # unknown names fail before any work
     params = _method_params(args.param)
     model, card = load_classifier(args.model, device=args.device)
+    if args.max_cost is not None:  # the server's bounds and budget, only when asked
+        from monai_sal_app.saliency.core import check_request
+
+        for m in methods:
+            check_request(m, params, tuple(card.input_size), args.max_cost)
     source = args.images[0] if len(args.images) == 1 and args.images[0].endswith(".csv") else args.images
     items = read_items(source)
     maps_csv = explain_items(
@@ -325,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--overlays", type=int, default=8, help="overlay PNGs per method")
+    p.add_argument(
+        "--max-cost",
+        type=float,
+        default=None,
+        help="refuse, before any work, parameters over their bounds or a cost per image (network passes x "
+        "input voxels) above this, as the server does (default: no limit)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_explain)

@@ -101,6 +101,25 @@ CASES = {
         "n_samples",
     ),
     "param-without-value": (["explain", "--model", "{model}", "{image}", "--param", "steps"], "key=value"),
+    "param-over-its-bound-with-max-cost": (
+        [
+            "explain",
+            "--model",
+            "{model}",
+            "{image}",
+            "--method",
+            "smoothgrad",
+            "--param",
+            "n_samples=2000",
+            "--max-cost",
+            "1e9",
+        ],
+        "n_samples=2000 is above its bound of 1000",
+    ),
+    "request-over-max-cost": (
+        ["explain", "--model", "{model}", "{image}", "--method", "integrated_gradients", "--max-cost", "1e4"],
+        "estimated cost 5.12e+04",
+    ),
     "target-out-of-range": (["explain", "--model", "{model}", "{image}", "--target", "5"], "target"),
     "unknown-postprocess": (["explain", "--model", "{model}", "{image}", "--postprocess", "blur"], "blur"),
     "wildcat-without-head": (["explain", "--model", "{model}", "{image}", "--method", "wildcat"], "WILDCAT head"),
@@ -173,3 +192,10 @@ def test_console_script_prints_no_traceback_for_an_invalid_card(files, tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and "'input_size'" in result.stderr
+
+
+def test_bounds_apply_to_the_cli_only_with_max_cost(files, tmp_path):
+    argv = ["--quiet", "explain", "--model", files["model"], files["image"], "--method", "smoothgrad"]
+    argv += ["--param", "n_samples=1001", "--param", "batch_size=1001"]  # over the server's bounds
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "maps.csv").is_file()

@@ -21,6 +21,7 @@ Definitions, references and defaults of every registered method: docs/METHODS.md
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import math
 import weakref
@@ -33,9 +34,15 @@ import torch
 from torch import nn
 
 __all__ = [
+    "MAX_BATCH_SIZE",
+    "MAX_LIST_ITEMS",
+    "BoundError",
     "MethodSpec",
+    "Stopped",
     "auto_batch_size",
     "available_methods",
+    "check_request",
+    "check_stop",
     "check_target_range",
     "chunks",
     "explain",
@@ -45,7 +52,9 @@ __all__ = [
     "model_guard",
     "model_input_spec",
     "register",
+    "request_cost",
     "resolve_target",
+    "stop_when",
     "target_scores",
     "validate_images",
 ]
@@ -67,12 +76,27 @@ class MethodSpec:
     summary: str = ""
     requires: tuple[Callable[[nn.Module], bool], str] | None = None
     explainer: str | None = None
+    bounds: dict[str, int | float] = field(default_factory=dict)
+    passes: Callable[[dict[str, Any], tuple[int, ...]], int] | None = None
+    cheaper: str = ""
 
     def applies_to(self, model: nn.Module) -> bool:
         return self.requires is None or bool(self.requires[0](model))
 
+    def passes_per_image(self, params: dict[str, Any], spatial_shape: tuple[int, ...]) -> int:
+        """Network passes (a forward, with its backward when the method differentiates) per image
+        for ``params`` (merged over the defaults) on inputs of ``spatial_shape``."""
+        if self.passes is None:
+            return 1
+        try:
+            return max(1, int(self.passes({**self.defaults, **params}, tuple(spatial_shape))))
+        except (TypeError, ValueError):  # a malformed parameter: the method itself says what is wrong
+            return 1
+
 
 _REGISTRY: dict[str, MethodSpec] = {}
+MAX_BATCH_SIZE = 1024  # rows per network pass a server accepts (memory, not work)
+MAX_LIST_ITEMS = 16  # values in a list parameter (e.g. XRAI's segmentation scales) a server accepts
 
 
 def register(
@@ -80,13 +104,20 @@ def register(
     summary: str = "",
     requires: tuple[Callable[[nn.Module], bool], str] | None = None,
     explainer: str | None = None,
+    bounds: dict[str, int | float] | None = None,
+    passes: Callable[[dict[str, Any], tuple[int, ...]], int] | None = None,
+    cheaper: str = "",
 ) -> Callable[[Callable], Callable]:
     """Register ``fn(model, images, target, **params)`` under ``name``.
 
     The defaults published by :func:`available_methods` are read from the keyword arguments of
     ``fn`` after ``target`` so that the signature is the single source of truth. ``requires``:
     (test, what it needs) for a method that explains only some models; ``explainer``: the kind of
-    trained explainer it takes (see :class:`MethodSpec`).
+    trained explainer it takes (see :class:`MethodSpec`). ``bounds``: parameter -> largest value
+    a server accepts (every parameter that multiplies work or memory; ``batch_size`` is bounded for
+    all methods by :data:`MAX_BATCH_SIZE`; the key ``passes`` bounds the network passes per image),
+    see :func:`check_request`; ``passes(params, spatial_shape)``: network passes per image
+    (default 1), for the request's cost; ``cheaper``: how to lower it (e.g. "lower steps").
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -97,20 +128,72 @@ def register(
             p.name: p.default for p in list(sig.parameters.values())[3:] if p.default is not inspect.Parameter.empty
         }
         summary_line = summary or (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = MethodSpec(name, fn, defaults, summary_line, requires, explainer)
+        limits = {**({"batch_size": MAX_BATCH_SIZE} if "batch_size" in defaults else {}), **(bounds or {})}
+        _REGISTRY[name] = MethodSpec(name, fn, defaults, summary_line, requires, explainer, limits, passes, cheaper)
         return fn
 
     return decorate
 
 
 def available_methods(model: nn.Module | None = None) -> dict[str, dict[str, Any]]:
-    """Name -> {"defaults": {...}, "summary": str} for every registered method (sorted by name);
-    with ``model``, only the methods that can explain it (``wildcat`` needs a WILDCAT head)."""
+    """Name -> {"defaults": {...}, "bounds": {...}, "summary": str} for every registered method
+    (sorted by name); with ``model``, only the methods that can explain it (``wildcat`` needs a
+    WILDCAT head). ``bounds``: the largest value of each parameter a server accepts."""
     return {
-        n: {"defaults": dict(s.defaults), "summary": s.summary}
+        n: {"defaults": dict(s.defaults), "bounds": dict(s.bounds), "summary": s.summary}
         for n, s in sorted(_REGISTRY.items())
         if model is None or s.applies_to(model)
     }
+
+
+def _too_large(value: Any, bound: int | float) -> bool:
+    """Whether ``value`` (a number, or a list of numbers: any of them) exceeds ``bound``."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return value > bound
+    if isinstance(value, (list, tuple)):
+        return any(_too_large(v, bound) for v in value)
+    return False
+
+
+def request_cost(method: str, params: dict[str, Any], spatial_shape: tuple[int, ...]) -> int:
+    """Estimated work of explaining one image: network passes x voxels of the network input."""
+    return get_method(method).passes_per_image(params, spatial_shape) * math.prod(spatial_shape)
+
+
+def check_request(
+    method: str, params: dict[str, Any], spatial_shape: tuple[int, ...], max_cost: float | None = None
+) -> int:
+    """Refuse (``ValueError`` naming the parameter and what to do) a request over ``method``'s
+    bounds, or whose :func:`request_cost` on inputs of ``spatial_shape`` is above ``max_cost``
+    (None: no budget). Returns the cost. The server applies this to every request; ``explain``
+    does not (a library call is the caller's own budget), the CLI with ``--max-cost``."""
+    spec = get_method(method)
+    listed = "each method's bounds are listed by `monai-sal methods` and in /info"
+    for name, bound in spec.bounds.items():
+        value = params.get(name)
+        if isinstance(value, (list, tuple)) and len(value) > MAX_LIST_ITEMS:
+            raise BoundError(f"{method}: {name} has {len(value)} values, at most {MAX_LIST_ITEMS} are accepted")
+        if _too_large(value, bound):
+            raise BoundError(f"{method}: {name}={value!r} is above its bound of {bound:g}; {listed}")
+    passes = spec.passes_per_image(params, spatial_shape)
+    lower = spec.cheaper or "use a cheaper method"
+    if passes > spec.bounds.get("passes", math.inf):  # e.g. occlusion: windows per image
+        raise BoundError(
+            f"{method}: {passes} network passes per image is above its bound of {spec.bounds['passes']:g}; {lower}"
+        )
+    cost = passes * math.prod(spatial_shape)
+    if max_cost is not None and cost > max_cost:
+        raise BoundError(
+            f"{method}: estimated cost {cost:.3g} (network passes x input voxels: {passes} passes of "
+            f"{'x'.join(map(str, spatial_shape))}) is above the budget of {max_cost:.3g}; {lower}"
+        )
+    return cost
+
+
+class BoundError(ValueError):
+    """A request over a method's bounds or over the cost budget (see :func:`check_request`)."""
 
 
 def get_method(name: str) -> MethodSpec:
@@ -197,10 +280,45 @@ def check_target_range(target: torch.Tensor, num_classes: int) -> None:
 
 
 def chunks(n: int, batch_size: int | None) -> Iterator[slice]:
-    """Slices of ``range(n)`` of at most ``batch_size`` (all of it when None or <= 0)."""
+    """Slices of ``range(n)`` of at most ``batch_size`` (all of it when None or <= 0); before each,
+    :func:`check_stop`."""
     step = n if not batch_size or batch_size <= 0 else int(batch_size)
     for start in range(0, n, step):
+        check_stop()
         yield slice(start, min(n, start + step))
+
+
+class Stopped(RuntimeError):
+    """Work stopped between two chunks because the caller asked it to (the message says why)."""
+
+
+_STOP_CHECK: contextvars.ContextVar[Callable[[], str | None] | None] = contextvars.ContextVar(
+    "monai_sal_stop_check", default=None
+)
+
+
+@contextlib.contextmanager
+def stop_when(check: Callable[[], str | None]) -> Iterator[None]:
+    """Within the block, methods call ``check()`` before each chunk of network passes (and each
+    optimisation step) and stop with :class:`Stopped` and its answer when it returns a reason.
+
+    How a server applies a time limit, a client's disconnect or a shutdown to a running request:
+    the check is a context variable, so it follows the work into the thread that runs it.
+    """
+    token = _STOP_CHECK.set(check)
+    try:
+        yield
+    finally:
+        _STOP_CHECK.reset(token)
+
+
+def check_stop() -> None:
+    """Raise :class:`Stopped` if the enclosing :func:`stop_when` check gives a reason."""
+    check = _STOP_CHECK.get()
+    if check is not None:
+        reason = check()
+        if reason:
+            raise Stopped(reason)
 
 
 _ACTIVATION_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()

@@ -93,7 +93,11 @@ def _broadcast(values: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 @register(
-    "integrated_gradients", "path integral of the gradient from a baseline to the image, times (image - baseline)"
+    "integrated_gradients",
+    "path integral of the gradient from a baseline to the image, times (image - baseline)",
+    bounds={"steps": 1000, "blur_sigma": 1000},
+    passes=lambda p, shape: p["steps"],
+    cheaper="lower steps",
 )
 def integrated_gradients(
     model: nn.Module,
@@ -128,7 +132,13 @@ def integrated_gradients(
     return (delta * path_mean).sum(dim=1, keepdim=True)
 
 
-@register("smoothgrad_ig", "Integrated Gradients averaged over noisy copies of the image (SmoothGrad over IG)")
+@register(
+    "smoothgrad_ig",
+    "Integrated Gradients averaged over noisy copies of the image (SmoothGrad over IG)",
+    bounds={"n_samples": 100, "steps": 1000, "blur_sigma": 1000},
+    passes=lambda p, shape: p["n_samples"] * p["steps"],
+    cheaper="lower n_samples or steps",
+)
 def smoothgrad_ig(
     model: nn.Module,
     images: torch.Tensor,

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monai_sal_app.saliency.core import auto_batch_size, chunks, register, target_scores
+from monai_sal_app.saliency.core import auto_batch_size, check_stop, chunks, register, target_scores
 
 __all__ = ["gaussian_blur", "meaningful_perturbation", "perturb"]
 
@@ -135,6 +135,9 @@ def _total_variation(mask: torch.Tensor, beta: float) -> torch.Tensor:
 @register(
     "meaningful_perturbation",
     "meaningful perturbation: optimised smooth blur mask that deletes the class; map = 1 - mask",
+    bounds={"steps": 5000, "jitter_copies": 16, "blur_sigma": 50, "jitter": 224},
+    passes=lambda p, shape: p["steps"] * p["jitter_copies"],
+    cheaper="lower steps or jitter_copies",
 )
 def meaningful_perturbation(
     model: nn.Module,
@@ -189,6 +192,7 @@ def meaningful_perturbation(
         mask = torch.ones((x.shape[0], 1, *mask_shape), device=x.device, dtype=x.dtype, requires_grad=True)
         optimizer = torch.optim.Adam([mask], lr=lr)
         for _ in range(int(steps)):
+            check_stop()
             keep = F.interpolate(mask, size=spatial, mode=mode, align_corners=False)
             perturbed = perturb(x, blurred, keep).repeat_interleave(copies, dim=0)
             perturbed = _jitter(perturbed, max_shift, generator)

@@ -73,7 +73,19 @@ def _target_probability(model: nn.Module, x: torch.Tensor, target: torch.Tensor)
     return target_scores(torch.softmax(model(x), dim=1), target)
 
 
-@register("occlusion", "drop in the target's softmax probability when a sliding window is set to a baseline value")
+def _occlusion_passes(params: dict, spatial_shape: tuple[int, ...]) -> int:
+    """Forward passes per image: one per window position, plus the unoccluded image."""
+    window, stride = occlusion_geometry(spatial_shape, params["window"], params["stride"])
+    return math.prod(math.ceil((side - w) / st) + 1 for side, w, st in zip(spatial_shape, window, stride)) + 1
+
+
+@register(
+    "occlusion",
+    "drop in the target's softmax probability when a sliding window is set to a baseline value",
+    bounds={"passes": 65536},
+    passes=_occlusion_passes,
+    cheaper="raise window or stride",
+)
 def occlusion(
     model: nn.Module,
     images: torch.Tensor,

@@ -48,7 +48,13 @@ def noise_levels(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return (sigma * span).view(-1, *([1] * (images.ndim - 1)))
 
 
-@register("smoothgrad", "input gradient averaged over noisy copies of the image (squared=True: mean of g^2)")
+@register(
+    "smoothgrad",
+    "input gradient averaged over noisy copies of the image (squared=True: mean of g^2)",
+    bounds={"n_samples": 1000},
+    passes=lambda p, shape: p["n_samples"],
+    cheaper="lower n_samples",
+)
 def smoothgrad(
     model: nn.Module,
     images: torch.Tensor,

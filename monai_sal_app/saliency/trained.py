@@ -76,6 +76,8 @@ def mask_generator(
     "|x_sim - x_adv| of the similarity-adversarial generator, optionally averaged over flips and rotations "
     "(needs explainer=)",
     explainer="similarity_adversarial",
+    passes=lambda p, shape: (16 if len(shape) == 3 else 8) if p["tta"] is True else 1,
+    cheaper="set tta to false",
 )
 def similarity_adversarial(
     model: nn.Module,

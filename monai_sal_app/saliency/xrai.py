@@ -60,6 +60,7 @@ from torch import nn
 from monai_sal_app.metrics.localization import top_regions_mask
 from monai_sal_app.saliency.core import (
     auto_batch_size,
+    check_stop,
     chunks,
     get_method,
     model_device,
@@ -386,6 +387,7 @@ def _run_xrai(
     spatial = tuple(images.shape[2:])
     maps, regions = [], []
     for attr, image in zip(merged, pixels):
+        check_stop()
         if len(spatial) == 2:
             membership = segment_membership_2d(image, scales, sigma, min_size, dilation_px)
         else:
@@ -397,7 +399,20 @@ def _run_xrai(
     return out, regions
 
 
-@register("xrai", "XRAI: multi-scale segments ranked greedily by integrated-gradients density (2D PAIR, 3D SLIC)")
+@register(
+    "xrai",
+    "XRAI: multi-scale segments ranked greedily by integrated-gradients density (2D PAIR, 3D SLIC)",
+    bounds={
+        "steps": 1000,
+        "scales": 10000,
+        "min_size": 224 * 224,
+        "dilation_px": 50,
+        "n_segments": 10000,
+        "dilation_voxels": 10,
+    },
+    passes=lambda p, shape: 2 * p["steps"],  # IG from two baselines
+    cheaper="lower steps",
+)
 def xrai(
     model: nn.Module,
     images: torch.Tensor,
