@@ -12,17 +12,36 @@ array indices to millimetres, "spatial_shape": tuple, "format": str}``. Array ax
 
 Anything wrong with an image (unknown type, corrupt file, NaN/inf, empty, constant) raises
 :class:`ImageError`, a ``ValueError`` whose message starts with the file's path.
+
+Size before decoding: :func:`declared_shape` reads only a file's header (NIfTI and NRRD headers,
+PNG/JPEG dimensions, DICOM rows x columns x frames), so that ``read_image(..., max_voxels=...)``
+refuses an image too large for the caller (:class:`ImageTooLarge`) before reading its pixels, and
+a compressed NIfTI or NRRD whose data inflates past the size its header declares is refused after
+inflating one byte more than that, never decoded to its end.
 """
 
 from __future__ import annotations
 
+import gzip
+import math
 import os
+import re
 import uuid
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SUPPORTED_SUFFIXES", "ImageError", "check_image", "read_image", "write_nifti"]
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "ImageError",
+    "ImageTooLarge",
+    "check_image",
+    "declared_shape",
+    "read_image",
+    "write_nifti",
+]
 
 SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm")
 _DICOM_MAGIC_OFFSET = 128
@@ -30,6 +49,10 @@ _DICOM_MAGIC_OFFSET = 128
 
 class ImageError(ValueError):
     """An image file or array that cannot be used: unreadable, unsupported, NaN/inf, empty or constant."""
+
+
+class ImageTooLarge(ImageError):
+    """An image whose header declares more voxels than the caller accepts (nothing was decoded)."""
 
 
 def check_image(array: np.ndarray, name: str = "image", allow_constant: bool = False) -> None:
@@ -77,10 +100,100 @@ def _format_of(path: Path) -> str:
     )
 
 
+_NRRD_HEADER_BYTES = 1 << 16  # an NRRD header is text lines up to the first empty line
+_NRRD_SIZES = re.compile(rb"^sizes:\s*([0-9 \t]+)$", re.MULTILINE)
+_NRRD_ENCODING = re.compile(rb"^encoding:\s*(\S+)", re.MULTILINE)
+_NRRD_TYPE_BYTES = {
+    b"uchar": 1, b"unsigned char": 1, b"uint8": 1, b"uint8_t": 1, b"signed char": 1, b"int8": 1, b"int8_t": 1,
+    b"char": 1, b"short": 2, b"short int": 2, b"signed short": 2, b"int16": 2, b"int16_t": 2, b"ushort": 2,
+    b"unsigned short": 2, b"uint16": 2, b"uint16_t": 2, b"int": 4, b"signed int": 4, b"int32": 4, b"int32_t": 4,
+    b"uint": 4, b"unsigned int": 4, b"uint32": 4, b"uint32_t": 4, b"float": 4, b"double": 8, b"longlong": 8,
+    b"int64": 8, b"int64_t": 8, b"ulonglong": 8, b"uint64": 8, b"uint64_t": 8,
+}  # fmt: skip
+
+
+def _nrrd_header(path: Path) -> tuple[bytes, int]:
+    """(header text, offset of the data) of an attached-data NRRD file."""
+    with open(path, "rb") as f:
+        head = f.read(_NRRD_HEADER_BYTES)
+    if not head.startswith(b"NRRD"):
+        raise ImageError(f"{path}: cannot read the nrrd header (no NRRD magic)")
+    end = re.search(rb"\r?\n\r?\n", head)
+    if end is None:
+        raise ImageError(f"{path}: cannot read the nrrd header (longer than {_NRRD_HEADER_BYTES} bytes, or no data)")
+    return head[: end.start()], end.end()
+
+
+def declared_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """The array shape an image file's header declares, read without decoding its pixels.
+
+    NIfTI: the header's dimensions; NRRD: ``sizes``; PNG/JPEG: (rows, cols) (plus channels when
+    there are several); DICOM: (frames, rows, cols) for multi-frame files, else (rows, cols).
+    Raises :class:`ImageError` for an unsupported or unreadable header.
+    """
+    path = Path(path)
+    fmt = _format_of(path)
+    try:
+        if fmt == "nifti":
+            import nibabel as nib
+
+            return tuple(int(s) for s in nib.load(str(path)).shape)
+        if fmt == "nrrd":
+            header, _ = _nrrd_header(path)
+            sizes = _NRRD_SIZES.search(header)
+            if sizes is None:
+                raise ImageError(f"{path}: cannot read the nrrd header (no 'sizes' field)")
+            return tuple(int(s) for s in sizes.group(1).split())[::-1]  # numpy order
+        if fmt in ("png", "jpeg"):
+            from PIL import Image
+
+            with Image.open(path) as image:  # reads the header only
+                bands = len(image.getbands())
+                return (image.height, image.width) + ((bands,) if bands > 1 else ())
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        return ((frames,) if frames > 1 else ()) + (int(ds.Rows), int(ds.Columns))
+    except ImageError:
+        raise
+    except Exception as err:  # each library has its own exception types for corrupt headers
+        raise ImageError(f"{path}: cannot read the {fmt} header ({type(err).__name__}: {err})") from err
+
+
+def _check_declared_size(path: Path, max_voxels: Mapping[int, int]) -> None:
+    shape = declared_shape(path)
+    spatial = tuple(s for s in shape if s != 1) or (1,)
+    dims = 2 if len(spatial) <= 2 else 3
+    limit = max_voxels.get(dims)
+    if limit is not None and math.prod(shape) > limit:
+        raise ImageTooLarge(
+            f"{path}: the header declares {'x'.join(map(str, shape))} = {math.prod(shape):,} voxels, above the "
+            f"limit of {limit:,} for {dims}D images; nothing was decoded"
+        )
+
+
+def _inflate_at_most(path: Path, expected: int, stream) -> bytes:
+    """``expected`` bytes inflated from ``stream`` (a ``read(n)`` callable); :class:`ImageError` if
+    the data inflates past that (one byte more is read, never the rest)."""
+    data = stream(expected + 1)
+    if len(data) > expected:
+        raise ImageError(
+            f"{path}: the compressed data inflates past the {expected:,} bytes its header declares; not decoded"
+        )
+    return data
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     image = nib.load(str(path))
+    if path.name.lower().endswith(".gz"):  # inflate only what the header declares (one byte more is an error)
+        header = image.header  # the data start: the proxy's offset (the header's vox_offset may say 0)
+        expected = int(image.dataobj.offset) + math.prod(header.get_data_shape()) * header.get_data_dtype().itemsize
+        with gzip.open(path, "rb") as f:
+            data = _inflate_at_most(path, expected, f.read)
+        image = type(image).from_bytes(data)
     array = np.asarray(image.get_fdata(dtype=np.float32))
     while array.ndim > 2 and array.shape[-1] == 1:  # e.g. a 2D image saved as (H, W, 1)
         array = array[..., 0]
@@ -90,6 +203,17 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import itk
 
+    header, offset = _nrrd_header(path)
+    encoding = _NRRD_ENCODING.search(header)
+    if encoding is not None and encoding.group(1).lower() in (b"gzip", b"gz"):
+        sizes = _NRRD_SIZES.search(header)
+        kind = re.search(rb"^type:\s*(.+?)\s*$", header, re.MULTILINE)
+        if sizes is not None and kind is not None and kind.group(1).lower() in _NRRD_TYPE_BYTES:
+            expected = math.prod(int(s) for s in sizes.group(1).split()) * _NRRD_TYPE_BYTES[kind.group(1).lower()]
+            with open(path, "rb") as f:
+                f.seek(offset)
+                inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib stream
+                _inflate_at_most(path, expected, lambda n: inflater.decompress(f.read(), n))
     image = itk.imread(str(path))
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageError(
@@ -147,11 +271,15 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray]:
 _READERS = {"nifti": _read_nifti, "nrrd": _read_nrrd, "png": _read_pil, "jpeg": _read_pil, "dicom": _read_dicom}
 
 
-def read_image(path: str | os.PathLike, allow_constant: bool = False) -> tuple[np.ndarray, dict]:
+def read_image(
+    path: str | os.PathLike, allow_constant: bool = False, max_voxels: Mapping[int, int] | None = None
+) -> tuple[np.ndarray, dict]:
     """Read a 2D or 3D image as float32.
 
     Returns ``(array, meta)``, ``meta = {"affine": (4, 4) float64, "spatial_shape": tuple,
     "format": "nifti" | "nrrd" | "png" | "jpeg" | "dicom"}`` (axes: see the module docstring).
+    ``max_voxels``: {2: pixels, 3: voxels} the caller accepts; an image whose header declares more
+    raises :class:`ImageTooLarge` before any pixel is decoded.
     Raises :class:`ImageError` (missing file, unsupported type, corrupt file, not 2D/3D, NaN/inf,
     empty, or constant unless ``allow_constant``).
     """
@@ -161,6 +289,8 @@ def read_image(path: str | os.PathLike, allow_constant: bool = False) -> tuple[n
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, expected an image file")
     fmt = _format_of(path)
+    if max_voxels is not None:
+        _check_declared_size(path, max_voxels)
     try:
         array, affine = _READERS[fmt](path)
     except ImageError:
