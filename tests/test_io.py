@@ -8,9 +8,9 @@ import nibabel
 import numpy as np
 import pytest
 from PIL import Image
-from server_fixtures import write_dicom
+from server_fixtures import write_dicom, write_nrrd, write_png
 
-from monai_sal_app.data.io import ImageError, check_image, read_image, write_nifti
+from monai_sal_app.data.io import ImageError, ImageTooLarge, check_image, declared_shape, read_image, write_nifti
 from monai_sal_app.data.manifest import COLUMNS, load_images, load_labels, read_manifest, write_manifest
 
 
@@ -395,3 +395,41 @@ def test_load_images_names_the_first_mismatching_id(tmp_path):
         load_images(items, key="mask")
     with pytest.raises(ValueError, match="missing: label None"):
         load_labels([{"id": "missing", "image": "x", "label": None}])
+
+
+def test_declared_shape_reads_headers_only_and_max_voxels_refuses_before_decoding(tmp_path):
+    field = np.linspace(0, 1, 12 * 10, dtype=np.float32).reshape(12, 10)
+    files = {
+        write_nifti(np.stack([field] * 3, axis=-1), tmp_path / "v.nii.gz"): (12, 10, 3),
+        write_nrrd(np.stack([field] * 3), tmp_path / "v.nrrd"): (3, 12, 10),
+        write_png(field, tmp_path / "x.png"): (12, 10),
+        write_dicom(tmp_path / "x.dcm", np.round(field * 1000).astype(np.uint16)): (12, 10),
+    }
+    for path, shape in files.items():
+        assert declared_shape(path) == shape, path
+        dims = 3 if len(shape) == 3 else 2
+        read_image(path, max_voxels={dims: int(np.prod(shape))})  # at the limit: read
+        with pytest.raises(ImageTooLarge, match="nothing was decoded"):
+            read_image(path, max_voxels={dims: int(np.prod(shape)) - 1})
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((4096, 4096, 4096))
+    bomb = tmp_path / "bomb.nii.gz"
+    bomb.write_bytes(gzip.compress(header.binaryblock + b"\0" * 1024))
+    with pytest.raises(ImageTooLarge, match="4096x4096x4096"):
+        read_image(bomb, max_voxels={2: 8192**2, 3: 512**3})
+
+
+def test_gzipped_data_inflating_past_its_header_is_refused(tmp_path):
+    nrrd = tmp_path / "long.nrrd"
+    head = b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4 4\nendian: little\nencoding: gzip\n\n"
+    values = np.arange(64, dtype=np.float32).tobytes()
+    nrrd.write_bytes(head + gzip.compress(values + b"\0" * (32 << 20)))
+    with pytest.raises(ImageError, match="inflates past the 256 bytes its header declares"):
+        read_image(nrrd)
+    nrrd.write_bytes(head + gzip.compress(values))
+    np.testing.assert_array_equal(read_image(nrrd)[0].ravel(), np.arange(64))
+    good = write_nifti(np.arange(60, dtype=np.float32).reshape(3, 4, 5), tmp_path / "good.nii.gz")
+    padded = tmp_path / "padded.nii.gz"
+    padded.write_bytes(gzip.compress(gzip.decompress(good.read_bytes()) + b"\0" * (32 << 20)))
+    with pytest.raises(ImageError, match="inflates past"):
+        read_image(padded)
