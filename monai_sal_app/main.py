@@ -17,7 +17,9 @@ Settings (``--conf key value``):
 
 - ``model_dir``: folder of the checkpoints (default ``<app>/model``);
 - ``models``: comma list of model names to serve (default: every checkpoint in ``model_dir``);
-- ``device``: e.g. ``cpu`` or ``cuda:1`` (default: CUDA when available, else CPU).
+- ``device``: e.g. ``cpu`` or ``cuda:1`` (default: CUDA when available, else CPU);
+- ``max_request_cost``, ``max_upload_mb``, ``max_pixels``, ``max_voxels``, ``request_timeout_s``:
+  what one request may cost (:mod:`monai_sal_app.lib.limits`; shown in ``/info``).
 """
 
 from __future__ import annotations
@@ -39,35 +41,47 @@ from monai_sal_app import __version__
 from monai_sal_app.lib.configs.classifier import ClassifierConfig
 from monai_sal_app.lib.errors import RequestError, install_http_errors
 from monai_sal_app.lib.inputs import IMAGE_NAME_KEY, CheckedSessions, remove_uploads, resolve_image, resolve_label
+from monai_sal_app.lib.limits import ServerLimits, install_limits, stop_requests_on_shutdown
 from monai_sal_app.lib.scoring.trust import TrustScoring
 from monai_sal_app.lib.served_model import find_checkpoints
 from monai_sal_app.models.device import default_device
+from monai_sal_app.saliency.core import Stopped
 
 logger = logging.getLogger(__name__)
 
 
-def _load_malloc_trim():
-    """glibc's ``malloc_trim`` (None on other C libraries)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+MALLOC_ARENAS = 2
+MALLOC_MMAP_THRESHOLD = 1 << 20
+MALLOC_TRIM_THRESHOLD = 8 << 20
 
 
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def release_free_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc only; a no-op elsewhere).
+def configure_malloc() -> bool:
+    """Keep the server's memory flat without work per request (glibc only; False elsewhere).
 
     Requests allocate image, activation and gradient buffers of many sizes from several threads
-    (the event loop, and Starlette's thread pool for uploads and clean-up); glibc keeps the freed
-    pages in per-thread arenas, so without trimming the server's RSS grew ~0.8 MiB per request
-    (``scripts/benchmark_server_memory.py``; flat with ``MALLOC_ARENA_MAX=1`` or with this trim).
+    (the event loop, the infer worker threads, Starlette's thread pool for uploads); glibc's
+    defaults give each thread an arena of its own and raise the mmap threshold as large blocks
+    are freed, so freed pages stay in the process and RSS grows from request to request. With at
+    most :data:`MALLOC_ARENAS` arenas and fixed thresholds (blocks from :data:`MALLOC_MMAP_THRESHOLD`
+    up are mapped and unmapped whole; the heap top is trimmed past :data:`MALLOC_TRIM_THRESHOLD`),
+    it stays flat (``scripts/benchmark_server_memory.py``; the numbers are in the README).
     """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    for option, value in (
+        (_M_ARENA_MAX, MALLOC_ARENAS),
+        (_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD),
+        (_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD),
+    ):
+        mallopt(option, value)
+    return True
 
 
 class MonaiSalApp(MONAILabelApp):
@@ -75,6 +89,7 @@ class MonaiSalApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         conf = conf or {}
+        self.limits = ServerLimits.from_conf(conf)  # a bad setting stops the start with its name
         self.model_dir = os.path.realpath(conf.get("model_dir") or os.path.join(app_dir, "model"))
         self.device = torch.device(conf["device"]) if conf.get("device") else default_device()
         names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or None
@@ -110,6 +125,9 @@ class MonaiSalApp(MONAILabelApp):
         server = sys.modules.get("monailabel.app")
         if server is not None:  # running inside the MONAI Label server (not a train subprocess)
             install_http_errors(server.app)
+            install_limits(server.app, self.limits)
+            stop_requests_on_shutdown()
+            configure_malloc()
 
     def init_datastore(self) -> Datastore:
         """The stock local datastore, also listing single-file DICOM X-rays (``*.dcm``)."""
@@ -145,6 +163,7 @@ class MonaiSalApp(MONAILabelApp):
         meta = super().info()
         meta["device"] = str(self.device)
         meta["model_dir"] = self.model_dir
+        meta["limits"] = self.limits.public()
         return meta
 
     def infer(self, request, datastore=None):
@@ -169,8 +188,10 @@ class MonaiSalApp(MONAILabelApp):
             if label is not None:
                 checked["label"] = label
             return super().infer(checked, datastore)
+        except Stopped as stopped:
+            remove_uploads(request)
+            logger.info("infer %s stopped: %s", request.get("model"), stopped)
+            raise RequestError(503, f"stopped: {stopped}") from stopped
         except BaseException:
             remove_uploads(request)  # MONAI Label only cleans them up after a successful response
             raise
-        finally:
-            release_free_memory()

@@ -74,16 +74,20 @@ def find_checkpoints(
 class ServedModel:
     """The classifier of one checkpoint, shared by the infer and train tasks of one served model.
 
-    ``use()`` yields ``(model, card)`` while holding the model's lock, so concurrent requests on the
-    same model run one after another (a saliency method hooks into and differentiates through
-    the shared network) and a reload never happens in the middle of a request.
+    ``use()`` yields ``(model, card)`` while holding the model's run lock, so concurrent requests
+    on the same model run one after another (a saliency method hooks into and differentiates
+    through the shared network). Everything else (card, methods, explainers, trust; ``/info``)
+    takes only the short state lock, so it answers while a request runs; a reload then swaps in
+    the new network for the next request, and the running one finishes on the network it started
+    with.
     """
 
     def __init__(self, name: str, path: str | os.PathLike, device: torch.device) -> None:
         self.name = name
         self.path = Path(path)
         self.device = torch.device(device)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the loaded state: held for a reload, never for a request
+        self._run_lock = threading.Lock()  # one request at a time on the shared network
         self._stamp: tuple | None = None
         self._model: nn.Module | None = None
         self._card: ModelCard | None = None
@@ -136,8 +140,15 @@ class ServedModel:
 
     def card(self) -> ModelCard:
         """The current model card; :class:`RequestError` 503 when the model is unavailable."""
-        with self.use() as (_, card):
-            return card
+        return self._current()[1]
+
+    def _current(self) -> tuple[nn.Module, ModelCard]:
+        """The up-to-date ``(model, card)`` (reloaded if the files changed); 503 if unavailable."""
+        with self._lock:
+            self._refresh()
+            if self._model is None:
+                raise RequestError(503, f"model {self.name!r} is unavailable: {self._error}")
+            return self._model, self._card
 
     def modified(self) -> str:
         """Modification time of the weights now served, ISO 8601 UTC."""
@@ -175,7 +186,8 @@ class ServedModel:
     def explainers(self) -> dict[str, nn.Module]:
         """Kind -> loaded explainer, for the explainer checkpoints beside the model that were trained
         for the weights now served; re-read when their files or the model's change."""
-        with self.use():
+        with self._lock:
+            self._current()
             found = {}
             for kind in EXPLAINER_KINDS:
                 path = self.explainer_path(kind)
@@ -199,7 +211,8 @@ class ServedModel:
     def methods(self) -> dict[str, dict]:
         """The saliency methods that can explain the model now served: ``available_methods(model)``,
         those that need a trained explainer only when one for these weights is beside it."""
-        with self.use() as (model, _):
+        with self._lock:
+            model, _ = self._current()
             explainers = self.explainers()
             return {
                 name: spec
@@ -209,9 +222,6 @@ class ServedModel:
 
     @contextlib.contextmanager
     def use(self) -> Iterator[tuple[nn.Module, ModelCard]]:
-        """Hold the model's lock and yield the up-to-date ``(model, card)``; 503 if unavailable."""
-        with self._lock:
-            self._refresh()
-            if self._model is None:
-                raise RequestError(503, f"model {self.name!r} is unavailable: {self._error}")
-            yield self._model, self._card
+        """Hold the model's run lock and yield the up-to-date ``(model, card)``; 503 if unavailable."""
+        with self._run_lock:
+            yield self._current()

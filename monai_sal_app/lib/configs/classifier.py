@@ -15,6 +15,7 @@ import torch
 from monailabel.interfaces.config import TaskConfig
 
 from monai_sal_app.lib.infers.saliency import SaliencyInfer
+from monai_sal_app.lib.limits import ServerLimits
 from monai_sal_app.lib.served_model import ServedModel
 from monai_sal_app.lib.trainers.classifier import ClassifierTrainer
 
@@ -33,6 +34,7 @@ class ClassifierConfig(TaskConfig):
         self.path = os.path.join(model_dir, f"{name}.pt")
         self.served = ServedModel(name, self.path, kwargs.get("device") or torch.device("cpu"))
         self.studies = kwargs.get("studies", "")
+        self.limits = ServerLimits.from_conf(conf or {})
 
     def problem(self) -> str | None:
         """Why this model cannot be served (missing or unloadable checkpoint), None when it can."""
@@ -40,7 +42,7 @@ class ClassifierConfig(TaskConfig):
 
     def infer(self) -> SaliencyInfer:
         card = self.served.card()
-        return SaliencyInfer(self.name, self.served, description=card.description)
+        return SaliencyInfer(self.name, self.served, description=card.description, limits=self.limits)
 
     def trainer(self) -> ClassifierTrainer:
         return ClassifierTrainer(self.name, self.served, self.studies)

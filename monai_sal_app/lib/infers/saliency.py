@@ -29,14 +29,16 @@ import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from monai_sal_app.data.io import ImageError, read_image, write_nifti
+from monai_sal_app.data.io import ImageError, ImageTooLarge, read_image, write_nifti
 from monai_sal_app.evaluation.trust import trust_summary
 from monai_sal_app.inference import explain_array
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.lib.inputs import DEFAULT_METHOD, IMAGE_NAME_KEY, parse_explain_request
+from monai_sal_app.lib.limits import DEFAULT_LIMITS, ServerLimits
 from monai_sal_app.lib.served_model import ServedModel
 from monai_sal_app.metrics.localization import localization_metrics
 from monai_sal_app.saliency import get_method
+from monai_sal_app.saliency.core import BoundError, check_request
 
 __all__ = ["SaliencyInfer", "json_safe", "nifti_array_shape"]
 
@@ -69,7 +71,9 @@ def nifti_array_shape(path: str, spatial_shape: tuple[int, ...]) -> tuple[int, .
 class SaliencyInfer(InferTask):
     """``POST /infer/<name>``: probabilities (JSON) and a float32 NIfTI heatmap on the input grid."""
 
-    def __init__(self, name: str, served: ServedModel, description: str = "") -> None:
+    def __init__(
+        self, name: str, served: ServedModel, description: str = "", limits: ServerLimits = DEFAULT_LIMITS
+    ) -> None:
         card = served.card()
         super().__init__(
             type=InferType.CLASSIFICATION,
@@ -80,6 +84,7 @@ class SaliencyInfer(InferTask):
         )
         self.name = name
         self.served = served
+        self.limits = limits
 
     def is_valid(self) -> bool:
         return self.served.problem() is None
@@ -125,6 +130,7 @@ class SaliencyInfer(InferTask):
         labels = list(self.served.card().labels)
         methods = self.served.methods()
         method, target, options = parse_explain_request(request, labels, self.config(), methods)  # before reading
+        self._check_cost(method, options)
         array, meta = self._read(image_path, shown, allow_constant=False)
         mask = None
         if request.get("label"):
@@ -145,6 +151,7 @@ class SaliencyInfer(InferTask):
             if list(card.labels) != labels or current != methods:  # replaced meanwhile
                 labels, methods = list(card.labels), current
                 method, target, options = parse_explain_request(request, labels, self.config(), methods)
+                self._check_cost(method, options)
             kind = get_method(method).explainer
             if kind is not None:  # the trained explainer beside the checkpoint, never one named by the client
                 options = {**options, "explainer": self.served.explainers()[kind]}
@@ -220,10 +227,20 @@ class SaliencyInfer(InferTask):
             return found
         return {"stale": found["stale"], **trust_summary(found["card"], method)}
 
-    @staticmethod
-    def _read(path: str, shown: str, allow_constant: bool) -> tuple[np.ndarray, dict]:
+    def _check_cost(self, method: str, options: dict) -> None:
+        """400 for a parameter over its bound or a request over the server's cost budget."""
         try:
-            return read_image(path, allow_constant=allow_constant)
+            check_request(method, options, tuple(self.served.card().input_size), self.limits.max_request_cost)
+        except BoundError as error:
+            raise RequestError(400, f"{error} (max_request_cost)" if "budget" in str(error) else str(error)) from error
+
+    def _read(self, path: str, shown: str, allow_constant: bool) -> tuple[np.ndarray, dict]:
+        """The image (or mask) as ``read_image`` gives it: 413 over the size limits, before decoding."""
+        try:
+            return read_image(path, allow_constant=allow_constant, max_voxels=self.limits.max_voxels_by_dims)
+        except ImageTooLarge as error:
+            setting = "max_pixels or max_voxels"
+            raise RequestError(413, f"{str(error).replace(str(path), shown)} ({setting})") from error
         except ImageError as error:
             raise RequestError(400, str(error).replace(str(path), shown)) from error
 
