@@ -50,38 +50,41 @@ from monai_sal_app.saliency.core import Stopped
 logger = logging.getLogger(__name__)
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-MALLOC_ARENAS = 2
-MALLOC_MMAP_THRESHOLD = 1 << 20
-MALLOC_TRIM_THRESHOLD = 8 << 20
+_M_ARENA_MAX = -8  # glibc mallopt parameter (malloc.h)
 
 
-def configure_malloc() -> bool:
-    """Keep the server's memory flat without work per request (glibc only; False elsewhere).
-
-    Requests allocate image, activation and gradient buffers of many sizes from several threads
-    (the event loop, the infer worker threads, Starlette's thread pool for uploads); glibc's
-    defaults give each thread an arena of its own and raise the mmap threshold as large blocks
-    are freed, so freed pages stay in the process and RSS grows from request to request. With at
-    most :data:`MALLOC_ARENAS` arenas and fixed thresholds (blocks from :data:`MALLOC_MMAP_THRESHOLD`
-    up are mapped and unmapped whole; the heap top is trimmed past :data:`MALLOC_TRIM_THRESHOLD`),
-    it stays flat (``scripts/benchmark_server_memory.py``; the numbers are in the README).
-    """
+def _glibc():
+    """The C library's ``mallopt`` and ``malloc_trim`` (None, None on other C libraries)."""
     name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
+        libc = ctypes.CDLL(name) if name else None
+        return (libc.mallopt, libc.malloc_trim) if libc is not None else (None, None)
     except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
-        return False
-    for option, value in (
-        (_M_ARENA_MAX, MALLOC_ARENAS),
-        (_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD),
-        (_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD),
-    ):
-        mallopt(option, value)
-    return True
+        return None, None
+
+
+_MALLOPT, _MALLOC_TRIM = _glibc()
+
+
+def use_one_malloc_arena() -> None:
+    """One glibc malloc arena for the whole server (at start; a no-op on other C libraries).
+
+    Requests allocate image, activation and gradient buffers of many sizes from several threads
+    (the event loop, the infer worker threads, Starlette's thread pool for uploads); by default
+    glibc gives threads arenas of their own, where freed pages stay, and trimming them all after
+    each request cost tens of milliseconds. With one arena the trim after each request
+    (:func:`release_free_memory`) is cheap and the server's memory stays flat; both measured
+    with ``scripts/benchmark_server_memory.py`` and ``scripts/benchmark_server_latency.py``
+    (the numbers are in the README).
+    """
+    if _MALLOPT is not None:
+        _MALLOPT(_M_ARENA_MAX, 1)
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc only; a no-op elsewhere)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class MonaiSalApp(MONAILabelApp):
@@ -127,7 +130,7 @@ class MonaiSalApp(MONAILabelApp):
             install_http_errors(server.app)
             install_limits(server.app, self.limits)
             stop_requests_on_shutdown()
-            configure_malloc()
+            use_one_malloc_arena()
 
     def init_datastore(self) -> Datastore:
         """The stock local datastore, also listing single-file DICOM X-rays (``*.dcm``)."""
@@ -195,3 +198,5 @@ class MonaiSalApp(MONAILabelApp):
         except BaseException:
             remove_uploads(request)  # MONAI Label only cleans them up after a successful response
             raise
+        finally:
+            release_free_memory()

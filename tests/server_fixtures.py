@@ -213,9 +213,7 @@ def post_infer(
 
 
 def load_nifti_bytes(data: bytes):
-    """A nibabel image from the bytes of a .nii.gz file."""
-    import gzip
-
+    """A nibabel image from the bytes of a .nii file (the server's heatmaps are not compressed)."""
     import nibabel as nib
 
-    return nib.Nifti1Image.from_bytes(gzip.decompress(data))
+    return nib.Nifti1Image.from_bytes(data)

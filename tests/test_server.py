@@ -382,7 +382,7 @@ def test_mask_gives_the_evaluate_metrics(env, tmp_path, image_id):
         env["url"], model, image=image_id, label=item["mask"], params={"method": "gradient"}
     )
     assert status == 200, response.text
-    map_path = tmp_path / "map.nii.gz"
+    map_path = tmp_path / "map.nii"
     map_path.write_bytes(heatmap)
     maps_csv = tmp_path / "maps.csv"
     with open(maps_csv, "w", newline="") as f:

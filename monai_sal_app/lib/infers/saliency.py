@@ -116,7 +116,7 @@ class SaliencyInfer(InferTask):
                 "metrics": card.metrics,
                 "trust": self._trust(),
                 "output": {
-                    "heatmap": "NIfTI float32 on the input's grid",
+                    "heatmap": "NIfTI (.nii, uncompressed) float32 on the input's grid",
                     "json": "probabilities, target, method, params, seconds, metrics",
                 },
             }
@@ -245,10 +245,13 @@ class SaliencyInfer(InferTask):
             raise RequestError(400, str(error).replace(str(path), shown)) from error
 
     def _write_heatmap(self, saliency: np.ndarray, image_path: str, meta: dict, method: str) -> str:
-        """Write the map to a new temporary ``.nii.gz`` (MONAI Label deletes it after the response)."""
+        """Write the map to a new temporary ``.nii`` (MONAI Label deletes it after the response).
+
+        Uncompressed: a float32 map compresses poorly (a 64^3 integrated-gradients map by 7%) and
+        gzip took 27 ms of a 3D request and 4 ms of a 2D one (the README has the numbers)."""
         if meta["format"] == "nifti":
             saliency = saliency.reshape(nifti_array_shape(image_path, saliency.shape))
-        handle, path = tempfile.mkstemp(prefix=f"heatmap_{self.name}_{method}_", suffix=".nii.gz")
+        handle, path = tempfile.mkstemp(prefix=f"heatmap_{self.name}_{method}_", suffix=".nii")
         os.close(handle)
         try:
             write_nifti(saliency.astype(np.float32), path, affine=meta["affine"])
