@@ -123,7 +123,7 @@ def cmd_explain(args) -> None:
         from monai_sal_app.saliency.core import check_request
 
         for m in methods:
-            check_request(m, params, tuple(card.input_size), args.max_cost)
+            check_request(m, params, tuple(card.input_size), args.max_cost, budget_name="--max-cost")
     source = args.images[0] if len(args.images) == 1 and args.images[0].endswith(".csv") else args.images
     items = read_items(source)
     maps_csv = explain_items(

@@ -100,7 +100,7 @@ class MonaiSalApp(MONAILabelApp):
         self.task_configs: dict[str, ClassifierConfig] = {}
         for name, _path in found.items():
             config = ClassifierConfig()
-            config.init(name, self.model_dir, conf, None, device=self.device, studies=studies)
+            config.init(name, self.model_dir, conf, None, device=self.device, studies=studies, limits=self.limits)
             problem = config.problem()
             if problem:
                 skipped[name] = problem
@@ -173,7 +173,8 @@ class MonaiSalApp(MONAILabelApp):
         """Check the model and the image/label the request points at, then run MONAI Label's infer.
 
         Raises :class:`RequestError`: 404 for an unknown model or image id, 503 for a model whose
-        checkpoint is currently unavailable, 400 for an image or label that is not a datastore id,
+        checkpoint is currently unavailable or a request stopped (time limit, disconnect,
+        shutdown), 400 for an image or label that is not a datastore id,
         a session image or an upload (see :mod:`monai_sal_app.lib.inputs`).
         """
         try:

@@ -52,7 +52,6 @@ __all__ = [
     "model_guard",
     "model_input_spec",
     "register",
-    "request_cost",
     "resolve_target",
     "stop_when",
     "target_scores",
@@ -157,18 +156,18 @@ def _too_large(value: Any, bound: int | float) -> bool:
     return False
 
 
-def request_cost(method: str, params: dict[str, Any], spatial_shape: tuple[int, ...]) -> int:
-    """Estimated work of explaining one image: network passes x voxels of the network input."""
-    return get_method(method).passes_per_image(params, spatial_shape) * math.prod(spatial_shape)
-
-
 def check_request(
-    method: str, params: dict[str, Any], spatial_shape: tuple[int, ...], max_cost: float | None = None
+    method: str,
+    params: dict[str, Any],
+    spatial_shape: tuple[int, ...],
+    max_cost: float | None = None,
+    budget_name: str = "max_cost",
 ) -> int:
-    """Refuse (``ValueError`` naming the parameter and what to do) a request over ``method``'s
-    bounds, or whose :func:`request_cost` on inputs of ``spatial_shape`` is above ``max_cost``
-    (None: no budget). Returns the cost. The server applies this to every request; ``explain``
-    does not (a library call is the caller's own budget), the CLI with ``--max-cost``."""
+    """Refuse (:class:`BoundError` naming the parameter and what to do) a request over ``method``'s
+    bounds, or whose estimated cost per image (network passes x voxels of inputs of
+    ``spatial_shape``) is above ``max_cost`` (None: no budget; ``budget_name``: the setting that
+    message names). Returns the cost. The server applies this to every request; ``explain`` does
+    not (a library call is the caller's own budget), the CLI with ``--max-cost``."""
     spec = get_method(method)
     listed = "each method's bounds are listed by `monai-sal methods` and in /info"
     for name, bound in spec.bounds.items():
@@ -187,7 +186,7 @@ def check_request(
     if max_cost is not None and cost > max_cost:
         raise BoundError(
             f"{method}: estimated cost {cost:.3g} (network passes x input voxels: {passes} passes of "
-            f"{'x'.join(map(str, spatial_shape))}) is above the budget of {max_cost:.3g}; {lower}"
+            f"{'x'.join(map(str, spatial_shape))}) is above the budget of {max_cost:.3g} ({budget_name}); {lower}"
         )
     return cost
 

@@ -61,10 +61,14 @@ def occlusion_geometry(spatial: tuple[int, ...], window=None, stride=None) -> tu
     return window, stride
 
 
+def window_positions(side: int, window: int, stride: int) -> int:
+    """How many windows cover an axis of ``side`` voxels (the last one may overhang the end)."""
+    return math.ceil((side - window) / stride) + 1
+
+
 def window_indicators(side: int, window: int, stride: int, like: torch.Tensor) -> torch.Tensor:
     """(positions, side) 0/1 matrix: row p marks the voxels [p * stride, p * stride + window) of an axis."""
-    positions = math.ceil((side - window) / stride) + 1
-    starts = torch.arange(positions, device=like.device).view(-1, 1) * stride
+    starts = torch.arange(window_positions(side, window, stride), device=like.device).view(-1, 1) * stride
     coords = torch.arange(side, device=like.device).view(1, -1)
     return ((coords >= starts) & (coords < starts + window)).to(like.dtype)
 
@@ -76,7 +80,7 @@ def _target_probability(model: nn.Module, x: torch.Tensor, target: torch.Tensor)
 def _occlusion_passes(params: dict, spatial_shape: tuple[int, ...]) -> int:
     """Forward passes per image: one per window position, plus the unoccluded image."""
     window, stride = occlusion_geometry(spatial_shape, params["window"], params["stride"])
-    return math.prod(math.ceil((side - w) / st) + 1 for side, w, st in zip(spatial_shape, window, stride)) + 1
+    return math.prod(window_positions(*axis) for axis in zip(spatial_shape, window, stride)) + 1
 
 
 @register(

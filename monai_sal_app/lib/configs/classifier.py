@@ -25,7 +25,8 @@ __all__ = ["ClassifierConfig"]
 class ClassifierConfig(TaskConfig):
     """Infer task (:class:`SaliencyInfer`) and train task (:class:`ClassifierTrainer`) of ``<name>.pt``.
 
-    ``init(name, model_dir, conf, planner, device=torch.device, studies=str)``; check
+    ``init(name, model_dir, conf, planner, device=torch.device, studies=str, limits=ServerLimits)``
+    (``limits`` read from ``conf`` when not given); check
     :meth:`problem` before serving: a model whose checkpoint is missing or unloadable is not served.
     """
 
@@ -34,7 +35,7 @@ class ClassifierConfig(TaskConfig):
         self.path = os.path.join(model_dir, f"{name}.pt")
         self.served = ServedModel(name, self.path, kwargs.get("device") or torch.device("cpu"))
         self.studies = kwargs.get("studies", "")
-        self.limits = ServerLimits.from_conf(conf or {})
+        self.limits = kwargs.get("limits") or ServerLimits.from_conf(conf or {})
 
     def problem(self) -> str | None:
         """Why this model cannot be served (missing or unloadable checkpoint), None when it can."""

@@ -127,10 +127,11 @@ class SaliencyInfer(InferTask):
         start = time.perf_counter()
         image_path = request["image"]
         shown = request.get(IMAGE_NAME_KEY, "image")
-        labels = list(self.served.card().labels)
+        card = self.served.card()
+        labels = list(card.labels)
         methods = self.served.methods()
         method, target, options = parse_explain_request(request, labels, self.config(), methods)  # before reading
-        self._check_cost(method, options)
+        self._check_cost(method, options, card.input_size)
         array, meta = self._read(image_path, shown, allow_constant=False)
         mask = None
         if request.get("label"):
@@ -151,7 +152,7 @@ class SaliencyInfer(InferTask):
             if list(card.labels) != labels or current != methods:  # replaced meanwhile
                 labels, methods = list(card.labels), current
                 method, target, options = parse_explain_request(request, labels, self.config(), methods)
-                self._check_cost(method, options)
+                self._check_cost(method, options, card.input_size)
             kind = get_method(method).explainer
             if kind is not None:  # the trained explainer beside the checkpoint, never one named by the client
                 options = {**options, "explainer": self.served.explainers()[kind]}
@@ -227,12 +228,12 @@ class SaliencyInfer(InferTask):
             return found
         return {"stale": found["stale"], **trust_summary(found["card"], method)}
 
-    def _check_cost(self, method: str, options: dict) -> None:
+    def _check_cost(self, method: str, options: dict, input_size) -> None:
         """400 for a parameter over its bound or a request over the server's cost budget."""
         try:
-            check_request(method, options, tuple(self.served.card().input_size), self.limits.max_request_cost)
+            check_request(method, options, tuple(input_size), self.limits.max_request_cost, "max_request_cost")
         except BoundError as error:
-            raise RequestError(400, f"{error} (max_request_cost)" if "budget" in str(error) else str(error)) from error
+            raise RequestError(400, str(error)) from error
 
     def _read(self, path: str, shown: str, allow_constant: bool) -> tuple[np.ndarray, dict]:
         """The image (or mask) as ``read_image`` gives it: 413 over the size limits, before decoding."""
