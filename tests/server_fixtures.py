@@ -60,10 +60,13 @@ def write_dicom(
     spacing: tuple[float, float] | None = None,
     slope: float | None = None,
     intercept: float | None = None,
+    position: tuple[float, float, float] | None = None,
+    orientation: tuple[float, ...] | None = None,
 ) -> Path:
     """A single-frame DICOM of ``pixels`` (rows, cols) stored as uint16, ``bits_stored`` of them
     used; ``modality`` "OT" (Secondary Capture) or "DX" (digital X-ray); optional PixelSpacing
-    (row, column) in mm and RescaleSlope/RescaleIntercept."""
+    (row, column) in mm, RescaleSlope/RescaleIntercept, ImagePositionPatient (LPS mm) and
+    ImageOrientationPatient (row then column direction cosines, LPS)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -82,6 +85,10 @@ def write_dicom(
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     if spacing is not None:
         ds.PixelSpacing = [str(s) for s in spacing]
+    if position is not None:
+        ds.ImagePositionPatient = [f"{p:.8g}" for p in position]
+    if orientation is not None:
+        ds.ImageOrientationPatient = [f"{o:.8g}" for o in orientation]
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     ds.save_as(str(path), write_like_original=False)
     return path

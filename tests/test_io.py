@@ -125,7 +125,6 @@ def test_png_grayscale_8_and_16_bit(tmp_path):
     read, meta = read_image(tmp_path / "g.png")
     np.testing.assert_array_equal(read, gray.astype(np.float32))
     assert read.dtype == np.float32 and meta["format"] == "png" and meta["spatial_shape"] == (6, 8)
-    np.testing.assert_array_equal(meta["affine"], np.eye(4))
 
     deep = (np.arange(48).reshape(6, 8) * 1000).astype(np.uint16)
     Image.fromarray(deep).save(tmp_path / "d.png")
@@ -148,13 +147,47 @@ def test_colour_png_and_jpeg_become_grayscale(tmp_path):
 # ---------------------------------------------------------------- DICOM
 
 
-def test_dicom_rescale_and_pixel_spacing(tmp_path):
+def test_dicom_rescale(tmp_path):
     pixels = (np.arange(35).reshape(5, 7) * 3).astype(np.uint16)
     write_dicom(tmp_path / "x.dcm", pixels, slope=2, intercept=-100, spacing=(0.5, 0.7))
     read, meta = read_image(tmp_path / "x.dcm")
     np.testing.assert_allclose(read, pixels * 2.0 - 100.0)
     assert meta["format"] == "dicom" and meta["spatial_shape"] == (5, 7)
-    np.testing.assert_allclose(np.diag(meta["affine"]), [0.5, 0.7, 1.0, 1.0])
+
+
+def _plane_files(folder) -> dict:
+    """2D files whose geometry ITK reads in different ways (name -> path)."""
+    pixels = (np.arange(35).reshape(5, 7) * 3 + 1).astype(np.uint16)
+    tilted = (np.cos(0.3), np.sin(0.3), 0.0, 0.0, 0.0, -1.0)  # rows go along L-P, columns towards feet
+    return {
+        "png": write_png(pixels / pixels.max(), folder / "x.png"),
+        "secondary capture with spacing": write_dicom(folder / "ot.dcm", pixels, spacing=(0.5, 0.7)),
+        "dx with pixel spacing": write_dicom(folder / "dx.dcm", pixels, modality="DX", spacing=(0.5, 0.7)),
+        "positioned and tilted": write_dicom(
+            folder / "ct.dcm", pixels, spacing=(0.5, 0.7), position=(-20.0, 35.0, 12.5), orientation=tilted
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["png", "secondary capture with spacing", "dx with pixel spacing", "positioned and tilted"]
+)
+def test_png_and_dicom_pixels_are_where_itk_places_them(tmp_path, name):
+    """Slicer reads PNG and DICOM through ITK: pixel (row r, column c) is ITK index (c, r), whose LPS
+    point, with L and P negated, is the RAS position our affine must give to array index (r, c)."""
+    import itk
+
+    path = _plane_files(tmp_path)[name]
+    _, meta = read_image(path)
+    image = itk.imread(str(path))
+    for r, c in [(0, 0), (4, 0), (0, 6), (3, 5)]:
+        index = [c, r] + [0] * (image.GetImageDimension() - 2)
+        lps = np.array(image.TransformIndexToPhysicalPoint(index))
+        lps = np.pad(lps, (0, 3 - len(lps)))
+        np.testing.assert_allclose((meta["affine"] @ [r, c, 0, 1])[:3], lps * [-1, -1, 1], atol=1e-5)
+    if name == "positioned and tilted":  # the file's own position and spacing reach the affine
+        np.testing.assert_allclose(meta["affine"][:3, 3], [20.0, -35.0, 12.5])
+        np.testing.assert_allclose(np.linalg.norm(meta["affine"][:3, :2], axis=0), [0.5, 0.7])
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):

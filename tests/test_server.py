@@ -28,7 +28,6 @@ from conftest import LABELS, TINY_WILDCAT_HEAD, untrained_explainer
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from server_fixtures import (
-    DICOM_SPACING,
     load_nifti_bytes,
     make_studies,
     post_infer,
@@ -216,8 +215,14 @@ def test_datastore_image_with_monailabel_client(env, tmp_path, image_id):
         np.testing.assert_allclose(heatmap.affine, source.affine)
     else:
         assert heatmap.shape == input_array.shape
-    if image_id == "xray_dcm":
-        assert heatmap.header.get_zooms()[:2] == pytest.approx(DICOM_SPACING)
+    if image_id in ("xray_png", "xray_dcm"):  # each map pixel where ITK (and so Slicer) places the image's
+        import itk
+
+        source = itk.imread(str(item["path"]))
+        rows, cols = input_array.shape
+        for r, c in [(0, 0), (rows - 1, 0), (0, cols - 1), (5, 7)]:
+            lps = np.array(source.TransformIndexToPhysicalPoint([c, r, 0][: source.GetImageDimension()]))
+            np.testing.assert_allclose((heatmap.affine @ [r, c, 0, 1])[:2], -lps[:2], atol=1e-5)
 
 
 def test_dicom_monochrome1_is_inverted(env, tmp_path):

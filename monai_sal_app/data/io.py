@@ -7,8 +7,9 @@ array indices to millimetres, "spatial_shape": tuple, "format": str}``. Array ax
   (H, W, 1) reads as (H, W)); the affine is the file's (RAS+, mm).
 - NRRD (through ITK): numpy order of ITK's buffer, i.e. (z, y, x) or (y, x); the affine maps those
   axes to RAS+ mm (ITK's LPS direction, spacing and origin converted).
-- PNG/JPEG and DICOM: (rows, cols); the affine is the identity, with the DICOM PixelSpacing (mm)
-  on the diagonal when present.
+- PNG/JPEG and DICOM: (rows, cols); the affine puts each pixel where ITK's reader of the file's
+  header, and so 3D Slicer, puts it: pixel (row r, column c) at RAS (-c, -r, 0) for a PNG without a
+  recorded resolution; DICOM with its position, orientation and the spacing GDCM chooses.
 
 Anything wrong with an image (unknown type, corrupt file, NaN/inf, empty, constant) raises
 :class:`ImageError`, a ``ValueError`` whose message starts with the file's path.
@@ -222,17 +223,45 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
     array = np.array(itk.array_view_from_image(image), dtype=np.float32)  # (z, y, x) or (y, x)
     n = array.ndim
     direction = np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64).reshape(n, n)
-    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
-    index_to_lps = direction * spacing  # columns: ITK index axes (x, y[, z])
-    affine = np.eye(4)
-    affine[:n, :n] = index_to_lps[:, ::-1]  # columns reordered to numpy axes (.., y, x)
-    affine[:n, 3] = origin
-    affine[:2, :] *= -1  # LPS -> RAS
+    affine = _ras_affine(direction, image.GetSpacing(), image.GetOrigin())
     if n == 3 and array.shape[0] == 1:  # a single slice saved as 3D: keep (y, x), z column moves last
         array = array[0]
         affine = affine[:, [1, 2, 0, 3]]
     return array, affine
+
+
+def _ras_affine(direction: np.ndarray, spacing, origin) -> np.ndarray:
+    """The RAS+ affine of the numpy axes (z, y, x) or (y, x) of an ITK image: ``direction`` (n, n)
+    LPS direction cosines (columns: ITK index axes x, y[, z]), ``spacing`` and ``origin`` (n,) in mm."""
+    n = len(spacing)
+    index_to_lps = np.asarray(direction, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)
+    affine = np.eye(4)
+    affine[:n, :n] = index_to_lps[:, ::-1]  # columns reordered to numpy axes (.., y, x)
+    affine[:n, 3] = np.asarray(origin, dtype=np.float64)
+    affine[:2, :] *= -1  # LPS -> RAS
+    return affine + 0.0  # no negative zeros
+
+
+def _itk_plane_affine(path: Path) -> np.ndarray:
+    """The RAS+ affine of a PNG/JPEG/DICOM image's (rows, cols) array where ITK, and so 3D Slicer,
+    places it: pixel (row r, column c) is ITK index (x = c, y = r), at origin + direction x spacing x
+    index in LPS, all three from the file's header as ITK reads them (for DICOM through GDCM: image
+    position and orientation when present, and the spacing attribute GDCM uses for the image's SOP
+    class, e.g. ImagerPixelSpacing for digital X-ray; for PNG/JPEG 1 mm pixels at the origin unless
+    the file records its resolution). A file ITK has no reader for gets ITK's defaults: 1 mm pixels,
+    origin 0, identity direction, i.e. RAS (-c, -r, 0)."""
+    import itk
+
+    io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+    try:
+        io.SetFileName(str(path))
+        io.ReadImageInformation()
+    except (AttributeError, RuntimeError):  # no ITK reader (None), or one that cannot parse the header
+        return _ras_affine(np.eye(2), (1.0, 1.0), (0.0, 0.0))
+    n = io.GetNumberOfDimensions()
+    direction = np.array([io.GetDirection(axis) for axis in range(n)], dtype=np.float64).T  # columns: axes
+    affine = _ras_affine(direction, [io.GetSpacing(a) for a in range(n)], [io.GetOrigin(a) for a in range(n)])
+    return affine[:, [1, 2, 0, 3]] if n == 3 else affine  # (1, rows, cols): the slice axis moves last
 
 
 def _read_pil(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -244,7 +273,7 @@ def _read_pil(path: Path) -> tuple[np.ndarray, np.ndarray]:
             array = np.asarray(image, dtype=np.float32)
         else:
             array = np.asarray(image.convert("L"), dtype=np.float32)
-    return array, np.eye(4)
+    return array, _itk_plane_affine(path)
 
 
 def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -261,11 +290,7 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray]:
     array = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)  # RescaleSlope/Intercept
     if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         array = array.max() + array.min() - array  # bright = high value, as in MONOCHROME2
-    affine = np.eye(4)
-    spacing = getattr(ds, "PixelSpacing", None)  # [row spacing, column spacing] in mm
-    if spacing is not None and len(spacing) == 2:
-        affine[0, 0], affine[1, 1] = float(spacing[0]), float(spacing[1])
-    return array, affine
+    return array, _itk_plane_affine(path)
 
 
 _READERS = {"nifti": _read_nifti, "nrrd": _read_nrrd, "png": _read_pil, "jpeg": _read_pil, "dicom": _read_dicom}
