@@ -21,6 +21,7 @@ from sklearn.metrics import (
     precision_recall_curve,
     roc_auc_score,
 )
+from sklearn.metrics import roc_curve as sklearn_roc_curve
 
 from monai_sal_app.metrics import (
     DEFAULT_PERCENTILES,
@@ -35,7 +36,9 @@ from monai_sal_app.metrics import (
     partial_auprc,
     pointwise_average_precision,
     pointwise_hit,
+    regions_from_map,
     roc_auc,
+    roc_curve,
     soft_dice,
     summarize,
     to_markdown,
@@ -211,6 +214,34 @@ def test_hard_dice_at_mask_area_keeps_k_pixels_and_includes_ties():
     tied[0, 2:] = 1.0  # the 3rd largest (1.0) is tied with mask-outside pixel [0, 3]
     # binary map = 4 pixels (ties included): Dice = 2 * 3 / (4 + 3)
     assert hard_dice(tied, mask) == pytest.approx(6 / 7, abs=1e-15)
+
+
+def test_roc_curve_is_sklearn_roc_curve_and_its_area_roc_auc(case):
+    saliency, mask = case
+    fpr, tpr, thresholds = roc_curve(saliency, mask)
+    ref_fpr, ref_tpr, ref_thresholds = sklearn_roc_curve(mask.ravel(), saliency.ravel(), drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, ref_tpr, atol=1e-12)
+    np.testing.assert_allclose(thresholds[1:], ref_thresholds[1:])
+    assert thresholds[0] == np.inf
+    assert np.trapz(tpr, fpr) == pytest.approx(roc_auc(saliency, mask), abs=1e-10)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.3, 0.7, 5.0])
+def test_hard_dice_at_a_map_value_threshold_matches_reference(case, threshold):
+    saliency, mask = case
+    scaled = minmax(saliency)  # thresholds across the map's range, whatever its unit
+    binary = scaled >= threshold
+    expected = reference_dice(binary, mask)
+    assert hard_dice(scaled, mask, threshold=threshold) == pytest.approx(expected, abs=1e-12)
+
+
+def test_hard_dice_takes_a_percentile_or_a_threshold_not_both():
+    saliency, mask = make_case((16, 16), seed=11)
+    with pytest.raises(ValueError, match="not both"):
+        hard_dice(saliency, mask, 50, threshold=0.1)
+    with pytest.raises(ValueError, match="finite"):
+        hard_dice(saliency, mask, threshold=float("nan"))
 
 
 def test_hard_dice_rejects_percentile_out_of_range():
@@ -478,6 +509,18 @@ def test_pointwise_average_precision_counts_images_with_the_class():
 
 
 # ----------------------------------------------------------------------------- XRAI regions
+
+
+def test_regions_from_map_ranks_constant_regions_by_value():
+    region_map = np.array([[0.5, 0.5, -1.0], [2.0, 2.0, 0.5], [-1.0, 0.0, 0.0]], dtype=np.float32)
+    ranks = regions_from_map(region_map)
+    np.testing.assert_array_equal(ranks, [[2, 2, 4], [1, 1, 2], [4, 3, 3]])
+    assert ranks.dtype.kind == "i"
+    mask = region_map >= 0.5
+    assert xrai_region_dice(ranks, mask, fractions=(2 / 9,))["xrai_dice_p22.2222"] == pytest.approx(2 * 2 / (2 + 5))
+    assert xrai_region_dice(ranks, mask)["xrai_dice_area"] == 1.0  # the top 5/9 of the map is the mask
+    with pytest.raises(ValueError, match="NaN"):
+        regions_from_map(np.array([[np.nan, 1.0]]))
 
 
 def test_xrai_region_dice_on_hand_made_regions():

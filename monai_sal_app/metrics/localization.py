@@ -42,7 +42,9 @@ __all__ = [
     "partial_auprc",
     "pointwise_average_precision",
     "pointwise_hit",
+    "regions_from_map",
     "roc_auc",
+    "roc_curve",
     "soft_dice",
     "top_regions_mask",
     "xrai_region_dice",
@@ -183,6 +185,25 @@ def roc_auc(saliency, mask) -> float:
     return _Ranking(*_prepare(saliency, mask)).roc_auc()
 
 
+def roc_curve(saliency, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ROC curve of ``saliency`` as a score for ``mask``: ``(fpr, tpr, thresholds)``, float64.
+
+    One point per distinct map value ``t`` (descending) for the binary map ``saliency >= t``,
+    preceded by (0, 0) at threshold +inf; the same points as
+    ``sklearn.metrics.roc_curve(mask.ravel(), saliency.ravel(), drop_intermediate=False)``.
+    The trapezoid area under it equals :func:`roc_auc`.
+    """
+    values, labels = _prepare(saliency, mask)
+    order = np.argsort(-values, kind="stable")
+    ranked, hits = values[order], labels[order]
+    last_of_value = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]
+    tps = np.cumsum(hits)[last_of_value]
+    fps = last_of_value + 1 - tps
+    fpr = np.r_[0.0, fps / (labels.size - np.count_nonzero(labels))]
+    tpr = np.r_[0.0, tps / np.count_nonzero(labels)]
+    return fpr, tpr, np.r_[np.inf, ranked[last_of_value]]
+
+
 def auprc(saliency, mask) -> float:
     """Area under the precision-recall curve ("localization utility", AUC_loc total), in [0, 1].
 
@@ -276,18 +297,25 @@ def _iou(overlap: tuple[int, int], n_pos: int) -> float:
     return intersection / (selected + n_pos - intersection)
 
 
-def hard_dice(saliency, mask, percentile: float | None = None) -> float:
+def hard_dice(saliency, mask, percentile: float | None = None, *, threshold: float | None = None) -> float:
     """Dice between ``mask`` and the binary map ``saliency >= threshold``, in [0, 1].
 
-    ``threshold = np.percentile(saliency, percentile)`` (linear interpolation) when ``percentile``
-    (0-100) is given. When ``None``, the threshold keeps the mask's own area fraction: it is the
-    k-th largest map value with ``k = mask.sum()``, so the binary map holds the top k
-    pixels/voxels *plus every pixel tied with the k-th* (ties at the threshold are included,
-    never broken arbitrarily); a constant map therefore selects everything.
+    ``threshold``: a map value (the map's own unit), e.g. the lower threshold a viewer shows the
+    map at. Otherwise ``threshold = np.percentile(saliency, percentile)`` (linear interpolation)
+    when ``percentile`` (0-100) is given. When both are ``None``, the threshold keeps the mask's
+    own area fraction: it is the k-th largest map value with ``k = mask.sum()``, so the binary map
+    holds the top k pixels/voxels *plus every pixel tied with the k-th* (ties at the threshold are
+    included, never broken arbitrarily); a constant map therefore selects everything.
     """
+    if percentile is not None and threshold is not None:
+        raise ValueError("give a percentile or a threshold, not both")
     values, labels = _prepare(saliency, mask)
     ranking = _Ranking(values, labels)
-    if percentile is None:
+    if threshold is not None:
+        if not np.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number, got {threshold}")
+        threshold = float(threshold)
+    elif percentile is None:
         threshold = _area_threshold(values, ranking.n_pos)
     else:
         threshold = float(np.percentile(values, _check_percentile(percentile)))
@@ -410,6 +438,17 @@ def _region_ranks(ranks) -> np.ndarray:
     if values.dtype.kind not in "iu" or values.size == 0 or values.min() < 1:
         raise ValueError("regions must be a non-empty integer label array of ranks 1, 2, ... (1 = most important)")
     return values
+
+
+def regions_from_map(region_map) -> np.ndarray:
+    """The region ranks of a map that is constant on each region, such as an XRAI map (each
+    region painted with its gain): an integer array of the map's shape, 1 on the highest value, 2 on
+    the next, ... (regions that share a value share a rank). For an XRAI map these are its regions in
+    the order XRAI ranks them (by gain), except that XRAI ranks the uncovered remainder last
+    whatever its value. Input of :func:`top_regions_mask` and :func:`xrai_region_dice`."""
+    values = _as_map(region_map, "region map")
+    _, inverse = np.unique(-values, return_inverse=True)
+    return inverse.reshape(values.shape).astype(np.int64) + 1
 
 
 def top_regions_mask(ranks, fraction: float) -> np.ndarray:
