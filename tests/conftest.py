@@ -3,10 +3,14 @@ images, and the small parameters that keep the slow attribution methods fast.
 
 Fixtures need no import; test modules import the networks and helpers by name
 (``from conftest import tiny_cnn``). Files on disk (checkpoints, images in every format) and the
-HTTP helpers are in ``server_fixtures.py``.
+HTTP helpers are in ``server_fixtures.py``. The Slicer module's library (``SaliencyMapsLib``,
+which Slicer finds in the module's folder) is importable by name too.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,8 @@ from torch import nn
 
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.factory import build_classifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_module" / "SaliencyMaps"))
 
 
 @pytest.fixture(autouse=True, scope="session")

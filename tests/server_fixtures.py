@@ -19,7 +19,8 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 from scipy import ndimage
 
 from monai_sal_app.data.io import write_nifti
-from monai_sal_app.models.checkpoint import build_network, save_classifier
+from monai_sal_app.evaluation.trust import trust_card
+from monai_sal_app.models.checkpoint import build_network, load_classifier, save_classifier
 
 DICOM_SPACING = (0.5, 0.7)  # (row, column) mm
 # SOP class by modality: Secondary Capture Image Storage; Digital X-Ray Image Storage - For Presentation
@@ -33,6 +34,13 @@ def save_tiny_checkpoint(path: Path, spatial_dims: int, seed: int = 0, **card_fi
     card = tiny_card(spatial_dims, **card_fields)
     torch.manual_seed(seed)
     return save_classifier(build_network(card), path, card)
+
+
+def tiny_trust_card(checkpoint: Path) -> dict:
+    """A real trust card of the tiny checkpoint: randomization and fidelity of two methods on 4 smooth images."""
+    model, _ = load_classifier(checkpoint, device="cpu")
+    images = torch.from_numpy(np.stack([smooth_field((32, 32), seed=s) for s in range(4)]))[:, None]
+    return trust_card(model, images, methods=["gradient", "gradcam"], checks=["randomization", "fidelity"])
 
 
 def smooth_field(shape: tuple[int, ...], seed: int) -> np.ndarray:

@@ -23,7 +23,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-import torch
 from conftest import LABELS, TINY_WILDCAT_HEAD, untrained_explainer
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
@@ -32,13 +31,13 @@ from server_fixtures import (
     make_studies,
     post_infer,
     save_tiny_checkpoint,
-    smooth_field,
+    tiny_trust_card,
 )
 
 import monai_sal_app
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.shepp_logan import generate_shepp_logan
-from monai_sal_app.evaluation.trust import trust_card, write_trust_card
+from monai_sal_app.evaluation.trust import write_trust_card
 from monai_sal_app.experiments.workflows import evaluate_maps
 from monai_sal_app.explainers import EXPLAINER_KINDS, save_explainer
 from monai_sal_app.inference import explain_array
@@ -59,13 +58,6 @@ WITHOUT_EXPLAINER = {name: spec for name, spec in ANY_MODEL_METHODS.items() if g
 PACKAGE_DIR = Path(monai_sal_app.__file__).parent
 # The 2D model decides at a threshold (as trained models do) and carries test numbers for /info.
 CARD_2D = {"decision_threshold": 0.45, "metrics": {"test_auc": 0.93, "test_balanced_accuracy": 0.88, "n_test": 120}}
-
-
-def tiny_trust_card(checkpoint: Path) -> dict:
-    """A real trust card of the tiny checkpoint: randomization and fidelity of two methods on 4 smooth images."""
-    model, _ = load_classifier(checkpoint, device="cpu")
-    images = torch.from_numpy(np.stack([smooth_field((32, 32), seed=s) for s in range(4)]))[:, None]
-    return trust_card(model, images, methods=["gradient", "gradcam"], checks=["randomization", "fidelity"])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,429 @@
+"""The SaliencyMaps Slicer module's library against real MRML nodes and the real server.
+
+``slicer-core`` (PyPI) gives the MRML scene, volume, segmentation, table and plot nodes and the
+segmentations logic without the Slicer application; the server is the app started on 127.0.0.1.
+Positions are compared in RAS (a storage node may order or flip axes differently from the file),
+and values voxel for voxel through those positions. What only a running Slicer can check (the
+widget, rendered views) is listed in the README.
+
+slicer-core's ITK has no PNG reader, so "where Slicer puts a PNG" is the PNG read by the ITK
+Python package (the library Slicer reads PNG with) and stored as NRRD with that geometry.
+"""
+
+from __future__ import annotations
+
+import csv
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import slicer  # slicer-core, in the test extra
+import vtk
+from SaliencyMapsLib import scene as scene_logic
+from SaliencyMapsLib.batch import jobs_for_methods, jobs_for_volumes
+from SaliencyMapsLib.client import ServerClient, ServerError
+from SaliencyMapsLib.colormaps import color_table_node
+from SaliencyMapsLib.logic import SaliencyMapsWorkflow
+from SaliencyMapsLib.trust import trust_lines, trust_tag
+from server_fixtures import make_studies, save_tiny_checkpoint, smooth_field, tiny_trust_card, write_png
+
+from monai_sal_app.data.io import read_image
+from monai_sal_app.evaluation.trust import write_trust_card
+from monai_sal_app.inference import explain_array
+from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.serve import start_background_server
+
+MODELS = {2: "classifier_2d", 3: "classifier_3d"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slicer")
+    model_dir = root / "model"
+    save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0)
+    save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
+    write_trust_card(tiny_trust_card(model_dir / "classifier_2d.pt"), model_dir / "classifier_2d.pt")
+    items = make_studies(root / "studies")
+    running = start_background_server(
+        root / "studies",
+        conf={"model_dir": str(model_dir)},
+        workdir=root / "run",
+        extra_env={"OMP_NUM_THREADS": "1"},
+        timeout=240,
+    )
+    try:
+        yield {"url": running.url, "items": items, "model_dir": model_dir, "root": root}
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def scene():
+    """A fresh scene with the three slice views' composite nodes, as the application has them."""
+    fresh = slicer.vtkMRMLScene()
+    for view in ("Red", "Yellow", "Green"):
+        composite = fresh.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName(view)
+    return fresh
+
+
+@pytest.fixture
+def workflow(server, scene):
+    flow = SaliencyMapsWorkflow(scene, slicer.vtkSlicerSegmentationsModuleLogic)
+    flow.connect(server["url"])
+    return flow
+
+
+def load_volume(scene, path: Path, labelmap: bool = False):
+    """A volume node read from ``path`` by an archetype storage node, which stays attached (as when
+    Slicer loads a file)."""
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", path.stem)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    storage.SetSingleFile(1)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(node), f"MRML cannot read {path}"
+    return node
+
+
+def volume_from_array(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name: str, labelmap: bool = False):
+    """A volume node holding ``array`` (k, j, i) with the 4x4 IJK-to-RAS matrix, without a file."""
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(*reversed(array.shape))
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR if labelmap else vtk.VTK_FLOAT, 1)
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
+    slicer.util.arrayFromVolume(node)[:] = array
+    slicer.util.arrayFromVolumeModified(node)
+    return node
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def voxel_correspondence(heatmap, volume) -> tuple[tuple, tuple]:
+    """For every heatmap voxel, the volume voxel at the same RAS position: (heatmap (k, j, i)
+    indices, volume (k, j, i) indices) as index tuples; asserts they coincide and cover both grids."""
+    shape = slicer.util.arrayFromVolume(heatmap).shape
+    k, j, i = np.indices(shape).reshape(3, -1)
+    ras = ijk_to_ras(heatmap) @ np.stack([i, j, k, np.ones_like(i)])
+    ijk = np.linalg.inv(ijk_to_ras(volume)) @ ras
+    np.testing.assert_allclose(ijk[:3], np.round(ijk[:3]), atol=1e-3)  # on the volume's voxel centres
+    vi, vj, vk = np.round(ijk[:3]).astype(int)
+    volume_shape = slicer.util.arrayFromVolume(volume).shape
+    for index, side in zip((vk, vj, vi), volume_shape):
+        assert index.min() >= 0 and index.max() < side  # inside the volume
+    assert len(set(zip(vk, vj, vi))) == np.prod(volume_shape)  # one to one, all of the volume
+    return (k, j, i), (vk, vj, vi)
+
+
+def in_process_map(server, model: str, array: np.ndarray, method: str = "gradcam") -> np.ndarray:
+    network, card = load_classifier(server["model_dir"] / f"{model}.pt", device="cpu")
+    return explain_array(network, card, array, method).saliency
+
+
+# ------------------------------------------------------------------------------------------------
+# connect: menus from /info
+# ------------------------------------------------------------------------------------------------
+
+
+def test_connect_fills_models_methods_and_parameters_from_info(server, workflow):
+    info = requests.get(f"{server['url']}/info/", timeout=30).json()
+    assert set(workflow.models) == set(MODELS.values())
+    for name in MODELS.values():
+        assert workflow.methods(name) == info["models"][name]["methods"]  # nothing hard-coded
+        assert workflow.device(name) == info["models"][name]["device"] == "cpu"
+    assert workflow.methods("classifier_2d")["integrated_gradients"]["defaults"]["steps"] > 0
+
+
+def test_trust_card_text_per_method_and_without_a_card(workflow):
+    trust_2d = workflow.model("classifier_2d")["trust"]
+    tag = trust_tag(trust_2d, "gradcam")
+    assert "randomization" in tag and "fidelity" in tag
+    assert trust_tag(trust_2d, "occlusion") == "no trust card"  # the card covers gradient and gradcam
+    assert trust_tag(workflow.model("classifier_3d")["trust"], "gradcam") == "no trust card"
+    assert trust_lines(workflow.model("classifier_3d")["trust"], "gradcam")[0].startswith("no trust card: ")
+    failed = {"available": True, "verdicts": {"randomization": "fails", "fidelity": "tracks the model"}}
+    lines = trust_lines(failed)
+    assert lines[0].startswith("randomization: fails (the map stays alike") and lines[1] == "fidelity: tracks the model"
+
+
+# ------------------------------------------------------------------------------------------------
+# explain: heatmaps on the input's physical positions
+# ------------------------------------------------------------------------------------------------
+
+
+def test_3d_nifti_heatmap_lands_on_the_volume_voxel_for_voxel(server, workflow, scene):
+    item = server["items"]["volume_nii"]  # oblique affine, anisotropic voxels
+    volume = load_volume(scene, item["path"])
+    heatmap = workflow.explain(volume, "classifier_3d", "gradcam")
+    assert heatmap.GetName() == f"{volume.GetName()} gradcam {scene_logic.heatmap_result(heatmap)['target']['label']}"
+    heat_index, volume_index = voxel_correspondence(heatmap, volume)
+    array, _ = read_image(item["path"])  # the server's array: nibabel (i, j, k)
+    expected = in_process_map(server, "classifier_3d", array)
+    # volume node (k, j, i) <-> nibabel (i, j, k)
+    got = slicer.util.arrayFromVolume(heatmap)[heat_index]
+    np.testing.assert_allclose(got, expected[volume_index[::-1]], rtol=1e-5, atol=1e-6)
+
+
+def test_a_volume_without_a_file_is_sent_as_nrrd_and_comes_back_on_its_geometry(server, workflow, scene):
+    field = smooth_field((14, 18, 16), seed=9)  # (k, j, i)
+    rotation = np.array([[0.0, -1.0, 0.0], [0.8, 0.0, -0.6], [0.6, 0.0, 0.8]])  # a rotation with a flip of axes
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag([1.2, 0.9, 2.0])
+    matrix[:3, 3] = [30.0, -12.0, 4.0]
+    volume = volume_from_array(scene, field, matrix, "made here")
+    heatmap = workflow.explain(volume, "classifier_3d", "gradient")
+    heat_index, volume_index = voxel_correspondence(heatmap, volume)
+    expected = in_process_map(server, "classifier_3d", field, "gradient")  # NRRD reads as (k, j, i)
+    np.testing.assert_allclose(
+        slicer.util.arrayFromVolume(heatmap)[heat_index], expected[volume_index], rtol=1e-4, atol=1e-6
+    )
+
+
+def test_2d_dicom_heatmap_lands_where_slicer_puts_the_image(server, workflow, scene):
+    item = server["items"]["xray_dcm"]  # DX, MONOCHROME1, PixelSpacing that ITK does not use for DX
+    volume = load_volume(scene, item["path"])
+    assert scene_logic.volume_dimension(volume) == 2
+    assert scene_logic.upload_file(scene, volume, server["root"]) == item["path"]  # its own file goes up
+    heatmap = workflow.explain(volume, "classifier_2d", "gradcam")
+    heat_index, volume_index = voxel_correspondence(heatmap, volume)
+    array, _ = read_image(item["path"])  # (rows, cols), MONOCHROME1 inverted by the server's reader
+    expected = in_process_map(server, "classifier_2d", array)
+    # the volume node's (0, row, col) <-> the server's (row, col)
+    got = slicer.util.arrayFromVolume(heatmap)[heat_index]
+    np.testing.assert_allclose(got, expected[volume_index[1], volume_index[2]], rtol=1e-5, atol=1e-6)
+
+
+def test_2d_png_heatmap_lands_where_slicer_puts_the_image(server, workflow, scene, tmp_path):
+    import itk
+
+    png = write_png(smooth_field((30, 44), seed=12), tmp_path / "chest.png")
+    itk.imwrite(itk.imread(str(png)), str(tmp_path / "chest_as_slicer_reads_it.nrrd"))
+    volume = load_volume(scene, tmp_path / "chest_as_slicer_reads_it.nrrd")
+    answer = workflow.client.explain("classifier_2d", png, "gradcam")  # the PNG itself, as a REST user sends it
+    heatmap = scene_logic.load_heatmap(scene, answer.heatmap, "png map", volume, answer.result)
+    heat_index, volume_index = voxel_correspondence(heatmap, volume)
+    expected = in_process_map(server, "classifier_2d", read_image(png)[0])
+    got = slicer.util.arrayFromVolume(heatmap)[heat_index]
+    np.testing.assert_allclose(got, expected[volume_index[1], volume_index[2]], rtol=1e-5, atol=1e-6)
+
+
+def test_display_colours_thresholds_and_puts_the_map_in_every_slice_view(workflow, scene, server):
+    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+    first = workflow.explain(volume, "classifier_3d", "gradcam")
+    second = workflow.explain(volume, "classifier_3d", "gradient")
+    assert scene_logic.heatmap_nodes(scene, volume) == [first, second]  # both kept, to toggle between
+    values = slicer.util.arrayFromVolume(second)
+    display = scene_logic.show_heatmap(scene, second, volume, opacity=0.4, lower_threshold=float(values.mean()))
+    colors = scene.GetNodeByID(display.GetColorNodeID())
+    assert colors is color_table_node(scene) and colors.GetNumberOfColors() == 256
+    first_rgba, last_rgba = [0.0] * 4, [0.0] * 4
+    colors.GetColor(0, first_rgba)
+    colors.GetColor(255, last_rgba)
+    assert sum(first_rgba[:3]) < 0.1 and last_rgba[0] > 0.9 and last_rgba[1] > 0.9  # inferno: black to yellow
+    assert display.GetApplyThreshold() == 1 and display.GetLowerThreshold() == pytest.approx(values.mean(), rel=1e-6)
+    assert display.GetWindowLevelMin() == pytest.approx(values.min()) and display.GetWindowLevelMax() == pytest.approx(
+        values.max()
+    )
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    for index in range(composites.GetNumberOfItems()):
+        composite = composites.GetItemAsObject(index)
+        assert composite.GetForegroundVolumeID() == second.GetID()
+        assert composite.GetBackgroundVolumeID() == volume.GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.4)
+    scene_logic.show_heatmap(scene, first)  # toggle back
+    assert composites.GetItemAsObject(0).GetForegroundVolumeID() == first.GetID()
+
+
+# ------------------------------------------------------------------------------------------------
+# compare with a segmentation
+# ------------------------------------------------------------------------------------------------
+
+
+def box_segmentation(scene, reference, low_ras, high_ras, spacing=0.5, shift=(0.25, 0.1, 0.3)):
+    """A segmentation node whose one segment is the RAS box [low, high), drawn on an axis-aligned grid
+    finer than ``reference``'s and shifted from it."""
+    low, high = np.asarray(low_ras, dtype=float), np.asarray(high_ras, dtype=float)
+    origin = low - 3.0 + np.asarray(shift)
+    size = np.ceil((high - low + 6.0) / spacing).astype(int)  # (i, j, k) along R, A, S
+    i, j, k = np.meshgrid(*[origin[a] + spacing * np.arange(size[a]) for a in range(3)], indexing="ij")
+    inside = (i >= low[0]) & (i < high[0]) & (j >= low[1]) & (j < high[1]) & (k >= low[2]) & (k < high[2])
+    matrix = np.diag([spacing, spacing, spacing, 1.0])
+    matrix[:3, 3] = origin
+    labelmap = volume_from_array(scene, inside.transpose(2, 1, 0).astype(np.uint8), matrix, "box", labelmap=True)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesion")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    scene.RemoveNode(labelmap)
+    return segmentation, segmentation.GetSegmentation().GetNthSegmentID(0)
+
+
+def heatmap_box_mask(heatmap, low_ras, high_ras) -> np.ndarray:
+    """The heatmap voxels whose centres lie in the RAS box, (k, j, i)."""
+    shape = slicer.util.arrayFromVolume(heatmap).shape
+    k, j, i = np.indices(shape).reshape(3, -1)
+    ras = (ijk_to_ras(heatmap) @ np.stack([i, j, k, np.ones_like(i)]))[:3]
+    inside = np.all((ras >= np.asarray(low_ras)[:, None]) & (ras < np.asarray(high_ras)[:, None]), axis=0)
+    return inside.reshape(shape)
+
+
+def test_a_segment_on_a_finer_shifted_grid_lands_on_the_heatmap_grid(workflow, scene, server):
+    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+    heatmap = workflow.explain(volume, "classifier_3d", "gradcam")
+    corners = ijk_to_ras(heatmap) @ np.array([[3, 3, 2, 1], [10, 12, 9, 1]]).T  # a box inside the volume
+    low, high = corners[:3].min(axis=1), corners[:3].max(axis=1)
+    segmentation, segment = box_segmentation(scene, heatmap, low, high)
+    mask = scene_logic.segment_mask(scene, segmentation, segment, heatmap, slicer.vtkSlicerSegmentationsModuleLogic)
+    expected = heatmap_box_mask(heatmap, low, high)
+    assert mask.shape == expected.shape and expected.sum() > 20
+    disagree = np.count_nonzero(mask != expected)
+    assert disagree <= 0.35 * expected.sum()  # only voxels cut by the box's faces differ
+    assert np.count_nonzero(mask & expected) >= 0.8 * expected.sum()
+
+
+def test_module_numbers_equal_the_servers_and_the_clis(workflow, scene, server, tmp_path):
+    from monai_sal_app.cli import main as cli_main
+
+    item = server["items"]["volume_nii"]
+    volume = load_volume(scene, item["path"])
+    heatmaps = [workflow.explain(volume, "classifier_3d", method) for method in ("gradcam", "xrai")]
+    corners = ijk_to_ras(heatmaps[0]) @ np.array([[2, 4, 3, 1], [9, 11, 8, 1]]).T
+    segmentation, segment = box_segmentation(scene, heatmaps[0], corners[:3].min(axis=1), corners[:3].max(axis=1))
+    threshold = float(np.median(slicer.util.arrayFromVolume(heatmaps[0])))
+    scores, table, chart = workflow.compare(heatmaps, segmentation, segment, threshold=threshold)
+
+    # the same mask, on the image's grid, scored by the server and by `monai-sal evaluate`
+    mask = scene_logic.segment_mask(scene, segmentation, segment, heatmaps[0], slicer.vtkSlicerSegmentationsModuleLogic)
+    mask_node = volume_from_array(scene, mask.astype(np.uint8), ijk_to_ras(heatmaps[0]), "mask", labelmap=True)
+    mask_path = tmp_path / "mask.nii"
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(mask_path))
+    assert storage.WriteData(mask_node)
+    maps_csv = tmp_path / "maps.csv"
+    with open(maps_csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["id", "map", "mask", "method"])
+        writer.writeheader()
+        for heatmap in heatmaps:
+            method = scene_logic.heatmap_result(heatmap)["method"]
+            answer = workflow.client.explain("classifier_3d", item["path"], method, label=mask_path)
+            server_metrics = answer.result["metrics"]
+            (tmp_path / f"{method}.nii").write_bytes(answer.heatmap)
+            writer.writerow({"id": method, "map": tmp_path / f"{method}.nii", "mask": mask_path, "method": method})
+            mine = scores[heatmap.GetName()]
+            assert set(server_metrics) <= set(mine)
+            for key, value in server_metrics.items():
+                assert mine[key] == pytest.approx(value, abs=1e-12), key
+            if method == "xrai":
+                assert "xrai_dice_p5" in server_metrics
+    assert cli_main(["evaluate", str(maps_csv), "--out", str(tmp_path / "evaluated")]) in (None, 0)
+    with open(tmp_path / "evaluated" / "per_image.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            mine = scores[next(h.GetName() for h in heatmaps if h.GetName().split()[-2] == row["method"])]
+            for key in ("roc_auc", "auprc", "soft_dice", "iou_p90"):
+                assert mine[key] == pytest.approx(float(row[key]), abs=1e-12), key
+    assert "dice_threshold" in mine
+
+    # the table node, its CSV, and the ROC chart
+    assert table.GetNumberOfColumns() == 1 + len(heatmaps)
+    metrics = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
+    assert metrics[:3] == ["dice_threshold", "roc_auc", "auprc"]
+    csv_path = scene_logic.save_table_csv(scene, table, tmp_path / "metrics.csv")
+    with open(csv_path, newline="") as handle:
+        rows = {row["metric"]: row for row in csv.DictReader(handle)}
+    for heatmap in heatmaps:
+        assert float(rows["roc_auc"][heatmap.GetName()]) == pytest.approx(
+            scores[heatmap.GetName()]["roc_auc"], rel=1e-6
+        )
+    assert chart.GetNumberOfPlotSeriesNodes() == len(heatmaps)
+    series = chart.GetNthPlotSeriesNode(0)
+    points = slicer.util.arrayFromTableColumn(series.GetTableNode(), series.GetYColumnName())
+    assert points[0] == 0.0 and np.nanmax(points) == 1.0
+
+
+def test_segment_errors_are_clear(workflow, scene, server):
+    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+    heatmap = workflow.explain(volume, "classifier_3d", "gradcam")
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    far = ijk_to_ras(heatmap) @ np.array([400, 400, 400, 1])  # a segment far outside the image
+    segmentation, segment = box_segmentation(scene, heatmap, far[:3] - 5, far[:3] + 5)
+    with pytest.raises(scene_logic.SceneError, match="is empty on .* grid"):
+        scene_logic.segment_mask(scene, segmentation, segment, heatmap, logic)
+    with pytest.raises(scene_logic.SceneError, match="no segment 'nope'"):
+        scene_logic.segment_mask(scene, segmentation, "nope", heatmap, logic)
+    with pytest.raises(scene_logic.SceneError, match="no heatmap"):
+        workflow.compare([], segmentation, segment)
+
+
+# ------------------------------------------------------------------------------------------------
+# batch, and errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_batch_over_volumes_and_methods_with_progress_cancel_and_failures(workflow, scene, server):
+    volumes = [load_volume(scene, server["items"][name]["path"]) for name in ("volume_nii", "volume_nrrd")]
+    slice_2d = load_volume(scene, server["items"]["xray_dcm"]["path"])
+    seen = []
+    report = workflow.run_batch(
+        jobs_for_volumes([*volumes, slice_2d], "classifier_3d", "gradient"), progress=lambda *a: seen.append(a)
+    )
+    assert len(report.done) == 2 and len(report.failed) == 1 and not report.cancelled
+    assert "single-slice (2D) image" in report.failed[0][1] and "classifier_3d takes 3D" in report.failed[0][1]
+    assert seen[0][:2] == (0, 3) and seen[-1] == (3, 3, "done")
+    methods = ["gradcam", "gradient", "smoothgrad"]
+    asked = []
+    report = workflow.run_batch(
+        jobs_for_methods(volumes[0], "classifier_3d", methods, {"smoothgrad": {"n_samples": 2}}),
+        cancelled=lambda: asked.append(1) or len(asked) > 2,  # cancel before the third
+    )
+    assert report.cancelled and [job.method for job, _ in report.done] == methods[:2]
+    assert "cancelled" in report.summary()
+
+
+def test_a_3d_volume_sent_to_a_2d_model_is_refused_before_upload(workflow, scene, server):
+    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+    with pytest.raises(scene_logic.SceneError, match=r"is a 3D volume \(20 x 18 x 17\) but model classifier_2d"):
+        workflow.explain(volume, "classifier_2d", "gradcam")
+
+
+def test_server_refusals_carry_the_servers_message(workflow, scene, server):
+    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+    with pytest.raises(ServerError, match=r"refused the request \(400\): .*steps") as raised:
+        workflow.explain(volume, "classifier_3d", "integrated_gradients", {"steps": 10**7})
+    assert raised.value.status == 400
+    with pytest.raises(ServerError, match="does not offer 'nonsense'"):
+        workflow.explain(volume, "classifier_3d", "nonsense")
+    with pytest.raises(ServerError, match="has no model 'other'"):
+        workflow.explain(volume, "other", "gradcam")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_server_down_and_timeouts_are_clear(scene):
+    flow = SaliencyMapsWorkflow(scene, slicer.vtkSlicerSegmentationsModuleLogic)
+    with pytest.raises(ServerError, match="cannot reach the server at http://127.0.0.1"):
+        flow.connect(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ServerError, match="server URL must look like"):
+        flow.connect("127.0.0.1:8000")
+    with pytest.raises(ServerError, match="not connected"):
+        flow.explain(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"), "classifier_2d", "gradcam")
+    silent = socket.socket()  # accepts connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()), daemon=True).start()
+    try:
+        with pytest.raises(ServerError, match=r"no answer from .* within 0.5 s"):
+            ServerClient(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5).info()
+    finally:
+        silent.close()
