@@ -427,3 +427,56 @@ def test_server_down_and_timeouts_are_clear(scene):
             ServerClient(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5).info()
     finally:
         silent.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# the extension's layout (what Slicer's build and loader expect), and a thin widget
+# ------------------------------------------------------------------------------------------------
+
+EXTENSION = Path(__file__).resolve().parents[1] / "slicer_module"
+MODULE = EXTENSION / "SaliencyMaps"
+
+
+def test_extension_layout_lists_every_file_slicer_needs():
+    import re
+
+    assert re.search(r"add_subdirectory\(SaliencyMaps\)", (EXTENSION / "CMakeLists.txt").read_text())
+    cmake = (MODULE / "CMakeLists.txt").read_text()
+    listed = set(re.findall(r"^\s+(\S+\.(?:py|png|ui))\s*$", cmake.replace("${MODULE_NAME}", "SaliencyMaps"), re.M))
+    on_disk = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*") if p.suffix in (".py", ".png", ".ui")}
+    assert listed == on_disk
+    assert "slicerMacroBuildScriptedModule" in cmake
+
+
+def test_widget_names_exist_in_the_ui_file_and_the_widget_stays_thin():
+    import ast
+    import re
+    import xml.etree.ElementTree as ElementTree
+
+    source = (MODULE / "SaliencyMaps.py").read_text()
+    tree = ast.parse(source)
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert classes >= {"SaliencyMaps", "SaliencyMapsWidget", "SaliencyMapsLogic", "SaliencyMapsTest"}
+    ui = ElementTree.parse(MODULE / "Resources" / "UI" / "SaliencyMaps.ui")
+    names = {element.get("name") for element in ui.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used and used <= names, f"not in the .ui: {sorted(used - names)}"
+    assert len(source.splitlines()) < 400
+
+
+def test_the_library_needs_neither_qt_nor_the_application():
+    import ast
+
+    for path in (MODULE / "SaliencyMapsLib").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & {"qt", "ctk", "slicer.ScriptedLoadableModule", "PythonQt"}, path.name
+        attributes = {
+            node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer"
+        }
+        assert not attributes & {"app", "modules", "mrmlScene"}, path.name
