@@ -355,15 +355,12 @@ def test_segment_errors_are_clear(workflow, scene, server):
     segmentation, segment = box_segmentation(scene, heatmap, far[:3] - 5, far[:3] + 5)
     with pytest.raises(scene_logic.SceneError, match="is empty on .* grid"):
         scene_logic.segment_mask(scene, segmentation, segment, heatmap, logic)
-    empty = slicer.vtkSegment()  # a segment with nothing drawn in it
-    nothing = slicer.vtkOrientedImageData()
-    nothing.SetExtent(0, 3, 0, 3, 0, 3)
-    nothing.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    nothing.GetPointData().GetScalars().Fill(0)
-    empty.AddRepresentation("Binary labelmap", nothing)
-    segmentation.GetSegmentation().AddSegment(empty, "empty")
-    with pytest.raises(scene_logic.SceneError, match="segment 'empty' is empty"):
-        scene_logic.segment_mask(scene, segmentation, "empty", heatmap, logic)
+    empty = slicer.vtkSegment()  # a segment with nothing drawn in it (an empty labelmap, as Slicer adds one)
+    empty.AddRepresentation("Binary labelmap", slicer.vtkOrientedImageData())
+    untouched = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "untouched")
+    untouched.GetSegmentation().AddSegment(empty, "empty")
+    with pytest.raises(scene_logic.SceneError, match="segment 'empty' is empty: draw it first"):
+        scene_logic.segment_mask(scene, untouched, "empty", heatmap, logic)
     with pytest.raises(scene_logic.SceneError, match="no segment 'nope'"):
         scene_logic.segment_mask(scene, segmentation, "nope", heatmap, logic)
     with pytest.raises(scene_logic.SceneError, match="no heatmap"):

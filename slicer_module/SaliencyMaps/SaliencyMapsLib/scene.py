@@ -211,7 +211,9 @@ def segment_mask(scene, segmentation_node, segment_id: str, reference_volume, se
         raise SceneError(f"{segmentation_node.GetName()} has no segment {segment_id!r}")
     import vtk
 
-    name = segmentation.GetSegment(segment_id).GetName()
+    name = segmentation.GetSegment(segment_id).GetName() or segment_id
+    if _drawn_nothing(segmentation.GetSegment(segment_id)):  # exporting an empty labelmap can crash VTK
+        raise SceneError(f"segment {name!r} is empty: draw it first")
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     try:
         ids = vtk.vtkStringArray()
@@ -233,6 +235,19 @@ def segment_mask(scene, segmentation_node, segment_id: str, reference_volume, se
     if mask.all():
         raise SceneError(f"segment {name!r} covers the whole of {reference_volume.GetName()}: nothing to compare")
     return mask
+
+
+def _drawn_nothing(segment) -> bool:
+    """True when the segment's binary labelmap holds none of its voxels (an empty extent, or no voxel
+    with the segment's label value in a labelmap shared with other segments)."""
+    labelmap = segment.GetRepresentation("Binary labelmap")
+    if labelmap is None:  # another source representation (e.g. a closed surface): the export decides
+        return False
+    if labelmap.IsEmpty() or labelmap.GetPointData().GetScalars() is None:
+        return True
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    return not (vtk_to_numpy(labelmap.GetPointData().GetScalars()) == segment.GetLabelValue()).any()
 
 
 def metrics_table(scene, columns: dict[str, dict[str, float]], table_node=None, name: str = "Saliency metrics"):
