@@ -112,7 +112,9 @@ class SaliencyMapsWidget(ScriptedLoadableModuleWidget):
                 value = widget.checked
             elif isinstance(widget, (qt.QSpinBox, qt.QDoubleSpinBox)):
                 value = widget.value
-            else:
+            elif isinstance(defaults[name], str):
+                value = widget.text
+            else:  # None or a list: JSON
                 value = json.loads(widget.text) if widget.text.strip() else None
             if value != defaults[name]:
                 chosen[name] = value
@@ -166,7 +168,9 @@ class SaliencyMapsWidget(ScriptedLoadableModuleWidget):
                 widget.setDecimals(6)
                 widget.setRange(-1e9, float(bounds.get(name, 1e9)))
                 widget.value = value
-            else:
+            elif isinstance(value, str):
+                widget = qt.QLineEdit(value)
+            else:  # None (automatic) or a list, as JSON
                 widget = qt.QLineEdit(json.dumps(value))
             widget.toolTip = f"default {value!r}" + (f", at most {bounds[name]}" if name in bounds else "")
             form.addRow(name, widget)
@@ -263,8 +267,12 @@ class SaliencyMapsWidget(ScriptedLoadableModuleWidget):
     def on_batch(self, all_volumes):
         volume = self.ui.inputVolumeSelector.currentNode()
         if all_volumes:
-            volumes = list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
-            volumes = [v for v in volumes if v.GetAttribute(scene_logic.ATTRIBUTE + "Method") is None]
+            volumes = [  # the images: no heatmap, no labelmap
+                node
+                for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                if node.GetAttribute(scene_logic.ATTRIBUTE + "Method") is None
+                and not node.IsA("vtkMRMLLabelMapVolumeNode")
+            ]
             jobs = jobs_for_volumes(volumes, self.model(), self.method(), self.params())
         elif volume is not None:
             jobs = jobs_for_methods(volume, self.model(), list(self.logic.methods(self.model())))
