@@ -55,6 +55,8 @@ def test_loss_terms_by_their_definitions():
     torch.testing.assert_close(terms["tv"], total_variation(similar - adversarial))
     expected = terms["adversarial"] + terms["same_class"] + 3.0 * terms["similarity"] + terms["tv"]
     torch.testing.assert_close(terms["total"], expected)
+    flipped = (model(adversarial).argmax(dim=1) != torch.tensor([1, 2])).float().mean()
+    assert terms["flip_rate"].item() == flipped.item() and not terms["flip_rate"].requires_grad
 
 
 @pytest.mark.parametrize("axis", [-1, -2])

@@ -16,7 +16,10 @@ term are ours):
     + similarity_weight x (mean |x_sim - x| + mean (x_sim - x)^2 + mean |x_adv - x| + mean (x_adv - x)^2)
     + tv_weight x total variation of (x_sim - x_adv) (mean absolute neighbour difference, summed over axes)
 
-The other class is the classifier's most likely class for x other than its predicted one.
+The other class is the classifier's most likely class for x other than its predicted one. The loss
+terms also report ``flip_rate`` (not a loss: the share of images whose x_adv the classifier assigns
+to another class than the target), so a training history shows it per epoch on training and
+validation images.
 """
 
 from __future__ import annotations
@@ -148,7 +151,8 @@ def similarity_adversarial_losses(
     similar, adversarial_image = generator(images)
     with torch.no_grad():
         other = other_class(classifier(x), target)
-    adversarial = F.cross_entropy(classifier(adversarial_image), other)
+    adversarial_logits = classifier(adversarial_image)
+    adversarial = F.cross_entropy(adversarial_logits, other)
     same_class = F.cross_entropy(classifier(similar), target)
     similarity = sum((image - x).abs().mean() + (image - x).pow(2).mean() for image in (similar, adversarial_image))
     tv = total_variation(similar - adversarial_image)
@@ -158,4 +162,13 @@ def similarity_adversarial_losses(
         + settings["similarity_weight"] * similarity
         + settings["tv_weight"] * tv
     )
-    return {"total": total, "adversarial": adversarial, "same_class": same_class, "similarity": similarity, "tv": tv}
+    with torch.no_grad():
+        flip = (adversarial_logits.argmax(dim=1) != target).float().mean()
+    return {
+        "total": total,
+        "adversarial": adversarial,
+        "same_class": same_class,
+        "similarity": similarity,
+        "tv": tv,
+        "flip_rate": flip,
+    }
