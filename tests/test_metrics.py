@@ -30,6 +30,7 @@ from monai_sal_app.metrics import (
     hard_dice,
     iou_at_percentiles,
     localization_metrics,
+    mask_metrics,
     mean_ci,
     mean_mask_baseline,
     minmax,
@@ -509,6 +510,15 @@ def test_pointwise_average_precision_counts_images_with_the_class():
 
 
 # ----------------------------------------------------------------------------- XRAI regions
+
+
+def test_mask_metrics_is_threshold_dice_then_localization_then_xrai_regions():
+    saliency, mask = make_case((24, 24), seed=6, levels=5)
+    plain = mask_metrics(saliency, mask)
+    assert plain == localization_metrics(saliency, mask)
+    full = mask_metrics(saliency, mask, xrai=True, threshold=2.0)
+    assert list(full) == ["dice_threshold", *plain, *xrai_region_dice(regions_from_map(saliency), mask)]
+    assert full["dice_threshold"] == hard_dice(saliency, mask, threshold=2.0)
 
 
 def test_regions_from_map_ranks_constant_regions_by_value():

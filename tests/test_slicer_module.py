@@ -108,13 +108,17 @@ def ijk_to_ras(node) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(matrix)
 
 
+def voxel_ras(node) -> tuple[np.ndarray, np.ndarray]:
+    """Every voxel of a volume node: its (k, j, i) indices (3, n) and RAS centre (3, n)."""
+    k, j, i = np.indices(slicer.util.arrayFromVolume(node).shape).reshape(3, -1)
+    return np.stack([k, j, i]), (ijk_to_ras(node) @ np.stack([i, j, k, np.ones_like(i)]))[:3]
+
+
 def voxel_correspondence(heatmap, volume) -> tuple[tuple, tuple]:
     """For every heatmap voxel, the volume voxel at the same RAS position: (heatmap (k, j, i)
     indices, volume (k, j, i) indices) as index tuples; asserts they coincide and cover both grids."""
-    shape = slicer.util.arrayFromVolume(heatmap).shape
-    k, j, i = np.indices(shape).reshape(3, -1)
-    ras = ijk_to_ras(heatmap) @ np.stack([i, j, k, np.ones_like(i)])
-    ijk = np.linalg.inv(ijk_to_ras(volume)) @ ras
+    (k, j, i), ras = voxel_ras(heatmap)
+    ijk = np.linalg.inv(ijk_to_ras(volume)) @ np.vstack([ras, np.ones_like(i)])
     np.testing.assert_allclose(ijk[:3], np.round(ijk[:3]), atol=1e-3)  # on the volume's voxel centres
     vi, vj, vk = np.round(ijk[:3]).astype(int)
     volume_shape = slicer.util.arrayFromVolume(volume).shape
@@ -268,8 +272,7 @@ def box_segmentation(scene, reference, low_ras, high_ras, spacing=0.5, shift=(0.
 def heatmap_box_mask(heatmap, low_ras, high_ras) -> np.ndarray:
     """The heatmap voxels whose centres lie in the RAS box, (k, j, i)."""
     shape = slicer.util.arrayFromVolume(heatmap).shape
-    k, j, i = np.indices(shape).reshape(3, -1)
-    ras = (ijk_to_ras(heatmap) @ np.stack([i, j, k, np.ones_like(i)]))[:3]
+    _, ras = voxel_ras(heatmap)
     inside = np.all((ras >= np.asarray(low_ras)[:, None]) & (ras < np.asarray(high_ras)[:, None]), axis=0)
     return inside.reshape(shape)
 

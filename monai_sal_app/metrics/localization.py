@@ -37,6 +37,7 @@ __all__ = [
     "hard_dice",
     "iou_at_percentiles",
     "localization_metrics",
+    "mask_metrics",
     "mean_mask_baseline",
     "minmax",
     "partial_auprc",
@@ -194,14 +195,10 @@ def roc_curve(saliency, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     The trapezoid area under it equals :func:`roc_auc`.
     """
     values, labels = _prepare(saliency, mask)
-    order = np.argsort(-values, kind="stable")
-    ranked, hits = values[order], labels[order]
-    last_of_value = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]
-    tps = np.cumsum(hits)[last_of_value]
-    fps = last_of_value + 1 - tps
+    thresholds, tps, fps = _counts_per_threshold(values, labels)
     fpr = np.r_[0.0, fps / (labels.size - np.count_nonzero(labels))]
     tpr = np.r_[0.0, tps / np.count_nonzero(labels)]
-    return fpr, tpr, np.r_[np.inf, ranked[last_of_value]]
+    return fpr, tpr, np.r_[np.inf, thresholds]
 
 
 def auprc(saliency, mask) -> float:
@@ -215,14 +212,20 @@ def auprc(saliency, mask) -> float:
     return _Ranking(*_prepare(saliency, mask)).pr_area()
 
 
-def _trapezoid_pr_area(values: np.ndarray, labels: np.ndarray) -> float:
-    """The trapezoid area under the precision-recall points of every distinct map value (see
-    :func:`auprc_trapezoid`); sorts the whole map once."""
+def _counts_per_threshold(values: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, tps, fps): every distinct map value, descending, with the positives and
+    negatives at or above it; sorts the whole map once."""
     order = np.argsort(-values, kind="stable")
     ranked, hits = values[order], labels[order]
     last_of_value = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]  # each threshold's last index
     tps = np.cumsum(hits)[last_of_value]
-    fps = last_of_value + 1 - tps
+    return ranked[last_of_value], tps, last_of_value + 1 - tps
+
+
+def _trapezoid_pr_area(values: np.ndarray, labels: np.ndarray) -> float:
+    """The trapezoid area under the precision-recall points of every distinct map value (see
+    :func:`auprc_trapezoid`)."""
+    _, tps, fps = _counts_per_threshold(values, labels)
     full = int(np.searchsorted(tps, tps[-1]))  # the curve stops where recall first reaches 1
     precision = np.r_[(tps / (tps + fps))[full::-1], 1.0]
     recall = np.r_[(tps / tps[-1])[full::-1], 0.0]
@@ -485,6 +488,20 @@ def xrai_region_dice(ranks, mask, fractions: Iterable[float] = DEFAULT_REGION_FR
     result = {f"xrai_dice_p{100 * f:g}": dice(float(f)) for f in fractions}
     result["xrai_dice_area"] = dice(n_pos / labels.size)
     return result
+
+
+def mask_metrics(saliency, mask, *, xrai: bool = False, threshold: float | None = None) -> dict[str, float]:
+    """What the server, the CLI's users and the Slicer module report for one map against one mask:
+    ``dice_threshold`` (:func:`hard_dice` at ``threshold``, a map value, when given), then
+    :func:`localization_metrics`, then for an XRAI map (``xrai``) :func:`xrai_region_dice` of its
+    regions (:func:`regions_from_map`)."""
+    scores = {}
+    if threshold is not None:
+        scores["dice_threshold"] = hard_dice(saliency, mask, threshold=threshold)
+    scores.update(localization_metrics(saliency, mask))
+    if xrai:
+        scores.update(xrai_region_dice(regions_from_map(saliency), mask))
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------

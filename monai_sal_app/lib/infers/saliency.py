@@ -12,8 +12,8 @@ writer or network loader would be used. Consequences:
   image stored as (H, W, 1) gives an (H, W, 1) heatmap). Reading the heatmap back with
   ``read_image`` gives an array of the input's shape, voxel for voxel.
 - A mask uploaded as ``label`` is binarised as ``> 0.5`` and scored with
-  ``metrics.localization.localization_metrics``, exactly as ``monai-sal evaluate`` does; an XRAI
-  map also with ``xrai_region_dice`` of its regions (``regions_from_map``).
+  ``metrics.localization.mask_metrics``: ``localization_metrics``, exactly as ``monai-sal evaluate``
+  does, and for an XRAI map the XRAI-region Dice of its regions.
 
 The request keys are read by :func:`monai_sal_app.lib.inputs.parse_explain_request`.
 """
@@ -37,7 +37,7 @@ from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.lib.inputs import DEFAULT_METHOD, IMAGE_NAME_KEY, parse_explain_request
 from monai_sal_app.lib.limits import DEFAULT_LIMITS, ServerLimits
 from monai_sal_app.lib.served_model import ServedModel
-from monai_sal_app.metrics.localization import localization_metrics, regions_from_map, xrai_region_dice
+from monai_sal_app.metrics.localization import mask_metrics
 from monai_sal_app.saliency import get_method
 from monai_sal_app.saliency.core import BoundError, check_request
 
@@ -166,11 +166,7 @@ class SaliencyInfer(InferTask):
             decision_threshold = card.decision_threshold
 
         metrics_start = time.perf_counter()
-        metrics = None
-        if mask is not None:
-            metrics = localization_metrics(explanation.saliency, mask)
-            if method == "xrai":  # the map is constant on each ranked region
-                metrics.update(xrai_region_dice(regions_from_map(explanation.saliency), mask))
+        metrics = mask_metrics(explanation.saliency, mask, xrai=method == "xrai") if mask is not None else None
         metrics_seconds = time.perf_counter() - metrics_start
 
         write_start = time.perf_counter()

@@ -25,20 +25,14 @@ def metrics_available() -> str | None:
 
 
 def compare_map(saliency: np.ndarray, mask: np.ndarray, threshold: float | None = None, method: str = "") -> dict:
-    """Scores of ``saliency`` against the boolean ``mask`` (same grid): the server's
-    ``localization_metrics`` (ROC AUC, AUPRC, soft Dice, Dice at the mask's area and at the 95th
-    percentile, IoU at percentiles 80..98), ``dice_threshold`` (Dice of ``saliency >= threshold``,
-    the viewer's lower threshold, when given) and, for an XRAI map (``method == "xrai"``), the
-    XRAI-region Dice of its regions at 1..50 % of the image."""
-    from monai_sal_app.metrics import hard_dice, localization_metrics, regions_from_map, xrai_region_dice
+    """Scores of ``saliency`` against the boolean ``mask`` (same grid): ``metrics.mask_metrics``,
+    the function behind the server's ``metrics`` (Dice at ``threshold``, the viewer's lower
+    threshold, when given; ROC AUC, AUPRC, soft Dice, Dice at the mask's area and at the 95th
+    percentile, IoU at percentiles 80..98; for an XRAI map, ``method == "xrai"``, the XRAI-region
+    Dice of its regions at 1..50 % of the image)."""
+    from monai_sal_app.metrics import mask_metrics
 
-    scores = {}
-    if threshold is not None:
-        scores["dice_threshold"] = hard_dice(saliency, mask, threshold=threshold)
-    scores.update(localization_metrics(saliency, mask))
-    if method == "xrai":
-        scores.update(xrai_region_dice(regions_from_map(saliency), mask))
-    return scores
+    return mask_metrics(saliency, mask, xrai=method == "xrai", threshold=threshold)
 
 
 def roc_points(saliency: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -43,7 +43,6 @@ SERVER_FORMATS = {
     ".nii": "nifti",
     ".nii.gz": "nifti",
     ".nrrd": "nrrd",
-    ".nhdr": None,  # detached header: the data file would not be sent
     ".png": "png",
     ".jpg": "jpeg",
     ".jpeg": "jpeg",
