@@ -1,5 +1,5 @@
 """``monai-sal`` command line: data, train, train-explainer, explain, evaluate, trust, compare-wildcat,
-compare-explainers, methods, serve, demo.
+compare-explainers, methods, serve, experiment, demo.
 
 Every sub-command is a thin adapter over the library; a bad input ends with a one-line
 ``error: ...`` on stderr and exit code 2 instead of a traceback.
@@ -243,6 +243,29 @@ def cmd_methods(args) -> None:
     print(json.dumps(available_methods(), indent=2, default=str))
 
 
+def cmd_experiment_list(args) -> None:
+    from monai_sal_app.experiments.runner import config_folder, experiment_names, resolve_config
+
+    for name in experiment_names():
+        config = resolve_config(name, "smoke")
+        print(f"{name:22s} {config['title']}")
+    print(f"(recipe files: {config_folder()})")
+
+
+def cmd_experiment_run(args) -> None:
+    from monai_sal_app.experiments.runner import run_experiment
+
+    run_experiment(
+        args.recipe,
+        args.out,
+        scale=args.scale,
+        data=args.data,
+        models=args.model or (),
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+
+
 def cmd_demo(args) -> None:
     from monai_sal_app.experiments.demo import run_demo
 
@@ -437,6 +460,21 @@ def build_parser() -> argparse.ArgumentParser:
     from monai_sal_app import serve
 
     serve.add_parser(sub)
+
+    p = sub.add_parser("experiment", help="the published studies as recipes: list them, run one into a report")
+    experiment = p.add_subparsers(dest="action", required=True)
+    q = experiment.add_parser("list", help="the built-in recipes")
+    q.set_defaults(func=cmd_experiment_list)
+    q = experiment.add_parser("run", help="run a recipe into DIR (results/, figures/, report.html); resumes")
+    q.add_argument("recipe", metavar="NAME|CONFIG", help="a built-in recipe's name or a recipe YAML file")
+    q.add_argument("--scale", choices=("smoke", "default", "paper"), default="default")
+    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument(
+        "--data", default=None, metavar="MANIFEST", help="your data instead of the built-in (if the recipe allows)"
+    )
+    q.add_argument("--model", action="append", metavar="M.pt", help="your checkpoint(s) (if the recipe allows); repeat")
+    q.add_argument("--seed", type=int, default=None, help="default: the recipe's")
+    q.set_defaults(func=cmd_experiment_run)
 
     p = sub.add_parser("demo", help="data -> classifier -> maps -> metrics -> report, on built-in data")
     p.add_argument("--out", default="demo_report")

@@ -1,4 +1,7 @@
-"""Report pieces shared by every experiment: overlay figures and result tables."""
+"""Report pieces shared by every experiment: overlay figures and result tables.
+
+One overlay renderer for every PNG of a map (``monai-sal explain``, the experiments' reports).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["representative_slice", "save_figure", "save_overlay", "write_table"]
+__all__ = [
+    "CLIP_PERCENTILE",
+    "draw_overlay",
+    "overlay_layer",
+    "pyplot",
+    "representative_slice",
+    "save_figure",
+    "save_overlay",
+    "save_overlay_grid",
+    "write_table",
+]
 
 
 def representative_slice(volume: np.ndarray, mask: np.ndarray | None = None, axis: int = 0) -> int:
@@ -19,40 +32,96 @@ def representative_slice(volume: np.ndarray, mask: np.ndarray | None = None, axi
     return volume.shape[axis] // 2
 
 
-def save_overlay(
-    image: np.ndarray, saliency: np.ndarray, path: str | Path, mask: np.ndarray | None = None, title: str = ""
-) -> Path:
-    """PNG with the image in grey, the min-max map as a translucent heat layer and the mask outlined.
+CLIP_PERCENTILE = 99.0  # the overlay's colour scale ends at this percentile of |map|, as the studies show maps
 
-    2D arrays are drawn as they are; a 3D array is cut at :func:`representative_slice`.
-    Written atomically (temporary file, then rename).
+
+def overlay_layer(saliency: np.ndarray, percentile: float = CLIP_PERCENTILE) -> tuple[np.ndarray, float]:
+    """The heat layer of a map: ``(rgba, vmax)``.
+
+    ``|map|`` divided by its ``percentile``-th percentile ``vmax`` and clipped to [0, 1] gives the
+    colour (``inferno``) and the opacity (0.85 x the value): low values are transparent, so the
+    image shows through where the map is weak, and one hot pixel cannot wash out the rest.
+    A map that is zero everywhere is fully transparent (``vmax`` 0).
     """
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    magnitude = np.abs(np.asarray(saliency, dtype=np.float64))
+    vmax = float(np.percentile(magnitude, percentile)) if magnitude.size else 0.0
+    if not vmax > 0:
+        vmax = float(magnitude.max()) if magnitude.size else 0.0
+    value = np.clip(magnitude / vmax, 0.0, 1.0) if vmax > 0 else np.zeros_like(magnitude)
+    rgba = matplotlib.colormaps["inferno"](value)
+    rgba[..., 3] = 0.85 * value
+    return rgba, vmax
+
+
+def draw_overlay(ax, image: np.ndarray, saliency: np.ndarray, mask: np.ndarray | None = None, title: str = ""):
+    """Draw one overlay on a matplotlib axis: the image in grey, the heat layer of
+    :func:`overlay_layer` and the mask's contour in cyan. 3D arrays are cut at
+    :func:`representative_slice`. Returns a ScalarMappable for a colour bar (0 to ``vmax``)."""
+    import matplotlib
 
     image, saliency = np.asarray(image, dtype=np.float32), np.asarray(saliency, dtype=np.float32)
     if image.ndim == 3:
         k = representative_slice(image, mask)
         image, saliency = image[k], saliency[k]
         mask = None if mask is None else np.asarray(mask)[k]
-    span = float(saliency.max() - saliency.min())
-    heat = (saliency - saliency.min()) / span if span > 0 else np.zeros_like(saliency)
-    fig, ax = plt.subplots(figsize=(3.2, 3.2), dpi=100)
+    rgba, vmax = overlay_layer(saliency)
     ax.imshow(image, cmap="gray")
-    ax.imshow(heat, cmap="inferno", alpha=0.45, vmin=0, vmax=1)
+    ax.imshow(rgba)
     if mask is not None and np.asarray(mask).any():
         ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors="cyan", linewidths=0.8)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
+    norm = matplotlib.colors.Normalize(0.0, vmax if vmax > 0 else 1.0)
+    return matplotlib.cm.ScalarMappable(norm=norm, cmap="inferno")
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_overlay(
+    image: np.ndarray, saliency: np.ndarray, path: str | Path, mask: np.ndarray | None = None, title: str = ""
+) -> Path:
+    """PNG of :func:`draw_overlay` with a colour bar of |map| (clipped at the
+    :data:`CLIP_PERCENTILE`-th percentile). Written atomically (temporary file, then rename)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(3.8, 3.2), dpi=100)
+    mappable = draw_overlay(ax, image, saliency, mask, title)
+    bar = fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label(f"|map|, clipped at p{CLIP_PERCENTILE:g}", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    return save_figure(fig, path)
+
+
+def save_overlay_grid(cases: list[dict], methods: list[str], path: str | Path, title: str = "") -> Path:
+    """PNG of the same cases' maps for every method: one row per case (``{"id", "image", "mask",
+    "maps": {method: map}}``, arrays on one grid), the image alone first, then one column per method."""
+    plt = pyplot()
+    if not cases or not methods:
+        raise ValueError("an overlay grid needs at least one case and one method")
+    rows, cols = len(cases), len(methods) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows + 0.3), dpi=100, squeeze=False)
+    for r, case in enumerate(cases):
+        image = np.asarray(case["image"], dtype=np.float32)
+        draw_overlay(axes[r, 0], image, np.zeros_like(image), case.get("mask"), str(case["id"]))
+        for c, method in enumerate(methods, start=1):
+            draw_overlay(axes[r, c], image, case["maps"][method], case.get("mask"), method if r == 0 else "")
+    if title:
+        fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 
 def save_figure(fig, path: str | Path) -> Path:
     """Save a matplotlib figure as PNG atomically (temporary file, then rename) and close it."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import torch
 from monai_sal_app.data.io import read_image
 from monai_sal_app.evaluation.randomization import randomized_models
 from monai_sal_app.evaluation.trust import DEFAULT_CHECKS, DEFAULT_TRUST_METHODS, trust_card, write_trust_card
-from monai_sal_app.experiments.report import save_figure
+from monai_sal_app.experiments.report import pyplot, save_figure
 from monai_sal_app.experiments.workflows import load_inputs, read_items
 from monai_sal_app.inference import resize_to
 from monai_sal_app.models.card import ModelCard
@@ -183,17 +183,8 @@ def write_trust_report(
     return report
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _randomization_figure(methods: dict, figures: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     entries = {m: e["randomization"] for m, e in methods.items() if "randomization" in e}
     fig, axes = plt.subplots(1, len(entries), figsize=(3.2 * len(entries), 3.0), squeeze=False)
     for ax, (method, r) in zip(axes[0], entries.items()):
@@ -210,7 +201,7 @@ def _randomization_figure(methods: dict, figures: Path) -> Path:
 
 
 def _fidelity_figure(methods: dict, figures: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for method, entry in methods.items():
         if "fidelity" not in entry:
@@ -235,7 +226,7 @@ def _middle_slice(map_: np.ndarray) -> np.ndarray:
 
 def _state_maps_figure(method: str, entry: dict, model, images, targets, seed: int, figures: Path) -> Path:
     """The maps of the example images for the trained model and every cascading state."""
-    plt = _pyplot()
+    plt = pyplot()
     states = [("trained", explain(model, images, method, target=targets))]
     for name, network in randomized_models(model, entry["randomization"]["states"], seed=seed):
         states.append((name, explain(network, images, method, target=targets)))

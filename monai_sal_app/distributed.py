@@ -1,0 +1,92 @@
+"""One process or many: the rank, the device and the collective calls the batch commands use.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`setup` joins the process group
+(NCCL when every rank has a GPU, gloo otherwise) and each rank uses ``cuda:<LOCAL_RANK>`` or the
+CPU; in a plain process it does nothing and the calls below are the identity. Work is split into
+fixed blocks of items that are dealt to the ranks in turn (:func:`shard`), so a block holds the
+same items, batched the same way, whatever the number of processes: one process and N processes
+compute the same numbers. Results travel as Python objects (:func:`all_gather`, :func:`broadcast`);
+files written by one rank (checkpoints, generated data) must be on a folder every rank sees.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["all_gather", "barrier", "broadcast", "device", "is_main", "rank", "setup", "shard", "world_size"]
+
+T = TypeVar("T")
+
+
+def setup() -> None:
+    """Join the process group when started by ``torchrun`` with more than one process (idempotent)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > _local_rank() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(_local_rank())
+    dist.init_process_group(backend)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank() -> int:
+    """This process's rank (0 without torchrun)."""
+    return dist.get_rank() if _active() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 without torchrun)."""
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, the process that writes the tables and the report."""
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` when this rank has a GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", _local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def shard(n_blocks: int) -> list[int]:
+    """The block indices this rank computes: ``rank, rank + world_size, ...`` below ``n_blocks``."""
+    return list(range(rank(), n_blocks, world_size()))
+
+
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    if _active():
+        dist.barrier()
+
+
+def all_gather(value: T) -> list[T]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank."""
+    if not _active():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast(value: T | None) -> T:
+    """Rank 0's ``value`` (picklable) on every rank; the other ranks pass anything (e.g. None)."""
+    if not _active():
+        return value  # type: ignore[return-value]
+    box: Sequence[Any] = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
