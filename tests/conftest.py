@@ -419,3 +419,70 @@ class BlobModel(HandWritten):
         response = F.relu(self.box_mean(x, 3) - self.box_mean(x, 9))
         score = 10 * (response * self.windows).flatten(2).sum(2) / self.windows.flatten(1).sum(1)
         return torch.cat([torch.zeros_like(score[:, :1]), 4.0 * (score - 1.6)], 1)
+
+
+# ----------------------------------------------------------------------------- headless browser
+
+# Injected into a copy of a page before Chromium loads it: after the load it writes, into the DOM
+# that ``--dump-dom`` prints, how many tables and images the page has and which of them are shown
+# (an image decoded with a size, a table laid out with a height).
+_PAGE_CHECK = """<script>
+window.addEventListener("load", () => {
+  const shown = (e) => e.getBoundingClientRect().width > 0 && e.getBoundingClientRect().height > 0;
+  const images = [...document.images];
+  const tables = [...document.querySelectorAll("table")];
+  const result = {
+    images: images.length,
+    images_shown: images.filter((i) => i.complete && i.naturalWidth > 0 && shown(i)).length,
+    tables: tables.length,
+    tables_shown: tables.filter(shown).length,
+    external: [...document.querySelectorAll("[src],[href]")].map((e) => e.getAttribute("src") || e.getAttribute("href"))
+      .filter((u) => !u.startsWith("data:") && !u.startsWith("#")),
+  };
+  const out = document.createElement("pre");
+  out.id = "page-check";
+  out.textContent = JSON.stringify(result);
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def chromium() -> str:
+    """The headless browser the report tests use (Debian's ``chromium``; ``scripts/test.sh`` installs it)."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("no chromium on PATH: install it (apt-get install chromium), as scripts/test.sh does")
+
+
+def _chromium_run(*args: str) -> str:
+    import subprocess
+
+    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def open_in_chromium(page: Path, tmp_path: Path) -> dict:
+    """Load ``page`` in headless Chromium; returns the page check (counts of tables and images and
+    how many are shown, links to anything outside the page)."""
+    import json
+    import re
+
+    probe = tmp_path / f"{page.stem}.probe.html"
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _PAGE_CHECK + "</body>"), encoding="utf-8")
+    dom = _chromium_run("--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+    found = re.search(r'<pre id="page-check">(.*?)</pre>', dom, re.S)
+    assert found, "the page check did not run: the page did not finish loading"
+    return json.loads(found.group(1).replace("&quot;", '"'))
+
+
+def screenshot(page: Path, out: Path, width: int = 1200, height: int = 1600) -> Path:
+    """A PNG of ``page`` as headless Chromium draws it."""
+    _chromium_run(f"--window-size={width},{height}", "--hide-scrollbars", f"--screenshot={out}", page.as_uri())
+    assert out.is_file(), f"chromium wrote no screenshot {out}"
+    return out

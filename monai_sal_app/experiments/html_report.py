@@ -28,7 +28,7 @@ p.question { font-size: 1.05em; background: #f3f6fa; border-left: 4px solid #3a6
 p.meta { color: #57606a; font-size: .9em; }
 table { border-collapse: collapse; margin: .8em 0; font-size: .88em; }
 th, td { border: 1px solid #d0d7de; padding: .3em .6em; text-align: left; }
-th { background: #f6f8fa; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f6f8fa; } th small { font-weight: normal; color: #57606a; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.pass { background: #dafbe1; color: #116329; font-weight: 600; }
 td.fail { background: #ffebe9; color: #a40e26; font-weight: 600; }
 figure { display: inline-block; margin: .5em 1em .5em 0; vertical-align: top; }
@@ -67,7 +67,7 @@ def _merged_columns(rows: Sequence[Mapping]) -> list[tuple[str, tuple[str, ...]]
             stem = key[: -len("_mean")]
             low, high = f"{stem}_ci_low", f"{stem}_ci_high"
             if low in keys and high in keys:
-                columns.append((f"{stem} (mean [95% CI])", (key, low, high)))
+                columns.append((stem, (key, low, high)))
                 used.update((key, low, high))
                 continue
         columns.append((key, (key,)))
@@ -98,7 +98,10 @@ def table_html(rows: Sequence[Mapping], verdict: str | None = None) -> str:
     if not rows:
         return "<p><em>no rows</em></p>"
     columns = _merged_columns(rows)
-    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
+    head = "".join(
+        f"<th>{html.escape(name)}" + ("<br><small>mean [95% CI]</small>" if len(src) == 3 else "") + "</th>"
+        for name, src in columns
+    )
     body = "".join("<tr>" + "".join(_cell(row, src, verdict) for _, src in columns) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 

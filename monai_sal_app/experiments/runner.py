@@ -374,7 +374,12 @@ class Run:
         if todo:
             from tqdm.auto import tqdm
 
-            with open(folder / f"rank{distributed.rank()}.jsonl", "a", encoding="utf-8") as f:
+            part = folder / f"rank{distributed.rank()}.jsonl"
+            with open(part, "a+", encoding="utf-8") as f:
+                if f.tell() > 0:  # a line cut short by an interruption is ended, then ignored on reading
+                    f.seek(f.tell() - 1)
+                    if f.read(1) != "\n":
+                        f.write("\n")
                 bar = tqdm(todo, desc=name, disable=not self.progress or not distributed.is_main(), leave=False)
                 for block in bar:
                     indices = list(range(block * block_size, min(len(items), (block + 1) * block_size)))

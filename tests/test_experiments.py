@@ -1,0 +1,190 @@
+"""The experiment runner: recipe files checked before any work, outputs, reruns, resuming, torchrun,
+and the report as headless Chromium shows it. The recipe used is ``subtypes`` at ``smoke``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import open_in_chromium, screenshot
+from PIL import Image
+
+from monai_sal_app.cli import main
+from monai_sal_app.experiments.runner import (
+    SCALES,
+    ExperimentError,
+    config_folder,
+    experiment_names,
+    resolve_config,
+    run_experiment,
+)
+from monai_sal_app.experiments.studies import RECIPES
+from monai_sal_app.experiments.studies.subtypes import conditions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def results_text(out: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((out / "results").glob("*.csv"))}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("subtypes") / "run"
+    run_experiment("subtypes", out, scale="smoke", progress=False, log=lambda _: None)
+    return out
+
+
+def test_every_builtin_recipe_resolves_at_every_scale():
+    assert config_folder() == REPO / "configs" / "experiments"
+    names = experiment_names()
+    assert "subtypes" in names
+    assert {resolve_config(name, "smoke")["recipe"] for name in names} <= set(RECIPES)
+    for name in names:
+        for scale in SCALES:
+            config = resolve_config(name, scale)
+            assert config["scale"] == scale and config["title"] and config["question"]
+            assert set(config["settings"]) == set(RECIPES[config["recipe"]].settings)
+
+
+def test_experiment_list_prints_every_recipe(capsys):
+    assert main(["experiment", "list"]) == 0
+    printed = capsys.readouterr().out
+    for name in experiment_names():
+        assert name in printed
+
+
+def test_a_run_writes_results_figures_config_versions_hashes_and_report(smoke_run):
+    config = yaml.safe_load((smoke_run / "config.yaml").read_text())
+    assert config["recipe"] == "subtypes" and config["scale"] == "smoke" and config["seed"] == 0
+    rows = read_rows(smoke_run / "results" / "subtypes.csv")
+    assert len(rows) == len(conditions(config["settings"]))
+    for row in rows:
+        assert 0 <= float(row["test_auc"]) <= 1 and -1 <= float(row["ari"]) <= 1
+    summary = read_rows(smoke_run / "results" / "subtypes_summary.csv")
+    assert {"ari_mean", "ari_ci_low", "ari_ci_high", "b_dagger_mean", "n"} <= set(summary[0])
+    for figure in ("subtype_group_maps", "ari_by_condition"):
+        assert Image.open(smoke_run / "figures" / f"{figure}.png").format == "PNG"
+    environment = json.loads((smoke_run / "environment.json").read_text())
+    assert environment["packages"]["torch"] and environment["world_size"] == 1
+    data = json.loads((smoke_run / "data.json").read_text())
+    assert set(data) == {"test", "homogeneous"}
+    assert all(len(entry["files_sha256"]) == 64 and entry["files"] > 0 for entry in data.values())
+    report = (smoke_run / "report.html").read_text()
+    assert "Losses" in report and "Augmentations" in report and "data:image/png;base64," in report
+
+
+def test_the_same_seed_gives_the_same_csvs_and_a_resumed_run_computes_only_what_is_missing(smoke_run, tmp_path):
+    again = tmp_path / "again"
+    run_experiment("subtypes", again, scale="smoke", progress=False, log=lambda _: None)
+    assert results_text(again) == results_text(smoke_run)
+
+    # An interrupted run: the last block lost and a half-written line, no tables, no report.
+    blocks = again / "steps" / "models" / "rank0.jsonl"
+    lines = blocks.read_text().splitlines()
+    blocks.write_text("\n".join(lines[:-1]) + '\n{"block": 9, "ro')
+    for path in [*(again / "results").glob("*.csv"), again / "report.html"]:
+        path.unlink()
+    finished = {json.loads(line)["block"] for line in lines[:-1]}
+    messages = []
+    run_experiment("subtypes", again, scale="smoke", progress=False, log=messages.append)
+    assert results_text(again) == results_text(smoke_run)
+    assert "step data" not in messages  # the data step's result was on disk
+    redone = [json.loads(line)["block"] for line in blocks.read_text().splitlines()[len(lines) :]]
+    assert redone == [json.loads(lines[-1])["block"]] and not set(redone) & finished
+
+
+def test_a_folder_holding_another_runs_settings_is_refused(smoke_run):
+    before = (smoke_run / "config.yaml").read_text()
+    with pytest.raises(ExperimentError, match="other settings"):
+        run_experiment("subtypes", smoke_run, scale="smoke", seed=5, progress=False, log=lambda _: None)
+    assert (smoke_run / "config.yaml").read_text() == before
+
+
+def write_recipe(tmp_path: Path, **changes) -> Path:
+    raw = yaml.safe_load((config_folder() / "subtypes.yaml").read_text())
+    for key, value in changes.items():
+        target = raw
+        *parents, last = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[last] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"recipe": "nope"}, "unknown recipe 'nope'"),
+        ({"colour": "red"}, "unknown key(s) ['colour']"),
+        ({"settings.learning_rate": 0.1}, "settings: unknown key(s) ['learning_rate']"),
+        ({"scales.paper.epoch": 3}, "scales.paper: unknown key(s) ['epoch']"),
+        ({"scales.huge": {}}, "scales: unknown key(s) ['huge']"),
+        ({"scales.smoke.losses": ["ce", "hinge"]}, "unknown loss 'hinge'"),
+        ({"scales.smoke.size": 0}, "size must be a positive integer"),
+        ({"seed": "zero"}, "seed must be an integer"),
+    ],
+)
+def test_a_bad_recipe_file_is_one_clear_error_before_any_work(tmp_path, capsys, changes, message):
+    recipe = write_recipe(tmp_path, **changes)
+    out = tmp_path / "out"
+    assert main(["--quiet", "experiment", "run", str(recipe), "--scale", "smoke", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["nope"], "unknown experiment 'nope'; choose one of"),
+        (["missing.yaml"], "no recipe file missing.yaml"),
+        (["subtypes", "--data", "manifest.csv"], "recipe subtypes makes its own data and takes no --data"),
+        (["subtypes", "--model", "model.pt"], "recipe subtypes trains its own models and takes no --model"),
+    ],
+)
+def test_unknown_recipes_and_inputs_a_recipe_does_not_take_are_refused(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main(["--quiet", "experiment", "run", *argv, "--scale", "smoke", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_torchrun_with_two_processes_gives_the_csvs_of_one(smoke_run, tmp_path):
+    # One process per rank, one thread each (torchrun's default and this test session's), the same
+    # blocks of work: the numbers agree to the last bit.
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*torchrun, "-m", "monai_sal_app.cli", "--quiet", "experiment", "run", "subtypes"]
+    result = subprocess.run(
+        [*command, "--scale", "smoke", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (out / "steps" / "models").glob("*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"]
+    assert json.loads((out / "environment.json").read_text())["world_size"] == 2
+    assert results_text(out) == results_text(smoke_run)
+
+
+def test_the_report_shows_every_table_and_image_in_headless_chromium(smoke_run, tmp_path):
+    page = open_in_chromium(smoke_run / "report.html", tmp_path)
+    assert page["tables"] >= 3 and page["tables_shown"] == page["tables"]
+    assert page["images"] == 2 and page["images_shown"] == page["images"]
+    assert page["external"] == []  # nothing loaded from outside the file
+    shot = np.asarray(Image.open(screenshot(smoke_run / "report.html", tmp_path / "report.png")).convert("L"))
+    assert shot.std() > 10 and (shot < 128).mean() > 0.01  # text, tables and figures drawn, not a blank page
