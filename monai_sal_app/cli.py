@@ -2,7 +2,9 @@
 compare-explainers, methods, serve, experiment, demo.
 
 Every sub-command is a thin adapter over the library; a bad input ends with a one-line
-``error: ...`` on stderr and exit code 2 instead of a traceback.
+``error: ...`` on stderr and exit code 2 instead of a traceback. ``explain``, ``evaluate`` and
+``experiment run`` also run under ``torchrun`` (``python -m monai_sal_app.cli`` as the module):
+the images are dealt to the ranks, each on its own device, and rank 0 writes the results.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def _input_size(text: str | None) -> int | tuple[int, ...] | None:
 
 
 def cmd_explain(args) -> None:
+    from monai_sal_app import distributed
     from monai_sal_app.experiments.workflows import explain_items, read_items
     from monai_sal_app.models.checkpoint import load_classifier
     from monai_sal_app.saliency import get_method
@@ -118,7 +121,8 @@ def cmd_explain(args) -> None:
     for m in methods:
         get_method(m)  # unknown names fail before any work
     params = _method_params(args.param)
-    model, card = load_classifier(args.model, device=args.device)
+    distributed.setup()
+    model, card = load_classifier(args.model, device=args.device or distributed.device())
     if args.max_cost is not None:  # the server's bounds and budget, only when asked
         from monai_sal_app.saliency.core import check_request
 
@@ -139,17 +143,20 @@ def cmd_explain(args) -> None:
         overlays=args.overlays,
         progress=not args.quiet,
     )
-    print(f"wrote {maps_csv}")
+    if distributed.is_main():
+        print(f"wrote {maps_csv}")
 
 
 def cmd_evaluate(args) -> None:
+    from monai_sal_app import distributed
     from monai_sal_app.experiments.workflows import evaluate_maps
-
-    maps = Path(args.maps)
-    _, summary = evaluate_maps(maps / "maps.csv" if maps.is_dir() else maps, args.out)
     from monai_sal_app.metrics.stats import to_markdown
 
-    print(to_markdown(summary))
+    distributed.setup()
+    maps = Path(args.maps)
+    _, summary = evaluate_maps(maps / "maps.csv" if maps.is_dir() else maps, args.out)
+    if distributed.is_main():
+        print(to_markdown(summary))
 
 
 def cmd_trust(args) -> None:
@@ -267,15 +274,10 @@ def cmd_experiment_run(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from monai_sal_app.experiments.demo import run_demo
+    from monai_sal_app.experiments.runner import run_experiment
 
-    run_demo(
-        args.out,
-        quick=args.quick,
-        per_class=args.per_class,
-        epochs=args.epochs,
-        seed=args.seed,
-        progress=not args.quiet,
+    run_experiment(
+        "demo", args.out, scale="smoke" if args.quick else "default", seed=args.seed, progress=not args.quiet
     )
 
 
@@ -476,11 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=None, help="default: the recipe's")
     q.set_defaults(func=cmd_experiment_run)
 
-    p = sub.add_parser("demo", help="data -> classifier -> maps -> metrics -> report, on built-in data")
+    p = sub.add_parser(
+        "demo", help="a tour on built-in data: classifier, every fast method, localization, trust checks, subtypes"
+    )
     p.add_argument("--out", default="demo_report")
-    p.add_argument("--quick", action="store_true", help="tiny run for smoke tests (seconds, not a real result)")
-    p.add_argument("--per-class", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="the smoke scale: seconds, numbers that mean nothing")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser

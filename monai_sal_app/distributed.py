@@ -12,13 +12,24 @@ files written by one rank (checkpoints, generated data) must be on a folder ever
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather", "barrier", "broadcast", "device", "is_main", "rank", "setup", "shard", "world_size"]
+__all__ = [
+    "all_gather",
+    "barrier",
+    "broadcast",
+    "device",
+    "gather_blocks",
+    "is_main",
+    "rank",
+    "setup",
+    "shard",
+    "world_size",
+]
 
 T = TypeVar("T")
 
@@ -90,3 +101,21 @@ def broadcast(value: T | None) -> T:
     box: Sequence[Any] = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_blocks(
+    n_items: int, block_size: int, compute: Callable[[int, int], list[T]], desc: str = "", progress: bool = False
+) -> list[T]:
+    """Results of ``compute(start, stop)`` over the items ``[start, stop)`` of every block of
+    ``block_size`` consecutive items: each rank computes its blocks (:func:`shard`, a progress bar
+    on rank 0 when ``progress``), and every rank gets every block's results, in item order."""
+    from tqdm.auto import tqdm
+
+    n_blocks = (n_items + block_size - 1) // block_size
+    mine = {}
+    for block in tqdm(shard(n_blocks), desc=desc, disable=not progress or not is_main(), leave=False):
+        mine[block] = compute(block * block_size, min(n_items, (block + 1) * block_size))
+    merged: dict[int, list[T]] = {}
+    for part in all_gather(mine):
+        merged.update(part)
+    return [result for block in range(n_blocks) for result in merged[block]]

@@ -184,10 +184,12 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path, capsys):
 
 def test_demo_quick_writes_a_report(tmp_path):
     assert run("demo", "--quick", "--out", str(tmp_path / "demo")) == 0
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert {"gradient", "gradcam", "baseline_mean_mask"} <= set(summary["localization"])
-    assert "test_auc" in summary["classifier"]
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "roc_auc_mean" in report and "![" in report
-    for name in ("per_image.csv", "summary.csv", "summary.md"):
-        assert (tmp_path / "demo" / "evaluate" / name).stat().st_size > 0
+    out = tmp_path / "demo"
+    with open(out / "results" / "localization_summary.csv", newline="") as f:
+        methods = {row["method"] for row in csv.DictReader(f)}
+    assert {"gradient", "gradcam", "baseline_mean_mask"} <= methods
+    for table in ("classifier", "randomization", "fidelity", "subtypes"):
+        assert (out / "results" / f"{table}.csv").stat().st_size > 0
+    report = (out / "report.html").read_text()
+    for section in ("Localization", "Cascading randomization", "Fidelity", "Latent subtypes"):
+        assert f"<h2>{section}</h2>" in report

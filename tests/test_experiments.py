@@ -188,3 +188,43 @@ def test_the_report_shows_every_table_and_image_in_headless_chromium(smoke_run, 
     assert page["external"] == []  # nothing loaded from outside the file
     shot = np.asarray(Image.open(screenshot(smoke_run / "report.html", tmp_path / "report.png")).convert("L"))
     assert shot.std() > 10 and (shot < 128).mean() > 0.01  # text, tables and figures drawn, not a blank page
+
+
+def test_explain_and_evaluate_under_torchrun_give_the_rows_and_maps_of_one_process(tmp_path):
+    from monai_sal_app.data.io import read_image
+    from monai_sal_app.data.shepp_logan import generate_shepp_logan
+    from monai_sal_app.experiments.workflows import train_from_manifest
+
+    manifest = generate_shepp_logan(tmp_path / "data", "test", 2, 32, 5, seed=3, progress=False)
+    train_from_manifest(manifest, tmp_path / "model.pt", epochs=1, progress=False, log=lambda _: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        launcher = [sys.executable]
+        if processes > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        for step in (
+            f"explain --model {tmp_path / 'model.pt'} {manifest} --method gradient,gradcam --batch-size 4 --out {out}",
+            f"evaluate {out} --out {out / 'evaluation'}",
+        ):
+            command = [*launcher, "-m", "monai_sal_app.cli", "--quiet", *step.split()]
+            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+            assert result.returncode == 0, (step, result.stderr[-3000:])
+        outputs[processes] = out
+    one, two = (read_rows(outputs[p] / "maps.csv") for p in (1, 2))
+    assert len(one) == 2 * 10
+    for row in [*one, *two]:
+        del row["seconds_per_image"]
+    strip = [
+        {k: v.replace(str(outputs[p]), "OUT") for k, v in row.items()}
+        for p, rows in ((1, one), (2, two))
+        for row in rows
+    ]
+    assert strip[: len(one)] == strip[len(one) :]
+    for a, b in zip(one, two):
+        assert np.array_equal(
+            read_image(a["map"], allow_constant=True)[0], read_image(b["map"], allow_constant=True)[0]
+        )
+    per_image = [(outputs[p] / "evaluation" / "per_image.csv").read_text() for p in (1, 2)]
+    assert per_image[0] == per_image[1] and len(per_image[0].splitlines()) > 1

@@ -116,3 +116,30 @@ def test_core_dependencies_are_exactly_what_the_core_imports():
     assert not core & {"monailabel", "dicomweb-client", "pynetdicom"}
     assert not any(re.search(r"(numpy|pydicom)\s*<", r) for r in project["dependencies"])
     assert "monailabel" in server
+
+
+def test_the_package_list_is_every_folder_and_the_wheel_carries_the_experiment_recipes(tmp_path):
+    import shutil
+    import zipfile
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    folders = {"monai_sal_app"} | {
+        m.name for m in pkgutil.walk_packages([str(PACKAGE)], prefix="monai_sal_app.") if m.ispkg
+    }
+    assert set(declared) == folders | {"monai_sal_app.experiment_configs"}
+
+    # Built from a copy, so that setuptools' build folders stay out of the checkout.
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for name in ("monai_sal_app", "configs"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", "dist", "."]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("monai_sal-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    recipes = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        assert f"monai_sal_app/experiment_configs/{recipe.name}" in names
+    assert "monai_sal_app/experiments/studies/subtypes.py" in names

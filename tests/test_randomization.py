@@ -162,6 +162,23 @@ def test_reproducible_from_seed_and_given_original_maps_used():
     assert given.target == first.target
 
 
+def test_postprocess_steps_apply_to_every_map_and_are_checked_first():
+    model, images = tiny_resnet(2), images_for(2, n=4)
+    of_abs = model_randomization(
+        model, images, "gradient", seed=4, metrics=["spearman_abs"], verdict_metric="spearman_abs"
+    )
+    maps = explain(model, images, "gradient", target=of_abs.target)
+    abs_first = model_randomization(
+        model, images, "gradient", seed=4, metrics=ONE_METRIC, original_maps=maps, postprocess_steps=("abs",)
+    )
+    np.testing.assert_array_equal(abs_first.similarity["spearman"], of_abs.similarity["spearman_abs"])
+    assert abs_first.baseline["spearman"]["mean"] == of_abs.baseline["spearman_abs"]["mean"]
+    with pytest.raises(ValueError, match="unknown post-processing step 'smooth'"):
+        model_randomization(model, images, "gradient", metrics=ONE_METRIC, postprocess_steps=("abs", "smooth"))
+    with pytest.raises(TypeError, match="sequence of names"):
+        model_randomization(model, images, "gradient", metrics=ONE_METRIC, postprocess_steps="abs")
+
+
 def test_volumes_take_the_same_path():
     model, images = tiny_resnet(3), images_for(3, n=3)
     result = model_randomization(model, images, "gradcam", mode="independent", n_pairs=6)

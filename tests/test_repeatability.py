@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import images_for, tiny_cnn
 
-from monai_sal_app.evaluation.repeatability import label_randomization, map_agreement
+from monai_sal_app.evaluation.repeatability import label_randomization, map_agreement, permuted_labels
 from monai_sal_app.metrics.similarity import similarity
 from monai_sal_app.saliency import explain
 
@@ -90,6 +90,25 @@ def test_label_randomization_retrains_on_a_seeded_permutation(models_and_images)
     assert sorted(seen[0].tolist()) == sorted(labels.tolist()) and not torch.equal(seen[0], labels)
     label_randomization(train_model, reference, labels, images, "gradient", seed=4)
     assert torch.equal(seen[0], seen[1])  # reproducible from the seed
+
+
+def test_permuted_labels_are_a_seeded_permutation():
+    labels = [0, 0, 0, 1, 1, 2, 2, 2]
+    permuted = permuted_labels(labels, seed=4)
+    assert sorted(permuted.tolist()) == labels and permuted.tolist() != labels
+    assert torch.equal(permuted, permuted_labels(labels, seed=4))
+    with pytest.raises(ValueError, match="at least two classes"):
+        permuted_labels([1, 1, 1])
+
+
+def test_postprocess_steps_apply_to_every_models_maps(models_and_images):
+    reference, images = models_and_images
+    models = {"reference": reference, "other": reseeded(reference, seed=11)}
+    of_abs = map_agreement(models, images, "gradient", metrics=("spearman_abs",))
+    abs_first = map_agreement(models, images, "gradient", metrics=("spearman",), postprocess_steps=("abs",))
+    np.testing.assert_allclose(abs_first.similarity["spearman"], of_abs.similarity["spearman_abs"])
+    with pytest.raises(ValueError, match="unknown post-processing step 'smooth'"):
+        map_agreement(models, images, "gradient", postprocess_steps=("smooth",))
 
 
 def test_models_are_not_changed(models_and_images):

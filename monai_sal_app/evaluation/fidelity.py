@@ -115,6 +115,16 @@ class FidelityResult:
     order_by: str
     seconds_per_image: float
 
+    @property
+    def auc_mif(self) -> np.ndarray:
+        """(N,) area under each image's MIF curve, trapezoid rule over the fractions (score x fraction)."""
+        return _trapezoid(self.mif, self.fractions)
+
+    @property
+    def auc_lif(self) -> np.ndarray:
+        """(N,) area under each image's LIF curve; ``fidelity`` is ``auc_lif - auc_mif``."""
+        return _trapezoid(self.lif, self.fractions)
+
     def to_dict(self) -> dict:
         """Every field, arrays as (nested) lists of floats and NaN as ``None``: ready for ``json.dumps``."""
         return {f.name: _json_safe(getattr(self, f.name)) for f in fields(self)}

@@ -43,6 +43,7 @@ from monai_sal_app.metrics.similarity import (
     similarity,
 )
 from monai_sal_app.saliency.core import explain, get_method, model_device, model_guard, resolve_target, validate_images
+from monai_sal_app.saliency.postprocess import checked_steps, postprocess
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -303,6 +304,7 @@ def model_randomization(
     seed: int = 0,
     blocks: Sequence[str] | None = None,
     original_maps=None,
+    postprocess_steps: Sequence[str] = (),
 ) -> RandomizationResult:
     """Model randomization test of ``method`` on ``model`` over ``images`` (Adebayo et al. 2018).
 
@@ -329,7 +331,10 @@ def model_randomization(
         blocks: module names to randomize, logits first; default :func:`randomization_blocks`.
             At least two.
         original_maps: the trained model's maps (N, 1, *spatial) by this method, parameters and
-            target, when already computed; otherwise computed here.
+            target, as ``explain`` returns them, when already computed; otherwise computed here.
+        postprocess_steps: named steps of ``saliency.postprocess`` applied to every map (the given
+            ``original_maps`` too) before it is compared, e.g. ``("abs", "clip")`` for |map|
+            clipped at its 99th percentile; none by default.
 
     Returns:
         A :class:`RandomizationResult` with one state per block (S = len(blocks)).
@@ -356,8 +361,12 @@ def model_randomization(
             f"model randomization needs at least 2 blocks holding parameters, {type(model).__name__} has "
             f"{blocks}; pass blocks= to choose them"
         )
+    postprocess_steps = checked_steps(postprocess_steps)
     if original_maps is not None:
         original_maps = _checked_maps(original_maps, n, spatial)
+
+    def processed(maps: np.ndarray) -> np.ndarray:
+        return postprocess(torch.from_numpy(maps)[:, None], postprocess_steps)[:, 0].numpy()
 
     work = copy.deepcopy(model)
     x = images.detach().to(device=model_device(work), dtype=torch.float32)
@@ -371,9 +380,9 @@ def model_randomization(
         maps = explain(network, x, method, target=fixed_target, **params)
         explain_seconds += time.perf_counter() - tic
         explained += n
-        return maps[:, 0].cpu().double().numpy()
+        return processed(maps[:, 0].cpu().double().numpy())
 
-    original = maps_of(work) if original_maps is None else original_maps
+    original = maps_of(work) if original_maps is None else processed(original_maps)
     constant = {"original": int(constant_maps(original).sum())}
     reference = {metric: _comparable(original, metric) for metric in metrics}
     values = {metric: np.zeros((len(blocks), n)) for metric in metrics}

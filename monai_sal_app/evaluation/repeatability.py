@@ -28,8 +28,9 @@ from torch import nn
 from monai_sal_app.metrics.similarity import constant_maps, random_pair_baseline, similarity
 from monai_sal_app.saliency import explain
 from monai_sal_app.saliency.core import model_guard, resolve_target
+from monai_sal_app.saliency.postprocess import checked_steps, postprocess
 
-__all__ = ["DEFAULT_METRICS", "AgreementResult", "label_randomization", "map_agreement"]
+__all__ = ["DEFAULT_METRICS", "AgreementResult", "label_randomization", "map_agreement", "permuted_labels"]
 
 DEFAULT_METRICS = ("ssim", "spearman_abs")
 
@@ -123,14 +124,18 @@ def map_agreement(
     expect: str = "similar",
     n_pairs: int = 50,
     seed: int = 0,
+    postprocess_steps: Sequence[str] = (),
 ) -> AgreementResult:
     """Similarity of each other model's maps to the first (reference) model's maps.
 
     ``models``: ``{name: model}`` (the first is the reference) or a sequence; all take ``images``
     (N, C, *spatial) and predict the same classes. ``target``: None -> the reference model's
     predicted class, kept for every model. ``verdict_metric`` defaults to the first of ``metrics``.
+    ``postprocess_steps``: named steps of ``saliency.postprocess`` applied to every map before it
+    is compared (``("abs", "clip")``: |map| clipped at its 99th percentile); none by default.
     """
     named = _named(models)
+    postprocess_steps = checked_steps(postprocess_steps)
     if expect not in ("similar", "different"):
         raise ValueError(f"expect must be 'similar' or 'different', got {expect!r}")
     metrics = list(metrics)
@@ -144,7 +149,9 @@ def map_agreement(
     with model_guard(reference), torch.no_grad():
         fixed_target = resolve_target(reference, images.to(next(reference.parameters()).device), target).cpu()
     maps = {
-        name: explain(model, images, method, target=fixed_target, **(params or {})).cpu().numpy()
+        name: postprocess(
+            explain(model, images, method, target=fixed_target, **(params or {})).cpu().double(), postprocess_steps
+        ).numpy()
         for name, model in named.items()
     }
     reference_maps = maps[reference_name]
@@ -175,6 +182,16 @@ def map_agreement(
     )
 
 
+def permuted_labels(labels, seed: int = 0) -> torch.Tensor:
+    """``labels`` (N,) in an order drawn by a generator seeded with ``seed``: the training labels of
+    a label-randomized model. ``ValueError`` unless they are a vector with at least two classes."""
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or len(torch.unique(labels)) < 2:
+        raise ValueError("labels must be a (N,) vector with at least two classes to permute")
+    generator = torch.Generator().manual_seed(seed)
+    return labels[torch.randperm(len(labels), generator=generator)]
+
+
 def label_randomization(
     train_model: Callable[[torch.Tensor], nn.Module],
     trained_model: nn.Module,
@@ -187,17 +204,12 @@ def label_randomization(
     """Retrain with permuted labels and compare the maps with those of the trained model.
 
     ``train_model(labels) -> model`` is the training recipe (same data, same settings) called once
-    with ``labels`` (N_train,) permuted by a generator seeded with ``seed``. ``images`` are the
+    with ``labels`` (N_train,) permuted by :func:`permuted_labels` with ``seed``. ``images`` are the
     images to explain. Passes when the maps of the label-randomized model are *not* more alike to
     the trained model's than random pairs (``expect="different"``); ``agreement``: further
     :func:`map_agreement` arguments (metrics, margin, n_pairs...).
     """
-    labels = torch.as_tensor(labels)
-    if labels.ndim != 1 or len(torch.unique(labels)) < 2:
-        raise ValueError("labels must be a (N,) vector with at least two classes to permute")
-    generator = torch.Generator().manual_seed(seed)
-    permuted = labels[torch.randperm(len(labels), generator=generator)]
-    randomized = train_model(permuted)
+    randomized = train_model(permuted_labels(labels, seed))
     return map_agreement(
         {"trained": trained_model, "label_randomized": randomized},
         images,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
 from monai_sal_app.experiments.recipes import (
+    DefaultModel,
     generate_explainer_data,
     generate_recipe_data,
     recipe_for,
@@ -39,16 +40,29 @@ from monai_sal_app.metrics.stats import mean_ci, write_csv
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.saliency.core import model_device
 
-__all__ = ["POSTHOC_BASELINES", "compare_explainers", "localization_table"]
+__all__ = [
+    "PATHOLOGY_CLASS",
+    "POSTHOC_BASELINES",
+    "TTA_METHODS",
+    "compare_explainers",
+    "explain_with_tta",
+    "flip_rate",
+    "generate_study_data",
+    "localization_rows",
+    "localization_table",
+    "with_explainers",
+]
 
 POSTHOC_BASELINES = ("gradient", "gradcam", "meaningful_perturbation")
+TTA_METHODS = ("similarity_adversarial",)  # the methods that take tta=True (test-time averaging)
 PATHOLOGY_CLASS = 1
 
 
-def localization_table(maps_csv: str | os.PathLike) -> tuple[list[dict], list[dict]]:
-    """(per-image rows, one summary row per method) of a ``maps.csv`` whose images all have a mask:
-    ``auprc`` (AUC_loc), ``partial_auprc`` (recall <= 0.5) and ``iou_p80`` ... ``iou_p98`` per image;
-    per method their means with the AUPRC's 95% CI, ``n`` and ``seconds_per_map``."""
+def localization_rows(maps_csv: str | os.PathLike, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> list[dict]:
+    """One row per map of a ``maps.csv`` (``workflows.explain_items``) whose image has a mask, in the
+    file's order: ``id``, ``method``, ``auprc`` (AUC_loc, in [0, 1]), ``partial_auprc`` (the AUPRC up
+    to recall 0.5, in [0, 0.5]), ``iou_p<p>`` (IoU of the map's top ``100 - p`` % with the mask) for
+    each of ``percentiles``, and ``seconds_per_map`` (wall time of one map, in seconds)."""
     with open(maps_csv, newline="") as handle:
         entries = [entry for entry in csv.DictReader(handle) if entry["mask"]]
     if not entries:
@@ -57,17 +71,25 @@ def localization_table(maps_csv: str | os.PathLike) -> tuple[list[dict], list[di
     for entry in entries:
         saliency, _ = read_image(entry["map"], allow_constant=True)
         mask = read_image(entry["mask"], allow_constant=True)[0] > 0.5
-        metrics = localization_metrics(saliency, mask)
+        metrics = localization_metrics(saliency, mask, percentiles)
         rows.append(
             {
                 "id": entry["id"],
                 "method": entry["method"],
                 "auprc": metrics["auprc"],
                 "partial_auprc": partial_auprc(saliency, mask, 0.5),
-                **{f"iou_p{p:g}": metrics[f"iou_p{p:g}"] for p in DEFAULT_PERCENTILES},
+                **{f"iou_p{p:g}": metrics[f"iou_p{p:g}"] for p in percentiles},
                 "seconds_per_map": float(entry["seconds_per_image"]),
             }
         )
+    return rows
+
+
+def localization_table(maps_csv: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """(per-image rows, one summary row per method) of a ``maps.csv`` whose images all have a mask:
+    the rows of :func:`localization_rows` at the default percentiles (``iou_p80`` ... ``iou_p98``);
+    per method their means with the AUPRC's 95% CI, ``n`` and ``seconds_per_map``."""
+    rows = localization_rows(maps_csv)
     summary = []
     for method in dict.fromkeys(row["method"] for row in rows):
         mine = [row for row in rows if row["method"] == method]
@@ -109,6 +131,71 @@ def flip_rate(model, card, generator, items: list[dict]) -> dict:
     return {"rate": flipped / len(x), "n": len(x)}
 
 
+def generate_study_data(
+    spec: DefaultModel,
+    folder: str | os.PathLike,
+    per_class: int | None = None,
+    test_per_class: int | None = None,
+    explainer_per_class: int | None = None,
+    seed: int = 0,
+    *,
+    progress: bool = True,
+    log: Callable[[str], object] = print,
+) -> tuple[Path, Path, Path]:
+    """The manifests (train, test, explainer) of a comparison under ``folder``: the recipe's training
+    and test data (``recipes.generate_recipe_data``; ``None``: the recipe's sizes) and, with
+    ``explainer_per_class``, that many more generated images per class to train the explainers on
+    (``recipes.generate_explainer_data``); without it the explainers train on the training images."""
+    train, test = generate_recipe_data(spec, folder, per_class, test_per_class, seed, progress=progress, log=log)
+    if explainer_per_class is None:
+        return train, test, train
+    return train, test, generate_explainer_data(spec, folder, explainer_per_class, seed, progress=progress, log=log)
+
+
+def with_explainers(params: dict, model, checkpoints: Mapping[str, str | os.PathLike]) -> dict:
+    """``params`` (method -> its parameters) with each trained explainer of ``checkpoints`` (kind ->
+    its checkpoint) loaded on the model's device as that method's ``explainer``: loaded once, each
+    map is then one forward pass of the explainer."""
+    params = {name: dict(values) for name, values in params.items()}
+    for kind, checkpoint in checkpoints.items():
+        params.setdefault(kind, {})["explainer"] = load_explainer(checkpoint, model_device(model))[0]
+    return params
+
+
+def explain_with_tta(
+    model,
+    card,
+    items: list[dict],
+    out: str | os.PathLike,
+    methods: Sequence[str],
+    params: dict,
+    *,
+    overlays: int = 8,
+    progress: bool = True,
+) -> tuple[Path, Path | None]:
+    """Explain ``items`` for the pathology class with every method into ``out/maps``, then with the
+    methods of :data:`TTA_METHODS` among them again with test-time averaging (``tta``) into
+    ``out/maps_tta``. One image at a time, so that each map's time (``seconds_per_image``) is that of
+    one image, as an interactive user sees it. ``params``: method -> its parameters (a trained
+    explainer's module under ``explainer``, see :func:`with_explainers`); ``overlays``: PNGs of the
+    first that many items per method. Returns the two ``maps.csv`` (the second None when no method
+    averages)."""
+    out = Path(out)
+    maps_csv = explain_items(
+        model, card, items, out / "maps", methods=methods, params=params, target=PATHOLOGY_CLASS, batch_size=1,
+        overlays=overlays, progress=progress,
+    )  # fmt: skip
+    averaged = [method for method in methods if method in TTA_METHODS]
+    if not averaged:
+        return maps_csv, None
+    tta_params = {method: {**params.get(method, {}), "tta": True} for method in averaged}
+    tta_csv = explain_items(
+        model, card, items, out / "maps_tta", methods=averaged, params=tta_params, target=PATHOLOGY_CLASS,
+        batch_size=1, overlays=overlays, progress=progress,
+    )  # fmt: skip
+    return maps_csv, tta_csv
+
+
 def compare_explainers(
     out: str | os.PathLike,
     *,
@@ -140,20 +227,14 @@ def compare_explainers(
         require_positive_int(explainer_per_class, "explainer_per_class")
     out = Path(out)
     folder = out / "data"
-    train_manifest, test_manifest = generate_recipe_data(
-        spec, folder, per_class, test_per_class, seed, progress=progress, log=log
+    _, test_manifest, explainer_manifest = generate_study_data(
+        spec, folder, per_class, test_per_class, explainer_per_class, seed, progress=progress, log=log
     )
-    explainer_manifest = train_manifest
-    if explainer_per_class is not None:
-        explainer_manifest = generate_explainer_data(
-            spec, folder, explainer_per_class, seed, progress=progress, log=log
-        )
     classifier = out / "classifier.pt"
     if classifier.is_file():
         log(f"using {classifier}")
     else:
         train_recipe(spec, folder, classifier, epochs=epochs, seed=seed, device=device, progress=progress, log=log)
-    method_params = {name: dict(values) for name, values in (params or {}).items()}
     for kind in explainers:
         path = out / f"classifier.{kind}.pt"
         if path.is_file():
@@ -164,32 +245,16 @@ def compare_explainers(
                 seed=seed, device=device, progress=progress, log=log,
             )  # fmt: skip
     model, card = load_classifier(classifier, device=device)
-    for kind in explainers:  # loaded once: each map is then one forward pass of the explainer
-        method_params.setdefault(kind, {})["explainer"] = load_explainer(
-            out / f"classifier.{kind}.pt", model_device(model)
-        )[0]
+    method_params = with_explainers(params or {}, model, {kind: out / f"classifier.{kind}.pt" for kind in explainers})
     items = [item for item in read_manifest(test_manifest) if item.get("mask")][:max_images]
-    maps_csv = explain_items(
-        model,
-        card,
-        items,
-        out / "maps",
-        methods=[*methods, *explainers],
-        params=method_params,
-        target=PATHOLOGY_CLASS,
-        batch_size=1,  # time per map is per image, as an interactive user sees it
-        progress=progress,
+    maps_csv, tta_csv = explain_with_tta(
+        model, card, items, out, [*methods, *explainers], method_params, progress=progress
     )
     rows, summary = localization_table(maps_csv)
-    if "similarity_adversarial" in explainers:  # again with test-time averaging, and its flip rate
-        tta_params = {"similarity_adversarial": {**method_params["similarity_adversarial"], "tta": True}}
-        tta_csv = explain_items(
-            model, card, items, out / "maps_tta", methods=["similarity_adversarial"], params=tta_params,
-            target=PATHOLOGY_CLASS, batch_size=1, progress=progress,
-        )  # fmt: skip
+    if tta_csv is not None:  # the similarity-adversarial explainer with test-time averaging, and its flip rate
         tta_rows, tta_summary = localization_table(tta_csv)
         for row in (*tta_rows, *tta_summary):
-            row["method"] = "similarity_adversarial (tta)"
+            row["method"] = f"{row['method']} (tta)"
         rows += tta_rows
         summary += tta_summary
         flip = flip_rate(

@@ -93,17 +93,27 @@ def generate_recipe_data(
     test_per_class: int | None = None,
     seed: int = 0,
     *,
+    size: int | None = None,
+    train: bool = True,
     progress: bool = True,
     log: Callable[[str], object] = print,
-) -> tuple[Path, Path]:
+) -> tuple[Path | None, Path]:
     """The recipe's training and test data under ``folder/train`` and ``folder/test`` (each generated
-    unless its manifest is there; the test set from seed + 1); returns their manifests."""
+    unless its manifest is there; the test set from seed + 1); returns their manifests. ``size``:
+    the images' side in pixels/voxels (None: the generator's default); ``train=False``: the test set
+    only (for a model trained elsewhere), returned as ``(None, test)``."""
     folder = Path(folder)
-    train = _generate_split(spec, folder, "train", spec.train_preset, per_class or spec.per_class, seed, progress, log)
-    test = _generate_split(
-        spec, folder, "test", spec.test_preset, test_per_class or spec.test_per_class, seed + 1, progress, log
+    train_manifest = (
+        _generate_split(
+            spec, folder, "train", spec.train_preset, per_class or spec.per_class, seed, progress, log, size
+        )
+        if train
+        else None
     )
-    return train, test
+    test = _generate_split(
+        spec, folder, "test", spec.test_preset, test_per_class or spec.test_per_class, seed + 1, progress, log, size
+    )
+    return train_manifest, test
 
 
 def generate_explainer_data(
@@ -121,14 +131,16 @@ def generate_explainer_data(
     return _generate_split(spec, Path(folder), "explainer", spec.train_preset, per_class, seed + 2, progress, log)
 
 
-def _generate_split(spec, folder: Path, split: str, preset: str, per_class: int, seed: int, progress, log) -> Path:
+def _generate_split(
+    spec, folder: Path, split: str, preset: str, per_class: int, seed: int, progress, log, size: int | None = None
+) -> Path:
     from monai_sal_app.data.generators import GENERATORS
 
     manifest = folder / split / "manifest.csv"
     if not manifest.is_file():
         log(f"generating {spec.dim}D {spec.generator} {split} data ({per_class} per class) in {folder / split}")
         GENERATORS[spec.generator](
-            folder / split, preset=preset, dim=spec.dim, per_class=per_class, seed=seed, progress=progress
+            folder / split, preset=preset, dim=spec.dim, size=size, per_class=per_class, seed=seed, progress=progress
         )
     return manifest
 
@@ -148,9 +160,13 @@ def train_recipe(
     folder: str | os.PathLike,
     checkpoint: str | os.PathLike,
     *,
+    arch: str = "conv5fc3",
+    arch_kwargs: dict | None = None,
     head: dict | None = None,
     epochs: int | None = None,
     input_size: int | None = None,
+    train_manifest: str | os.PathLike | None = None,
+    attempts: int = TRAIN_ATTEMPTS,
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
@@ -158,21 +174,25 @@ def train_recipe(
 ):
     """Train the recipe's classifier on ``folder/train`` (scored on ``folder/test``) into ``checkpoint``,
     again with the next seed while its validation AUC stays below :data:`MIN_VAL_AUC` (at most
-    :data:`TRAIN_ATTEMPTS` runs). ``head``: a WILDCAT head (see ``models.factory.build_classifier``);
-    ``epochs``, ``input_size``: override the recipe's (a ``croppad`` shift is scaled with the input
-    side, so that it stays the same fraction of the image). Returns (model, card)."""
+    ``attempts`` runs; 1: no second run). ``arch``, ``arch_kwargs``: the network, a name of
+    ``models.factory.ARCHITECTURES`` and its options; ``head``: a WILDCAT head (see
+    ``models.factory.build_classifier``); ``epochs``, ``input_size``: override the recipe's (a
+    ``croppad`` shift is scaled with the input side, so that it stays the same fraction of the
+    image); ``train_manifest``: another manifest of the training images (with permuted labels, say)
+    instead of ``folder/train/manifest.csv``. Returns (model, card)."""
     from monai_sal_app.experiments.workflows import train_from_manifest
 
     folder = Path(folder)
     n_epochs = epochs or spec.epochs
     side = input_size or spec.input_size
     augmentations = scaled_augmentations(spec.augmentations, side / spec.input_size)
-    for attempt in range(TRAIN_ATTEMPTS):
+    for attempt in range(attempts):
         log(f"training ({spec.dim}D, input {side} px, {n_epochs} epochs, seed {seed + attempt}) -> {checkpoint}")
         model, card = train_from_manifest(
-            folder / "train" / "manifest.csv",
+            train_manifest or folder / "train" / "manifest.csv",
             checkpoint,
-            arch="conv5fc3",
+            arch=arch,
+            arch_kwargs=arch_kwargs,
             head=head,
             augmentations=augmentations,
             epochs=n_epochs,
@@ -186,7 +206,7 @@ def train_recipe(
             progress=progress,
             log=log,
         )
-        if card.metrics["val_auc"] >= MIN_VAL_AUC:
+        if card.metrics["val_auc"] >= MIN_VAL_AUC or attempt + 1 == attempts:
             break
         log(f"validation AUC {card.metrics['val_auc']:.3f} < {MIN_VAL_AUC}: the training did not take; again")
     return model, card

@@ -72,7 +72,10 @@ class Recipe:
     ``settings``: every setting the study reads, with its default (a config may set only these);
     ``data_columns``: the manifest columns ``--data`` must have (``()``: the recipe makes its own
     data and takes no ``--data``); ``models``: whether ``--model`` checkpoints are accepted;
-    ``validate(settings)``: raises ValueError for a value the study cannot use.
+    ``validate(settings)``: raises ValueError for a value the study cannot use;
+    ``check_inputs(data, models)``: raises ValueError for a combination of the ``--data`` manifest
+    (a Path or None) and the ``--model`` checkpoints (a list of Paths) the study cannot use. Both
+    run before anything is written.
     """
 
     name: str
@@ -81,6 +84,7 @@ class Recipe:
     data_columns: tuple[str, ...] = ()
     models: bool = False
     validate: Callable[[dict], None] | None = None
+    check_inputs: Callable[[Path | None, list[Path]], None] | None = None
 
 
 @dataclass
@@ -487,6 +491,11 @@ def run_experiment(
     if checkpoints and not recipe.models:
         raise ExperimentError(f"recipe {recipe.name} trains its own models and takes no --model")
     _check_models(checkpoints, manifest)
+    if recipe.check_inputs is not None:
+        try:
+            recipe.check_inputs(manifest, checkpoints)
+        except ValueError as err:
+            raise ExperimentError(str(err)) from err
 
     distributed.setup()
     import yaml

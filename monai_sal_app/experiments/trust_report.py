@@ -28,7 +28,15 @@ from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.train import predict_probabilities
 from monai_sal_app.saliency import explain
 
-__all__ = ["load_trust_inputs", "run_trust", "summary_rows", "write_trust_report"]
+__all__ = [
+    "fidelity_figure",
+    "load_trust_inputs",
+    "mask_on_grid",
+    "randomization_figure",
+    "run_trust",
+    "summary_rows",
+    "write_trust_report",
+]
 
 EXAMPLE_IMAGES = 2  # images whose maps are drawn at every randomization state
 
@@ -45,15 +53,18 @@ def load_trust_inputs(
     images, _ = load_inputs(items, card.input_size, progress=progress)
     has_label = all(item.get("label") not in (None, "") for item in items)
     labels = torch.tensor([int(item["label"]) for item in items]) if has_label else None
-    masks = []
-    for item in items:
-        if not item.get("mask"):
-            masks.append(None)
-            continue
-        mask = read_image(item["mask"], allow_constant=True)[0] > 0.5
-        resized = resize_to(torch.from_numpy(mask.astype(np.float32))[None, None], card.input_size)
-        masks.append(resized[0, 0].numpy() > 0.5)
+    masks = [mask_on_grid(item, card.input_size) for item in items]
     return images, labels, (masks if any(m is not None for m in masks) else None)
+
+
+def mask_on_grid(item: dict, input_size: Sequence[int]) -> np.ndarray | None:
+    """The item's mask on the model's input grid, bool ``input_size``: resized bi/trilinearly, then
+    ``> 0.5``; None when the item has no mask."""
+    if not item.get("mask"):
+        return None
+    mask = read_image(item["mask"], allow_constant=True)[0] > 0.5
+    resized = resize_to(torch.from_numpy(mask.astype(np.float32))[None, None], input_size)
+    return resized[0, 0].numpy() > 0.5
 
 
 def _check_comparable(card: ModelCard, other: ModelCard, path: str) -> None:
@@ -164,11 +175,12 @@ def write_trust_report(
         "",
     ]
     methods = card["methods"]
-    if any("randomization" in e for e in methods.values()):
+    entries = {m: e["randomization"] for m, e in methods.items() if "randomization" in e}
+    if entries:
         lines += [
             "## Randomization",
             "",
-            f"![randomization]({_randomization_figure(methods, figures).relative_to(out)})",
+            f"![randomization]({randomization_figure(entries, figures / 'randomization.png').relative_to(out)})",
             "",
         ]
         if model is not None and images is not None:
@@ -177,15 +189,18 @@ def write_trust_report(
                 path = _state_maps_figure(method, methods[method], model, images, targets, seed, figures)
                 lines += [f"![{method} states]({path.relative_to(out)})", ""]
     if any("fidelity" in e for e in methods.values()):
-        lines += ["## Fidelity", "", f"![fidelity]({_fidelity_figure(methods, figures).relative_to(out)})", ""]
+        figure = fidelity_figure(methods, figures / "fidelity.png")
+        lines += ["## Fidelity", "", f"![fidelity]({figure.relative_to(out)})", ""]
     report = out / "trust.md"
     report.write_text("\n".join(lines))
     return report
 
 
-def _randomization_figure(methods: dict, figures: Path) -> Path:
+def randomization_figure(entries: dict[str, dict], path: Path) -> Path:
+    """One panel per method: its mean similarity per randomized state (in the verdict metric) over
+    the random-pair baseline's 95% CI as a grey band; the PNG ``path``. ``entries``: method ->
+    ``RandomizationResult.to_dict()``."""
     plt = pyplot()
-    entries = {m: e["randomization"] for m, e in methods.items() if "randomization" in e}
     fig, axes = plt.subplots(1, len(entries), figsize=(3.2 * len(entries), 3.0), squeeze=False)
     for ax, (method, r) in zip(axes[0], entries.items()):
         metric = r["verdict_metric"]
@@ -197,27 +212,30 @@ def _randomization_figure(methods: dict, figures: Path) -> Path:
         ax.set_ylim(-1, 1.05)
         ax.set_title(f"{method}: {r['verdict']}", fontsize=8)
         ax.legend(fontsize=6)
-    return save_figure(fig, figures / "randomization.png")
+    return save_figure(fig, path)
 
 
-def _fidelity_figure(methods: dict, figures: Path) -> Path:
+def fidelity_figure(methods: dict, path: Path) -> Path:
+    """PNG at ``path`` of every method's mean MIF (solid) and LIF (dashed) curve over its images.
+
+    ``methods``: ``{method: {"fidelity": {"fractions": (F,), "mif": (N, F), "lif": (N, F), "score":
+    str}}}`` (a trust card's methods; entries without ``"fidelity"`` are skipped); the score is
+    dimensionless (``evaluation.fidelity``) and the fractions are of the image's pixels/voxels."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for method, entry in methods.items():
-        if "fidelity" not in entry:
-            continue
-        f = entry["fidelity"]
-        line = ax.plot(f["fractions"], np.mean(f["mif"], axis=0), label=f"{method} MIF")[0]
-        ax.plot(
-            f["fractions"], np.mean(f["lif"], axis=0), linestyle="--", color=line.get_color(), label=f"{method} LIF"
-        )
+    entries = {method: entry["fidelity"] for method, entry in methods.items() if "fidelity" in entry}
+    tab20 = plt.get_cmap("tab20").colors  # ten hues, dark then light: one colour per method up to 20
+    colours = tab20[::2] + tab20[1::2]
+    fig, ax = plt.subplots(figsize=(6.0, 3.2 + 0.1 * max(0, len(entries) - 5)))
+    for (method, f), colour in zip(entries.items(), colours):
+        ax.plot(f["fractions"], np.mean(f["mif"], axis=0), color=colour, label=f"{method} MIF")
+        ax.plot(f["fractions"], np.mean(f["lif"], axis=0), linestyle="--", color=colour, label=f"{method} LIF")
     ax.set_xlabel("fraction of pixels/voxels perturbed")
-    score = next(e["fidelity"]["score"] for e in methods.values() if "fidelity" in e)
+    score = next(iter(entries.values()))["score"]
     ax.set_ylabel(
         {"logit_ratio": "target logit / unperturbed", "probability": "target probability"}.get(score, score) + " (mean)"
     )
-    ax.legend(fontsize=6)
-    return save_figure(fig, figures / "fidelity.png")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return save_figure(fig, path)
 
 
 def _middle_slice(map_: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from monai_sal_app import distributed
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.experiments.report import save_overlay, write_table
@@ -95,6 +96,7 @@ def train_from_manifest(
     out: str | Path,
     *,
     arch: str = "conv5fc3",
+    arch_kwargs: dict | None = None,
     loss: str = "ce",
     augmentations: Sequence[str] = (),
     epochs: int = 20,
@@ -120,8 +122,10 @@ def train_from_manifest(
     balanced accuracy and accuracy at that threshold, ``n_test``).
     ``input_size``: the network's input grid in pixels/voxels (one int for every axis, or one per
     axis); images are resized to it (:func:`preprocess`). Default: the first image's shape.
-    ``head``: None for the architecture's own classifier, or ``{"name": "wildcat", ...options}``
-    for a WILDCAT head (``models.wildcat``; options not given take their defaults, all in the card).
+    ``arch_kwargs``: the network's own options (``build_classifier``'s keywords, e.g. a ResNet's
+    ``block_inplanes``), kept in the card. ``head``: None for the architecture's own classifier, or
+    ``{"name": "wildcat", ...options}`` for a WILDCAT head (``models.wildcat``; options not given
+    take their defaults, all in the card).
     """
     items = read_manifest(manifest)
     if isinstance(input_size, int):
@@ -136,6 +140,7 @@ def train_from_manifest(
     train_idx, val_idx = stratified_split(y.numpy(), val_fraction, seed)
     card = ModelCard(  # validated before the training, completed after it
         architecture=arch,
+        arch_kwargs=dict(arch_kwargs or {}),
         spatial_dims=len(input_size),
         in_channels=1,
         num_classes=num_classes,
@@ -152,7 +157,9 @@ def train_from_manifest(
         },
     )
     torch.manual_seed(seed)
-    model = build_classifier(arch, spatial_dims=len(input_size), in_channels=1, num_classes=num_classes, head=card.head)
+    model = build_classifier(
+        arch, spatial_dims=len(input_size), in_channels=1, num_classes=num_classes, head=card.head, **card.arch_kwargs
+    )
     dev = torch.device(device) if device else default_device()
     model, history = train_classifier(
         model,
@@ -239,12 +246,16 @@ def explain_items(
     Maps are NIfTI float32 on each input's own grid and affine: ``out/maps/<method>/<id>.nii.gz``.
     The first ``overlays`` items of each method also get ``out/overlays/<method>/<id>.png``.
     Returns the path of ``maps.csv`` (columns :data:`MAPS_COLUMNS`), the input of ``evaluate``.
+    Under ``torchrun`` the blocks of ``batch_size`` items are dealt to the ranks
+    (``distributed.gather_blocks``) and rank 0 writes ``maps.csv``: the rows and the maps are those
+    of one process (``seconds_per_image`` aside).
     """
     out = Path(out)
     params = params or {}
-    rows: list[dict] = []
-    for start in tqdm(range(0, len(items), batch_size), desc="explaining", disable=not progress):
-        chunk = items[start : start + batch_size]
+
+    def explain_block(start: int, stop: int) -> list[dict]:
+        rows: list[dict] = []
+        chunk = items[start:stop]
         arrays, metas = [], []
         for item in chunk:
             array, meta = read_image(item["image"])
@@ -291,7 +302,14 @@ def explain_items(
                         "seconds_per_image": per_image,
                     }
                 )
-    return write_csv(rows, out / "maps.csv")
+        return rows
+
+    rows = distributed.gather_blocks(len(items), batch_size, explain_block, "explaining", progress)
+    path = out / "maps.csv"
+    if distributed.is_main():
+        write_csv(rows, path)
+    distributed.barrier()
+    return path
 
 
 def evaluate_maps(
@@ -305,6 +323,7 @@ def evaluate_maps(
 
     Writes ``per_image.csv`` and ``summary.{csv,md}`` (mean and 95% CI per method) under ``out``.
     ``extra_rows`` are per-image rows computed elsewhere (e.g. a baseline map) added as they are.
+    Under ``torchrun`` the maps are scored in blocks dealt to the ranks and rank 0 writes the tables.
     """
     with open(maps_csv, newline="") as f:
         entries = list(csv.DictReader(f))
@@ -313,34 +332,45 @@ def evaluate_maps(
     missing = {"id", "map", "mask", "method"} - set(entries[0])
     if missing:
         raise ValueError(f"{maps_csv}: missing column(s) {sorted(missing)}")
-    rows = []
-    for e in entries:
-        if not e["mask"]:
-            continue
-        saliency, _ = read_image(e["map"], allow_constant=True)
-        mask = read_image(e["mask"], allow_constant=True)[0] > 0.5
-        row = {"id": e["id"], "method": e["method"], "subtype": e.get("subtype", "")}
-        row.update(localization_metrics(saliency, mask))
-        rows.append(row)
-    rows.extend(extra_rows)
+    masked = [e for e in entries if e["mask"]]
+
+    def evaluate_block(start: int, stop: int) -> list[dict]:
+        rows = []
+        for e in masked[start:stop]:
+            saliency, _ = read_image(e["map"], allow_constant=True)
+            mask = read_image(e["mask"], allow_constant=True)[0] > 0.5
+            rows.append({"id": e["id"], "method": e["method"], "subtype": e.get("subtype", "")})
+            rows[-1].update(localization_metrics(saliency, mask))
+        return rows
+
+    rows = distributed.gather_blocks(len(masked), 16, evaluate_block) + list(extra_rows)
     if not rows:
         raise ValueError(f"{maps_csv}: no map has a mask to compare with")
     out = Path(out)
-    write_csv(rows, out / "per_image.csv")
     summary = summarize(rows, group_by="method")
-    write_table(summary, out, "summary")
-    log(f"evaluated {len(rows)} maps -> {out / 'summary.md'}")
+    if distributed.is_main():
+        write_csv(rows, out / "per_image.csv")
+        write_table(summary, out, "summary")
+        log(f"evaluated {len(rows)} maps -> {out / 'summary.md'}")
+    distributed.barrier()
     return rows, summary
+
+
+def mean_training_mask(train_items: list[dict]) -> np.ndarray | None:
+    """The baseline map 'mean training mask' (METHODS.md): the fraction of the items' masks that
+    cover each pixel/voxel, in [0, 1], on the masks' grid ((H, W) or (D, H, W)); None when no item
+    has a mask."""
+    from monai_sal_app.metrics.localization import mean_mask_baseline
+
+    masks = [read_image(i["mask"], allow_constant=True)[0] > 0.5 for i in train_items if i.get("mask")]
+    return mean_mask_baseline(masks) if masks else None
 
 
 def mean_mask_rows(train_items: list[dict], test_items: list[dict]) -> list[dict]:
     """Per-image metrics of the baseline map 'mean training mask' (METHODS.md) on the test masks."""
-    from monai_sal_app.metrics.localization import mean_mask_baseline
-
-    masks = [read_image(i["mask"], allow_constant=True)[0] > 0.5 for i in train_items if i.get("mask")]
-    if not masks:
+    baseline = mean_training_mask(train_items)
+    if baseline is None:
         return []
-    baseline = mean_mask_baseline(masks)
     rows = []
     for item in test_items:
         if item.get("mask"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["POSTPROCESSING", "absolute", "clip_percentile", "grayscale", "minmax", "postprocess"]
+__all__ = ["POSTPROCESSING", "absolute", "checked_steps", "clip_percentile", "grayscale", "minmax", "postprocess"]
 
 
 def _per_image(maps: torch.Tensor) -> torch.Tensor:
@@ -61,10 +61,19 @@ def grayscale(maps: torch.Tensor, percentile: float = 99.0) -> torch.Tensor:
 POSTPROCESSING = {"abs": absolute, "minmax": minmax, "clip": clip_percentile, "grayscale": grayscale}
 
 
-def postprocess(maps: torch.Tensor, steps: list[str] | tuple[str, ...] = ()) -> torch.Tensor:
-    """Apply named steps in order, e.g. ``("abs", "minmax")``. Unknown names raise ``ValueError``."""
+def checked_steps(steps: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``steps`` as a tuple of names of :data:`POSTPROCESSING`; ``ValueError`` for an unknown name,
+    ``TypeError`` for a single string (a sequence of names is expected)."""
+    if isinstance(steps, str):
+        raise TypeError(f"post-processing steps must be a sequence of names, got the string {steps!r}")
     for step in steps:
         if step not in POSTPROCESSING:
             raise ValueError(f"unknown post-processing step {step!r}; available: {', '.join(POSTPROCESSING)}")
+    return tuple(steps)
+
+
+def postprocess(maps: torch.Tensor, steps: list[str] | tuple[str, ...] = ()) -> torch.Tensor:
+    """Apply named steps in order, e.g. ``("abs", "minmax")``. Unknown names raise ``ValueError``."""
+    for step in checked_steps(steps):
         maps = POSTPROCESSING[step](maps)
     return maps

@@ -71,7 +71,16 @@ from monai_sal_app.saliency.core import (
 )
 from monai_sal_app.saliency.gradient import input_gradients
 
-__all__ = ["XRAIRegions", "segment_membership_2d", "segment_membership_3d", "select_regions", "xrai", "xrai_regions"]
+__all__ = [
+    "XRAIRegions",
+    "attribution_regions",
+    "segment_membership_2d",
+    "segment_membership_3d",
+    "select_regions",
+    "xrai",
+    "xrai_regions",
+    "xrai_segments",
+]
 
 # PAIR segments every 2D image on a 224 x 224 grid, so Felzenszwalb's scale and min size
 # (in pixels of that grid) mean the same thing whatever the image size.
@@ -340,6 +349,39 @@ def select_regions(
     return xrai_map, step, np.asarray(gains, dtype=np.float64)
 
 
+def xrai_segments(image: np.ndarray, **params) -> sp.csr_matrix:
+    """XRAI's multi-scale segments of one image, (C, H, W) or (C, D, H, W), as a sparse (S x P) matrix:
+    :func:`segment_membership_2d` or :func:`segment_membership_3d` with the xrai method's
+    parameters. ``params``: any of ``explain(..., "xrai")``'s (the others take its defaults); those
+    that do not shape the segments (``steps``, ``area_threshold``, ...) are accepted and unused, so
+    one parameter dict serves both."""
+    defaults = get_method("xrai").defaults
+    unknown = set(params) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {sorted(unknown)} for xrai; it takes {sorted(defaults)}")
+    p = {**defaults, **params}
+    if np.ndim(image) == 3:
+        return segment_membership_2d(image, p["scales"], p["sigma"], p["min_size"], p["dilation_px"])
+    return segment_membership_3d(image, p["n_segments"], p["compactness"], p["sigma"], p["dilation_voxels"])
+
+
+def attribution_regions(
+    attribution: np.ndarray, membership: sp.csr_matrix, area_threshold: float = 1.0, min_pixel_diff: int = 50
+) -> tuple[np.ndarray, XRAIRegions]:
+    """XRAI's greedy selection of the segments ``membership`` (S x P, e.g. :func:`xrai_segments`)
+    ranked by any attribution, as PAIR's ``base_attribution`` does it: ``(xrai_map, regions)``.
+
+    ``attribution``: one value per pixel/voxel, in the image's spatial shape (P values); XRAI itself
+    passes its integrated gradients, any other map (or |map|) works the same way. ``xrai_map``:
+    float64 of that shape, each region painted with its gain (mean attribution of the pixels it
+    added); ``regions``: the ranked :class:`XRAIRegions`. ``area_threshold``, ``min_pixel_diff``: as
+    :func:`select_regions`.
+    """
+    attr = np.asarray(attribution, dtype=np.float64)
+    xrai_map, step, gains = select_regions(attr.reshape(-1), membership, area_threshold, min_pixel_diff)
+    return xrai_map.reshape(attr.shape), _ranked_regions(attr.shape, attr.reshape(-1), step, gains)
+
+
 def _ranked_regions(shape: tuple[int, ...], attr: np.ndarray, step: np.ndarray, gains: np.ndarray) -> XRAIRegions:
     """Regions sorted by decreasing gain (stable, like PAIR), the uncovered remainder last."""
     order = np.argsort(-gains, kind="stable")
@@ -384,17 +426,22 @@ def _run_xrai(
     attributions = _integrated_gradients_min_max(model, images, target, steps, batch_size)
     merged = attributions.amax(1).detach().cpu().double().numpy()  # channel max, as PAIR
     pixels = images.detach().cpu().double().numpy()
-    spatial = tuple(images.shape[2:])
     maps, regions = [], []
+    segmentation = {
+        "scales": scales,
+        "sigma": sigma,
+        "min_size": min_size,
+        "dilation_px": dilation_px,
+        "n_segments": n_segments,
+        "compactness": compactness,
+        "dilation_voxels": dilation_voxels,
+    }
     for attr, image in zip(merged, pixels):
         check_stop()
-        if len(spatial) == 2:
-            membership = segment_membership_2d(image, scales, sigma, min_size, dilation_px)
-        else:
-            membership = segment_membership_3d(image, n_segments, compactness, sigma, dilation_voxels)
-        xrai_map, step, gains = select_regions(attr.reshape(-1), membership, area_threshold, min_pixel_diff)
-        maps.append(xrai_map.reshape(spatial))
-        regions.append(_ranked_regions(spatial, attr.reshape(-1), step, gains))
+        membership = xrai_segments(image, **segmentation)
+        xrai_map, image_regions = attribution_regions(attr, membership, area_threshold, min_pixel_diff)
+        maps.append(xrai_map)
+        regions.append(image_regions)
     out = torch.as_tensor(np.stack(maps)[:, None], dtype=torch.float32, device=images.device)
     return out, regions
 

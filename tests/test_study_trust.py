@@ -1,0 +1,170 @@
+"""The ``trust`` recipe at ``smoke``: the trustworthiness study's checks on a few generated chest
+X-rays (the base of scripts/install_data.sh), its tables, figures and report, and a rerun that gives
+the same CSVs."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import base_or_skip
+from PIL import Image
+
+from monai_sal_app.data import bases
+from monai_sal_app.data.manifest import read_manifest
+from monai_sal_app.evaluation.randomization import randomization_blocks
+from monai_sal_app.experiments.runner import ExperimentError, config_folder, resolve_config, run_experiment
+from monai_sal_app.experiments.studies.trust import PASS_IF, RANDOMIZATION, RETRAINED
+from monai_sal_app.models.factory import build_classifier
+
+TABLES = ("similarity.csv", "similarity_summary.csv", "verdicts.csv", "models.csv")
+CHECKS = (*RANDOMIZATION, *RETRAINED)
+FIGURES = ("randomization_cascading", "randomization_independent", "cascading_maps_1", "cascading_maps_2")
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_smoke(out: Path, data_from: Path | None = None) -> Path:
+    """The recipe at smoke into ``out``; with ``data_from``, that run's generated images are copied
+    first (the generator gives the same files for the same seed, and takes most of the time)."""
+    if data_from is not None:
+        shutil.copytree(data_from / "work" / "data", out / "work" / "data")
+    run_experiment("trust", out, scale="smoke", progress=False, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    base_or_skip(bases.chest_radiograph_file)
+    return run_smoke(tmp_path_factory.mktemp("trust") / "run")
+
+
+@pytest.fixture(scope="module")
+def settings() -> dict:
+    return resolve_config("trust", "smoke")["settings"]
+
+
+def conditions(settings: dict) -> dict[str, list[str]]:
+    """What each check compares the reference model's maps with, at the smoke settings."""
+    blocks = randomization_blocks(build_classifier(settings["architectures"][0], 2))
+    return {
+        "cascading": blocks,
+        "independent": blocks,
+        "label_randomization": ["label_randomized"],
+        "repeatability": [f"replicate_{r}" for r in range(1, settings["replicates"])],
+        "reproducibility": settings["architectures"][1:],
+    }
+
+
+def test_one_row_per_image_method_check_and_condition(smoke_run, settings):
+    rows = read_rows(smoke_run / "results" / "similarity.csv")
+    assert list(rows[0]) == ["method", "check", "condition", "image", "ssim"]
+    ids = list(dict.fromkeys(row["image"] for row in rows))
+    masked = [item["id"] for item in read_manifest(smoke_run / "work/data/test/manifest.csv") if item["mask"]]
+    assert ids == masked[: settings["images"]] and len(ids) == settings["images"]
+    expected = [
+        (method, check, condition, image)
+        for method in settings["methods"]
+        for check, compared in conditions(settings).items()
+        for condition in compared
+        for image in ids
+    ]
+    assert [(r["method"], r["check"], r["condition"], r["image"]) for r in rows] == expected
+    assert all(-1 <= float(row["ssim"]) <= 1 for row in rows)
+
+    summary = read_rows(smoke_run / "results" / "similarity_summary.csv")
+    assert list(summary[0]) == ["method", "check", "condition", "n", "ssim_mean", "ssim_ci_low", "ssim_ci_high"]
+    assert [(r["method"], r["check"], r["condition"]) for r in summary] == list(dict.fromkeys(e[:3] for e in expected))
+    assert all(row["n"] == str(len(ids)) for row in summary)
+
+
+def test_one_verdict_per_method_and_check_against_the_baseline(smoke_run, settings):
+    verdicts = read_rows(smoke_run / "results" / "verdicts.csv")
+    assert [(v["method"], v["check"]) for v in verdicts] == [(m, c) for m in settings["methods"] for c in CHECKS]
+    rows = read_rows(smoke_run / "results" / "similarity.csv")
+    for verdict in verdicts:
+        assert verdict["verdict"] in ("pass", "fail") and verdict["pass_if"] == PASS_IF[verdict["check"]]
+        low, mean, high = (float(verdict[f"baseline_{k}"]) for k in ("ci_low", "mean", "ci_high"))
+        assert low <= mean <= high
+        similarity = float(verdict["ssim"])
+        above = similarity > high
+        assert (verdict["verdict"] == "pass") == (
+            above if verdict["check"] in ("repeatability", "reproducibility") else not above
+        )
+        per_condition = {}
+        for row in rows:
+            if (row["method"], row["check"]) == (verdict["method"], verdict["check"]):
+                per_condition.setdefault(row["condition"], []).append(float(row["ssim"]))
+        means = [sum(values) / len(values) for values in per_condition.values()]
+        assert similarity == pytest.approx(sum(means) / len(means))
+    for method in settings["methods"]:  # one baseline per method: the reference model's maps
+        assert len({v["baseline_mean"] for v in verdicts if v["method"] == method}) == 1
+
+
+def test_models_checkpoints_and_the_permuted_labels(smoke_run, settings):
+    models = read_rows(smoke_run / "results" / "models.csv")
+    assert [(m["model"], m["architecture"], m["seed"], m["labels"]) for m in models] == [
+        ("reference", "conv5fc3", "0", "true"),
+        ("replicate_1", "conv5fc3", "1", "true"),
+        ("resnet18", "resnet18", "0", "true"),
+        ("label_randomized", "conv5fc3", "0", "permuted"),
+    ]
+    assert all(0 <= float(m["test_auc"]) <= 1 for m in models)
+    for model in models:
+        assert (smoke_run / "work" / "models" / f"{model['model']}.pt").is_file()
+    train = read_manifest(smoke_run / "work/data/train/manifest.csv")
+    permuted = read_manifest(smoke_run / "work/data/train/manifest_permuted_labels.csv")
+    assert [i["image"] for i in permuted] == [i["image"] for i in train]
+    assert sorted(i["label"] for i in permuted) == sorted(i["label"] for i in train)
+
+
+def test_figures_and_the_report_with_coloured_verdicts(smoke_run):
+    for figure in (*FIGURES, "retrained_models"):
+        assert Image.open(smoke_run / "figures" / f"{figure}.png").format == "PNG"
+    report = (smoke_run / "report.html").read_text()
+    for title in ("<h2>Models</h2>", "<h2>Model randomization</h2>", "<h2>Retrained models</h2>"):
+        assert title in report
+    assert report.count("data:image/png;base64,") == len(FIGURES) + 1
+    verdicts = read_rows(smoke_run / "results" / "verdicts.csv")
+    for verdict in verdicts:  # the baseline's mean and CI in one cell
+        low, mean, high = (float(verdict[f"baseline_{k}"]) for k in ("ci_low", "mean", "ci_high"))
+        assert f"{mean:.3f} [{low:.3f}, {high:.3f}]" in report
+    cells = re.findall(r'<td class="(pass|fail)">(pass|fail)</td>', report)
+    assert [text for _, text in cells] == [v["verdict"] for v in verdicts]
+    assert all(css == text for css, text in cells)
+
+
+def test_a_rerun_with_the_same_seed_gives_the_same_csvs(smoke_run, tmp_path):
+    again = run_smoke(tmp_path / "again", data_from=smoke_run)
+    for name in TABLES:
+        assert (again / "results" / name).read_bytes() == (smoke_run / "results" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"methods": ["gradient", "nope"]}, "unknown saliency method 'nope'"),
+        ({"methods": ["gradient", "mask_generator"]}, "needs a trained explainer"),
+        ({"architectures": ["conv5fc3", "vgg"]}, "unknown architecture 'vgg'"),
+        ({"images": 4}, "images (4) must be at most test_per_class (3)"),
+        ({"params": {"gradient": {"steps": 3}}}, "unknown parameter(s) ['steps'] for method 'gradient'"),
+        ({"arch_kwargs": {"densenet121": {}}}, "arch_kwargs names architecture(s) ['densenet121']"),
+        ({"metric": "dice"}, "unknown metric 'dice'"),
+        ({"replicates": 0}, "replicates must be an integer >= 1"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(tmp_path, changes, message):
+    raw = yaml.safe_load((config_folder() / "trust.yaml").read_text())
+    raw["scales"]["smoke"].update(changes)
+    recipe = tmp_path / "trust.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ExperimentError, match=re.escape(message)):
+        run_experiment(recipe, tmp_path / "out", scale="smoke", progress=False, log=lambda _: None)
+    assert not (tmp_path / "out").exists()
