@@ -16,7 +16,8 @@ Every key is checked against the recipe's own settings (:class:`Recipe.settings`
 starts, and so are ``--data`` (the manifest's columns) and ``--model`` (its card's labels and
 dimensions against the data). :func:`run_experiment` then writes under ``out``:
 
-- ``config.yaml``: the resolved settings; ``environment.json``: package versions, device, ranks;
+- ``config.yaml``: the resolved settings; ``environment.json``: package versions, device, ranks,
+  the wall time of this invocation and of each step it computed (``resumed``: some were read back);
   ``data.json``: SHA-256 of every manifest and of the files it lists;
 - ``steps/``: each finished step's result, so that an interrupted run resumes where it stopped;
 - ``results/*.csv`` (one row per image x method x condition) and ``results/*_summary.csv`` (mean
@@ -309,6 +310,7 @@ class Run:
         self.sections: list[Section] = []
         self.data_hashes: dict[str, dict] = {}
         self.step_seconds: dict[str, float] = {}
+        self.resumed = False  # True once a step or block is read back from an earlier invocation
 
     # -- folders --------------------------------------------------------------------------
     @property
@@ -345,6 +347,7 @@ class Run:
         ``steps/<name>.json``: a rerun or a resumed run reads it instead of computing again."""
         path = self._step_file(name)
         if path.is_file():
+            self.resumed = True
             return json.loads(path.read_text())
         result = None
         if distributed.is_main():
@@ -373,6 +376,7 @@ class Run:
         folder.mkdir(parents=True, exist_ok=True)
         n_blocks = (len(items) + block_size - 1) // block_size
         done = self._finished_blocks(folder)
+        self.resumed = self.resumed or bool(done)
         todo = [b for b in distributed.shard(n_blocks) if b not in done]
         start = time.perf_counter()
         if todo:
@@ -523,7 +527,7 @@ def run_experiment(
     seconds = time.perf_counter() - start
     report = out / "report.html"
     if distributed.is_main():
-        environment = {**_versions(), "seconds": seconds, "step_seconds": run.step_seconds}
+        environment = {**_versions(), "seconds": seconds, "resumed": run.resumed, "step_seconds": run.step_seconds}
         write_text(out / "environment.json", json.dumps(environment, indent=2))
         write_text(out / "data.json", json.dumps(run.data_hashes, indent=2))
         write_report(run, report, resolved, environment)
