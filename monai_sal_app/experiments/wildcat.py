@@ -33,15 +33,78 @@ from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.experiments.recipes import generate_recipe_data, recipe_for, train_recipe
 from monai_sal_app.experiments.report import write_table
 from monai_sal_app.experiments.workflows import explain_items
-from monai_sal_app.metrics.localization import localization_metrics, pointwise_average_precision, pointwise_hit
+from monai_sal_app.metrics.localization import auprc, pointwise_average_precision, pointwise_hit
 from monai_sal_app.metrics.stats import mean_ci, write_csv
 from monai_sal_app.models.checkpoint import load_classifier, read_card
 from monai_sal_app.models.factory import head_options
 
-__all__ = ["POSTHOC_METHODS", "compare_wildcat", "score_maps"]
+__all__ = [
+    "PATHOLOGY_CLASS",
+    "POSTHOC_METHODS",
+    "WILDCAT_MAPS",
+    "compare_wildcat",
+    "image_scores",
+    "pointwise_ap",
+    "score_map",
+    "score_maps",
+]
 
 POSTHOC_METHODS = ("gradcam", "guided_gradcam", "gradient")
 PATHOLOGY_CLASS = 1  # the class whose evidence the masks outline (opacity, lesion)
+# How a WILDCAT model is explained: (folder of its maps, explain_items' params, suffix of the rows' method)
+WILDCAT_MAPS = (
+    ("wildcat", {}, ""),
+    ("wildcat_contrast", {"wildcat": {"contrast": True}}, " (contrast)"),
+)
+
+
+def score_map(saliency: np.ndarray, mask: np.ndarray | None) -> dict:
+    """Localization of one map: ``auprc`` (``metrics.localization.auprc``, in [0, 1]; None without a
+    mask or with an empty one) and ``pointwise_hit`` (the map's maximum in the mask; False without
+    one). ``saliency``: (H, W) or (D, H, W), any unit; ``mask``: boolean, the same grid, or None."""
+    return {
+        "auprc": auprc(saliency, mask) if mask is not None and mask.any() else None,
+        "pointwise_hit": bool(pointwise_hit(saliency, mask)) if mask is not None else False,
+    }
+
+
+def image_scores(maps_csv: str | os.PathLike, positive_class: int = PATHOLOGY_CLASS) -> list[dict]:
+    """One row per map of a ``maps.csv`` (``explain_items``' output), in the file's order: ``id``,
+    ``method``, ``label``, ``probability`` (the classifier's probability of ``positive_class``), the
+    :func:`score_map` of the map against its mask and ``seconds_per_map`` (wall time, seconds).
+    ValueError when a map explains another class than ``positive_class`` (``target`` column)."""
+    with open(maps_csv, newline="") as handle:
+        entries = list(csv.DictReader(handle))
+    if not entries:
+        raise ValueError(f"{maps_csv}: no maps listed")
+    rows = []
+    for entry in entries:
+        if int(entry["target"]) != positive_class:
+            raise ValueError(f"{maps_csv}: {entry['id']} explains class {entry['target']}, not {positive_class}")
+        saliency, _ = read_image(entry["map"], allow_constant=True)
+        mask = read_image(entry["mask"], allow_constant=True)[0] > 0.5 if entry["mask"] else None
+        rows.append(
+            {
+                "id": entry["id"],
+                "method": entry["method"],
+                "label": int(entry["label"]),
+                "probability": float(entry["probability"]),
+                **score_map(saliency, mask),
+                "seconds_per_map": float(entry["seconds_per_image"]),
+            }
+        )
+    return rows
+
+
+def pointwise_ap(rows: Sequence[dict], positive_class: int = PATHOLOGY_CLASS) -> float:
+    """Pointwise detection AP (``metrics.localization.pointwise_average_precision``, in [0, 1]) of
+    one method's rows of :func:`image_scores`: the images ranked by ``probability``, the positives
+    those labelled ``positive_class``. ValueError when no image is."""
+    return pointwise_average_precision(
+        [row["probability"] for row in rows],
+        [row["pointwise_hit"] for row in rows],
+        [int(row["label"] == positive_class) for row in rows],
+    )
 
 
 def score_maps(maps_csv: str | os.PathLike, positive_class: int = PATHOLOGY_CLASS) -> tuple[list[dict], list[dict]]:
@@ -49,34 +112,14 @@ def score_maps(maps_csv: str | os.PathLike, positive_class: int = PATHOLOGY_CLAS
 
     The maps must explain ``positive_class`` on every image (``target`` column), and ``probability``
     must be the classifier's probability of it. Returns (per-image rows, one summary row per method):
-    per image ``auprc`` (images with a mask only) and ``pointwise_hit`` (the map's maximum in the
-    mask; never for an image without one); per method ``n_images``, ``n_masks``, ``auprc_mean`` with
-    ``auprc_ci_low``/``auprc_ci_high``, ``pointwise_hit_rate`` (over the masked images),
-    ``pointwise_ap`` (:func:`~monai_sal_app.metrics.localization.pointwise_average_precision` over
-    all images, the positives being those labelled ``positive_class``) and ``seconds_per_map``.
+    per image the rows of :func:`image_scores`, grouped by method; per method ``n_images``,
+    ``n_masks``, ``auprc_mean`` with ``auprc_ci_low``/``auprc_ci_high``, ``pointwise_hit_rate`` (over
+    the masked images), ``pointwise_ap`` (:func:`pointwise_ap` over all images) and ``seconds_per_map``.
     """
-    with open(maps_csv, newline="") as handle:
-        entries = list(csv.DictReader(handle))
-    if not entries:
-        raise ValueError(f"{maps_csv}: no maps listed")
+    scored = image_scores(maps_csv, positive_class)
     per_image, summary = [], []
-    for method in dict.fromkeys(entry["method"] for entry in entries):
-        rows = []
-        for entry in (e for e in entries if e["method"] == method):
-            if int(entry["target"]) != positive_class:
-                raise ValueError(f"{maps_csv}: {entry['id']} explains class {entry['target']}, not {positive_class}")
-            saliency, _ = read_image(entry["map"], allow_constant=True)
-            mask = read_image(entry["mask"], allow_constant=True)[0] > 0.5 if entry["mask"] else None
-            row = {
-                "id": entry["id"],
-                "method": method,
-                "label": int(entry["label"]),
-                "probability": float(entry["probability"]),
-                "auprc": localization_metrics(saliency, mask)["auprc"] if mask is not None and mask.any() else None,
-                "pointwise_hit": bool(pointwise_hit(saliency, mask)) if mask is not None else False,
-                "seconds_per_map": float(entry["seconds_per_image"]),
-            }
-            rows.append(row)
+    for method in dict.fromkeys(row["method"] for row in scored):
+        rows = [row for row in scored if row["method"] == method]
         masked = [r for r in rows if r["auprc"] is not None]
         mean, low, high = mean_ci([r["auprc"] for r in masked])
         summary.append(
@@ -88,11 +131,7 @@ def score_maps(maps_csv: str | os.PathLike, positive_class: int = PATHOLOGY_CLAS
                 "auprc_ci_low": low,
                 "auprc_ci_high": high,
                 "pointwise_hit_rate": float(np.mean([r["pointwise_hit"] for r in masked])) if masked else None,
-                "pointwise_ap": pointwise_average_precision(
-                    [r["probability"] for r in rows],
-                    [r["pointwise_hit"] for r in rows],
-                    [int(r["label"] == positive_class) for r in rows],
-                ),
+                "pointwise_ap": pointwise_ap(rows, positive_class),
                 "seconds_per_map": float(np.mean([r["seconds_per_map"] for r in rows])),
             }
         )
@@ -134,10 +173,7 @@ def compare_wildcat(
         "plain": (None, [("", tuple(methods), {}, "")]),
         "wildcat": (
             head,
-            [
-                ("wildcat", ("wildcat",), {}, ""),
-                ("wildcat_contrast", ("wildcat",), {"wildcat": {"contrast": True}}, " (contrast)"),
-            ],
+            [(folder, ("wildcat",), params, suffix) for folder, params, suffix in WILDCAT_MAPS],
         ),
     }
     table, per_image = [], []
