@@ -160,8 +160,16 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_trust(args) -> None:
+    import os
+
     from monai_sal_app.experiments.trust_report import run_trust, summary_rows
     from monai_sal_app.metrics.stats import to_markdown
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "trust runs in one process (its random-pair baseline needs every map): start it without torchrun, "
+            "or spread the trust checks over processes with `experiment run trust`"
+        )
 
     source = args.data[0] if len(args.data) == 1 and args.data[0].endswith(".csv") else args.data
     card = run_trust(

@@ -228,3 +228,56 @@ def test_explain_and_evaluate_under_torchrun_give_the_rows_and_maps_of_one_proce
         )
     per_image = [(outputs[p] / "evaluation" / "per_image.csv").read_text() for p in (1, 2)]
     assert per_image[0] == per_image[1] and len(per_image[0].splitlines()) > 1
+
+
+def test_overlay_layer_makes_low_values_transparent_and_clips_at_the_percentile():
+    from monai_sal_app.experiments.report import CLIP_PERCENTILE, overlay_layer
+
+    saliency = np.linspace(0.0, 1.0, 10_000).reshape(100, 100)
+    saliency[0, 0] = -50.0  # one strong pixel of either sign
+    rgba, vmax = overlay_layer(saliency)
+    assert vmax == pytest.approx(np.percentile(np.abs(saliency), CLIP_PERCENTILE))
+    alpha = rgba[..., 3].ravel()
+    assert alpha[1] < 0.01 and alpha[0] == pytest.approx(0.85)  # weak: see-through; the hot pixel clipped
+    assert np.all(np.diff(alpha[1:]) >= 0)  # opacity rises with the value
+    assert (alpha >= 0.85 - 1e-9).mean() == pytest.approx(1 - CLIP_PERCENTILE / 100, abs=0.002)
+    assert overlay_layer(np.zeros((8, 8)))[0][..., 3].max() == 0.0  # a zero map draws nothing
+
+
+def test_pooled_roc_and_pr_points_are_sklearns():
+    from sklearn.metrics import precision_recall_curve
+    from sklearn.metrics import roc_curve as sklearn_roc
+
+    from monai_sal_app.experiments.report import pooled_roc_pr
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 12, 12)) > 0.8
+    values = rng.normal(size=(3, 12, 12)) + 2.0 * masks
+    values[1] *= 40.0  # the per-image scaling removes this image's scale
+    curve = pooled_roc_pr(values, masks)
+    scaled = (np.abs(values).reshape(3, -1) / np.abs(values).reshape(3, -1).max(axis=1, keepdims=True)).ravel()
+    fpr, tpr, _ = sklearn_roc(masks.ravel(), scaled, drop_intermediate=False)
+    assert np.allclose(curve["fpr"], fpr) and np.allclose(curve["tpr"], tpr)
+    precision, recall, _ = precision_recall_curve(masks.ravel(), scaled)
+    assert np.allclose(curve["precision"], precision[:-1][::-1]) and np.allclose(curve["recall"], recall[:-1][::-1])
+    with pytest.raises(ValueError, match="both inside and outside"):
+        pooled_roc_pr(values, np.zeros_like(masks))
+
+
+def test_trust_over_a_manifest_under_torchrun_is_refused_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--quiet", "trust", "--model", "m.pt", "data.csv", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trust runs in one process" in err and "experiment run trust" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_without_the_columns_a_recipe_needs_is_refused_before_any_work(tmp_path, capsys):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("id,image,label\na,a.nii.gz,1\n")
+    out = tmp_path / "out"
+    argv = ["--quiet", "experiment", "run", "ct_importance", "--scale", "smoke", "--data", str(manifest)]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing column(s) ['mask'] that this recipe needs" in err
+    assert not out.exists()

@@ -15,8 +15,10 @@ __all__ = [
     "CLIP_PERCENTILE",
     "draw_overlay",
     "overlay_layer",
+    "pooled_roc_pr",
     "pyplot",
     "representative_slice",
+    "roc_pr_figure",
     "save_figure",
     "save_overlay",
     "save_overlay_grid",
@@ -116,6 +118,45 @@ def save_overlay_grid(cases: list[dict], methods: list[str], path: str | Path, t
             draw_overlay(axes[r, c], image, case["maps"][method], case.get("mask"), method if r == 0 else "")
     if title:
         fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def pooled_roc_pr(values: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+    """ROC and precision-recall points of |map| as a score for the masks, over the pixels/voxels of
+    N images pooled; each image's |map| is divided by its maximum first, so that no image's scale
+    dominates. ``values``, ``masks``: (N, *spatial). Returns ``{"fpr", "tpr"}`` (from
+    ``metrics.localization.roc_curve``, starting at (0, 0)) and ``{"recall", "precision"}`` at the
+    same thresholds (without that first point). ValueError when the masks are all in or all out."""
+    from monai_sal_app.metrics.localization import roc_curve
+
+    labels = np.asarray(masks).astype(bool).ravel()
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError("ROC and PR curves need masks with both inside and outside pixels/voxels")
+    magnitude = np.abs(np.asarray(values, dtype=np.float64)).reshape(len(values), -1)
+    peak = magnitude.max(axis=1, keepdims=True)
+    scaled = np.divide(magnitude, peak, out=np.zeros_like(magnitude), where=peak > 0)
+    fpr, tpr, _ = roc_curve(scaled.ravel(), labels)
+    true_pos, false_pos = tpr[1:] * positives, fpr[1:] * negatives
+    return {"fpr": fpr, "tpr": tpr, "recall": tpr[1:], "precision": true_pos / (true_pos + false_pos)}
+
+
+def roc_pr_figure(maps: dict[str, np.ndarray], masks: np.ndarray, path: str | Path) -> Path:
+    """PNG of every method's ROC (left) and precision-recall (right) curve from
+    :func:`pooled_roc_pr`. ``maps``: method -> (N, *spatial); ``masks``: (N, *spatial)."""
+    plt = pyplot()
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9.0, 3.6))
+    prevalence = float(np.asarray(masks).astype(bool).mean())
+    for method, values in maps.items():
+        curve = pooled_roc_pr(values, masks)
+        roc_ax.plot(curve["fpr"], curve["tpr"], lw=1.2, label=method)
+        pr_ax.plot(curve["recall"], curve["precision"], lw=1.2, label=method)
+    roc_ax.plot([0, 1], [0, 1], color="grey", lw=0.8, linestyle="--", label="chance")
+    pr_ax.axhline(prevalence, color="grey", lw=0.8, linestyle="--", label="prevalence")
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (pooled pixels)")
+    pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall (pooled pixels)", ylim=(0, 1.02))
+    pr_ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return save_figure(fig, path)
 
 

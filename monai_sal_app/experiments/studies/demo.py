@@ -4,7 +4,8 @@
    the test preset (half typical, half atypical patients) for testing;
 2. a conv5-fc3 classifier trained on control vs patient (validation AUC, early stopping);
 3. every fast method's map of the patient class on each test patient, scored against the mask of
-   the atrophied region (``metrics.localization``), next to the mean training mask as a map;
+   the atrophied region (``metrics.localization``), next to the mean training mask as a map, with
+   the same cases' maps for every method and the ROC/PR curves over some of them;
 4. the trust checks (``evaluation.trust.trust_card``) on a subset of the test patients, for the
    methods cheap enough to recompute at every randomized state: cascading randomization against
    the random-pair baseline, and fidelity (MIF/LIF);
@@ -38,7 +39,8 @@ SETTINGS = {
     "trust_methods": ["gradient", "smoothgrad", "integrated_gradients", "gradcam", "guided_backprop", "guided_gradcam"],
     "trust_images": 16,
     "kmeans_seeds": 10,
-    "cases": 4,
+    "cases": 4,  # test patients in the overlay figure
+    "curve_images": 16,  # test patients whose pixels the ROC/PR figure pools
 }
 
 
@@ -47,7 +49,16 @@ def _validate(settings: dict) -> None:
 
     for method in [*settings["methods"], *settings["trust_methods"]]:
         get_method(method)
-    for key in ("size", "per_class", "test_per_class", "epochs", "trust_images", "kmeans_seeds", "cases"):
+    for key in (
+        "size",
+        "per_class",
+        "test_per_class",
+        "epochs",
+        "trust_images",
+        "kmeans_seeds",
+        "cases",
+        "curve_images",
+    ):
         if not isinstance(settings[key], int) or settings[key] < 1:
             raise ValueError(f"{key} must be a positive integer, got {settings[key]!r}")
     if settings["trust_images"] < 2:
@@ -144,26 +155,38 @@ def _subtypes(run: Run, model, items: list[dict]) -> dict:
     )
 
 
-def _overlay_cases(run: Run, model, patients: list[dict]):
+def _case_figures(run: Run, model, patients: list[dict]) -> list:
+    """The overlay grid of ``cases`` test patients (half typical, half atypical) and the ROC/PR
+    curves of every method over ``curve_images`` of them."""
     from monai_sal_app.data.io import read_image
-    from monai_sal_app.experiments.report import save_overlay_grid
+    from monai_sal_app.experiments.report import roc_pr_figure, save_overlay_grid
     from monai_sal_app.experiments.workflows import load_inputs
     from monai_sal_app.saliency import explain
 
-    chosen = [p for p in patients if p["subtype"] == "typical"][: run.settings["cases"] // 2]
-    chosen += [p for p in patients if p["subtype"] == "atypical"][: run.settings["cases"] - len(chosen)]
+    s = run.settings
+    half = s["cases"] // 2
+    grid = [p for p in patients if p["subtype"] == "typical"][:half]
+    grid += [p for p in patients if p["subtype"] == "atypical"][: s["cases"] - half]
+    pooled = patients[: s["curve_images"]]
+    chosen = list({item["id"]: item for item in grid + pooled}.values())
     images, _ = load_inputs(chosen, progress=False)
-    maps = {m: explain(model, images.to(run.device), m, target=PATIENT).cpu().numpy() for m in run.settings["methods"]}
+    maps = {m: explain(model, images.to(run.device), m, target=PATIENT).cpu().numpy()[:, 0] for m in s["methods"]}
+    masks = _masks(chosen)
+    index = {item["id"]: k for k, item in enumerate(chosen)}
     cases = [
         {
             "id": f"{item['id']} ({item['subtype']})",
             "image": read_image(item["image"])[0],
-            "mask": _masks([item])[0],
-            "maps": {m: maps[m][k, 0] for m in maps},
+            "mask": masks[index[item["id"]]],
+            "maps": {m: maps[m][index[item["id"]]] for m in maps},
         }
-        for k, item in enumerate(chosen)
+        for item in grid
     ]
-    return save_overlay_grid(cases, run.settings["methods"], run.figure("maps"))
+    curves = [index[item["id"]] for item in pooled]
+    return [
+        save_overlay_grid(cases, s["methods"], run.figure("maps")),
+        roc_pr_figure({m: v[curves] for m, v in maps.items()}, masks[curves], run.figure("roc_pr")),
+    ]
 
 
 def run_demo(run: Run) -> None:
@@ -238,7 +261,7 @@ def run_demo(run: Run) -> None:
     figures = {}
     if run.is_main:
         figures = {
-            "maps": _overlay_cases(run, model, patients),
+            "cases": _case_figures(run, model, patients),
             "randomization": randomization_figure(
                 {m: e["randomization"] for m, e in trust.items()}, run.figure("randomization")
             ),
@@ -257,7 +280,7 @@ def run_demo(run: Run) -> None:
             "Does each method's map of the patient class fall on the atrophied region (per-image ROC AUC and "
             "AUPRC of |map| against the region's mask), and does it beat the mean training mask used as a map?",
             localization,
-            [figures["maps"]] if figures else [],
+            figures.get("cases", []),
             note="The regions sit at fixed places, so the mean training mask is a strong baseline: a map must beat "
             "it to show more than where the regions usually are. Overlays: |map| with low values transparent, "
             "clipped at its 99th percentile; the atrophied region outlined in cyan.",
