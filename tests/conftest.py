@@ -486,3 +486,23 @@ def screenshot(page: Path, out: Path, width: int = 1200, height: int = 1600) -> 
     _chromium_run(f"--window-size={width},{height}", "--hide-scrollbars", f"--screenshot={out}", page.as_uri())
     assert out.is_file(), f"chromium wrote no screenshot {out}"
     return out
+
+
+# ----------------------------------------------------------------------------- experiment recipes
+
+
+def smoke_refusal(recipe: str, changes: dict, tmp_path: Path) -> str:
+    """Run the built-in ``recipe`` with ``changes`` made to its smoke scale; the run must raise
+    ExperimentError before writing anything. Returns the error's message."""
+    import yaml
+
+    from monai_sal_app.experiments.runner import ExperimentError, config_folder, run_experiment
+
+    raw = yaml.safe_load((config_folder() / f"{recipe}.yaml").read_text())
+    raw["scales"]["smoke"].update(changes)
+    path = tmp_path / f"{recipe}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ExperimentError) as refused:
+        run_experiment(path, tmp_path / "out", scale="smoke", progress=False, log=lambda _: None)
+    assert not (tmp_path / "out").exists()
+    return str(refused.value)

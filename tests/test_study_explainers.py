@@ -5,16 +5,14 @@ gives the same metric CSVs."""
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import base_or_skip
+from conftest import base_or_skip, smoke_refusal
 from PIL import Image
 
 from monai_sal_app.data import bases
-from monai_sal_app.experiments.runner import ExperimentError, config_folder, resolve_config, run_experiment
+from monai_sal_app.experiments.runner import resolve_config, run_experiment
 from monai_sal_app.experiments.studies.explainers import trained_kinds
 
 METRIC_TABLES = ("explainers.csv", "explainers_summary.csv")
@@ -98,10 +96,4 @@ def test_a_rerun_with_the_same_seed_gives_the_same_metric_csvs(smoke_run, tmp_pa
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path, changes, message):
-    raw = yaml.safe_load((config_folder() / "explainers.yaml").read_text())
-    raw["scales"]["smoke"].update(changes)
-    recipe = tmp_path / "explainers.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ExperimentError, match=re.escape(message)):
-        run_experiment(recipe, tmp_path / "out", scale="smoke", progress=False, log=lambda _: None)
-    assert not (tmp_path / "out").exists()
+    assert message in smoke_refusal("explainers", changes, tmp_path)

@@ -10,14 +10,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import base_or_skip
+from conftest import base_or_skip, smoke_refusal
 from PIL import Image
 
 from monai_sal_app.data import bases
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.evaluation.randomization import randomization_blocks
-from monai_sal_app.experiments.runner import ExperimentError, config_folder, resolve_config, run_experiment
+from monai_sal_app.experiments.runner import resolve_config, run_experiment
 from monai_sal_app.experiments.studies.trust import PASS_IF, RANDOMIZATION, RETRAINED
 from monai_sal_app.models.factory import build_classifier
 
@@ -161,10 +160,4 @@ def test_a_rerun_with_the_same_seed_gives_the_same_csvs(smoke_run, tmp_path):
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path, changes, message):
-    raw = yaml.safe_load((config_folder() / "trust.yaml").read_text())
-    raw["scales"]["smoke"].update(changes)
-    recipe = tmp_path / "trust.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ExperimentError, match=re.escape(message)):
-        run_experiment(recipe, tmp_path / "out", scale="smoke", progress=False, log=lambda _: None)
-    assert not (tmp_path / "out").exists()
+    assert message in smoke_refusal("trust", changes, tmp_path)

@@ -171,3 +171,18 @@ def _build_network(arch: str, spatial_dims: int, in_channels: int, num_classes: 
             **kwargs,
         )
     return Conv5FC3(spatial_dims, in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def check_arch_kwargs(arch_kwargs: Any, architectures: Sequence[str], what: str = "architectures") -> None:
+    """ValueError unless ``arch_kwargs`` maps names among ``architectures`` to keyword options that
+    :func:`build_classifier` accepts for them (a 2D, 1-channel, 2-class network is built to check)."""
+    if not isinstance(arch_kwargs, Mapping) or not all(isinstance(v, Mapping) for v in arch_kwargs.values()):
+        raise ValueError(f"arch_kwargs must map an architecture to its network's options, got {arch_kwargs!r}")
+    unused = sorted(set(arch_kwargs) - set(architectures))
+    if unused:
+        raise ValueError(f"arch_kwargs names architecture(s) {unused} that are not in {what}")
+    for arch, options in arch_kwargs.items():
+        try:
+            build_classifier(arch, 2, **options)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"arch_kwargs.{arch}: {err}") from err

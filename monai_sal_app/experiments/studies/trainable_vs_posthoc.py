@@ -94,22 +94,13 @@ def _posthoc(method: str) -> None:
 
 
 def _validate(settings: dict) -> None:
-    from monai_sal_app.models.factory import ARCHITECTURES, build_classifier, head_options
+    from monai_sal_app.models.factory import ARCHITECTURES, check_arch_kwargs, head_options
     from monai_sal_app.saliency import get_method
 
     for backbone in _names(settings, "backbones"):
         if backbone not in ARCHITECTURES:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(ARCHITECTURES)}")
-    arch_kwargs = settings["arch_kwargs"]
-    if not isinstance(arch_kwargs, dict) or not all(isinstance(v, dict) for v in arch_kwargs.values()):
-        raise ValueError(f"arch_kwargs must map a backbone to its network's options, got {arch_kwargs!r}")
-    for backbone, options in arch_kwargs.items():
-        if backbone not in settings["backbones"]:
-            raise ValueError(f"arch_kwargs names {backbone!r}, which is not in backbones")
-        try:
-            build_classifier(backbone, 2, **options)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"arch_kwargs.{backbone}: {err}") from err
+    check_arch_kwargs(settings["arch_kwargs"], settings["backbones"], "backbones")
     for method in _names(settings, "methods"):
         _posthoc(method)
     params = settings["method_params"]

@@ -101,7 +101,7 @@ def _distinct_names(settings: dict, key: str) -> list:
 
 def _validate(settings: dict) -> None:
     from monai_sal_app.metrics.similarity import SIMILARITY_METRICS
-    from monai_sal_app.models.factory import ARCHITECTURES
+    from monai_sal_app.models.factory import ARCHITECTURES, check_arch_kwargs
     from monai_sal_app.saliency import get_method
 
     for key, minimum in (("per_class", 2), ("test_per_class", 1), ("images", 2), ("input_size", 16)):
@@ -117,12 +117,7 @@ def _validate(settings: dict) -> None:
     for arch in _distinct_names(settings, "architectures"):
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
-    arch_kwargs = settings["arch_kwargs"]
-    if not isinstance(arch_kwargs, dict) or not all(isinstance(v, dict) for v in arch_kwargs.values()):
-        raise ValueError(f"arch_kwargs must map an architecture to its options, got {arch_kwargs!r}")
-    unused = sorted(set(arch_kwargs) - set(settings["architectures"]))
-    if unused:
-        raise ValueError(f"arch_kwargs names architecture(s) {unused} that are not in architectures")
+    check_arch_kwargs(settings["arch_kwargs"], settings["architectures"])
     for method in _distinct_names(settings, "methods"):
         if get_method(method).explainer:
             raise ValueError(f"method {method!r} needs a trained explainer, which this study does not train")
