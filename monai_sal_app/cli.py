@@ -2,9 +2,10 @@
 compare-explainers, methods, serve, experiment, demo.
 
 Every sub-command is a thin adapter over the library; a bad input ends with a one-line
-``error: ...`` on stderr and exit code 2 instead of a traceback. ``explain``, ``evaluate`` and
-``experiment run`` also run under ``torchrun`` (``python -m monai_sal_app.cli`` as the module):
-the images are dealt to the ranks, each on its own device, and rank 0 writes the results.
+``error: ...`` on stderr and exit code 2 instead of a traceback. ``explain``, ``evaluate``,
+``trust`` and ``experiment run`` also run under ``torchrun`` (``python -m monai_sal_app.cli`` as
+the module): the images (the methods, for ``trust``) are dealt to the ranks, each on its own
+device, and rank 0 writes the results.
 """
 
 from __future__ import annotations
@@ -160,17 +161,11 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_trust(args) -> None:
-    import os
-
+    from monai_sal_app import distributed
     from monai_sal_app.experiments.trust_report import run_trust, summary_rows
     from monai_sal_app.metrics.stats import to_markdown
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(
-            "trust runs in one process (its random-pair baseline needs every map): start it without torchrun, "
-            "or spread the trust checks over processes with `experiment run trust`"
-        )
-
+    distributed.setup()
     source = args.data[0] if len(args.data) == 1 and args.data[0].endswith(".csv") else args.data
     card = run_trust(
         args.model,
@@ -181,13 +176,14 @@ def cmd_trust(args) -> None:
         compare_with=_split(args.compare_with),
         max_images=args.max_images,
         seed=args.seed,
-        device=args.device,
+        device=args.device or distributed.device(),
         progress=not args.quiet,
     )
-    print(to_markdown(summary_rows(card)))
-    print(
-        f"wrote {Path(args.model).with_name(Path(args.model).stem + '.trust.json')} and {Path(args.out) / 'trust.md'}"
-    )
+    if distributed.is_main():
+        print(to_markdown(summary_rows(card)))
+        print(
+            f"wrote {Path(args.model).with_name(Path(args.model).stem + '.trust.json')} and {Path(args.out) / 'trust.md'}"
+        )
 
 
 def cmd_compare_wildcat(args) -> None:

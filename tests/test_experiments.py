@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -264,12 +265,42 @@ def test_pooled_roc_and_pr_points_are_sklearns():
         pooled_roc_pr(values, np.zeros_like(masks))
 
 
-def test_trust_over_a_manifest_under_torchrun_is_refused_with_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["--quiet", "trust", "--model", "m.pt", "data.csv", "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "trust runs in one process" in err and "experiment run trust" in err
-    assert not (tmp_path / "out").exists()
+def without_timings(value):
+    """``value`` (JSON) without the wall times and the creation date, which differ between any two runs."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if "seconds" not in k and k != "created"}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def test_trust_under_torchrun_shares_the_methods_out_and_gives_the_card_of_one_process(tmp_path):
+    from monai_sal_app.data.shepp_logan import generate_shepp_logan
+    from monai_sal_app.experiments.workflows import train_from_manifest
+
+    manifest = generate_shepp_logan(tmp_path / "data", "test", 2, 32, 3, seed=4, progress=False)
+    train_from_manifest(manifest, tmp_path / "model.pt", epochs=1, progress=False, log=lambda _: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cards = {}
+    for processes in (1, 2):
+        folder = tmp_path / f"p{processes}"
+        folder.mkdir()
+        for suffix in (".pt", ".json"):
+            shutil.copy(tmp_path / f"model{suffix}", folder / f"model{suffix}")
+        launcher = [sys.executable]
+        if processes > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        step = (
+            f"trust --model {folder / 'model.pt'} {manifest} --methods gradient,gradcam,guided_backprop "
+            f"--checks randomization,fidelity --out {folder / 'report'}"
+        )
+        command = [*launcher, "-m", "monai_sal_app.cli", "--quiet", *step.split()]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("wrote ") == 1  # rank 0 alone reports
+        cards[processes] = json.loads((folder / "model.trust.json").read_text())
+    assert list(cards[2]["methods"]) == ["gradient", "gradcam", "guided_backprop"]
+    assert without_timings(cards[2]["methods"]) == without_timings(cards[1]["methods"])
 
 
 def test_a_manifest_without_the_columns_a_recipe_needs_is_refused_before_any_work(tmp_path, capsys):

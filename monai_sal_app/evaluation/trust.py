@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from monai_sal_app import __version__
+from monai_sal_app import __version__, distributed
 from monai_sal_app.evaluation.fidelity import MIN_REFERENCE_LOGIT, fidelity
 from monai_sal_app.evaluation.randomization import model_randomization
 from monai_sal_app.evaluation.repeatability import map_agreement
@@ -145,6 +145,8 @@ def trust_card(
     "seconds_per_map"}}}``; the verdict strings are "passes"/"fails" (randomization,
     repeatability), "tracks the model"/"does not track the model" (fidelity), "localizes"/"not
     better than chance" (localization). Raises :class:`TrustCardError` for inputs it cannot use.
+    Under ``torchrun`` the methods are dealt to the ranks (``distributed.gather_blocks``) and
+    every rank returns the whole card.
     """
     methods, checks = _check_inputs(images, labels, masks, methods, checks, compare_with)
     params = dict(params or {})
@@ -154,8 +156,8 @@ def trust_card(
     # lets the predicted class of a two-class model have a negative logit, and a ratio to it is
     # meaningless). Probabilities of a saturated model barely move, which is why it is the fallback.
     fidelity_score = "logit_ratio" if bool((target_logits > MIN_REFERENCE_LOGIT).all()) else "probability"
-    card_methods: dict[str, dict] = {}
-    for method in methods:
+
+    def method_entry(method: str) -> dict[str, Any]:
         method_params = dict(params.get(method, {}))
         timer = time.perf_counter()
         maps = explain(model, images, method, target=fixed_targets, **method_params).cpu()
@@ -195,7 +197,12 @@ def trust_card(
             entry["repeatability"] = result.to_dict()
             verdicts["repeatability"] = result.verdict
         entry["verdicts"] = verdicts
-        card_methods[method] = entry
+        return entry
+
+    # One method per block: under torchrun the ranks share the methods out (each needs every
+    # image's map for its random-pair baseline), in one process this is the plain loop.
+    entries = distributed.gather_blocks(len(methods), 1, lambda start, _: [method_entry(methods[start])])
+    card_methods = dict(zip(methods, entries))
     return {
         "monai_sal_version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from monai_sal_app import distributed
 from monai_sal_app.data.io import read_image
 from monai_sal_app.evaluation.randomization import randomized_models
 from monai_sal_app.evaluation.trust import DEFAULT_CHECKS, DEFAULT_TRUST_METHODS, trust_card, write_trust_card
@@ -93,7 +94,8 @@ def run_trust(
     Writes ``<model>.trust.json`` beside the checkpoint and the report under ``out``
     (:func:`write_trust_report`). ``compare_with``: checkpoints of other trained models of the same
     labels and input size (repeatability). The class explained is the model's prediction with
-    its card's decision threshold.
+    its card's decision threshold. Under ``torchrun`` the methods are shared out among the ranks
+    and rank 0 writes the card and the report.
     """
     model, card = load_classifier(model_path, device=device)
     others = {}
@@ -117,8 +119,10 @@ def run_trust(
         compare_with=others or None,
         data={"source": source, "first_images": len(images), "checkpoint": Path(model_path).name},
     )
-    write_trust_card(result, model_path)
-    write_trust_report(result, out, model=model, images=images[:EXAMPLE_IMAGES], targets=targets[:EXAMPLE_IMAGES])
+    if distributed.is_main():
+        write_trust_card(result, model_path)
+        write_trust_report(result, out, model=model, images=images[:EXAMPLE_IMAGES], targets=targets[:EXAMPLE_IMAGES])
+    distributed.barrier()
     return result
 
 
