@@ -12,7 +12,8 @@ files written by one rank (checkpoints, generated data) must be on a folder ever
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "device",
     "gather_blocks",
     "is_main",
+    "local",
     "rank",
     "setup",
     "shard",
@@ -44,8 +46,25 @@ def setup() -> None:
     dist.init_process_group(backend)
 
 
+_local_depth = 0  # > 0 inside `local()`: this process works alone
+
+
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return _local_depth == 0 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def local() -> Iterator[None]:
+    """Inside it this process works alone: rank 0 of 1, no collective calls. For the work of one
+    block that a rank already got from :func:`shard`: code it calls that would itself share work
+    out (``explain_items``, ``trust_card``) then runs whole in this process instead of waiting
+    for ranks that are busy with other blocks."""
+    global _local_depth
+    _local_depth += 1
+    try:
+        yield
+    finally:
+        _local_depth -= 1
 
 
 def _local_rank() -> int:
@@ -114,7 +133,8 @@ def gather_blocks(
     n_blocks = (n_items + block_size - 1) // block_size
     mine = {}
     for block in tqdm(shard(n_blocks), desc=desc, disable=not progress or not is_main(), leave=False):
-        mine[block] = compute(block * block_size, min(n_items, (block + 1) * block_size))
+        with local():
+            mine[block] = compute(block * block_size, min(n_items, (block + 1) * block_size))
     merged: dict[int, list[T]] = {}
     for part in all_gather(mine):
         merged.update(part)

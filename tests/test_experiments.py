@@ -166,20 +166,34 @@ def test_unknown_recipes_and_inputs_a_recipe_does_not_take_are_refused(tmp_path,
     assert not out.exists()
 
 
-def test_torchrun_with_two_processes_gives_the_csvs_of_one(smoke_run, tmp_path):
-    # One process per rank, one thread each (torchrun's default and this test session's), the same
-    # blocks of work: the numbers agree to the last bit.
-    out = tmp_path / "two"
+def run_on_two_ranks(recipe: str, out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = [*torchrun, "-m", "monai_sal_app.cli", "--quiet", "experiment", "run", "subtypes"]
+    command = [*torchrun, "-m", "monai_sal_app.cli", "--quiet", "experiment", "run", recipe]
     result = subprocess.run(
         [*command, "--scale", "smoke", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (out / "steps" / "models").glob("*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"]
     assert json.loads((out / "environment.json").read_text())["world_size"] == 2
+
+
+def test_torchrun_with_two_processes_gives_the_csvs_of_one(smoke_run, tmp_path):
+    # One process per rank, one thread each (torchrun's default and this test session's), the same
+    # blocks of work: the numbers agree to the last bit.
+    out = tmp_path / "two"
+    run_on_two_ranks("subtypes", out)
+    assert sorted(p.name for p in (out / "steps" / "models").glob("*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"]
     assert results_text(out) == results_text(smoke_run)
+
+
+def test_a_block_that_explains_a_manifest_runs_whole_on_its_rank_under_torchrun(tmp_path):
+    # trainable_vs_posthoc explains each block's images with explain_items, which shares its own
+    # work out under torchrun: inside a block it must not wait for the other rank.
+    one = tmp_path / "one"
+    run_experiment("trainable_vs_posthoc", one, scale="smoke", progress=False, log=lambda _: None)
+    two = tmp_path / "two"
+    run_on_two_ranks("trainable_vs_posthoc", two)
+    assert results_text(two) == results_text(one)
 
 
 def test_the_report_shows_every_table_and_image_in_headless_chromium(smoke_run, tmp_path):

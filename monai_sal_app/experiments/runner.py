@@ -310,6 +310,7 @@ class Run:
         self.sections: list[Section] = []
         self.data_hashes: dict[str, dict] = {}
         self.step_seconds: dict[str, float] = {}
+        self._main = distributed.is_main()  # fixed here: inside a block every rank works alone
         self.resumed = False  # True once a step or block is read back from an earlier invocation
 
     # -- folders --------------------------------------------------------------------------
@@ -329,10 +330,10 @@ class Run:
     @property
     def is_main(self) -> bool:
         """True on the process that writes the tables, the figures and the report (rank 0)."""
-        return distributed.is_main()
+        return self._main
 
     def log(self, message: str) -> None:
-        if distributed.is_main():
+        if self._main:
             self._log(message)
 
     # -- steps ----------------------------------------------------------------------------
@@ -367,7 +368,8 @@ class Run:
     ) -> list[dict]:
         """Rows of every item, computed block by block and kept on disk as they finish.
 
-        ``compute(indices, items)`` returns the rows (dicts) of one block of consecutive items.
+        ``compute(indices, items)`` returns the rows (dicts) of one block of consecutive items; it
+        runs inside ``distributed.local()``, so what it calls works whole in this process.
         Blocks are dealt to the ranks (``distributed.shard``), each finished block is appended to
         ``steps/<name>/rank<r>.jsonl``, and an interrupted run computes only the blocks missing
         from those files. Returns every block's rows in item order, on every rank.
@@ -388,10 +390,12 @@ class Run:
                     f.seek(f.tell() - 1)
                     if f.read(1) != "\n":
                         f.write("\n")
-                bar = tqdm(todo, desc=name, disable=not self.progress or not distributed.is_main(), leave=False)
+                main = distributed.is_main()
+                bar = tqdm(todo, desc=name, disable=not self.progress or not main, leave=False)
                 for block in bar:
                     indices = list(range(block * block_size, min(len(items), (block + 1) * block_size)))
-                    rows = _json_safe(compute(indices, [items[i] for i in indices]))
+                    with distributed.local():
+                        rows = _json_safe(compute(indices, [items[i] for i in indices]))
                     f.write(json.dumps({"block": block, "rows": rows}) + "\n")
                     f.flush()
         distributed.barrier()
