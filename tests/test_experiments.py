@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import open_in_chromium, screenshot
 from PIL import Image
@@ -80,6 +81,7 @@ def test_a_run_writes_results_figures_config_versions_hashes_and_report(smoke_ru
         assert Image.open(smoke_run / "figures" / f"{figure}.png").format == "PNG"
     environment = json.loads((smoke_run / "environment.json").read_text())
     assert environment["packages"]["torch"] and environment["world_size"] == 1
+    assert environment["torch_threads"] == torch.get_num_threads()  # the numbers depend on it
     data = json.loads((smoke_run / "data.json").read_text())
     assert set(data) == {"test", "homogeneous"}
     assert all(len(entry["files_sha256"]) == 64 and entry["files"] > 0 for entry in data.values())

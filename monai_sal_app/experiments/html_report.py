@@ -133,6 +133,7 @@ def render_report(
     parts.append(
         f'<p class="meta">scale <b>{html.escape(str(config.get("scale", "")))}</b>, seed {config.get("seed")}, '
         f"{environment.get('world_size', 1)} process(es) on {html.escape(str(environment.get('device', '')))}"
+        + (f", {environment['torch_threads']} thread(s) each" if "torch_threads" in environment else "")
         + (f", {seconds:.0f} s" if isinstance(seconds, (int, float)) else "")
         + (" in this invocation (resumed: earlier steps were read back)" if environment.get("resumed") else "")
         + "</p>"

@@ -17,7 +17,7 @@ starts, and so are ``--data`` (the manifest's columns) and ``--model`` (its card
 dimensions against the data). :func:`run_experiment` then writes under ``out``:
 
 - ``config.yaml``: the resolved settings; ``environment.json``: package versions, device, ranks,
-  the wall time of this invocation and of each step it computed (``resumed``: some were read back);
+  torch's threads per process (the numbers depend on it: see ``docs/EXPERIMENTS.md``), the wall time of this invocation and of each step it computed (``resumed``: some were read back);
   ``data.json``: SHA-256 of every manifest and of the files it lists;
 - ``steps/``: each finished step's result, so that an interrupted run resumes where it stopped;
 - ``results/*.csv`` (one row per image x method x condition) and ``results/*_summary.csv`` (mean
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from monai_sal_app import distributed
 
@@ -250,6 +251,7 @@ def _versions() -> dict:
         "packages": packages,
         "device": str(distributed.device()),
         "world_size": distributed.world_size(),
+        "torch_threads": torch.get_num_threads(),
     }
 
 
