@@ -18,7 +18,8 @@ explained: plain, wildcat, none for the baseline), ``label`` (1: opacity), ``pro
 model's probability of opacity; the plain model's for the baseline), ``auprc`` (AUC_loc: area under
 the pixel precision-recall curve of the map against the opacity mask, in [0, 1]) and
 ``pointwise_hit`` (the map's maximum lies in the mask), both empty for an image without opacity and
-scored on the images' own grid. ``results/detection.csv``: per backbone x method the pointwise
+scored on the images' own grid; ``results/localization_summary.csv``: their mean and 95% CI per
+backbone x method over the opacity images (``n``). ``results/detection.csv``: per backbone x method the pointwise
 detection AP (Oquab et al. 2015, WILDCAT: all test images ranked by ``probability``, a hit on an
 opacity image is a true positive) and the test ROC AUC of the model explained;
 ``results/classification.csv``: each model's test and validation scores. Figures: the first
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from monai_sal_app.experiments.runner import Recipe, Run, Section
+from monai_sal_app.metrics.stats import summarize
 
 DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)
 BLOCK_SIZE = 8  # test images per block of work: fixed, so results do not depend on the number of ranks
@@ -335,8 +337,12 @@ def run_trainable_vs_posthoc(run: Run) -> None:
         }
         for row in rows
     ]
+    run.table("localization", scores)
+    # Summarised over the opacity images only (a normal image has no mask to score), so n counts them.
+    opacity = [row for row in scores if row["auprc"] is not None]
     summary = run.table(
-        "localization", scores, group_by=("backbone", "head", "method"), metrics=("auprc", "pointwise_hit")
+        "localization_summary",
+        summarize(opacity, group_by=("backbone", "head", "method"), metrics=("auprc", "pointwise_hit")),
     )
     detection = run.table("detection", _detection(rows, trained))
     classification = run.table(
@@ -375,8 +381,8 @@ def run_trainable_vs_posthoc(run: Run) -> None:
             figures,
             note=f"auprc: area under the pixel precision-recall curve of the map against the opacity mask, on the "
             f"{n_opacity} opacity test images at {s['image_size']} px (chance: the mask's area fraction); "
-            "pointwise_hit: share of them whose map has its maximum inside the mask (n counts every test "
-            "image, the normal ones too). wildcat (contrast): the opacity class map minus the normal one. "
+            "pointwise_hit: share of them whose map has its maximum inside the mask; n: those opacity images. "
+            "wildcat (contrast): the opacity class map minus the normal one. "
             f"{BASELINE}: the fraction of training masks covering each pixel, the same map for every image.",
         )
     )
