@@ -491,6 +491,14 @@ def screenshot(page: Path, out: Path, width: int = 1200, height: int = 1600) -> 
 # ----------------------------------------------------------------------------- experiment recipes
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a CSV file (a recipe's ``results/*.csv``, a ``maps.csv``) as dicts of strings."""
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def smoke_refusal(recipe: str, changes: dict, tmp_path: Path) -> str:
     """Run the built-in ``recipe`` with ``changes`` made to its smoke scale; the run must raise
     ExperimentError before writing anything. Returns the error's message."""

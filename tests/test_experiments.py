@@ -3,7 +3,6 @@ and the report as headless Chromium shows it. The recipe used is ``subtypes`` at
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import open_in_chromium, screenshot
+from conftest import open_in_chromium, read_rows, screenshot
 from PIL import Image
 
 from monai_sal_app.cli import main
@@ -31,11 +30,6 @@ from monai_sal_app.experiments.studies import RECIPES
 from monai_sal_app.experiments.studies.subtypes import conditions
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def results_text(out: Path) -> dict[str, str]:
@@ -168,14 +162,21 @@ def test_unknown_recipes_and_inputs_a_recipe_does_not_take_are_refused(tmp_path,
     assert not out.exists()
 
 
-def run_on_two_ranks(recipe: str, out: Path) -> None:
+def run_cli(arguments: str, processes: int) -> subprocess.CompletedProcess:
+    """``python -m monai_sal_app.cli --quiet <arguments>`` in one process, or under torchrun in
+    ``processes`` of one thread each (``arguments`` split at spaces); it must succeed."""
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = [*launcher, "-m", "monai_sal_app.cli", "--quiet", *arguments.split()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = [*torchrun, "-m", "monai_sal_app.cli", "--quiet", "experiment", "run", recipe]
-    result = subprocess.run(
-        [*command, "--scale", "smoke", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, (arguments, result.stderr[-3000:])
+    return result
+
+
+def run_on_two_ranks(recipe: str, out: Path) -> None:
+    run_cli(f"experiment run {recipe} --scale smoke --out {out}", 2)
     assert json.loads((out / "environment.json").read_text())["world_size"] == 2
 
 
@@ -214,20 +215,14 @@ def test_explain_and_evaluate_under_torchrun_give_the_rows_and_maps_of_one_proce
 
     manifest = generate_shepp_logan(tmp_path / "data", "test", 2, 32, 5, seed=3, progress=False)
     train_from_manifest(manifest, tmp_path / "model.pt", epochs=1, progress=False, log=lambda _: None)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     outputs = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
-        launcher = [sys.executable]
-        if processes > 1:
-            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
         for step in (
             f"explain --model {tmp_path / 'model.pt'} {manifest} --method gradient,gradcam --batch-size 4 --out {out}",
             f"evaluate {out} --out {out / 'evaluation'}",
         ):
-            command = [*launcher, "-m", "monai_sal_app.cli", "--quiet", *step.split()]
-            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-            assert result.returncode == 0, (step, result.stderr[-3000:])
+            run_cli(step, processes)
         outputs[processes] = out
     one, two = (read_rows(outputs[p] / "maps.csv") for p in (1, 2))
     assert len(one) == 2 * 10
@@ -296,23 +291,17 @@ def test_trust_under_torchrun_shares_the_methods_out_and_gives_the_card_of_one_p
 
     manifest = generate_shepp_logan(tmp_path / "data", "test", 2, 32, 3, seed=4, progress=False)
     train_from_manifest(manifest, tmp_path / "model.pt", epochs=1, progress=False, log=lambda _: None)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cards = {}
     for processes in (1, 2):
         folder = tmp_path / f"p{processes}"
         folder.mkdir()
         for suffix in (".pt", ".json"):
             shutil.copy(tmp_path / f"model{suffix}", folder / f"model{suffix}")
-        launcher = [sys.executable]
-        if processes > 1:
-            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
         step = (
             f"trust --model {folder / 'model.pt'} {manifest} --methods gradient,gradcam,guided_backprop "
             f"--checks randomization,fidelity --out {folder / 'report'}"
         )
-        command = [*launcher, "-m", "monai_sal_app.cli", "--quiet", *step.split()]
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+        result = run_cli(step, processes)
         assert result.stdout.count("wrote ") == 1  # rank 0 alone reports
         cards[processes] = json.loads((folder / "model.trust.json").read_text())
     assert list(cards[2]["methods"]) == ["gradient", "gradcam", "guided_backprop"]

@@ -5,14 +5,13 @@ agreement table)."""
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import base_or_skip
+from conftest import base_or_skip, read_rows
 from PIL import Image
 from scipy import stats
 from server_fixtures import save_tiny_checkpoint
@@ -24,11 +23,6 @@ from monai_sal_app.experiments.studies.ct_importance import RANKED, fractions, r
 from monai_sal_app.saliency.xrai import attribution_regions, segment_membership_2d, xrai_segments
 
 SECTIONS = ("Model", "Fidelity and localization per method", "Rankings", "Do fidelity and localization agree?")
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def results_text(out: Path) -> dict[str, str]:

@@ -4,11 +4,10 @@ gives the same metric CSVs."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
-from conftest import base_or_skip, smoke_refusal
+from conftest import base_or_skip, read_rows, smoke_refusal
 from PIL import Image
 
 from monai_sal_app.data import bases
@@ -16,11 +15,6 @@ from monai_sal_app.experiments.runner import resolve_config, run_experiment
 from monai_sal_app.experiments.studies.explainers import trained_kinds
 
 METRIC_TABLES = ("explainers.csv", "explainers_summary.csv")
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def run_smoke(out: Path) -> Path:

@@ -4,11 +4,10 @@ CSVs from a second run with the same seed, and settings it refuses before any wo
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
-from conftest import base_or_skip, smoke_refusal
+from conftest import base_or_skip, read_rows, smoke_refusal
 from PIL import Image
 
 from monai_sal_app.data import bases
@@ -16,11 +15,6 @@ from monai_sal_app.experiments.runner import resolve_config, run_experiment
 from monai_sal_app.experiments.studies.trainable_vs_posthoc import BASELINE, HEADS, explanations
 
 NAME = "trainable_vs_posthoc"
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def results_text(out: Path) -> dict[str, str]:

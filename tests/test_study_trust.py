@@ -4,13 +4,12 @@ the same CSVs."""
 
 from __future__ import annotations
 
-import csv
 import re
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import base_or_skip, smoke_refusal
+from conftest import base_or_skip, read_rows, smoke_refusal
 from PIL import Image
 
 from monai_sal_app.data import bases
@@ -23,11 +22,6 @@ from monai_sal_app.models.factory import build_classifier
 TABLES = ("similarity.csv", "similarity_summary.csv", "verdicts.csv", "models.csv")
 CHECKS = (*RANDOMIZATION, *RETRAINED)
 FIGURES = ("randomization_cascading", "randomization_independent", "cascading_maps_1", "cascading_maps_2")
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def run_smoke(out: Path, data_from: Path | None = None) -> Path:

@@ -17,7 +17,8 @@ starts, and so are ``--data`` (the manifest's columns) and ``--model`` (its card
 dimensions against the data). :func:`run_experiment` then writes under ``out``:
 
 - ``config.yaml``: the resolved settings; ``environment.json``: package versions, device, ranks,
-  torch's threads per process (the numbers depend on it: see ``docs/EXPERIMENTS.md``), the wall time of this invocation and of each step it computed (``resumed``: some were read back);
+  torch's threads per process (the numbers depend on it: see ``docs/EXPERIMENTS.md``), the wall
+  time of this invocation and of each step it computed (``resumed``: some were read back);
   ``data.json``: SHA-256 of every manifest and of the files it lists;
 - ``steps/``: each finished step's result, so that an interrupted run resumes where it stopped;
 - ``results/*.csv`` (one row per image x method x condition) and ``results/*_summary.csv`` (mean
@@ -392,8 +393,7 @@ class Run:
                     f.seek(f.tell() - 1)
                     if f.read(1) != "\n":
                         f.write("\n")
-                main = distributed.is_main()
-                bar = tqdm(todo, desc=name, disable=not self.progress or not main, leave=False)
+                bar = tqdm(todo, desc=name, disable=not self.progress or not self._main, leave=False)
                 for block in bar:
                     indices = list(range(block * block_size, min(len(items), (block + 1) * block_size)))
                     with distributed.local():
