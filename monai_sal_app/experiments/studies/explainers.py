@@ -169,9 +169,8 @@ def _overlay_figure(run: Run, items: list[dict]) -> Path:
             with open(path, newline="") as handle:
                 for entry in csv.DictReader(handle):
                     if entry["id"] in maps:
-                        maps[entry["id"]][label(entry["method"], tta)] = read_image(entry["map"], allow_constant=True)[
-                            0
-                        ]
+                        saliency, _ = read_image(entry["map"], allow_constant=True)
+                        maps[entry["id"]][label(entry["method"], tta)] = saliency
     cases = [
         {
             "id": item["id"][:8],
