@@ -53,6 +53,8 @@ __all__ = [
     "Recipe",
     "Run",
     "Section",
+    "check_integer",
+    "check_names",
     "config_folder",
     "experiment_names",
     "resolve_config",
@@ -66,6 +68,23 @@ CONFIG_KEYS = ("recipe", "title", "question", "seed", "settings", "scales")
 
 class ExperimentError(ValueError):
     """A recipe, a config, a manifest or a checkpoint that cannot be run; raised before any work."""
+
+
+def check_integer(settings: dict, key: str, minimum: int = 1) -> None:
+    """For a recipe's ``validate``: ValueError unless ``settings[key]`` is an integer (not a bool)
+    of at least ``minimum``."""
+    value = settings[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_names(settings: dict, key: str) -> list:
+    """For a recipe's ``validate``: ``settings[key]``, or ValueError unless it is a non-empty list of
+    distinct names."""
+    names = settings[key]
+    if not isinstance(names, list) or not names or len(set(names)) != len(names):
+        raise ValueError(f"{key} must be a non-empty list of distinct names, got {names!r}")
+    return names
 
 
 @dataclass(frozen=True)

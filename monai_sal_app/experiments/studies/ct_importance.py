@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_sal_app.experiments.runner import ExperimentError, Recipe, Run, Section
+from monai_sal_app.experiments.runner import ExperimentError, Recipe, Run, Section, check_integer
 
 GENERATOR = "ct-lesions"  # the built-in recipe (experiments.recipes.recipe_for)
 BLOCK_SIZE = 4  # crops per block of work: fixed, so results do not depend on the number of ranks
@@ -87,12 +87,6 @@ SETTINGS = {
 }
 
 
-def _positive_int(settings: dict, key: str, minimum: int = 1) -> None:
-    value = settings[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
 def _validate(settings: dict) -> None:
     from monai_sal_app.evaluation.fidelity import BASELINES, ORDERS, SCORES
     from monai_sal_app.saliency import get_method
@@ -117,12 +111,12 @@ def _validate(settings: dict) -> None:
         if "seed" in values:
             raise ValueError(f"params.{method}: seed is set per block from the run's seed")
     for key in ("test_per_class", "epochs", "attempts"):
-        _positive_int(settings, key)
-    _positive_int(settings, "per_class", 2)  # training holds out a validation share of each class
-    _positive_int(settings, "size", 16)
-    _positive_int(settings, "input_size", 16)
+        check_integer(settings, key)
+    check_integer(settings, "per_class", 2)  # training holds out a validation share of each class
+    check_integer(settings, "size", 16)
+    check_integer(settings, "input_size", 16)
     if settings["max_images"] is not None:
-        _positive_int(settings, "max_images")
+        check_integer(settings, "max_images")
     step = settings["fraction_step"]
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 0.5:
         raise ValueError(f"fraction_step must be a number in (0, 0.5], got {step!r}")

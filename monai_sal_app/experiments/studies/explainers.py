@@ -26,7 +26,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from monai_sal_app.experiments.runner import Recipe, Run, Section
+from monai_sal_app.experiments.runner import Recipe, Run, Section, check_integer
 from monai_sal_app.metrics.localization import DEFAULT_PERCENTILES
 
 DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)
@@ -46,21 +46,15 @@ SETTINGS = {
 }
 
 
-def _positive_int(settings: dict, key: str, minimum: int = 1) -> None:
-    value = settings[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
 def _validate(settings: dict) -> None:
     from monai_sal_app.saliency import get_method
 
     for key in ("test_per_class", "epochs", "explainer_epochs", "mp_steps"):
-        _positive_int(settings, key)
+        check_integer(settings, key)
     for key in ("per_class", "explainer_per_class"):  # training holds out a validation share of each class
         if settings[key] is not None:
-            _positive_int(settings, key, 2)
-    _positive_int(settings, "input_size", 16)
+            check_integer(settings, key, 2)
+    check_integer(settings, "input_size", 16)
     if settings["input_size"] % 16:
         raise ValueError(
             f"input_size must be a multiple of 16 (the explainers' encoders), got {settings['input_size']}"

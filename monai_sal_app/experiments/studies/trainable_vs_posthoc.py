@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_sal_app.experiments.runner import Recipe, Run, Section
+from monai_sal_app.experiments.runner import Recipe, Run, Section, check_integer, check_names
 from monai_sal_app.metrics.stats import summarize
 
 DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)
@@ -73,19 +73,6 @@ SETTINGS = {
 }
 
 
-def _positive_int(settings: dict, key: str, minimum: int = 1) -> None:
-    value = settings[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def _names(settings: dict, key: str) -> list[str]:
-    value = settings[key]
-    if not isinstance(value, list) or not value or len(set(value)) != len(value):
-        raise ValueError(f"{key} must be a non-empty list of distinct names, got {value!r}")
-    return value
-
-
 def _posthoc(method: str) -> None:
     """ValueError unless ``method`` is a registered method that explains any classifier as it is."""
     from monai_sal_app.saliency import get_method
@@ -99,11 +86,11 @@ def _validate(settings: dict) -> None:
     from monai_sal_app.models.factory import ARCHITECTURES, check_arch_kwargs, head_options
     from monai_sal_app.saliency import get_method
 
-    for backbone in _names(settings, "backbones"):
+    for backbone in check_names(settings, "backbones"):
         if backbone not in ARCHITECTURES:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(ARCHITECTURES)}")
     check_arch_kwargs(settings["arch_kwargs"], settings["backbones"], "backbones")
-    for method in _names(settings, "methods"):
+    for method in check_names(settings, "methods"):
         _posthoc(method)
     params = settings["method_params"]
     if not isinstance(params, dict):
@@ -118,11 +105,11 @@ def _validate(settings: dict) -> None:
     if not isinstance(settings["wildcat"], dict):
         raise ValueError(f"wildcat must map WILDCAT head options to values, got {settings['wildcat']!r}")
     head_options({"name": "wildcat", **settings["wildcat"]})
-    _positive_int(settings, "per_class", 2)  # training holds out a validation image of each class
+    check_integer(settings, "per_class", 2)  # training holds out a validation image of each class
     for key in ("test_per_class", "epochs", "attempts", "figure_cases"):
-        _positive_int(settings, key)
+        check_integer(settings, key)
     for key in ("image_size", "input_size"):
-        _positive_int(settings, key, 16)  # conv5-fc3 pools its input four times
+        check_integer(settings, key, 16)  # conv5-fc3 pools its input four times
     if settings["figure_cases"] > settings["test_per_class"]:
         raise ValueError(
             f"figure_cases ({settings['figure_cases']}) must not exceed test_per_class ({settings['test_per_class']})"

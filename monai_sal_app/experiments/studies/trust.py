@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_sal_app.experiments.runner import Recipe, Run, Section
+from monai_sal_app.experiments.runner import Recipe, Run, Section, check_integer, check_names
 
 DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)
 POSTPROCESS = ("abs", "clip")  # |map| clipped at its 99th percentile, as the study compares maps
@@ -86,39 +86,26 @@ SETTINGS = {
 }
 
 
-def _integer(settings: dict, key: str, minimum: int) -> None:
-    value = settings[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def _distinct_names(settings: dict, key: str) -> list:
-    names = settings[key]
-    if not isinstance(names, list) or not names or len(set(names)) != len(names):
-        raise ValueError(f"{key} must be a non-empty list of distinct names, got {names!r}")
-    return names
-
-
 def _validate(settings: dict) -> None:
     from monai_sal_app.metrics.similarity import SIMILARITY_METRICS
     from monai_sal_app.models.factory import ARCHITECTURES, check_arch_kwargs
     from monai_sal_app.saliency import get_method
 
     for key, minimum in (("per_class", 2), ("test_per_class", 1), ("images", 2), ("input_size", 16)):
-        _integer(settings, key, minimum)
+        check_integer(settings, key, minimum)
     for key in ("epochs", "replicates"):
-        _integer(settings, key, 1)
-    _integer(settings, "pairs", 2)
+        check_integer(settings, key, 1)
+    check_integer(settings, "pairs", 2)
     if settings["images"] > settings["test_per_class"]:
         raise ValueError(
             f"images ({settings['images']}) must be at most test_per_class ({settings['test_per_class']}), "
             "the test images with an opacity mask"
         )
-    for arch in _distinct_names(settings, "architectures"):
+    for arch in check_names(settings, "architectures"):
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     check_arch_kwargs(settings["arch_kwargs"], settings["architectures"])
-    for method in _distinct_names(settings, "methods"):
+    for method in check_names(settings, "methods"):
         if get_method(method).explainer:
             raise ValueError(f"method {method!r} needs a trained explainer, which this study does not train")
     params = settings["params"]
