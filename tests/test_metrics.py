@@ -27,6 +27,7 @@ from monai_sal_app.metrics import (
     DEFAULT_PERCENTILES,
     auprc,
     auprc_trapezoid,
+    bootstrap_ci,
     hard_dice,
     iou_at_percentiles,
     localization_metrics,
@@ -366,6 +367,21 @@ def test_mean_ci_matches_scipy_t_interval(confidence):
     assert mean == pytest.approx(values.mean(), abs=1e-15)
     assert (ci_low, ci_high) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
     assert all(type(v) is float for v in (mean, ci_low, ci_high))
+
+
+def test_bootstrap_ci_matches_scipy_percentile_bootstrap():
+    values = np.random.default_rng(0).beta(2, 8, size=30)  # skewed, in [0, 1], like a share
+    mean, low, high = bootstrap_ci(list(values) + [np.nan, None], n_resamples=20000, seed=1)
+    reference = scipy_stats.bootstrap(
+        (values,), np.mean, n_resamples=20000, method="percentile", random_state=np.random.default_rng(2)
+    ).confidence_interval
+    assert mean == pytest.approx(values.mean())
+    assert low == pytest.approx(reference.low, abs=0.005) and high == pytest.approx(reference.high, abs=0.005)
+    assert bootstrap_ci(values, seed=3) == bootstrap_ci(values, seed=3)
+    assert bootstrap_ci([0.4])[0] == 0.4 and np.isnan(bootstrap_ci([0.4])[1:]).all()
+    assert np.isnan(bootstrap_ci([])).all()
+    with pytest.raises(ValueError, match="n_resamples"):
+        bootstrap_ci(values, n_resamples=10)
 
 
 def test_mean_ci_edge_cases():

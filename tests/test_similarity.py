@@ -10,10 +10,12 @@ from skimage.metrics import structural_similarity
 
 from monai_sal_app.metrics.similarity import (
     SIMILARITY_METRICS,
+    RetentionReference,
     constant_maps,
     hog_spearman,
     pearson,
     random_pair_baseline,
+    retention_share,
     similarity,
     spearman,
     spearman_abs,
@@ -129,3 +131,58 @@ def test_random_pair_baseline_pairs_different_images_and_gives_a_ci():
     assert same["mean"] == pytest.approx(1.0)  # identical maps of different images: the baseline sees it
     with pytest.raises(ValueError, match="at least 2 images"):
         random_pair_baseline(maps[:1])
+
+
+def test_random_pair_baseline_within_groups_pairs_images_of_one_group():
+    maps = smooth_maps(7, (24, 24), seed=3)
+    groups = np.array([0, 0, 0, 1, 1, 2, 1])  # group 2 has one image: never drawn
+    baseline = random_pair_baseline(maps, "pearson", n_pairs=40, seed=5, groups=groups)
+    within = {
+        round(float(similarity(maps[i : i + 1], maps[j : j + 1], "pearson")[0]), 12)
+        for i in range(7)
+        for j in range(7)
+        if i != j and groups[i] == groups[j]
+    }
+    assert {round(float(v), 12) for v in baseline["values"]} <= within
+    with pytest.raises(ValueError, match="no group holds two images"):
+        random_pair_baseline(maps[:3], groups=[0, 1, 2])
+
+
+def test_retention_share_is_one_unchanged_and_about_zero_for_other_images_maps():
+    """The definition: (s(R_i, C_i) - mean_j s(R_i, C_j)) / (1 - mean_j s(R_i, R_j)), j over the other
+    images of i's class, s = Spearman of |map|; computed here pair by pair with scipy."""
+    reference = smooth_maps(12, (16, 16), seed=6)
+    classes = np.array([0, 1] * 6)
+    np.testing.assert_allclose(retention_share(reference, reference, classes), 1.0)
+    changed = smooth_maps(12, (16, 16), seed=7) + 0.5 * reference
+    ours = retention_share(reference, changed, classes)
+
+    def rho(a, b):
+        return stats.spearmanr(np.abs(a).ravel(), np.abs(b).ravel())[0]
+
+    for i in range(12):
+        peers = [j for j in range(12) if j != i and classes[j] == classes[i]]
+        own = rho(reference[i], changed[i]) - np.mean([rho(reference[i], changed[j]) for j in peers])
+        assert ours[i] == pytest.approx(own / (1 - np.mean([rho(reference[i], reference[j]) for j in peers])))
+    # maps of other images of the same class keep the class template but nothing of image i
+    template = smooth_maps(1, (16, 16), seed=8)[0]
+    with_template = reference + 3 * template
+    shuffled = with_template[[2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1]]  # each image gets another of its class
+    assert abs(np.mean(retention_share(with_template, shuffled, classes))) < 0.15
+    assert np.mean(retention_share(with_template, with_template + 0.01 * shuffled, classes)) > 0.9
+
+
+def test_retention_share_leaves_out_blank_maps_and_lone_images():
+    reference = smooth_maps(6, (16, 16), seed=1)
+    changed = reference.copy()
+    changed[1] = 0.0  # blank: shows nothing, never counted as changed
+    share, blank = RetentionReference(reference, [0, 0, 0, 0, 0, 1]).shares(changed)
+    assert blank.tolist() == [False, True, False, False, False, False]
+    assert np.isnan(share[1]) and np.isnan(share[5])  # image 5 is the only one of its class
+    assert np.isfinite(share[[0, 2, 3, 4]]).all()
+    with pytest.raises(ValueError, match="display must be one of"):
+        RetentionReference(reference, [0] * 6, display="colour")
+    with pytest.raises(ValueError, match="5 classes for 6 maps"):
+        RetentionReference(reference, [0] * 5)
+    with pytest.raises(ValueError, match="changed maps must have the reference's shape"):
+        RetentionReference(reference, [0] * 6).shares(reference[:, :8])

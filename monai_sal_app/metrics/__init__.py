@@ -25,12 +25,13 @@ from monai_sal_app.metrics.localization import (
     top_regions_mask,
     xrai_region_dice,
 )
-from monai_sal_app.metrics.stats import mean_ci, summarize, to_markdown, write_csv
+from monai_sal_app.metrics.stats import bootstrap_ci, mean_ci, summarize, to_markdown, write_csv
 
 __all__ = [
     "DEFAULT_PERCENTILES",
     "auprc",
     "auprc_trapezoid",
+    "bootstrap_ci",
     "hard_dice",
     "iou_at_percentiles",
     "localization_metrics",

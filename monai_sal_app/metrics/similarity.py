@@ -21,12 +21,15 @@ from collections.abc import Callable
 import numpy as np
 
 __all__ = [
+    "DISPLAYS",
     "SIMILARITY_METRICS",
+    "RetentionReference",
     "constant_maps",
     "hog_spearman",
     "pearson",
     "random_pair_baseline",
     "ranks",
+    "retention_share",
     "similarity",
     "spearman",
     "spearman_abs",
@@ -194,14 +197,15 @@ def similarity(a, b, metric: str = "spearman_abs") -> np.ndarray:
     return SIMILARITY_METRICS[metric](a, b)
 
 
-def random_pair_baseline(maps, metric: str = "spearman_abs", n_pairs: int = 50, seed: int = 0) -> dict:
+def random_pair_baseline(maps, metric: str = "spearman_abs", n_pairs: int = 50, seed: int = 0, groups=None) -> dict:
     """The similarity two maps have by chance: ``metric`` between the maps of random pairs of
     different images of one batch (N, *spatial), N >= 2.
 
     ``n_pairs`` ordered pairs (i, j), i != j, are drawn uniformly with replacement from a generator
-    seeded with ``seed``. Returns ``{"metric", "mean", "ci_low", "ci_high", "n_pairs", "values"}``
-    with the Student-t 95% CI of the mean (``metrics.stats.mean_ci``); a method's similarity is
-    meaningful only against this band.
+    seeded with ``seed``. With ``groups`` (N,) (e.g. the class each map explains), both images of a
+    pair come from the same group: i uniformly among the images that have a partner in their
+    group, j uniformly among i's partners. Returns ``{"metric", "mean", "ci_low", "ci_high",
+    "n_pairs", "values"}`` with the Student-t 95% CI of the mean (``metrics.stats.mean_ci``).
     """
     from monai_sal_app.metrics.stats import mean_ci
 
@@ -211,8 +215,18 @@ def random_pair_baseline(maps, metric: str = "spearman_abs", n_pairs: int = 50, 
     if isinstance(n_pairs, bool) or not isinstance(n_pairs, (int, np.integer)) or n_pairs < 2:
         raise ValueError(f"n_pairs must be an integer >= 2, got {n_pairs!r}")
     rng = np.random.default_rng(seed)
-    first = rng.integers(0, len(maps), size=n_pairs)
-    second = (first + rng.integers(1, len(maps), size=n_pairs)) % len(maps)  # never the same image
+    if groups is None:
+        first = rng.integers(0, len(maps), size=n_pairs)
+        second = (first + rng.integers(1, len(maps), size=n_pairs)) % len(maps)  # never the same image
+    else:
+        partners = _peers(_groups(groups, len(maps)))
+        has_partner = np.flatnonzero(partners.any(axis=1))
+        if has_partner.size == 0:
+            raise ValueError("no group holds two images: no pair to draw")
+        first = has_partner[rng.integers(0, has_partner.size, size=n_pairs)]
+        counts = partners.sum(axis=1)[first]
+        picks = (rng.random(n_pairs) * counts).astype(np.int64)
+        second = np.array([np.flatnonzero(partners[i])[k] for i, k in zip(first, picks)])
     # Every metric here is symmetric, so each distinct pair is scored once (with few images most
     # draws repeat a pair) and its value repeated for every draw of it, in either order.
     drawn = np.stack([np.minimum(first, second), np.maximum(first, second)], axis=1)
@@ -220,3 +234,97 @@ def random_pair_baseline(maps, metric: str = "spearman_abs", n_pairs: int = 50, 
     values = similarity(maps[pairs[:, 0]], maps[pairs[:, 1]], metric)[inverse.ravel()]
     mean, low, high = mean_ci(values)
     return {"metric": metric, "mean": mean, "ci_low": low, "ci_high": high, "n_pairs": int(n_pairs), "values": values}
+
+
+# ----------------------------------------------------------------------------- retention share
+
+DISPLAYS = ("abs", "signed")  # how a viewer shows a map: its magnitude, or its signed values
+
+
+def _groups(classes, n: int) -> np.ndarray:
+    groups = np.asarray(classes).reshape(-1)
+    if groups.size != n:
+        raise ValueError(f"{groups.size} classes for {n} maps")
+    return groups
+
+
+def _peers(groups: np.ndarray) -> np.ndarray:
+    """(N, N) bool: [i, j] True when j != i explains the same class as i."""
+    return (groups[:, None] == groups[None, :]) & ~np.eye(groups.size, dtype=bool)
+
+
+def _unit_ranks(maps: np.ndarray, display: str) -> np.ndarray:
+    """(N, P) ranks of each map as displayed (|map| for "abs"), centred and scaled to unit norm, so
+    that the dot product of two rows is their Spearman correlation; a constant map's row is 0."""
+    flat = maps.reshape(len(maps), -1)
+    centred = ranks(np.abs(flat) if display == "abs" else flat)
+    centred -= centred.mean(axis=1, keepdims=True)
+    norm = np.sqrt((centred * centred).sum(axis=1, keepdims=True))
+    return np.divide(centred, norm, out=np.zeros_like(centred), where=norm > 0)
+
+
+def _masked_row_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of each row of ``values`` (N, N) over the columns where ``mask`` is True; NaN for none."""
+    counts = mask.sum(axis=1)
+    totals = np.where(mask, values, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
+
+
+class RetentionReference:
+    """Reference maps (a trained model's, N images) ready to measure how much of their
+    image-specific part other maps of the same images keep (:meth:`shares`).
+
+    For image i, with s the Spearman correlation of maps as displayed (``display``: "abs" ranks
+    |map|, "signed" the map) and j running over the other images explained for the same class
+    (``classes`` (N,)): the retention share of changed maps C against reference maps R is
+
+        (s(R_i, C_i) - mean_j s(R_i, C_j)) / (1 - mean_j s(R_i, R_j))
+
+    The numerator is how much closer R_i is to its own changed map than to the changed maps of
+    other images of its class (what the change left that belongs to image i); the denominator is
+    the part of R_i not shared with the other images' reference maps (1 minus the class template).
+    1 when nothing changed (C = R); about 0 when C keeps nothing image-specific, even when C keeps a
+    template common to all images; negative values are noise around 0. Unitless.
+
+    A blank (constant) map has no ranking: an image whose reference or changed map is blank, or
+    that has no other image of its class with a map that is not blank, gets NaN, never a score.
+    """
+
+    def __init__(self, reference, classes, display: str = "abs") -> None:
+        if display not in DISPLAYS:
+            raise ValueError(f"display must be one of {DISPLAYS}, got {display!r}")
+        maps = _batch(reference, "reference")
+        self.display = display
+        self.shape = maps.shape
+        self.classes = _groups(classes, len(maps))
+        self.blank = constant_maps(maps)
+        self.keys = _unit_ranks(maps, display)
+        self.peers = _peers(self.classes) & ~self.blank[None, :]
+        #: (N,) mean similarity of each reference map to the other reference maps of its class
+        self.template = _masked_row_mean(self.keys @ self.keys.T, self.peers)
+
+    def similarity(self, changed) -> tuple[np.ndarray, np.ndarray]:
+        """``(cross, blank)``: (N, N) Spearman correlations, ``cross[i, j]`` between reference map i
+        and changed map j as displayed, and (N,) whether each changed map is blank."""
+        maps = _batch(changed, "changed")
+        if maps.shape != self.shape:
+            raise ValueError(f"changed maps must have the reference's shape {self.shape}, got {maps.shape}")
+        return self.keys @ _unit_ranks(maps, self.display).T, constant_maps(maps)
+
+    def shares(self, changed) -> tuple[np.ndarray, np.ndarray]:
+        """``(share, blank)``: (N,) retention share per image (NaN where it cannot be scored) and
+        (N,) whether each changed map is blank."""
+        cross, blank = self.similarity(changed)
+        null = _masked_row_mean(cross, self.peers & ~blank[None, :])
+        specific = 1.0 - self.template
+        scorable = ~self.blank & ~blank & np.isfinite(null) & (specific > 1e-9)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(scorable, (np.diagonal(cross) - null) / np.where(scorable, specific, 1.0), np.nan)
+        return share, blank
+
+
+def retention_share(reference, changed, classes, display: str = "abs") -> np.ndarray:
+    """(N,) share of each reference map's image-specific part that the changed map of the same
+    image keeps (:class:`RetentionReference`); NaN where it cannot be scored."""
+    return RetentionReference(reference, classes, display).shares(changed)[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["mean_ci", "summarize", "to_markdown", "write_csv"]
+__all__ = ["bootstrap_ci", "mean_ci", "summarize", "to_markdown", "write_csv"]
 
 
 def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
@@ -44,6 +44,36 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     sem = float(array.std(ddof=1)) / math.sqrt(n)
     half_width = float(scipy_stats.t.ppf((1 + confidence) / 2, n - 1)) * sem
     return mean, mean - half_width, mean + half_width
+
+
+def bootstrap_ci(
+    values, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(mean, ci_low, ci_high)`` of ``values`` with a percentile bootstrap confidence interval.
+
+    ``n_resamples`` resamples of the n values with replacement, drawn by
+    ``numpy.random.default_rng(seed)``; the bounds are the ``(1 - confidence) / 2`` and
+    ``(1 + confidence) / 2`` quantiles of the resamples' means (``numpy.quantile``, linear). NaNs
+    (and ``None``) are ignored. One value -> ``(v, nan, nan)``; no value -> ``(nan, nan, nan)``.
+    Used where the values are bounded or skewed (shares in [0, 1]) and a t interval could leave
+    their range. Python floats.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 100:
+        raise ValueError(f"n_resamples must be an integer >= 100, got {n_resamples!r}")
+    array = np.asarray([math.nan if v is None else v for v in np.ravel(values)], dtype=np.float64)
+    array = array[~np.isnan(array)]
+    n = array.size
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(array.mean())
+    if n == 1:
+        return mean, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = array[rng.integers(0, n, size=(n_resamples, n))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return mean, float(low), float(high)
 
 
 def _is_number(value) -> bool:
