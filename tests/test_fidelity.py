@@ -17,7 +17,8 @@ from scipy.integrate import trapezoid
 from test_no_trace import Snapshot, unsettled
 from torch import nn
 
-from monai_sal_app.evaluation.fidelity import BLUR_SIGMA, fidelity
+from monai_sal_app.evaluation import fidelity as fidelity_module
+from monai_sal_app.evaluation.fidelity import BLUR_SIGMA, fidelity, noisy_linear_imputation
 from monai_sal_app.saliency import explain
 
 SIDE = {2: 12, 3: 8}  # small images: the reference loop makes one forward pass per copy
@@ -31,7 +32,10 @@ def quantised_maps(n: int, spatial: tuple[int, ...], seed: int) -> np.ndarray:
 def loop_reference(model, images, maps, fractions, baseline, score, order_by, target=None, labels=None, seed=0):
     """The definition written plainly, one image, order and fraction at a time: numpy ranking (ties
     by ``default_rng(seed).permutation(P)``), scipy blur, one forward pass per copy, scipy's
-    trapezoid. Returns (mif, lif, fidelity, accuracy_mif, accuracy_lif)."""
+    trapezoid; for ``road``, the ROAD authors' imputation (pytorch-grad-cam's ``NoisyLinearImputer``,
+    2D, without its noise) of every copy. Returns (mif, lif, fidelity, accuracy_mif, accuracy_lif)."""
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
     model = copy.deepcopy(model).eval()
     x = images.numpy()
     spatial = x.shape[2:]
@@ -52,7 +56,7 @@ def loop_reference(model, images, maps, fractions, baseline, score, order_by, ta
             fill = np.zeros_like(image)
         elif baseline == "mean":
             fill = np.broadcast_to(image.mean(axis=tuple(range(1, image.ndim)), keepdims=True), image.shape)
-        else:
+        elif baseline == "blur":
             fill = np.stack([ndimage.gaussian_filter(c, BLUR_SIGMA, mode="nearest", truncate=4.0) for c in image])
         unperturbed = logits_of(image)
         t = int(np.argmax(unperturbed)) if target is None else target[i]
@@ -60,11 +64,20 @@ def loop_reference(model, images, maps, fractions, baseline, score, order_by, ta
         for o, order in enumerate(orders):
             for j, fraction in enumerate(fractions):
                 chosen = order[: int(np.rint(fraction * positions))]
+                if baseline == "road":
+                    keep = np.ones(positions, dtype=np.float32)
+                    keep[chosen] = 0
+                    imputer = NoisyLinearImputer(noise=0.0)
+                    fill = imputer(torch.from_numpy(image), torch.from_numpy(keep.reshape(spatial))).numpy()
                 perturbed = image.reshape(len(image), positions).copy()
                 perturbed[:, chosen] = fill.reshape(len(image), positions)[:, chosen]
                 logits = logits_of(perturbed.reshape(image.shape))
                 still_reference[i, o, j] = np.argmax(logits) == reference_class
-                if score == "logit_ratio":
+                others = np.delete(logits, t).max() if len(logits) > 1 else np.nan
+                margin = unperturbed[t] - np.delete(unperturbed, t).max()
+                if score == "margin":
+                    curves[i, o, j] = np.clip((logits[t] - others) / margin, 0, 1) if margin > 0 else np.nan
+                elif score == "logit_ratio":
                     curves[i, o, j] = logits[t] / unperturbed[t]
                 elif score == "probability":
                     curves[i, o, j] = np.exp(logits[t]) / np.exp(logits).sum()
@@ -74,17 +87,17 @@ def loop_reference(model, images, maps, fractions, baseline, score, order_by, ta
     return curves[:, 0], curves[:, 1], per_image, still_reference[:, 0].mean(0), still_reference[:, 1].mean(0)
 
 
-def assert_matches(result, reference) -> None:
+def assert_matches(result, reference, tolerance: float = 1e-6) -> None:
     mif, lif, per_image, accuracy_mif, accuracy_lif = reference
-    np.testing.assert_allclose(result.mif, mif, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(result.lif, lif, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(result.fidelity, per_image, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(result.mif, mif, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(result.lif, lif, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(result.fidelity, per_image, rtol=tolerance, atol=tolerance)
     np.testing.assert_array_equal(result.accuracy_mif, accuracy_mif)
     np.testing.assert_array_equal(result.accuracy_lif, accuracy_lif)
 
 
 @pytest.mark.parametrize("baseline", ["zero", "mean", "blur"])
-@pytest.mark.parametrize("score", ["logit_ratio", "probability", "accuracy"])
+@pytest.mark.parametrize("score", ["margin", "logit_ratio", "probability", "accuracy"])
 def test_equals_a_plain_loop_over_images_and_fractions(dims, score, baseline):
     """Two input channels (so the per-channel mean matters), maps with ties, both orderings."""
     model = tiny_cnn(dims, in_channels=2)
@@ -97,6 +110,71 @@ def test_equals_a_plain_loop_over_images_and_fractions(dims, score, baseline):
         assert result.mean == pytest.approx(result.fidelity.mean())
         if score == "logit_ratio":
             np.testing.assert_array_equal(result.mif[:, 0], 1.0)  # fraction 0 is the unperturbed image itself
+
+
+@pytest.mark.parametrize("score", ["margin", "probability"])
+def test_road_equals_the_authors_imputation_in_a_plain_loop(monkeypatch, score):
+    """ROAD (Rong et al. 2022) without its noise: every copy imputed by the authors' own code."""
+    monkeypatch.setattr(fidelity_module, "ROAD_NOISE", 0.0)
+    model = tiny_cnn(2, in_channels=2)
+    x = images_for(2, n=3, channels=2, side=SIDE[2])
+    maps = quantised_maps(3, x.shape[2:], seed=7)
+    fractions = np.arange(0, 1.0, 0.05)
+    for order_by in ("abs", "signed"):
+        result = fidelity(model, x, maps=maps, baseline="road", score=score, order_by=order_by, batch_size=11)
+        assert_matches(result, loop_reference(model, x, maps, fractions, "road", score, order_by), tolerance=1e-5)
+
+
+def test_the_imputation_solves_the_authors_system_and_keeps_linear_ramps():
+    """2D: the ROAD authors' sparse direct solve (pytorch-grad-cam), for scattered and solid holes;
+    3D: a linear ramp is harmonic for any symmetric neighbour weights, so a hole inside it is filled
+    with the ramp itself; kept positions are never changed."""
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.random((3, 2, 24, 20))).float()
+    holes = torch.from_numpy(rng.random((3, 24, 20)) < np.array([0.1, 0.6, 0.97])[:, None, None])
+    holes[0, 4:20, 3:17] = True  # a solid hole
+    ours = noisy_linear_imputation(images, holes)
+    for k in range(3):
+        theirs = NoisyLinearImputer(noise=0.0)(images[k], (~holes[k]).float())
+        torch.testing.assert_close(ours[k], theirs, rtol=0, atol=1e-4)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(10.0)] * 3, indexing="ij"))
+    ramp = (0.3 * grid[0] - 0.2 * grid[1] + 0.1 * grid[2])[None, None]
+    hole = torch.zeros((1, 10, 10, 10), dtype=torch.bool)
+    hole[0, 2:8, 3:7, 2:9] = True
+    torch.testing.assert_close(noisy_linear_imputation(ramp, hole), ramp, rtol=0, atol=1e-4)
+
+
+def test_margin_ignores_a_shift_of_every_logit_and_skips_images_not_predicted_as_the_target():
+    model, x = tiny_cnn(2), images_for(2, n=4, side=SIDE[2])
+    maps = quantised_maps(4, x.shape[2:], seed=1)
+    shifted = nn.Sequential(model, Shift(7.0))
+    first, again = (fidelity(m, x, maps=maps) for m in (model, shifted))
+    assert first.score == "margin"
+    np.testing.assert_allclose(again.mif, first.mif, atol=1e-6)
+    assert np.nanmax(first.mif) <= 1 and np.nanmin(first.mif) >= 0
+    predicted = explain_target(model, x)
+    other = (predicted + 1) % 3
+    result = fidelity(model, x, maps=maps, target=other)
+    assert result.n_scored == 0 and np.isnan(result.fidelity).all()
+    assert np.isnan(result.mean) and result.replaced_as_target in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class Shift(nn.Module):
+    """Adds one constant to every logit."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, logits):
+        return logits + self.value
+
+
+def explain_target(model, x):
+    with torch.no_grad():
+        return model.eval()(x).argmax(1)
 
 
 def test_equals_a_plain_loop_with_given_target_labels_fractions_and_seed():
@@ -127,6 +205,9 @@ def test_true_evidence_scores_clearly_positive_and_a_random_map_about_zero():
     assert evidence.ci_low > 0.85  # MIF reaches 0 at 10 %, LIF stays 1 until 94 % (of at most 0.95)
     np.testing.assert_array_equal(evidence.accuracy_lif, 1.0)
     assert evidence.accuracy_mif[2:].max() == 0.0  # from 10 % on, class 1 is never predicted any more
+    difference = trapezoid(evidence.accuracy_lif - evidence.accuracy_mif, evidence.fractions)
+    assert evidence.accuracy_fidelity == pytest.approx(difference) and evidence.accuracy_fidelity > 0.85
+    assert evidence.replaced_as_target == 0.0  # an all-zero image holds no evidence for class 1
 
     random_maps = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
     random = fidelity(model, x, maps=random_maps)
@@ -154,18 +235,19 @@ class RowCounter(nn.Module):
         return self.model(x)
 
 
-def test_chunk_size_does_not_change_the_result(dims):
+@pytest.mark.parametrize("baseline", ["blur", "road"])
+def test_chunk_size_does_not_change_the_result(dims, baseline):
     x = images_for(dims, n=3, side=SIDE[dims])
     maps = quantised_maps(3, x.shape[2:], seed=0)
     perturbed_rows = 3 * 2 * 19  # fractions 0.05 .. 0.95 in both orders; fraction 0 is the unperturbed pass
     results = {}
     for batch_size in (1, 3, None):
         model = RowCounter(tiny_cnn(dims))
-        results[batch_size] = fidelity(model, x, maps=maps, baseline="blur", batch_size=batch_size)
+        results[batch_size] = fidelity(model, x, maps=maps, baseline=baseline, batch_size=batch_size)
         if batch_size is None:  # tiny inputs: auto_batch_size puts all perturbed copies into one pass
             assert model.rows[-1] == perturbed_rows
-        else:
-            assert sum(model.rows) == 3 + perturbed_rows and max(model.rows) <= batch_size
+        else:  # the unperturbed and the fully replaced images, then the copies
+            assert sum(model.rows) == 6 + perturbed_rows and max(model.rows) <= batch_size
     # Equal up to float32 rounding: a convolution's sums may run in another order for another batch size.
     for batch_size in (1, 3):
         for name in ("mif", "lif", "fidelity"):
@@ -230,7 +312,7 @@ BAD_INPUT = {
     "negative fraction": (dict(fractions=[-0.1, 0.5]), r"\[0, 1\)"),
     "decreasing fractions": (dict(fractions=[0.5, 0.2]), "strictly increasing"),
     "one fraction": (dict(fractions=[0.5]), "at least two"),
-    "unknown baseline": (dict(baseline="noise"), "unknown baseline 'noise'; choose one of zero, mean, blur"),
+    "unknown baseline": (dict(baseline="noise"), "unknown baseline 'noise'; choose one of zero, mean, blur, road"),
     "unknown score": (dict(score="logit"), "unknown score 'logit'"),
     "unknown order": (dict(order_by="positive"), "unknown order_by 'positive'"),
     "unknown method": (dict(method="nope"), "unknown saliency method 'nope'"),
@@ -254,5 +336,5 @@ def test_logit_ratio_refuses_a_non_positive_unperturbed_logit():
     """TopLeftEvidence's class-0 logit is 0: the ratio is meaningless, and the error says what to use."""
     model, x = TopLeftEvidence(), images_for(2, n=3)
     with pytest.raises(ValueError, match=r"3 image\(s\).*score='probability'"):
-        fidelity(model, x, target=0)
+        fidelity(model, x, target=0, score="logit_ratio")
     assert fidelity(model, x, target=0, score="probability").mif.shape == (3, 20)

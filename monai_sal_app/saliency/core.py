@@ -66,7 +66,9 @@ class MethodSpec:
     ``requires``: None when the method explains any classifier; otherwise (test, what it needs):
     ``test(model)`` says whether the method can explain ``model`` and the text says what it needs.
     ``explainer``: the kind of trained explainer (``monai_sal_app.explainers``) the method needs as
-    its ``explainer=`` parameter, or None.
+    its ``explainer=`` parameter, or None. ``signed``: True when a map's sign says for (positive)
+    or against (negative) the target class, so that its signed values rank the evidence
+    (``evaluation.fidelity`` ranks such maps by value, the others by magnitude).
     """
 
     name: str
@@ -78,6 +80,7 @@ class MethodSpec:
     bounds: dict[str, int | float] = field(default_factory=dict)
     passes: Callable[[dict[str, Any], tuple[int, ...]], int] | None = None
     cheaper: str = ""
+    signed: bool = False
 
     def applies_to(self, model: nn.Module) -> bool:
         return self.requires is None or bool(self.requires[0](model))
@@ -106,6 +109,7 @@ def register(
     bounds: dict[str, int | float] | None = None,
     passes: Callable[[dict[str, Any], tuple[int, ...]], int] | None = None,
     cheaper: str = "",
+    signed: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register ``fn(model, images, target, **params)`` under ``name``.
 
@@ -116,7 +120,8 @@ def register(
     a server accepts (every parameter that multiplies work or memory; ``batch_size`` is bounded for
     all methods by :data:`MAX_BATCH_SIZE`; the key ``passes`` bounds the network passes per image),
     see :func:`check_request`; ``passes(params, spatial_shape)``: network passes per image
-    (default 1), for the request's cost; ``cheaper``: how to lower it (e.g. "lower steps").
+    (default 1), for the request's cost; ``cheaper``: how to lower it (e.g. "lower steps");
+    ``signed``: the map's sign says for or against the target (:class:`MethodSpec`).
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -128,18 +133,20 @@ def register(
         }
         summary_line = summary or (fn.__doc__ or "").strip().split("\n")[0]
         limits = {**({"batch_size": MAX_BATCH_SIZE} if "batch_size" in defaults else {}), **(bounds or {})}
-        _REGISTRY[name] = MethodSpec(name, fn, defaults, summary_line, requires, explainer, limits, passes, cheaper)
+        _REGISTRY[name] = MethodSpec(
+            name, fn, defaults, summary_line, requires, explainer, limits, passes, cheaper, signed
+        )
         return fn
 
     return decorate
 
 
 def available_methods(model: nn.Module | None = None) -> dict[str, dict[str, Any]]:
-    """Name -> {"defaults": {...}, "bounds": {...}, "summary": str} for every registered method
+    """Name -> {"defaults": {...}, "bounds": {...}, "summary": str, "signed": bool} for every registered method
     (sorted by name); with ``model``, only the methods that can explain it (``wildcat`` needs a
     WILDCAT head). ``bounds``: the largest value of each parameter a server accepts."""
     return {
-        n: {"defaults": dict(s.defaults), "bounds": dict(s.bounds), "summary": s.summary}
+        n: {"defaults": dict(s.defaults), "bounds": dict(s.bounds), "summary": s.summary, "signed": s.signed}
         for n, s in sorted(_REGISTRY.items())
         if model is None or s.applies_to(model)
     }

@@ -34,7 +34,7 @@ def input_gradients(
     return torch.cat(grads)
 
 
-@register("gradient", "gradient of the target logit with respect to the input, summed over channels")
+@register("gradient", "gradient of the target logit with respect to the input, summed over channels", signed=True)
 def gradient(
     model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None
 ) -> torch.Tensor:
@@ -83,7 +83,7 @@ def summed_pass_gradients(
     return out
 
 
-@register("gradient_x_input", "input gradient times the input, summed over channels")
+@register("gradient_x_input", "input gradient times the input, summed over channels", signed=True)
 def gradient_x_input(
     model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None
 ) -> torch.Tensor:

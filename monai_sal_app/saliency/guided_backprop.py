@@ -138,7 +138,9 @@ def guided_input_gradients(
 
 
 @register(
-    "guided_backprop", "input gradient with every ReLU passing back only positive gradients (modules and functional)"
+    "guided_backprop",
+    "input gradient with every ReLU passing back only positive gradients (modules and functional)",
+    signed=True,
 )
 def guided_backprop(
     model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None

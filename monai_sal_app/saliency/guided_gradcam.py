@@ -23,7 +23,12 @@ from monai_sal_app.saliency.gradcam import _capture_layer, cam_from_gradient, up
 from monai_sal_app.saliency.guided_backprop import guided_relus, require_relu_calls
 
 
-@register("guided_gradcam", "guided backprop times Grad-CAM (upsampled to the input grid)", passes=lambda p, shape: 2)
+@register(
+    "guided_gradcam",
+    "guided backprop times Grad-CAM (upsampled to the input grid)",
+    passes=lambda p, shape: 2,
+    signed=True,
+)
 def guided_gradcam(
     model: nn.Module,
     images: torch.Tensor,

@@ -98,6 +98,7 @@ def _broadcast(values: torch.Tensor, ndim: int) -> torch.Tensor:
     bounds={"steps": 1000, "blur_sigma": 1000},
     passes=lambda p, shape: p["steps"],
     cheaper="lower steps",
+    signed=True,
 )
 def integrated_gradients(
     model: nn.Module,
@@ -138,6 +139,7 @@ def integrated_gradients(
     bounds={"n_samples": 100, "steps": 1000, "blur_sigma": 1000},
     passes=lambda p, shape: p["n_samples"] * p["steps"],
     cheaper="lower n_samples or steps",
+    signed=True,
 )
 def smoothgrad_ig(
     model: nn.Module,

@@ -89,6 +89,7 @@ def _occlusion_passes(params: dict, spatial_shape: tuple[int, ...]) -> int:
     bounds={"passes": 65536},
     passes=_occlusion_passes,
     cheaper="raise window or stride",
+    signed=True,
 )
 def occlusion(
     model: nn.Module,

@@ -54,6 +54,7 @@ def noise_levels(images: torch.Tensor, sigma: float) -> torch.Tensor:
     bounds={"n_samples": 1000},
     passes=lambda p, shape: p["n_samples"],
     cheaper="lower n_samples",
+    signed=True,
 )
 def smoothgrad(
     model: nn.Module,

@@ -26,6 +26,7 @@ def _has_wildcat_head(model: nn.Module) -> bool:
     "wildcat",
     "the WILDCAT head's class map of the target class, upsampled to the input grid (one forward pass)",
     requires=(_has_wildcat_head, "it needs a model with a WILDCAT head (monai-sal train --head wildcat)"),
+    signed=True,
 )
 def wildcat(
     model: nn.Module,
