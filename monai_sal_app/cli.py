@@ -178,6 +178,8 @@ def cmd_trust(args) -> None:
         seed=args.seed,
         device=args.device or distributed.device(),
         progress=not args.quiet,
+        train_data=args.train_manifest,
+        fidelity_replacement=args.fidelity_replacement,
     )
     if distributed.is_main():
         print(to_markdown(summary_rows(card)))
@@ -396,6 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of other checkpoints (same labels and input size) for repeatability",
     )
     p.add_argument("--max-images", type=int, default=32, help="the first N images of the data (default 32)")
+    p.add_argument(
+        "--train-manifest",
+        default=None,
+        help="the model's training manifest: localization is judged against its mean mask (else against chance)",
+    )
+    p.add_argument(
+        "--fidelity-replacement",
+        default="zero",
+        choices=("zero", "mean", "blur", "road"),
+        help="what replaces the pixels the fidelity check removes (road: noisy linear imputation; default zero)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True, help="report folder (trust.md, trust.json, figures/)")

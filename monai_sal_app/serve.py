@@ -199,15 +199,16 @@ def _prepare_model(
 ) -> None:
     """Data, datastore studies and checkpoint of one default model (see :func:`prepare`)."""
     from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.evaluation.trust import trust_card_path
+    from monai_sal_app.evaluation.trust import read_trust_card, trust_card_path
     from monai_sal_app.experiments.trust_report import run_trust
 
     def log(message: str) -> None:
         print(f"{name}: {message}", flush=True)
 
     folder = workdir / "data" / f"{spec.generator}_{spec.dim}d"
-    generate_recipe_data(spec, folder, per_class, test_per_class, seed, progress=progress, log=log)
-    test_manifest = folder / "test" / "manifest.csv"
+    train_manifest, test_manifest = generate_recipe_data(
+        spec, folder, per_class, test_per_class, seed, progress=progress, log=log
+    )
     _copy_studies(name, read_manifest(test_manifest), studies)
 
     checkpoint = model_dir / f"{name}.pt"
@@ -215,11 +216,17 @@ def _prepare_model(
         log(f"using {checkpoint}")
     else:
         train_recipe(spec, folder, checkpoint, epochs=epochs, seed=seed, device=device, progress=progress, log=log)
-    if retrain or not trust_card_path(checkpoint).is_file():
+    try:
+        current = read_trust_card(checkpoint) is not None
+    except ValueError as error:  # corrupt, or of another schema version: recomputed, never read
+        log(f"recomputing the trust card: {error}")
+        current = False
+    if retrain or not current:
         log(f"trust card on {TRUST_IMAGES} held-out test images -> {trust_card_path(checkpoint)}")
         run_trust(
-            checkpoint, test_manifest, workdir / "trust" / name, max_images=TRUST_IMAGES, seed=seed, device=device
-        )
+            checkpoint, test_manifest, workdir / "trust" / name, max_images=TRUST_IMAGES, seed=seed, device=device,
+            train_data=train_manifest,
+        )  # fmt: skip
 
 
 def _copy_studies(name: str, items: list[dict], studies: Path) -> None:

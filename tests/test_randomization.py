@@ -14,10 +14,12 @@ from torch import nn
 from monai_sal_app import explain
 from monai_sal_app.data.shepp_logan import shepp_logan_phantom
 from monai_sal_app.evaluation.randomization import (
+    judged_states,
     model_randomization,
     randomization_blocks,
     randomized_models,
     reinitialise_block,
+    retention_verdict,
 )
 from monai_sal_app.models.factory import ARCHITECTURES, build_classifier
 from monai_sal_app.models.train import train_classifier
@@ -82,14 +84,21 @@ def perturbed(model: nn.Module) -> nn.Module:
     return model
 
 
-def changed_blocks(model: nn.Module, network: nn.Module, blocks: list[str]) -> list[str]:
-    """The blocks in which every float tensor differs from ``model``'s; fails if a block is only
-    partly changed or a tensor outside the blocks changed."""
+STATISTICS = ("running_mean", "running_var")  # batch-norm buffers, kept as trained unless reset
+
+
+def changed_blocks(
+    model: nn.Module, network: nn.Module, blocks: list[str], statistics_reset: bool = False
+) -> list[str]:
+    """The blocks in which every float tensor (batch-norm running statistics only when
+    ``statistics_reset``) differs from ``model``'s; fails if a block is only partly changed or a
+    tensor outside the blocks changed (the running statistics included)."""
     before, after = model.state_dict(), network.state_dict()
     changed = {key for key, value in before.items() if value.is_floating_point() and not torch.equal(value, after[key])}
+    counted = {key for key in before if statistics_reset or not key.endswith(STATISTICS)}
     result = []
     for block in blocks:
-        keys = {key for key in before if key.startswith(block + ".") and before[key].is_floating_point()}
+        keys = {key for key in counted if key.startswith(block + ".") and before[key].is_floating_point()}
         assert keys <= changed or not keys & changed, f"block {block} only partly re-initialised"
         if keys <= changed:
             result.append(block)
@@ -98,24 +107,28 @@ def changed_blocks(model: nn.Module, network: nn.Module, blocks: list[str]) -> l
     return result
 
 
-def test_cascading_states_are_cumulative_and_independent_ones_single():
+@pytest.mark.parametrize("reset", [False, True], ids=["statistics_kept", "statistics_reset"])
+def test_cascading_states_are_cumulative_and_independent_ones_single(reset):
     model = perturbed(tiny_resnet(2))
     cascading = {}
-    for k, (name, network) in enumerate(randomized_models(model, mode="cascading", seed=3)):
+    for k, (name, network) in enumerate(randomized_models(model, mode="cascading", seed=3, reset_batch_norm=reset)):
         assert name == RESNET_BLOCKS[k]
-        assert changed_blocks(model, network, RESNET_BLOCKS) == RESNET_BLOCKS[: k + 1]
+        assert changed_blocks(model, network, RESNET_BLOCKS, reset) == RESNET_BLOCKS[: k + 1]
         cascading[name] = {key: v.clone() for key, v in network.get_submodule(name).state_dict().items()}
-    for k, (name, network) in enumerate(randomized_models(model, mode="independent", seed=3)):
-        assert changed_blocks(model, network, RESNET_BLOCKS) == [RESNET_BLOCKS[k]]
+    for k, (name, network) in enumerate(randomized_models(model, mode="independent", seed=3, reset_batch_norm=reset)):
+        assert changed_blocks(model, network, RESNET_BLOCKS, reset) == [RESNET_BLOCKS[k]]
         for key, value in network.get_submodule(name).state_dict().items():
             torch.testing.assert_close(value, cascading[name][key], rtol=0, atol=0)  # same draws in both modes
 
 
-def test_reinitialisation_resets_batch_norm_and_redraws_convolutions():
+def test_reinitialisation_keeps_batch_norm_statistics_unless_reset_and_redraws_convolutions():
     model = perturbed(tiny_resnet(2))
     _, network = next(iter(randomized_models(model, blocks=["bn1", "conv1"])))
     bn = network.bn1
     assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    assert torch.equal(bn.running_mean, model.bn1.running_mean) and torch.equal(bn.running_var, model.bn1.running_var)
+    _, network = next(iter(randomized_models(model, blocks=["bn1", "conv1"], reset_batch_norm=True)))
+    bn = network.bn1
     assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
     assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
     assert torch.equal(network.conv1.weight, model.conv1.weight)  # the second state, not yet reached
@@ -164,15 +177,14 @@ def test_reproducible_from_seed_and_given_original_maps_used():
 
 def test_postprocess_steps_apply_to_every_map_and_are_checked_first():
     model, images = tiny_resnet(2), images_for(2, n=4)
-    of_abs = model_randomization(
-        model, images, "gradient", seed=4, metrics=["spearman_abs"], verdict_metric="spearman_abs"
-    )
+    of_abs = model_randomization(model, images, "gradient", seed=4, metrics=["spearman_abs"])
     maps = explain(model, images, "gradient", target=of_abs.target)
     abs_first = model_randomization(
         model, images, "gradient", seed=4, metrics=ONE_METRIC, original_maps=maps, postprocess_steps=("abs",)
     )
     np.testing.assert_array_equal(abs_first.similarity["spearman"], of_abs.similarity["spearman_abs"])
     assert abs_first.baseline["spearman"]["mean"] == of_abs.baseline["spearman_abs"]["mean"]
+    assert abs_first.retention == of_abs.retention  # the verdict compares |map| either way
     with pytest.raises(ValueError, match="unknown post-processing step 'smooth'"):
         model_randomization(model, images, "gradient", metrics=ONE_METRIC, postprocess_steps=("abs", "smooth"))
     with pytest.raises(TypeError, match="sequence of names"):
@@ -220,25 +232,43 @@ def trained_resnet():
     return model, test_x
 
 
-def test_known_result_gradient_and_gradcam_pass_guided_backprop_fails(trained_resnet):
-    """Adebayo et al. 2018: under cascading randomization the gradient's and Grad-CAM's maps fall to
-    the random-pair baseline, guided backprop's stay above it. Read in signed Spearman: on these
-    aligned heads the |map| of any edge-like map ranks the head above the background, which lifts
-    guided backprop's random-pair baseline in ``spearman_abs`` to its curve (see METHODS.md)."""
+def test_known_result_gradient_depends_on_the_model_guided_backprop_does_not(trained_resnet):
+    """Adebayo et al. 2018: under cascading randomization the gradient's map keeps nothing of the
+    trained one, guided backprop's keeps much of it (blind to the top blocks, and keeping the image's
+    own structure lower down). Grad-CAM's maps of this model go blank once layer3 is random (with
+    the trained batch-norm statistics): a blank map shows nothing, so it is counted, never scored
+    as changed, and the answer is "unclear"."""
     model, images = trained_resnet
     results = {
-        method: model_randomization(model, images, method)  # the default verdict metric: signed Spearman
-        for method in ("gradient", "gradcam", "guided_backprop")
+        method: model_randomization(model, images, method) for method in ("gradient", "gradcam", "guided_backprop")
     }
     for method, result in results.items():
         assert result.states == RESNET_BLOCKS
+        assert result.judged_states == RESNET_BLOCKS[3:]  # at least 4 of the 7 blocks random
         assert result.similarity["spearman"].shape == (len(RESNET_BLOCKS), len(images))
         assert all(np.isfinite(result.curve[m]).all() for m in result.metrics), method
         json.dumps(result.to_dict(), allow_nan=False)
-    assert results["gradient"].verdict == "passes"
-    assert results["gradcam"].verdict == "passes"
-    assert results["guided_backprop"].verdict == "fails"
-    assert results["guided_backprop"].curve["spearman"][0] > 0.9  # blind to the logit layer
+    assert results["gradient"].verdict == "yes", results["gradient"].reason
+    assert results["guided_backprop"].verdict == "no", results["guided_backprop"].reason
+    assert results["guided_backprop"].retention["per_state"][0] > 0.9  # blind to the logit layer
+    gradcam = results["gradcam"]
+    assert gradcam.verdict == "unclear" and "blank" in gradcam.reason and gradcam.blank_share > 0.1
+
+
+def test_the_verdict_needs_enough_images_per_class_and_reads_the_ci():
+    interval = {"mean": 0.02, "ci_low": 0.01, "ci_high": 0.03, "n": 12}
+    assert retention_verdict(interval, {"0": 6, "1": 6}, 0.0, "low", "high") == (
+        "yes",
+        "retention share 0.02 [95% CI 0.01, 0.03] over 12 images, below 0.1: low",
+    )
+    assert retention_verdict({**interval, "ci_low": 0.2, "ci_high": 0.3}, {"0": 12}, 0.0, "low", "high")[0] == "no"
+    assert retention_verdict({**interval, "ci_high": 0.2}, {"0": 12}, 0.0, "low", "high")[0] == "unclear"
+    verdict, reason = retention_verdict(interval, {"0": 7, "1": 5}, 0.0, "low", "high")
+    assert verdict == "unclear" and "class 1: 5" in reason
+    verdict, reason = retention_verdict(interval, {"0": 12}, 0.11, "low", "high")
+    assert verdict == "unclear" and "11% of the judged maps are blank" in reason
+    assert judged_states(8, "cascading") == [3, 4, 5, 6, 7] and judged_states(7, "cascading") == [3, 4, 5, 6]
+    assert judged_states(2, "cascading") == [0, 1] and judged_states(5, "independent") == [0, 1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------- constant maps, bad input
@@ -257,13 +287,15 @@ class ConstantGradient(nn.Module):
         return self.fc(0 * self.conv(x).mean((2, 3)))
 
 
-def test_constant_maps_score_zero_and_are_flagged():
-    images = images_for(2, n=4)
-    result = model_randomization(ConstantGradient(), images, "gradient", n_pairs=10)
-    assert result.constant_maps == {"original": 4, "fc": 4, "conv": 4}
+def test_blank_maps_are_counted_never_scored_and_make_the_answer_unclear():
+    images = images_for(2, n=8)
+    result = model_randomization(ConstantGradient(), images, "gradient", n_pairs=10, target=[0] * 8)
+    assert result.blank_maps == {"original": 8, "fc": 8, "conv": 8}
     for metric in result.metrics:
         np.testing.assert_array_equal(result.similarity[metric], 0.0)
         assert result.baseline[metric]["mean"] == 0.0
+    assert result.retention["n"] == 0 and all(v is None for v in result.retention["per_image"])
+    assert result.verdict == "unclear" and result.blank_share == 1.0
     json.dumps(result.to_dict(), allow_nan=False)
 
 
@@ -290,10 +322,9 @@ def test_bad_input_errors():
         ({"blocks": ["fc", "act"]}, "holds no parameters"),
         ({"mode": "sideways"}, "mode must be one of"),
         ({"metrics": ("spearman", "nope")}, "unknown similarity metric"),
-        ({"metrics": ("spearman_abs",)}, "verdict_metric 'spearman' is not one of"),
+        ({"display": "colour"}, "display must be one of"),
         ({"images": images_for(2, n=4, side=12)}, "metric 'hog_spearman' cannot compare maps of \\(12, 12\\)"),
         ({"n_pairs": 1}, "n_pairs must be an integer >= 2"),
-        ({"margin": float("nan")}, "margin must be a finite number"),
         ({"method": "nope"}, "unknown saliency method"),
         ({"params": {"steps": 3}}, "unknown parameter"),
         ({"original_maps": torch.zeros(4, 1, 16, 16)}, "original_maps must be"),

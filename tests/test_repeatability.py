@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import images_for, tiny_cnn
+from sklearn.metrics import cohen_kappa_score
 
-from monai_sal_app.evaluation.repeatability import label_randomization, map_agreement, permuted_labels
+from monai_sal_app.evaluation.repeatability import (
+    comparable_models,
+    label_randomization,
+    map_agreement,
+    permuted_labels,
+)
 from monai_sal_app.metrics.similarity import similarity
 from monai_sal_app.saliency import explain
 
@@ -30,12 +36,14 @@ def models_and_images():
     return reference, images_for(2, n=6, side=32, seed=3)
 
 
-def test_an_identical_model_agrees_and_a_different_one_does_not(models_and_images):
+def test_an_identical_model_comes_back_and_the_curves_are_the_metrics(models_and_images):
     reference, images = models_and_images
-    same = map_agreement({"reference": reference, "copy": copy.deepcopy(reference)}, images, "gradient")
-    assert same.verdict == "passes" and same.others == ["copy"]
+    labels = [0, 1, 2, 0, 1, 2]
+    same = map_agreement({"reference": reference, "copy": copy.deepcopy(reference)}, images, "gradient", labels=labels)
+    assert same.verdict == "yes" and same.others == ["copy"], same.reason
+    assert same.models["copy"]["assessable"] and same.models["copy"]["kappa"] == 1.0
+    assert same.retention["ci_low"] == pytest.approx(1.0)
     np.testing.assert_allclose(same.similarity["ssim"], 1.0)
-    assert same.statistic["ssim"] > same.baseline["ssim"]["ci_high"]
 
     other = reseeded(reference, seed=11)
     result = map_agreement([reference, other], images, "gradient", metrics=("spearman_abs", "ssim"))
@@ -45,8 +53,27 @@ def test_an_identical_model_agrees_and_a_different_one_does_not(models_and_image
         "spearman_abs",
     )
     np.testing.assert_allclose(result.similarity["spearman_abs"][0], expected)
-    assert result.verdict_metric == "spearman_abs" and result.verdict in ("passes", "fails")
     assert result.to_dict()["baseline"]["ssim"]["n_pairs"] == 50
+
+
+def test_models_that_do_not_classify_alike_are_not_assessable(models_and_images):
+    _, images = models_and_images
+    reference = tiny_cnn(2, num_classes=2).eval()
+    probabilities = torch.softmax(reference(images), 1).detach().numpy()
+    labels = (probabilities[:, 1] > np.median(probabilities[:, 1])).astype(int)  # the reference's ROC AUC is 1
+    no_labels = map_agreement([reference, copy.deepcopy(reference)], images, "gradient")
+    assert no_labels.verdict == "not assessable" and "no true labels" in no_labels.reason
+    flipped = copy.deepcopy(reference)
+    with torch.no_grad():
+        flipped[-1].weight.neg_()
+        flipped[-1].bias.neg_()
+    result = map_agreement([reference, flipped], images, "gradient", labels=labels)
+    assert result.verdict == "not assessable" and "do not classify equally well" in result.reason
+    swapped = probabilities[:, ::-1].copy()
+    swapped[:2] = probabilities[:2]  # agree on two images, disagree on the others
+    check = comparable_models(probabilities, swapped, None)
+    assert not check["assessable"] and check["alike"].tolist() == [True, True, False, False, False, False]
+    assert check["kappa"] == pytest.approx(cohen_kappa_score(probabilities.argmax(1), swapped.argmax(1)))
 
 
 def explain_target(model, images):
@@ -70,10 +97,14 @@ def test_every_model_explains_the_reference_models_class(models_and_images):
     np.testing.assert_allclose(result.similarity["pearson"][0], expected)
 
 
-def test_expect_different_reverses_the_verdict(models_and_images):
-    reference, images = models_and_images
+def test_label_randomization_is_judged_as_model_randomization(models_and_images):
+    reference, _ = models_and_images
+    images = images_for(2, n=12, side=32, seed=4)
     copies = {"reference": reference, "copy": copy.deepcopy(reference)}
-    assert map_agreement(copies, images, "gradient", expect="different").verdict == "fails"
+    same = map_agreement(copies, images, "gradient", target=0, expect="different")
+    assert same.verdict == "no" and "draws the same picture" in same.reason
+    few = map_agreement(copies, images[:5], "gradient", target=0, expect="different")
+    assert few.verdict == "unclear" and "too few images" in few.reason
 
 
 def test_label_randomization_retrains_on_a_seeded_permutation(models_and_images):
@@ -127,7 +158,9 @@ def test_bad_input_gives_clear_errors(models_and_images):
         map_agreement([reference, reference], images[:1])
     with pytest.raises(ValueError, match="expect"):
         map_agreement([reference, reference], images, expect="same")
-    with pytest.raises(ValueError, match="verdict_metric"):
-        map_agreement([reference, reference], images, metrics=("ssim",), verdict_metric="pearson")
+    with pytest.raises(ValueError, match="display"):
+        map_agreement([reference, reference], images, display="colour")
+    with pytest.raises(ValueError, match="2 labels for 6 images"):
+        map_agreement([reference, reference], images, labels=[0, 1])
     with pytest.raises(ValueError, match="two classes"):
         label_randomization(lambda labels: reference, reference, torch.zeros(5), images)

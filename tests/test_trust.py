@@ -11,10 +11,15 @@ import torch
 from conftest import images_for, tiny_resnet
 
 from monai_sal_app.evaluation.trust import (
+    MINIMUM,
+    QUESTIONS,
+    SCHEMA_VERSION,
+    OutdatedTrustCard,
     TrustCardError,
     read_trust_card,
     trust_card,
     trust_card_path,
+    trust_summary,
     write_trust_card,
 )
 
@@ -27,35 +32,86 @@ def setup():
     return model, images, masks
 
 
-def test_card_holds_every_check_per_method_and_is_json(setup):
+def test_card_holds_every_check_per_method_in_words_and_is_json(setup):
     model, images, masks = setup
     card = trust_card(model, images, masks=masks, methods=["gradient", "gradcam"], data={"source": "test"})
     json.dumps(card, allow_nan=False)
+    assert card["schema"] == SCHEMA_VERSION and card["reading"] == MINIMUM
     assert set(card["methods"]) == {"gradient", "gradcam"}
     assert card["data"] == {"n_images": 6, "image_shape": [1, 32, 32], "n_masks": 5, "source": "test"}
-    for entry in card["methods"].values():
+    assert card["settings"]["fidelity_replacement"] == "zero" and card["settings"]["fidelity_score"] == "margin"
+    assert card["settings"]["batch_norm_statistics"] == "kept as trained"
+    for method, entry in card["methods"].items():
         assert set(entry["verdicts"]) == {"randomization", "fidelity", "localization"}
-        assert entry["randomization"]["verdict"] in ("passes", "fails")
         assert entry["randomization"]["states"][0] == "fc"
-        assert entry["fidelity"]["verdict"] in ("tracks the model", "does not track the model")
+        assert entry["fidelity"]["order_by"] == ("signed" if method == "gradient" else "abs")
         assert entry["localization"]["roc_auc"]["n"] == 5
         assert entry["seconds_per_map"] > 0
+        for check, answer in entry["checks"].items():
+            assert answer["question"] == (
+                "Localizes better than chance" if check == "localization" else QUESTIONS[check]
+            )
+            assert answer["answer"] == entry["verdicts"][check] in ("yes", "no", "unclear")
+            assert answer["meaning"] and answer["why"]
+        # 6 images of at most 2 classes here: fewer than 6 per class unless all are one class
+        classes = entry["randomization"]["classes"]
+        if min(classes.values()) < 6:
+            assert entry["verdicts"]["randomization"] == "unclear"
+    lines = trust_summary(card, "gradient")["lines"]
+    assert [line.split(":")[0] for line in lines] == [
+        "Depends on what the model learned",
+        "Tracks what the model uses",
+        "Localizes better than chance",
+    ]
+    assert all(("minimum requirement" in line) == (": yes (" in line) for line in lines)
+    assert not any(word in " ".join(lines) for word in ("pass", "fail"))
 
 
 def test_checks_can_be_chosen_and_repeatability_compares_models(setup):
     model, images, _ = setup
+    labels = [0, 1, 0, 1, 0, 1]
     card = trust_card(
+        model, images, labels=labels, methods=["gradient"], checks=["repeatability"],
+        compare_with={"copy": copy.deepcopy(model)},
+    )  # fmt: skip
+    entry = card["methods"]["gradient"]
+    assert set(entry) == {"repeatability", "checks", "verdicts", "seconds_per_map"}
+    assert entry["repeatability"]["others"] == ["copy"] and entry["verdicts"]["repeatability"] == "yes"
+    assert entry["checks"]["repeatability"]["question"] == "Comes back from another training run"
+    unlabelled = trust_card(
         model, images, methods=["gradient"], checks=["repeatability"], compare_with={"copy": copy.deepcopy(model)}
     )
-    entry = card["methods"]["gradient"]
-    assert set(entry) == {"repeatability", "verdicts", "seconds_per_map"}
-    assert entry["repeatability"]["others"] == ["copy"] and entry["verdicts"]["repeatability"] == "passes"
+    assert unlabelled["methods"]["gradient"]["verdicts"]["repeatability"] == "not assessable"
 
 
 def test_localization_without_masks_says_so(setup):
     model, images, _ = setup
     card = trust_card(model, images, methods=["gradient"], checks=["localization"])
     assert card["methods"]["gradient"]["localization"] == {"available": False, "why": "no masks given"}
+    assert card["methods"]["gradient"]["verdicts"] == {}
+
+
+def test_masks_in_monai_channel_first_shape_are_accepted(setup):
+    model, images, masks = setup
+    plain = trust_card(model, images, masks=masks, methods=["gradient"], checks=["localization"])
+    channel_first = [None if m is None else m[None] for m in masks]
+    card = trust_card(model, images, masks=channel_first, methods=["gradient"], checks=["localization"])
+    assert card["methods"]["gradient"]["localization"] == plain["methods"]["gradient"]["localization"]
+    prior = np.mean([m for m in masks if m is not None], axis=0)
+    judged = trust_card(
+        model, images, masks=masks, mask_prior=prior[None], methods=["gradient"], checks=["localization"]
+    )
+    localization = judged["methods"]["gradient"]["localization"]
+    assert localization["reference"] == "mean training mask" and localization["reference_roc_auc"]["n"] == 5
+
+
+def test_a_card_of_another_schema_is_never_read_as_this_one(tmp_path, setup):
+    model, images, _ = setup
+    card = trust_card(model, images, methods=["gradient"], checks=["fidelity"])
+    old = {key: value for key, value in card.items() if key != "schema"}  # the first cards had no schema
+    (tmp_path / "chest.trust.json").write_text(json.dumps(old))
+    with pytest.raises(OutdatedTrustCard, match="schema 1, this monai-sal reads schema 2: recompute it"):
+        read_trust_card(tmp_path / "chest.pt")
 
 
 def test_no_trace_on_the_users_model(setup):
@@ -93,6 +149,8 @@ def test_written_atomically_beside_the_checkpoint_and_read_back(tmp_path, setup)
         ({"checks": ["sanity"]}, "checks must be drawn from"),
         ({"checks": ["repeatability"]}, "needs other models"),
         ({"masks": "small"}, "on the images' grid"),
+        ({"mask_prior": np.zeros((16, 16))}, "mask_prior has shape"),
+        ({"fidelity_replacement": "noise"}, "unknown fidelity replacement 'noise'"),
         ({"labels": [0, 1]}, "2 labels for 6 images"),
     ],
 )
@@ -164,4 +222,4 @@ def test_an_untrained_model_localizes_at_chance_where_the_mask_is_not_in_the_ima
     for entry in card["methods"].values():
         roc = entry["localization"]["roc_auc"]
         assert roc["ci_low"] <= 0.5 <= roc["ci_high"] and abs(roc["mean"] - 0.5) < 0.1
-        assert entry["localization"]["verdict"] == "not better than chance"
+        assert entry["localization"]["verdict"] == "unclear"  # the CI of the gain over chance includes 0

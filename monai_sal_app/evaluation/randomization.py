@@ -1,24 +1,28 @@
-"""Model randomization: does a saliency map depend on the model's weights? (Adebayo et al. 2018.)
+"""Model randomization: does a saliency map depend on what the model learned? (Adebayo et al. 2018.)
 
 The trained model's maps are compared with the maps of the same model with some of its blocks
-re-initialised, image by image, with the similarity metrics of :mod:`monai_sal_app.metrics.similarity`:
+re-initialised, image by image:
 
 - **cascading**: the blocks are re-initialised from the logits down, one more at each state and
   cumulatively (state k has blocks 0..k random);
 - **independent**: one block at a time, every other block keeps its trained weights.
 
 A method whose maps stay like the trained model's while its weights are destroyed explains the
-image, not the model. The similarity is read against the random-pair baseline of the trained
-model's maps (the similarity of the maps of two different images): the method **fails** when the
-mean similarity over the randomized states (the area under the curve divided by the number of
-states) lies above the baseline's 95% CI plus a margin, and **passes** otherwise. The mean over all
-states rather than the last state: guided backprop's maps only near the baseline once every block
-is random, which a rule on the last state alone would not see.
+image, not the model. The verdict rests on the **retention share**
+(``metrics.similarity.RetentionReference``): per image, how much of the trained map's
+image-specific part the randomized map keeps, with maps compared as the viewer shows them (|map|
+by default) by Spearman correlation; 1 when nothing changed, about 0 when nothing image-specific
+is left. It is averaged over the judged states (cascading: those with at least half of the blocks
+random, the fully random one included; independent: every state), with a bootstrap 95% CI over
+images, and read as "depends on what the model learned": yes (the CI lies below
+:data:`RETENTION_CUT`), no (above it) or unclear (the CI spans it, a class with fewer than :data:`MIN_IMAGES_PER_CLASS` images, or more than :data:`MAX_BLANK_SHARE` of
+the judged maps blank). Signed Spearman, SSIM and HOG similarities stay as curves beside it.
 
 The user's model is deep-copied once and never changed; the targets are the trained model's
-predicted classes (or the given ones), kept fixed for every state.
+predicted classes (or the given ones), kept fixed for every state. Batch-norm running statistics
+keep their trained values unless ``reset_batch_norm=True`` (Adebayo et al.'s code keeps them).
 
-Definitions (blocks, re-initialisation, verdict): docs/METHODS.md#model-randomization.
+Definitions (blocks, re-initialisation, retention share, thresholds): docs/METHODS.md#model-randomization.
 Reference: J. Adebayo, J. Gilmer, M. Muelly, I. Goodfellow, M. Hardt, B. Kim, "Sanity Checks for
 Saliency Maps", NeurIPS, 2018.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -36,27 +41,38 @@ import torch
 from torch import nn
 
 from monai_sal_app.metrics.similarity import (
+    DISPLAYS,
     SIMILARITY_METRICS,
-    constant_maps,
+    RetentionReference,
     random_pair_baseline,
     ranks,
     similarity,
 )
+from monai_sal_app.metrics.stats import bootstrap_ci
 from monai_sal_app.saliency.core import explain, get_method, model_device, model_guard, resolve_target, validate_images
 from monai_sal_app.saliency.postprocess import checked_steps, postprocess
 
 __all__ = [
     "DEFAULT_METRICS",
+    "MAX_BLANK_SHARE",
+    "MIN_IMAGES_PER_CLASS",
     "MODES",
+    "RETENTION_CUT",
     "RandomizationResult",
+    "judged_states",
     "model_randomization",
     "randomization_blocks",
     "randomized_models",
     "reinitialise_block",
+    "retention_verdict",
 ]
 
 MODES = ("cascading", "independent")
 DEFAULT_METRICS = ("spearman_abs", "spearman", "ssim", "hog_spearman")
+# The verdict's rules: calibrated on cases with known answers (docs/METHODS.md#model-randomization).
+RETENTION_CUT = 0.1  # "yes" when the retention share's CI lies entirely below this, "no" when entirely above
+MIN_IMAGES_PER_CLASS = 6  # fewer images explained for a class: "unclear"
+MAX_BLANK_SHARE = 0.10  # more of the judged maps blank (constant): "unclear"
 
 
 def _holds_parameters(module: nn.Module) -> bool:
@@ -114,13 +130,14 @@ def _checked_blocks(model: nn.Module, blocks: Sequence[str]) -> list[str]:
     return blocks
 
 
-def reinitialise_block(block: nn.Module, seed: int, name: str = "block") -> None:
+def reinitialise_block(block: nn.Module, seed: int, name: str = "block", reset_batch_norm: bool = False) -> None:
     """Re-initialise ``block`` in place with its layers' own ``reset_parameters()``.
 
     Every submodule holding parameters of its own is reset (convolution and linear weights and
-    biases to PyTorch's default draws, batch norm weights to 1, biases to 0 and running statistics
-    to mean 0, variance 1), as is a submodule holding only buffers that has ``reset_parameters``
-    (the running statistics of a batch norm without affine parameters). The draws come from the
+    biases to PyTorch's default draws, batch norm weights to 1 and biases to 0). Batch-norm running
+    statistics keep their trained values, as in Adebayo et al.'s code, unless ``reset_batch_norm``
+    (then mean 0, variance 1, as is a submodule holding only buffers that has
+    ``reset_parameters``, such as a batch norm without affine parameters). The draws come from the
     global RNG seeded with ``seed`` inside ``torch.random.fork_rng``, so the caller's RNG state
     (CPU, and CUDA on the block's device) is left as it was. A submodule with parameters of its
     own but no ``reset_parameters`` raises ``ValueError`` (it cannot be randomized faithfully).
@@ -135,33 +152,46 @@ def reinitialise_block(block: nn.Module, seed: int, name: str = "block") -> None
                 f"{where} ({type(module).__name__}) holds parameters but has no reset_parameters(): "
                 "cannot re-initialise it; pass blocks= without it"
             )
-        if resettable and (own_parameters or next(module.buffers(recurse=False), None) is not None):
+        if resettable and (
+            own_parameters or (reset_batch_norm and next(module.buffers(recurse=False), None) is not None)
+        ):
             to_reset.append(module)
+    statistics = [] if reset_batch_norm else [m for m in to_reset if isinstance(m, nn.modules.batchnorm._NormBase)]
+    kept = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in statistics]
     devices = sorted({p.device for p in block.parameters() if p.device.type == "cuda"}, key=str)
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         for module in to_reset:
             module.reset_parameters()
+        for module, buffers in zip(statistics, kept):
+            for key, value in buffers.items():
+                getattr(module, key).copy_(value)
 
 
 def _resolve_blocks(model: nn.Module, blocks: Sequence[str] | None) -> list[str]:
     return randomization_blocks(model) if blocks is None else _checked_blocks(model, blocks)
 
 
-def _randomize_in_place(network: nn.Module, blocks: list[str], mode: str, seed: int) -> Iterator[tuple[str, nn.Module]]:
+def _randomize_in_place(
+    network: nn.Module, blocks: list[str], mode: str, seed: int, reset_batch_norm: bool
+) -> Iterator[tuple[str, nn.Module]]:
     """The states of :func:`randomized_models`, made by changing ``network`` itself."""
     block_seeds = torch.randint(0, 2**62, (len(blocks),), generator=torch.Generator().manual_seed(seed)).tolist()
     for name, block_seed in zip(blocks, block_seeds):
         block = network.get_submodule(name)
         trained = None if mode == "cascading" else {k: v.clone() for k, v in block.state_dict().items()}
-        reinitialise_block(block, block_seed, name)
+        reinitialise_block(block, block_seed, name, reset_batch_norm)
         yield name, network
         if trained is not None:
             block.load_state_dict(trained)
 
 
 def randomized_models(
-    model: nn.Module, blocks: Sequence[str] | None = None, mode: str = "cascading", seed: int = 0
+    model: nn.Module,
+    blocks: Sequence[str] | None = None,
+    mode: str = "cascading",
+    seed: int = 0,
+    reset_batch_norm: bool = False,
 ) -> Iterator[tuple[str, nn.Module]]:
     """Yield ``(block name, network)`` for each randomized state of ``model``, logits first.
 
@@ -169,14 +199,69 @@ def randomized_models(
     before asking for the next state; ``model`` itself is never changed. In "cascading" mode state
     k has blocks 0..k re-initialised, in "independent" mode block k only, the others trained.
     Block k is re-initialised by :func:`reinitialise_block` with the k-th of ``len(blocks)`` seeds
-    drawn from a generator seeded with ``seed``, so its random weights are the same in both modes.
+    drawn from a generator seeded with ``seed``, so its random weights are the same in both modes;
+    batch-norm running statistics stay as trained unless ``reset_batch_norm``.
     ``blocks``: module names, logits first; default :func:`randomization_blocks`. The arguments
     are checked at the call, the copy is made when the first state is asked for.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     blocks = _resolve_blocks(model, blocks)
-    return _randomize_in_place(copy.deepcopy(model), blocks, mode, seed)
+    return _randomize_in_place(copy.deepcopy(model), blocks, mode, seed, reset_batch_norm)
+
+
+def judged_states(n_states: int, mode: str) -> list[int]:
+    """Indices of the states the verdict is judged on: in cascading mode those with at least half
+    of the ``n_states`` blocks random (state k has k + 1), which always includes the last, fully
+    random one; in independent mode every state (each randomizes one block)."""
+    if mode == "independent":
+        return list(range(n_states))
+    return [k for k in range(n_states) if 2 * (k + 1) >= n_states]
+
+
+def _interval(values, seed: int, n_resamples: int) -> dict:
+    mean, low, high = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
+    finite = np.asarray([v for v in np.ravel(values) if v is not None and np.isfinite(v)])
+    return {"mean": _finite(mean), "ci_low": _finite(low), "ci_high": _finite(high), "n": int(finite.size)}
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _class_counts(classes) -> dict[str, int]:
+    values, counts = np.unique(np.asarray(classes).reshape(-1), return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(values, counts)}
+
+
+def retention_verdict(
+    interval: dict, class_counts: dict[str, int], blank_share: float, low_means: str, high_means: str
+) -> tuple[str, str]:
+    """``(verdict, reason)`` of a retention share's ``interval`` ({"mean", "ci_low", "ci_high",
+    "n"}): "yes" when its CI lies below :data:`RETENTION_CUT`, "no" when above it, "unclear"
+    when it spans it, or when a class in ``class_counts`` has fewer
+    than :data:`MIN_IMAGES_PER_CLASS` images, or when ``blank_share`` of the judged maps (in [0, 1])
+    is above :data:`MAX_BLANK_SHARE`. ``low_means``/``high_means``: what a low / high share says,
+    for the reason."""
+    few = {c: n for c, n in class_counts.items() if n < MIN_IMAGES_PER_CLASS}
+    if few:
+        listed = ", ".join(f"class {c}: {n}" for c, n in few.items())
+        return "unclear", f"too few images explained per class to judge ({listed}; {MIN_IMAGES_PER_CLASS} needed)"
+    if blank_share > MAX_BLANK_SHARE:
+        return "unclear", (
+            f"{blank_share:.0%} of the judged maps are blank (more than {MAX_BLANK_SHARE:.0%}): a blank map "
+            "shows nothing, so it is not counted as changed"
+        )
+    mean, low, high = interval["mean"], interval["ci_low"], interval["ci_high"]
+    if low is None or high is None:
+        return "unclear", f"the retention share rests on {interval['n']} image(s): no confidence interval"
+    shown = f"retention share {mean:.2f} [95% CI {low:.2f}, {high:.2f}] over {interval['n']} images"
+    if high < RETENTION_CUT:
+        return "yes", f"{shown}, below {RETENTION_CUT}: {low_means}"
+    if low > RETENTION_CUT:
+        return "no", f"{shown}, above {RETENTION_CUT}: {high_means}"
+    return "unclear", f"{shown}: its CI spans {RETENTION_CUT}"
 
 
 @dataclass
@@ -185,50 +270,61 @@ class RandomizationResult:
 
     ``similarity[m]`` (S, N): metric ``m`` between each state's map and the trained model's, per
     image; ``curve[m]`` (S,): its mean over images; ``baseline[m]``: ``random_pair_baseline`` of
-    the trained model's maps; ``statistic[m]``: the mean of ``curve[m]`` over the S states;
-    ``verdict``: "fails" when ``statistic[verdict_metric] > baseline[verdict_metric]["ci_high"] +
-    margin``, else "passes". ``constant_maps``: number of constant maps (scored 0) by state name,
-    "original" for the trained model, only where there are any (trained maps that are all constant
-    give a baseline of 0 and "passes", a verdict that says nothing about the method). ``target``: the class explained
-    per image (N,). ``seconds``: wall time of the call; ``seconds_per_map``: time spent in
-    ``explain`` per map it returned.
+    the trained model's maps, pairs of images explained for the same class (curves only).
+    ``retention``: ``{"per_state" (S,) mean over images, "per_image" (N,) mean over the judged
+    states, "mean", "ci_low", "ci_high" (bootstrap 95% CI over images), "n"}``, NaN as None;
+    ``judged_states``: the state names the verdict is judged on; ``verdict``: "yes" / "no" /
+    "unclear" ("depends on what the model learned"), ``reason`` in words. ``blank_maps``: constant
+    maps (never scored) per state, "original" for the trained model, where there are any;
+    ``blank_share``: their share of the judged states' maps. ``classes``: images per explained
+    class. ``target``: the class explained per image (N,). ``seconds``: wall time of the call;
+    ``seconds_per_map``: time spent in ``explain`` per map it returned.
     """
 
     method: str
     mode: str
     states: list[str]
+    judged_states: list[str]
+    display: str
     metrics: list[str]
     similarity: dict[str, np.ndarray]
     curve: dict[str, list[float]]
     baseline: dict[str, dict]
-    statistic: dict[str, float]
-    verdict_metric: str
-    margin: float
+    retention: dict
     verdict: str
-    constant_maps: dict[str, int]
+    reason: str
+    blank_maps: dict[str, int]
+    blank_share: float
+    classes: dict[str, int]
+    batch_norm_statistics: str
     seconds: float
     seconds_per_map: float
     target: list[int] = field(default_factory=list)
     params: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        """JSON-safe dict of every field (arrays as nested lists; the baselines without their raw values)."""
+        """JSON-safe dict of every field (arrays as nested lists, NaN as None; the baselines
+        without their raw values)."""
         return {
             "method": self.method,
             "mode": self.mode,
             "states": list(self.states),
+            "judged_states": list(self.judged_states),
+            "display": self.display,
             "metrics": list(self.metrics),
             "similarity": {m: np.asarray(v, dtype=float).tolist() for m, v in self.similarity.items()},
             "curve": {m: [float(v) for v in c] for m, c in self.curve.items()},
             "baseline": {
-                m: {**{k: float(b[k]) for k in ("mean", "ci_low", "ci_high")}, "n_pairs": int(b["n_pairs"])}
+                m: {**{k: _finite(b[k]) for k in ("mean", "ci_low", "ci_high")}, "n_pairs": int(b["n_pairs"])}
                 for m, b in self.baseline.items()
             },
-            "statistic": {m: float(v) for m, v in self.statistic.items()},
-            "verdict_metric": self.verdict_metric,
-            "margin": float(self.margin),
+            "retention": dict(self.retention),
             "verdict": self.verdict,
-            "constant_maps": {k: int(v) for k, v in self.constant_maps.items()},
+            "reason": self.reason,
+            "blank_maps": {k: int(v) for k, v in self.blank_maps.items()},
+            "blank_share": float(self.blank_share),
+            "classes": dict(self.classes),
+            "batch_norm_statistics": self.batch_norm_statistics,
             "seconds": float(self.seconds),
             "seconds_per_map": float(self.seconds_per_map),
             "target": [int(t) for t in self.target],
@@ -236,10 +332,10 @@ class RandomizationResult:
         }
 
 
-def _checked_metrics(metrics: Sequence[str], verdict_metric: str, spatial: tuple[int, ...]) -> list[str]:
-    """``metrics`` as a list after checking names, duplicates, the verdict metric and that each
-    metric can compare maps of ``spatial`` size (tried on a pair of blank maps, so the metric's own
-    size rule applies: SSIM needs 7 px a side, HOG 16)."""
+def _checked_metrics(metrics: Sequence[str], spatial: tuple[int, ...]) -> list[str]:
+    """``metrics`` as a list after checking names, duplicates and that each metric can compare maps
+    of ``spatial`` size (tried on a pair of blank maps, so the metric's own size rule applies: SSIM
+    needs 7 px a side, HOG 16)."""
     if isinstance(metrics, str):
         metrics = [metrics]
     metrics = list(metrics)
@@ -250,8 +346,6 @@ def _checked_metrics(metrics: Sequence[str], verdict_metric: str, spatial: tuple
         raise ValueError(f"unknown similarity metric(s) {unknown}; choose from {', '.join(SIMILARITY_METRICS)}")
     if len(set(metrics)) != len(metrics):
         raise ValueError(f"metrics {metrics} lists a metric twice")
-    if verdict_metric not in metrics:
-        raise ValueError(f"verdict_metric {verdict_metric!r} is not one of the metrics {metrics}")
     blank = np.zeros((1, *spatial))
     for metric in metrics:
         try:
@@ -263,8 +357,7 @@ def _checked_metrics(metrics: Sequence[str], verdict_metric: str, spatial: tuple
 
 # Spearman's rho is Pearson's r of the ranks. For these metrics the trained model's maps are ranked
 # once, and each state's maps once, instead of ranking both sides again for every state and both
-# maps of every pair of the random-pair baseline (50 pairs: 100 rankings, the costliest part of the
-# check on 3D maps after the explanations). The values are bit-identical: the same ranks
+# maps of every pair of the random-pair baseline. The values are bit-identical: the same ranks
 # (``metrics.similarity.ranks``) go through the same correlation (``metrics.similarity.pearson``).
 _RANKED_METRICS = {"spearman": lambda maps: maps, "spearman_abs": np.abs}
 
@@ -298,43 +391,44 @@ def model_randomization(
     params: dict | None = None,
     mode: str = "cascading",
     metrics: Sequence[str] = DEFAULT_METRICS,
-    verdict_metric: str = "spearman",
-    margin: float = 0.0,
+    display: str = "abs",
     n_pairs: int = 50,
     seed: int = 0,
     blocks: Sequence[str] | None = None,
     original_maps=None,
     postprocess_steps: Sequence[str] = (),
+    reset_batch_norm: bool = False,
+    n_resamples: int = 2000,
 ) -> RandomizationResult:
     """Model randomization test of ``method`` on ``model`` over ``images`` (Adebayo et al. 2018).
 
     Args:
         model: a trained classifier returning logits (N, num_classes), 2D or 3D. Deep-copied once;
             the model itself is never changed (weights, mode, hooks, ``requires_grad``).
-        images: float tensor (N, C, *spatial), N >= 2 (the baseline needs pairs of images).
+        images: float tensor (N, C, *spatial), N >= 2.
         method, params: the saliency method and its parameters, as for ``explain``.
         target: None (the trained model's predicted class per image), an int or N ints; the
-            same classes are explained in every randomized state.
+            same classes are explained in every randomized state, and images are compared with
+            the other images explained for the same class.
         mode: "cascading" (blocks randomized cumulatively from the logits down) or "independent"
             (one block at a time).
-        metrics: names of ``SIMILARITY_METRICS``; each must accept maps of the images' size
-            (SSIM 7 px a side, HOG 16 px), else ``ValueError`` before any map is computed.
-        verdict_metric, margin: the verdict is "fails" when the mean over states of the mean
-            similarity in ``verdict_metric`` exceeds the baseline's CI upper bound plus ``margin``.
-            Signed Spearman by default: on images that share one layout (a head, a chest) the
-            |map| of any edge-like method ranks the same anatomy first in every image, which lifts
-            the random-pair baseline of ``spearman_abs`` close to a method that ignores the model
-            (docs/METHODS.md#model-randomization).
-        n_pairs, seed: pairs of the random-pair baseline; ``seed`` seeds both the pairs and the
+        metrics: names of ``SIMILARITY_METRICS`` for the per-state curves; each must accept maps
+            of the images' size (SSIM 7 px a side, HOG 16 px), else ``ValueError`` before any map
+            is computed. They are reported, not judged.
+        display: how the maps are shown, and so compared for the verdict: "abs" (|map|, as
+            monai-sal's overlays and the Slicer module show them) or "signed".
+        n_pairs, seed: pairs of the curves' random-pair baseline; ``seed`` seeds the pairs, the
             re-initialisation (each block gets its own seed drawn from it, so a block's random
-            weights are the same in both modes).
+            weights are the same in both modes) and the bootstrap.
         blocks: module names to randomize, logits first; default :func:`randomization_blocks`.
             At least two.
         original_maps: the trained model's maps (N, 1, *spatial) by this method, parameters and
             target, as ``explain`` returns them, when already computed; otherwise computed here.
         postprocess_steps: named steps of ``saliency.postprocess`` applied to every map (the given
-            ``original_maps`` too) before it is compared, e.g. ``("abs", "clip")`` for |map|
-            clipped at its 99th percentile; none by default.
+            ``original_maps`` too) before it is compared, e.g. ``("abs", "clip")``; none by default.
+        reset_batch_norm: reset batch-norm running statistics to mean 0, variance 1 with the
+            weights; by default they keep their trained values (Adebayo et al.'s code).
+        n_resamples: bootstrap resamples of the retention share's CI.
 
     Returns:
         A :class:`RandomizationResult` with one state per block (S = len(blocks)).
@@ -343,18 +437,18 @@ def model_randomization(
     params = dict(params or {})
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if display not in DISPLAYS:
+        raise ValueError(f"display must be one of {DISPLAYS}, got {display!r}")
     unknown = set(params) - set(get_method(method).defaults)
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)} for method {method!r}")
     validate_images(model, images)
     n, spatial = images.shape[0], tuple(images.shape[2:])
     if n < 2:
-        raise ValueError(f"model randomization needs at least 2 images (the random-pair baseline), got {n}")
+        raise ValueError(f"model randomization needs at least 2 images (maps compared across images), got {n}")
     if isinstance(n_pairs, bool) or not isinstance(n_pairs, (int, np.integer)) or n_pairs < 2:
         raise ValueError(f"n_pairs must be an integer >= 2, got {n_pairs!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise ValueError(f"margin must be a finite number, got {margin!r}")
-    metrics = _checked_metrics(metrics, verdict_metric, spatial)
+    metrics = _checked_metrics(metrics, spatial)
     blocks = _resolve_blocks(model, blocks)
     if len(blocks) < 2:
         raise ValueError(
@@ -372,6 +466,7 @@ def model_randomization(
     x = images.detach().to(device=model_device(work), dtype=torch.float32)
     with model_guard(work):
         fixed_target = resolve_target(work, x, target)
+    classes = fixed_target.cpu().numpy()
     explain_seconds, explained = 0.0, 0
 
     def maps_of(network: nn.Module) -> np.ndarray:
@@ -383,36 +478,65 @@ def model_randomization(
         return processed(maps[:, 0].cpu().double().numpy())
 
     original = maps_of(work) if original_maps is None else processed(original_maps)
-    constant = {"original": int(constant_maps(original).sum())}
+    retained = RetentionReference(original, classes, display)
+    blank = {"original": int(retained.blank.sum())}
     reference = {metric: _comparable(original, metric) for metric in metrics}
     values = {metric: np.zeros((len(blocks), n)) for metric in metrics}
-    for index, (name, network) in enumerate(_randomize_in_place(work, blocks, mode, seed)):
+    shares = np.full((len(blocks), n), np.nan)
+    blank_per_state = np.zeros(len(blocks), dtype=np.int64)
+    for index, (name, network) in enumerate(_randomize_in_place(work, blocks, mode, seed, reset_batch_norm)):
         maps = maps_of(network)
         for metric in metrics:
             compared, by = reference[metric]
             values[metric][index] = similarity(compared, _comparable(maps, metric)[0], by)
-        constant[name] = int(constant_maps(maps).sum())
+        shares[index], blank_now = retained.shares(maps)
+        blank_per_state[index] = int(blank_now.sum())
+        blank[name] = int(blank_now.sum())
 
-    baseline = {
-        metric: {**random_pair_baseline(compared, by, n_pairs=n_pairs, seed=seed), "metric": metric}
-        for metric, (compared, by) in reference.items()
-    }
-    curve = {metric: [float(v) for v in values[metric].mean(axis=1)] for metric in metrics}
-    statistic = {metric: float(np.mean(curve[metric])) for metric in metrics}
-    fails = statistic[verdict_metric] > baseline[verdict_metric]["ci_high"] + margin
+    judged = judged_states(len(blocks), mode)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an image with no judged score: NaN, left out
+        per_image = np.nanmean(shares[judged], axis=0)
+        per_state = np.nanmean(shares, axis=1)
+    interval = _interval(per_image, seed, n_resamples)
+    blank_share = float(blank_per_state[judged].sum()) / (n * len(judged))
+    counts = _class_counts(classes)
+    verdict, reason = retention_verdict(
+        interval,
+        counts,
+        blank_share,
+        "the map keeps little of what it showed once the learned weights are gone",
+        "the map keeps what it showed with random weights: it shows the image, not what the model learned",
+    )
+    baseline = (
+        {
+            metric: {**random_pair_baseline(compared, by, n_pairs=n_pairs, seed=seed, groups=classes), "metric": metric}
+            for metric, (compared, by) in reference.items()
+        }
+        if (np.unique(classes, return_counts=True)[1] >= 2).any()
+        else {}
+    )
     return RandomizationResult(
         method=method,
         mode=mode,
         states=list(blocks),
+        judged_states=[blocks[k] for k in judged],
+        display=display,
         metrics=metrics,
         similarity=values,
-        curve=curve,
+        curve={metric: [float(v) for v in values[metric].mean(axis=1)] for metric in metrics},
         baseline=baseline,
-        statistic=statistic,
-        verdict_metric=verdict_metric,
-        margin=float(margin),
-        verdict="fails" if fails else "passes",
-        constant_maps={k: v for k, v in constant.items() if v},
+        retention={
+            "per_state": [_finite(v) for v in per_state],
+            "per_image": [_finite(v) for v in per_image],
+            **interval,
+        },
+        verdict=verdict,
+        reason=reason,
+        blank_maps={k: v for k, v in blank.items() if v},
+        blank_share=blank_share,
+        classes=counts,
+        batch_norm_statistics="reset" if reset_batch_norm else "kept as trained",
         seconds=time.perf_counter() - start,
         seconds_per_map=explain_seconds / explained,
         target=fixed_target.cpu().tolist(),

@@ -3,15 +3,23 @@
 Definitions and references: docs/METHODS.md#repeatability.
 
 - **Repeatability**: the maps of the same images from models of the same architecture trained with
-  other seeds; **reproducibility**: from models of other architectures. A method is repeatable
-  when those maps are more alike than the maps of two different images (the random-pair baseline).
-- **Label randomization**: the maps of a model retrained on permuted labels. A method that draws
-  the same picture for a model that learnt nothing does not explain the decision: here the maps
-  should *not* stay alike.
+  other seeds; **reproducibility**: from models of other architectures. The question only makes
+  sense for models that classify alike, so another model is compared only when its ROC AUC on the
+  images is within :data:`MAX_AUC_GAP` of the reference's and their predictions agree (Cohen's
+  kappa at least :data:`MIN_KAPPA`), and only on the images both classify alike; otherwise it is
+  "not assessable", with the reason. The maps are compared by the retention share
+  (``metrics.similarity.RetentionReference``): how much of the reference map's image-specific part
+  the other model's map of the same image keeps. "Comes back from another training run": yes (its
+  bootstrap CI above :data:`REPEATABLE_ABOVE`), partly (above ``randomization.RETENTION_CUT``,
+  what a randomized model keeps at most), no.
+- **Label randomization**: the maps of a model retrained on permuted labels, judged as model
+  randomization is ("depends on the labels": yes when the retention share is low).
 
 All models explain the same class per image: the reference model's prediction (or the given
 target), so that the maps answer the same question. Maps come from ``saliency.explain``; the
-models are never changed.
+models are never changed. The similarity metrics of ``metrics`` are reported per model as
+curves, with the random-pair baseline of the reference maps (pairs of images explained for the
+same class), outside the verdict.
 """
 
 from __future__ import annotations
@@ -25,14 +33,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from monai_sal_app.metrics.similarity import constant_maps, random_pair_baseline, similarity
+from monai_sal_app.evaluation.randomization import RETENTION_CUT, retention_verdict
+from monai_sal_app.metrics.similarity import DISPLAYS, RetentionReference, random_pair_baseline, similarity
+from monai_sal_app.metrics.stats import bootstrap_ci
 from monai_sal_app.saliency import explain
 from monai_sal_app.saliency.core import model_guard, resolve_target
 from monai_sal_app.saliency.postprocess import checked_steps, postprocess
 
-__all__ = ["DEFAULT_METRICS", "AgreementResult", "label_randomization", "map_agreement", "permuted_labels"]
+__all__ = [
+    "DEFAULT_METRICS",
+    "MAX_AUC_GAP",
+    "MIN_KAPPA",
+    "REPEATABLE_ABOVE",
+    "AgreementResult",
+    "comparable_models",
+    "label_randomization",
+    "map_agreement",
+    "permuted_labels",
+]
 
 DEFAULT_METRICS = ("ssim", "spearman_abs")
+MAX_AUC_GAP = 0.05  # another model is compared only when its ROC AUC is within this of the reference's
+MIN_KAPPA = 0.6  # ... and the two models' predictions agree at least this well (Cohen's kappa)
+REPEATABLE_ABOVE = 0.5  # "yes" when the retention share's CI lies above this
 
 
 def _json(value: Any) -> Any:
@@ -44,35 +67,39 @@ def _json(value: Any) -> Any:
         return _json(value.tolist())
     if isinstance(value, (float, np.floating)):
         return None if not np.isfinite(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
     return value
 
 
 @dataclass
 class AgreementResult:
-    """How alike the maps of other models are to the reference model's, per method.
+    """How alike the maps of other models are to the reference model's, for one method.
 
     ``similarity``: metric -> (M, N) similarity of each other model's map to the reference map,
     per image; ``means``: metric -> (M,) mean over images; ``baseline``: metric -> the random-pair
-    baseline of the reference maps (mean, 95% CI, pairs); ``statistic``: metric -> mean of
-    ``means``. ``expect`` is "similar" (repeatability: passes when the statistic lies above the
-    baseline's CI by ``margin``) or "different" (label randomization: passes when it does not).
+    baseline of the reference maps (pairs explained for the same class). ``models``: per other
+    model, ``{"assessable", "why", "auc_reference", "auc", "kappa", "images" (compared),
+    "retention" (mean, ci_low, ci_high, n)}``; ``retention``: the share over every compared
+    (model, image) pair, with its bootstrap CI. ``expect`` is "similar" (repeatability: "yes" /
+    "partly" / "no" / "not assessable") or "different" (label randomization: "yes" / "no" /
+    "unclear", as model randomization). ``reason`` says why in words.
     """
 
     method: str
     reference: str
     others: list[str]
     expect: str
+    display: str
     metrics: list[str]
     similarity: dict[str, np.ndarray]
     means: dict[str, list[float]]
     baseline: dict[str, dict]
-    statistic: dict[str, float]
-    verdict_metric: str
-    margin: float
+    models: dict[str, dict]
+    retention: dict
     verdict: str
-    constant_maps: dict[str, int] = field(default_factory=dict)
+    reason: str
+    blank_maps: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -83,15 +110,16 @@ class AgreementResult:
                 "reference": self.reference,
                 "others": self.others,
                 "expect": self.expect,
+                "display": self.display,
                 "metrics": self.metrics,
                 "similarity": self.similarity,
                 "means": self.means,
                 "baseline": {m: {k: v for k, v in b.items() if k != "values"} for m, b in self.baseline.items()},
-                "statistic": self.statistic,
-                "verdict_metric": self.verdict_metric,
-                "margin": self.margin,
+                "models": self.models,
+                "retention": self.retention,
                 "verdict": self.verdict,
-                "constant_maps": self.constant_maps,
+                "reason": self.reason,
+                "blank_maps": self.blank_maps,
                 "seconds": self.seconds,
             }
         )
@@ -112,6 +140,104 @@ def _named(models) -> dict[str, nn.Module]:
     return named
 
 
+def _probabilities(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+    """Softmax of ``model``'s logits on ``images``, (N, K) float64, without gradients."""
+    with model_guard(model), torch.no_grad():
+        x = images.to(next(model.parameters()).device)
+        logits = torch.cat([model(x[i : i + 32]) for i in range(0, x.shape[0], 32)])
+    return torch.softmax(logits.double(), 1).cpu().numpy()
+
+
+def _auc(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC of ``probabilities`` (N, K) against ``labels`` (N,): of class 1 for two classes,
+    macro one-vs-rest otherwise (scikit-learn); NaN when a class present in the labels is missing."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    if probabilities.shape[1] == 2:
+        return float(roc_auc_score(labels, probabilities[:, 1]))
+    try:
+        return float(
+            roc_auc_score(labels, probabilities, multi_class="ovr", labels=list(range(probabilities.shape[1])))
+        )
+    except ValueError:
+        return float("nan")
+
+
+def _kappa(first: np.ndarray, second: np.ndarray, classes: int) -> float:
+    """Cohen's kappa of two predictions (N,): observed agreement beyond the agreement their class
+    frequencies give by chance, (p_o - p_e) / (1 - p_e); 1 for identical predictions, and for two
+    constant predictions 1 when equal, 0 otherwise (where the ratio is 0 / 0)."""
+    observed = float(np.mean(first == second))
+    chance = (
+        float(np.dot(np.bincount(first, minlength=classes), np.bincount(second, minlength=classes))) / len(first) ** 2
+    )
+    if chance >= 1.0:
+        return 1.0 if observed == 1.0 else 0.0
+    return (observed - chance) / (1.0 - chance)
+
+
+def comparable_models(reference: np.ndarray, other: np.ndarray, labels) -> dict:
+    """Whether two models classify alike enough for their maps to be compared.
+
+    ``reference``, ``other``: (N, K) class probabilities of the two models on the same images;
+    ``labels``: (N,) true classes, or None. Returns ``{"assessable", "why", "auc_reference", "auc",
+    "kappa", "alike"}``: assessable when both ROC AUCs are within :data:`MAX_AUC_GAP` and Cohen's
+    kappa of the predictions (argmax) is at least :data:`MIN_KAPPA`; ``alike`` (N,) bool, the
+    images both classify alike."""
+    predicted, predicted_other = reference.argmax(1), other.argmax(1)
+    agree = predicted == predicted_other
+    kappa = _kappa(predicted, predicted_other, reference.shape[1])
+    found = {"auc_reference": None, "auc": None, "kappa": kappa, "alike": agree}
+    if labels is None:
+        return {**found, "assessable": False, "why": "no true labels to compare the two models' ROC AUCs"}
+    labels = np.asarray(labels).reshape(-1)
+    auc_reference, auc = _auc(reference, labels), _auc(other, labels)
+    found.update(auc_reference=auc_reference, auc=auc)
+    if not (np.isfinite(auc_reference) and np.isfinite(auc)):
+        return {**found, "assessable": False, "why": "the labels hold one class: no ROC AUC"}
+    if abs(auc_reference - auc) > MAX_AUC_GAP:
+        return {
+            **found,
+            "assessable": False,
+            "why": f"the models do not classify equally well (ROC AUC {auc_reference:.2f} vs {auc:.2f}, "
+            f"more than {MAX_AUC_GAP} apart)",
+        }
+    if kappa < MIN_KAPPA:
+        return {
+            **found,
+            "assessable": False,
+            "why": f"the models' predictions disagree (Cohen's kappa {kappa:.2f} < {MIN_KAPPA})",
+        }
+    return {**found, "assessable": True, "why": ""}
+
+
+def _interval(values, seed: int, n_resamples: int) -> dict:
+    mean, low, high = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
+    n = int(np.isfinite(np.asarray(values, dtype=float)).sum()) if len(values) else 0
+    return _json({"mean": mean, "ci_low": low, "ci_high": high, "n": n})
+
+
+def _repeatability_verdict(interval: dict, models: dict) -> tuple[str, str]:
+    """("yes" / "partly" / "no" / "not assessable", reason) of a comparison with retrained models."""
+    if not any(m["assessable"] for m in models.values()):
+        reasons = "; ".join(f"{name}: {m['why']}" for name, m in models.items())
+        return "not assessable", reasons
+    low, high, mean = interval["ci_low"], interval["ci_high"], interval["mean"]
+    if low is None:
+        return "not assessable", f"the retention share rests on {interval['n']} image(s): no confidence interval"
+    shown = f"retention share {mean:.2f} [95% CI {low:.2f}, {high:.2f}] over {interval['n']} image(s)"
+    if low > REPEATABLE_ABOVE:
+        return "yes", f"{shown}, above {REPEATABLE_ABOVE}: another training run draws the same picture"
+    if low > RETENTION_CUT:
+        return "partly", (
+            f"{shown}: another training run keeps part of the picture (above {RETENTION_CUT}, not above "
+            f"{REPEATABLE_ABOVE})"
+        )
+    return "no", f"{shown}: another training run draws another picture"
+
+
 def map_agreement(
     models,
     images: torch.Tensor,
@@ -119,65 +245,100 @@ def map_agreement(
     target=None,
     params: dict | None = None,
     metrics: Sequence[str] = DEFAULT_METRICS,
-    verdict_metric: str | None = None,
-    margin: float = 0.0,
     expect: str = "similar",
+    labels=None,
+    display: str = "abs",
     n_pairs: int = 50,
     seed: int = 0,
     postprocess_steps: Sequence[str] = (),
+    n_resamples: int = 2000,
 ) -> AgreementResult:
-    """Similarity of each other model's maps to the first (reference) model's maps.
+    """The maps of each other model compared with the first (reference) model's.
 
     ``models``: ``{name: model}`` (the first is the reference) or a sequence; all take ``images``
     (N, C, *spatial) and predict the same classes. ``target``: None -> the reference model's
-    predicted class, kept for every model. ``verdict_metric`` defaults to the first of ``metrics``.
-    ``postprocess_steps``: named steps of ``saliency.postprocess`` applied to every map before it
-    is compared (``("abs", "clip")``: |map| clipped at its 99th percentile); none by default.
+    predicted class, kept for every model. ``labels``: (N,) true classes; ``expect="similar"``
+    (repeatability) needs them to check that the models classify equally well. ``display``: maps
+    compared as |map| ("abs") or signed. ``metrics``: similarity curves reported beside the
+    verdict. ``postprocess_steps``: named steps of ``saliency.postprocess`` applied to every map
+    before it is compared. ``expect="different"``: label randomization (no model check).
     """
     named = _named(models)
     postprocess_steps = checked_steps(postprocess_steps)
     if expect not in ("similar", "different"):
         raise ValueError(f"expect must be 'similar' or 'different', got {expect!r}")
+    if display not in DISPLAYS:
+        raise ValueError(f"display must be one of {DISPLAYS}, got {display!r}")
     metrics = list(metrics)
-    verdict_metric = verdict_metric or metrics[0]
-    if verdict_metric not in metrics:
-        raise ValueError(f"verdict_metric {verdict_metric!r} is not one of the metrics {metrics}")
     if images.shape[0] < 2:
-        raise ValueError(f"the random-pair baseline needs at least 2 images, got {images.shape[0]}")
+        raise ValueError(f"comparing maps across images needs at least 2 images, got {images.shape[0]}")
+    if labels is not None and len(labels) != images.shape[0]:
+        raise ValueError(f"{len(labels)} labels for {images.shape[0]} images")
     start = time.perf_counter()
     reference_name, reference = next(iter(named.items()))
     with model_guard(reference), torch.no_grad():
         fixed_target = resolve_target(reference, images.to(next(reference.parameters()).device), target).cpu()
+    classes = fixed_target.numpy()
     maps = {
         name: postprocess(
             explain(model, images, method, target=fixed_target, **(params or {})).cpu().double(), postprocess_steps
-        ).numpy()
+        ).numpy()[:, 0]
         for name, model in named.items()
     }
     reference_maps = maps[reference_name]
     others = [name for name in named if name != reference_name]
     per_metric = {m: np.stack([similarity(reference_maps, maps[o], m) for o in others]) for m in metrics}
     means = {m: per_metric[m].mean(axis=1).tolist() for m in metrics}
-    baseline = {m: random_pair_baseline(reference_maps, m, n_pairs=n_pairs, seed=seed) for m in metrics}
-    statistic = {m: float(np.mean(means[m])) for m in metrics}
-    above = statistic[verdict_metric] > baseline[verdict_metric]["ci_high"] + margin
-    verdict = "passes" if above == (expect == "similar") else "fails"
-    constant = {name: int(constant_maps(m).sum()) for name, m in maps.items()}
-    flagged = {name: count for name, count in constant.items() if count}
+    baseline = (
+        {m: random_pair_baseline(reference_maps, m, n_pairs=n_pairs, seed=seed, groups=classes) for m in metrics}
+        if (np.unique(classes, return_counts=True)[1] >= 2).any()
+        else {}
+    )
+    reference_probabilities = _probabilities(reference, images) if expect == "similar" else None
+    pooled, per_model, blank = [], {}, {}
+    for name in others:
+        if expect == "similar":
+            check = comparable_models(reference_probabilities, _probabilities(named[name], images), labels)
+            alike = check.pop("alike")
+        else:
+            check, alike = {"assessable": True, "why": ""}, np.ones(len(classes), dtype=bool)
+        keep = np.flatnonzero(alike)
+        shares = np.full(0, np.nan)
+        if check["assessable"] and keep.size >= 2:
+            retained = RetentionReference(reference_maps[keep], classes[keep], display)
+            shares, blank_now = retained.shares(maps[name][keep])
+            blank[name] = int(blank_now.sum())
+            pooled.append(shares)
+        per_model[name] = {**check, "images": int(keep.size), "retention": _interval(shares, seed, n_resamples)}
+    values = np.concatenate(pooled) if pooled else np.full(0, np.nan)
+    interval = _interval(values, seed, n_resamples)
+    if expect == "similar":
+        verdict, reason = _repeatability_verdict(interval, per_model)
+    else:
+        counts = {str(int(c)): int(n) for c, n in zip(*np.unique(classes, return_counts=True))}
+        judged = sum(len(p) for p in pooled)
+        verdict, reason = retention_verdict(
+            interval,
+            counts,
+            sum(blank.values()) / max(1, judged),
+            "a model trained on permuted labels draws another picture",
+            "a model trained on permuted labels draws the same picture: the map does not follow the labels",
+        )
     return AgreementResult(
         method=method,
         reference=reference_name,
         others=others,
         expect=expect,
+        display=display,
         metrics=metrics,
         similarity=per_metric,
         means=means,
         baseline=baseline,
-        statistic=statistic,
-        verdict_metric=verdict_metric,
-        margin=float(margin),
+        models=per_model,
+        retention=interval,
         verdict=verdict,
-        constant_maps=flagged,
+        reason=reason,
+        blank_maps={k: v for k, v in blank.items() if v},
         seconds=time.perf_counter() - start,
     )
 
@@ -205,9 +366,9 @@ def label_randomization(
 
     ``train_model(labels) -> model`` is the training recipe (same data, same settings) called once
     with ``labels`` (N_train,) permuted by :func:`permuted_labels` with ``seed``. ``images`` are the
-    images to explain. Passes when the maps of the label-randomized model are *not* more alike to
-    the trained model's than random pairs (``expect="different"``); ``agreement``: further
-    :func:`map_agreement` arguments (metrics, margin, n_pairs...).
+    images to explain. Judged as model randomization (``expect="different"``): "yes" when the
+    label-randomized model's maps keep little of the trained model's image-specific part;
+    ``agreement``: further :func:`map_agreement` arguments (metrics, display, n_pairs...).
     """
     randomized = train_model(permuted_labels(labels, seed))
     return map_agreement(

@@ -3,7 +3,8 @@
 Every figure is embedded as a base64 PNG and the style sheet is inline: the file opens offline,
 can be mailed or archived alone, and loads nothing from the network. Each section starts with the
 question its table answers; a summary's ``<m>_mean``/``<m>_ci_low``/``<m>_ci_high`` columns are
-shown as one cell, ``mean [low, high]``; the verdict column (pass/fail) is coloured. The run's
+shown as one cell, ``mean [low, high]``; the verdict column (yes / no / unclear, :data:`VERDICT_STYLES`)
+is coloured. The run's
 resolved config, the package versions and the data's hashes close the page.
 """
 
@@ -19,6 +20,10 @@ from pathlib import Path
 
 __all__ = ["render_report", "table_html", "write_report"]
 
+# The colour of a verdict cell by its answer: green "yes", red "no", amber anything else
+# ("unclear", "partly", "not assessable").
+VERDICT_STYLES = {"yes": "yes", "no": "no"}
+
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 2em auto;
        max-width: 1100px; color: #1d2329; line-height: 1.45; padding: 0 1em; }
@@ -29,8 +34,9 @@ p.meta { color: #57606a; font-size: .9em; }
 table { border-collapse: collapse; margin: .8em 0; font-size: .88em; }
 th, td { border: 1px solid #d0d7de; padding: .3em .6em; text-align: left; }
 th { background: #f6f8fa; } th small { font-weight: normal; color: #57606a; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.pass { background: #dafbe1; color: #116329; font-weight: 600; }
-td.fail { background: #ffebe9; color: #a40e26; font-weight: 600; }
+td.yes { background: #dafbe1; color: #116329; font-weight: 600; }
+td.no { background: #ffebe9; color: #a40e26; font-weight: 600; }
+td.unclear { background: #fff8c5; color: #7d4e00; font-weight: 600; }
 figure { display: inline-block; margin: .5em 1em .5em 0; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #d0d7de; }
 figcaption { font-size: .85em; color: #57606a; }
@@ -87,8 +93,7 @@ def _cell(row: Mapping, sources: tuple[str, ...], verdict: str | None) -> str:
     if _number(value):
         css.append("num")
     if sources[0] == verdict and value is not None:
-        passed = value is True or str(value).lower() in ("pass", "passed", "true", "yes")
-        css.append("pass" if passed else "fail")
+        css.append(VERDICT_STYLES.get(str(value).lower(), "unclear"))
     attr = f' class="{" ".join(css)}"' if css else ""
     return f"<td{attr}>{html.escape(_format(value))}</td>"
 

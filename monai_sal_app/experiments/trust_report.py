@@ -2,10 +2,11 @@
 
 :func:`run_trust` loads the model and up to ``max_images`` images (with their labels and masks)
 at the model's input size, runs ``evaluation.trust.trust_card``, writes ``<model>.trust.json``
-beside the checkpoint and a report folder: ``trust.md`` (one table of verdicts and numbers per
-method), ``trust.json`` (a copy of the card) and ``figures/``: the cascading-randomization curve of
-every method against its random-pair band, the maps of two images at every randomization state,
-and the fidelity curves. Localization is scored on the model's input grid (masks resized to it).
+beside the checkpoint and a report folder: ``trust.md`` (each method's answers in words, and one
+table of answers and numbers), ``trust.json`` (a copy of the card) and ``figures/``: every
+method's retention share per cascading-randomization state, the maps of two images at every
+state, and the fidelity curves. Localization is scored on the model's input grid (masks resized to
+it), against the mean training mask when training data with masks is given.
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ import torch
 
 from monai_sal_app import distributed
 from monai_sal_app.data.io import read_image
-from monai_sal_app.evaluation.randomization import randomized_models
-from monai_sal_app.evaluation.trust import DEFAULT_CHECKS, DEFAULT_TRUST_METHODS, trust_card, write_trust_card
+from monai_sal_app.evaluation.randomization import RETENTION_CUT, randomized_models
+from monai_sal_app.evaluation.trust import (
+    DEFAULT_CHECKS,
+    DEFAULT_TRUST_METHODS,
+    check_lines,
+    trust_card,
+    write_trust_card,
+)
 from monai_sal_app.experiments.report import pyplot, save_figure
-from monai_sal_app.experiments.workflows import load_inputs, read_items
+from monai_sal_app.experiments.workflows import load_inputs, mean_training_mask, read_items
 from monai_sal_app.inference import resize_to
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.checkpoint import load_classifier
@@ -33,6 +40,7 @@ __all__ = [
     "fidelity_figure",
     "load_trust_inputs",
     "mask_on_grid",
+    "mean_mask_on_grid",
     "randomization_figure",
     "run_trust",
     "summary_rows",
@@ -68,6 +76,15 @@ def mask_on_grid(item: dict, input_size: Sequence[int]) -> np.ndarray | None:
     return resized[0, 0].numpy() > 0.5
 
 
+def mean_mask_on_grid(items: list[dict], input_size: Sequence[int]) -> np.ndarray | None:
+    """The mean of the items' masks (``experiments.workflows.mean_training_mask``) on the model's
+    input grid (bi/trilinear), values in [0, 1]; None when no item has a mask."""
+    prior = mean_training_mask(items)
+    if prior is None:
+        return None
+    return resize_to(torch.from_numpy(prior.astype(np.float32))[None, None], input_size)[0, 0].numpy()
+
+
 def _check_comparable(card: ModelCard, other: ModelCard, path: str) -> None:
     for field in ("labels", "input_size", "spatial_dims", "in_channels"):
         if getattr(card, field) != getattr(other, field):
@@ -88,14 +105,18 @@ def run_trust(
     seed: int = 0,
     device: str | None = None,
     progress: bool = False,
+    train_data: str | Path | None = None,
+    fidelity_replacement: str = "zero",
 ) -> dict:
     """Trust card of the checkpoint ``model_path`` on ``data`` (a manifest or image files); returns it.
 
     Writes ``<model>.trust.json`` beside the checkpoint and the report under ``out``
     (:func:`write_trust_report`). ``compare_with``: checkpoints of other trained models of the same
-    labels and input size (repeatability). The class explained is the model's prediction with
-    its card's decision threshold. Under ``torchrun`` the methods are shared out among the ranks
-    and rank 0 writes the card and the report.
+    labels and input size (repeatability). ``train_data``: the training manifest; its masks'
+    mean, on the model's input grid, is the map localization is judged against (chance without
+    it). The class explained is the model's prediction with its card's decision threshold. Under
+    ``torchrun`` the methods are shared out among the ranks and rank 0 writes the card and the
+    report.
     """
     model, card = load_classifier(model_path, device=device)
     others = {}
@@ -105,8 +126,17 @@ def run_trust(
         others[Path(path).stem] = other
     items = read_items(data)
     images, labels, masks = load_trust_inputs(items, card, max_images, progress=progress)
+    prior = None if train_data is None else mean_mask_on_grid(read_items(train_data), card.input_size)
     targets = torch.from_numpy(card.predict(predict_probabilities(model, images)))
     source = str(Path(data).resolve()) if isinstance(data, (str, Path)) else f"{len(items)} image files"
+    described = {
+        "source": source,
+        "first_images": len(images),
+        "images": [str(item.get("id") or Path(item["image"]).name) for item in items[: len(images)]],
+        "checkpoint": Path(model_path).name,
+    }
+    if train_data is not None:
+        described["train_masks"] = str(Path(train_data).resolve())
     result = trust_card(
         model,
         images,
@@ -117,7 +147,9 @@ def run_trust(
         seed=seed,
         targets=targets,
         compare_with=others or None,
-        data={"source": source, "first_images": len(images), "checkpoint": Path(model_path).name},
+        data=described,
+        mask_prior=prior,
+        fidelity_replacement=fidelity_replacement,
     )
     if distributed.is_main():
         write_trust_card(result, model_path)
@@ -127,28 +159,34 @@ def run_trust(
 
 
 def summary_rows(card: dict) -> list[dict]:
-    """One row per method: the verdicts and headline numbers of the card."""
+    """One row per method: each check's answer and its headline number."""
     rows = []
     for method, entry in card["methods"].items():
         row = {"method": method}
         if "randomization" in entry:
-            r = entry["randomization"]
-            metric = r["verdict_metric"]
-            row["randomization"] = r["verdict"]
-            row[f"mean {metric} over states"] = r["statistic"][metric]
-            row["random-pair band"] = f"{r['baseline'][metric]['ci_low']:.3f}-{r['baseline'][metric]['ci_high']:.3f}"
+            retention = entry["randomization"]["retention"]
+            row["depends on what the model learned"] = entry["randomization"]["verdict"]
+            row["retention share"] = retention["mean"]
+            row["retention CI"] = _ci_text(retention)
         if "fidelity" in entry:
             f = entry["fidelity"]
-            row["fidelity"] = f["verdict"]
-            row["fidelity mean"] = f["mean"]
-        if "roc_auc" in entry.get("localization", {}):
-            row["localization"] = entry["localization"]["verdict"]
-            row["ROC AUC"] = entry["localization"]["roc_auc"]["mean"]
+            row["tracks what the model uses"] = f["verdict"]
+            row["fidelity"] = f["mean"]
+        localization = entry.get("localization", {})
+        if "roc_auc" in localization:
+            row["localizes beyond usual places"] = localization["verdict"]
+            row["ROC AUC"] = localization["roc_auc"]["mean"]
+            row["ROC AUC gain"] = localization["roc_auc_gain"]["mean"]
         if "repeatability" in entry:
-            row["repeatability"] = entry["repeatability"]["verdict"]
+            row["comes back"] = entry["repeatability"]["verdict"]
         row["ms per map"] = 1000 * entry["seconds_per_map"]
         rows.append(row)
     return rows
+
+
+def _ci_text(interval: dict) -> str:
+    low, high = interval.get("ci_low"), interval.get("ci_high")
+    return "" if low is None or high is None else f"[{low:.2f}, {high:.2f}]"
 
 
 def write_trust_report(
@@ -169,15 +207,24 @@ def write_trust_report(
     figures = out / "figures"
     (out / "trust.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "trust.json").write_text(json.dumps(card, indent=2))
+    settings = card["settings"]
     lines = [
         f"# Trust card: {card['data'].get('checkpoint', 'model')}",
         "",
         f"{card['data']['n_images']} images ({card['data'].get('source', '')}), {card['data']['n_masks']} with a mask; "
-        f"checks {', '.join(card['settings']['checks'])}; computed {card['created']} in {card['seconds']:.0f} s.",
+        f"checks {', '.join(settings['checks'])}; fidelity replacement {settings['fidelity_replacement']}, "
+        f"batch-norm statistics {settings['batch_norm_statistics']}, localization against "
+        f"{settings['localization_reference']}; computed {card['created']} in {card['seconds']:.0f} s.",
         "",
-        to_markdown(summary_rows(card)),
+        f"How to read it: {card['reading']}.",
         "",
     ]
+    for method, entry in card["methods"].items():
+        lines += [f"**{method}**", ""]
+        lines += [f"- {line}" for line in check_lines(entry["checks"])]
+        lines += [f"  - why ({check}): {answer['why']}" for check, answer in entry["checks"].items()]
+        lines.append("")
+    lines += [to_markdown(summary_rows(card)), ""]
     methods = card["methods"]
     entries = {m: e["randomization"] for m, e in methods.items() if "randomization" in e}
     if entries:
@@ -188,9 +235,11 @@ def write_trust_report(
             "",
         ]
         if model is not None and images is not None:
+            reset = settings["batch_norm_statistics"] == "reset"
             for method in methods:
-                seed = card["settings"]["seed"]
-                path = _state_maps_figure(method, methods[method], model, images, targets, seed, figures)
+                path = _state_maps_figure(
+                    method, methods[method], model, images, targets, settings["seed"], reset, figures
+                )
                 lines += [f"![{method} states]({path.relative_to(out)})", ""]
     if any("fidelity" in e for e in methods.values()):
         figure = fidelity_figure(methods, figures / "fidelity.png")
@@ -201,20 +250,21 @@ def write_trust_report(
 
 
 def randomization_figure(entries: dict[str, dict], path: Path) -> Path:
-    """One panel per method: its mean similarity per randomized state (in the verdict metric) over
-    the random-pair baseline's 95% CI as a grey band; the PNG ``path``. ``entries``: method ->
-    ``RandomizationResult.to_dict()``."""
+    """One panel per method: its retention share per randomized state (mean over images), the
+    judged states shaded, the cut between "yes" and "no" dashed, the answer in the title; the PNG
+    ``path``. ``entries``: method -> ``RandomizationResult.to_dict()``."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(entries), figsize=(3.2 * len(entries), 3.0), squeeze=False)
     for ax, (method, r) in zip(axes[0], entries.items()):
-        metric = r["verdict_metric"]
-        band = r["baseline"][metric]
         x = np.arange(len(r["states"]))
-        ax.axhspan(band["ci_low"], band["ci_high"], color="grey", alpha=0.3, label="random pairs (95% CI)")
-        ax.plot(x, r["curve"][metric], marker="o", label=metric)
+        judged = [k for k, name in enumerate(r["states"]) if name in r["judged_states"]]
+        ax.axvspan(min(judged) - 0.5, max(judged) + 0.5, color="grey", alpha=0.2, label="judged states")
+        ax.axhline(RETENTION_CUT, color="grey", linestyle="--", linewidth=0.8)
+        values = [np.nan if v is None else v for v in r["retention"]["per_state"]]
+        ax.plot(x, values, marker="o", label="retention share")
         ax.set_xticks(x, r["states"], rotation=60, fontsize=6)
-        ax.set_ylim(-1, 1.05)
-        ax.set_title(f"{method}: {r['verdict']}", fontsize=8)
+        ax.set_ylim(-0.3, 1.05)
+        ax.set_title(f"{method}: depends on the model: {r['verdict']}", fontsize=7)
         ax.legend(fontsize=6)
     return save_figure(fig, path)
 
@@ -231,26 +281,41 @@ def fidelity_figure(methods: dict, path: Path) -> Path:
     colours = tab20[::2] + tab20[1::2]
     fig, ax = plt.subplots(figsize=(6.0, 3.2 + 0.1 * max(0, len(entries) - 5)))
     for (method, f), colour in zip(entries.items(), colours):
-        ax.plot(f["fractions"], np.mean(f["mif"], axis=0), color=colour, label=f"{method} MIF")
-        ax.plot(f["fractions"], np.mean(f["lif"], axis=0), linestyle="--", color=colour, label=f"{method} LIF")
+        ax.plot(f["fractions"], _mean_curve(f["mif"]), color=colour, label=f"{method} MIF")
+        ax.plot(f["fractions"], _mean_curve(f["lif"]), linestyle="--", color=colour, label=f"{method} LIF")
     ax.set_xlabel("fraction of pixels/voxels perturbed")
     score = next(iter(entries.values()))["score"]
     ax.set_ylabel(
-        {"logit_ratio": "target logit / unperturbed", "probability": "target probability"}.get(score, score) + " (mean)"
+        {
+            "margin": "decision margin / unperturbed",
+            "logit_ratio": "target logit / unperturbed",
+            "probability": "target probability",
+        }.get(score, score)
+        + " (mean)"
     )
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return save_figure(fig, path)
+
+
+def _mean_curve(curves) -> np.ndarray:
+    """Mean over images of (N, F) curves, images without a score (None rows) left out."""
+    array = np.asarray([[np.nan if v is None else v for v in row] for row in curves], dtype=float)
+    scored = array[np.isfinite(array).all(axis=1)]
+    return scored.mean(axis=0) if len(scored) else np.full(array.shape[1], np.nan)
 
 
 def _middle_slice(map_: np.ndarray) -> np.ndarray:
     return map_[map_.shape[0] // 2] if map_.ndim == 3 else map_
 
 
-def _state_maps_figure(method: str, entry: dict, model, images, targets, seed: int, figures: Path) -> Path:
+def _state_maps_figure(
+    method: str, entry: dict, model, images, targets, seed: int, reset_batch_norm: bool, figures: Path
+) -> Path:
     """The maps of the example images for the trained model and every cascading state."""
     plt = pyplot()
     states = [("trained", explain(model, images, method, target=targets))]
-    for name, network in randomized_models(model, entry["randomization"]["states"], seed=seed):
+    blocks = entry["randomization"]["states"]
+    for name, network in randomized_models(model, blocks, seed=seed, reset_batch_norm=reset_batch_norm):
         states.append((name, explain(network, images, method, target=targets)))
     fig, axes = plt.subplots(len(images), len(states), figsize=(1.3 * len(states), 1.4 * len(images)), squeeze=False)
     for column, (name, maps) in enumerate(states):

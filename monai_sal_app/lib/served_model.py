@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from monai_sal_app.evaluation.trust import read_trust_card, trust_card_path
+from monai_sal_app.evaluation.trust import OutdatedTrustCard, read_trust_card, trust_card_path
 from monai_sal_app.explainers import EXPLAINER_KINDS, check_explainer_for, load_explainer
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.models.card import ModelCard
@@ -94,6 +94,7 @@ class ServedModel:
         self._error: str | None = None
         self._trust: dict | None = None
         self._trust_stamp: tuple | None = None
+        self._trust_problem = ""  # why the card on disk is not used, when it is not
         self._fingerprint: str | None = None
         self._explainers: dict[str, tuple[tuple, nn.Module | None]] = {}  # kind -> (stamps, module or None)
 
@@ -168,14 +169,20 @@ class ServedModel:
                 return {"available": False, "why": f"no trust card: monai-sal trust --model {self.path.name} <images>"}
             stamp = (stat.st_mtime_ns, stat.st_size)
             if stamp != self._trust_stamp:
+                self._trust_problem = ""
                 try:
                     self._trust = read_trust_card(self.path)
+                except OutdatedTrustCard as error:
+                    self._trust, self._trust_problem = None, f"{error}".replace(str(path), path.name)
                 except ValueError as error:
                     logger.warning("model %s: trust card not used: %s", self.name, error)
-                    self._trust = None
+                    self._trust, self._trust_problem = (
+                        None,
+                        f"the trust card {path.name} is corrupt (see the server log)",
+                    )
                 self._trust_stamp = stamp
             if self._trust is None:
-                return {"available": False, "why": f"the trust card {path.name} is corrupt (see the server log)"}
+                return {"available": False, "why": self._trust_problem}
             stale = os.stat(self.path).st_mtime_ns > stat.st_mtime_ns
             return {"available": True, "stale": stale, "card": self._trust}
 

@@ -22,28 +22,29 @@ randomized state. Each method is one block of work, dealt to the ranks: cascadin
 ``evaluation.randomization.model_randomization`` of the reference model, then
 ``evaluation.repeatability.map_agreement`` of the reference model's maps with the label-randomized
 model's, the replicates' and the other architectures'. As in the study, two maps are compared as
-|map| clipped at its 99th percentile (:data:`POSTPROCESS`) with ``metric`` (SSIM by default:
-unitless, of the min-max scaled maps, 1 for identical maps), and every similarity is read against
-the random-pair baseline: ``metric`` between the reference model's maps of ``pairs`` random pairs
-of different test images (mean and Student-t 95% CI). The re-initialised weights and the pairs are
-drawn from the run's seed, the same for every method, so that every method is checked on the same
+|map| clipped at its 99th percentile (:data:`POSTPROCESS`). The re-initialised weights are drawn
+from the run's seed, the same for every method, so that every method is checked on the same
 randomized models; a method that takes a seed (SmoothGrad's noise) gets ``seed`` + its block's
 index unless ``params`` gives one.
 
-A method passes cascading or independent randomization when the mean similarity over the
-randomized states (the model's blocks from the logits down) is not above the baseline's 95% CI,
-label randomization when the label-randomized model's maps are not more alike to the reference's
-than that, and repeatability (replicates) and reproducibility (other architectures) when the
-maps are more alike than that.
+Each check is read twice (``results/verdicts.csv``):
+
+- **as the study reads it** (``study_reading``): ``metric`` (SSIM by default) averaged over the
+  conditions and images against the band of the reference model's maps of ``pairs`` random pairs
+  of different test images (mean and Student-t 95% CI): "above the band" or "not above";
+- **as monai-sal's trust card judges it** (``answer``, docs/METHODS.md#how-the-trust-card-judges):
+  the retention share, with its bootstrap CI, over the states with at least half the blocks random
+  (cascading; every state when independent), for label randomization over the images, and for
+  repeatability and reproducibility only when the two models classify alike (ROC AUCs within 0.05,
+  Cohen's kappa at least 0.6), on the images both classify alike; "yes" / "no" / "unclear", and
+  for the retrained models "yes" / "partly" / "no" / "not assessable".
 
 Rows (``results/similarity.csv``): one per method x check x condition x test image, the value
 in a column named after ``metric``; ``condition`` is the randomized block (in cascading mode with
-every block above it random too) or the other model. ``results/verdicts.csv``: one row per method
-x check: the similarity (mean over the conditions of the mean over the images), the baseline and
-``verdict`` (pass/fail). ``results/models.csv``: the trained models. Figures: each method's
-similarity per randomized state with the baseline band (cascading, independent), the first
+every block above it random too) or the other model. ``results/models.csv``: the trained models.
+Figures: each method's retention share per randomized state (cascading, independent), the first
 :data:`FIGURE_CASES` test images' maps by every method at a few cascading states, and the
-retrained models' similarity per method against the baseline.
+retrained models' similarity per method against the random-pair band.
 """
 
 from __future__ import annotations
@@ -61,14 +62,21 @@ FIGURE_CASES = 2  # test images whose maps are drawn at the cascading states
 FIGURE_STATES = 4  # cascading states drawn beside the trained model's map
 RANDOMIZATION = ("cascading", "independent")
 RETRAINED = ("label_randomization", "repeatability", "reproducibility")
-PASS_IF = {
-    "cascading": "not above the baseline",
-    "independent": "not above the baseline",
-    "label_randomization": "not above the baseline",
-    "repeatability": "above the baseline",
-    "reproducibility": "above the baseline",
+QUESTION = {
+    "cascading": "depends on what the model learned",
+    "independent": "depends on what the model learned",
+    "label_randomization": "depends on the labels",
+    "repeatability": "comes back from another training run",
+    "reproducibility": "comes back from another architecture",
 }
-COLOURS = {"pass": "#2da44e", "fail": "#cf222e"}
+STUDY_EXPECTS = {  # what the study takes for a good method: the maps ... the random-pair band
+    "cascading": "not above",
+    "independent": "not above",
+    "label_randomization": "not above",
+    "repeatability": "above",
+    "reproducibility": "above",
+}
+COLOURS = {"yes": "#2da44e", "no": "#cf222e"}  # any other answer: grey
 
 SETTINGS = {
     "per_class": 80,  # training images per class (a validation share of each class is held out)
@@ -225,23 +233,20 @@ def _save_state_maps(run: Run, reference, images, targets, method: str, params: 
     np.savez(path, maps=np.stack([m.cpu().numpy() for m in maps]), states=np.array(names))
 
 
-def _check_method(run: Run, models: dict, images, targets, method: str, block: int) -> dict:
+def _check_method(run: Run, models: dict, images, targets, labels, method: str, block: int) -> dict:
     """Every check of ``method`` (in block ``block``) on ``images`` (N, 1, *input_size) for
-    ``targets`` (N,): ``{"method", "results": {check: the result's to_dict()}}``; a comparison
+    ``targets`` (N,) with true ``labels`` (N,): ``{"method", "results": {check: the result's
+    to_dict()}, "baseline": the study's random-pair band of the reference maps}``; a comparison
     without models (one replicate, one architecture) is left out."""
     from monai_sal_app.evaluation.randomization import model_randomization
     from monai_sal_app.evaluation.repeatability import map_agreement
+    from monai_sal_app.metrics.similarity import random_pair_baseline
     from monai_sal_app.saliency import explain
+    from monai_sal_app.saliency.postprocess import postprocess
 
     s = run.settings
     params = _method_params(run, method, block)
-    compare = {
-        "metrics": [s["metric"]],
-        "verdict_metric": s["metric"],
-        "n_pairs": s["pairs"],
-        "seed": run.seed,
-        "postprocess_steps": POSTPROCESS,
-    }
+    compare = {"metrics": [s["metric"]], "n_pairs": s["pairs"], "seed": run.seed, "postprocess_steps": POSTPROCESS}
     reference = models["reference"]
     trained = explain(reference, images, method, target=targets, **params)
     results = {
@@ -256,10 +261,14 @@ def _check_method(run: Run, models: dict, images, targets, method: str, block: i
         if others:
             expect = "different" if check == "label_randomization" else "similar"
             results[check] = map_agreement(
-                {"reference": reference, **others}, images, method, targets, params, expect=expect, **compare
-            ).to_dict()
+                {"reference": reference, **others}, images, method, targets, params, expect=expect, labels=labels,
+                **compare,
+            ).to_dict()  # fmt: skip
     _save_state_maps(run, reference, images, targets, method, params, trained)
-    return {"method": method, "results": results}
+    processed = postprocess(trained.cpu().double(), POSTPROCESS)
+    band = random_pair_baseline(processed, s["metric"], n_pairs=s["pairs"], seed=run.seed)
+    baseline = {key: float(band[key]) for key in ("mean", "ci_low", "ci_high")}
+    return {"method": method, "results": results, "baseline": baseline}
 
 
 def similarity_rows(method: str, check: str, result: dict, ids: list[str], metric: str) -> list[dict]:
@@ -273,19 +282,27 @@ def similarity_rows(method: str, check: str, result: dict, ids: list[str], metri
     ]
 
 
-def verdict_row(method: str, check: str, result: dict, metric: str) -> dict:
-    """A check's similarity (mean over conditions of the mean over images), its random-pair
-    baseline and ``verdict``: "pass" or "fail"."""
-    baseline = result["baseline"][metric]
+def verdict_row(method: str, check: str, result: dict, baseline: dict, metric: str) -> dict:
+    """A check read as the study reads it (``metric``'s mean over conditions and images against the
+    random-pair band ``baseline``) and as the trust card judges it (the retention share's answer)."""
+    value = float(np.mean(result["similarity"][metric]))
+    above = value > baseline["ci_high"]
+    retention = result["retention"]
     return {
         "method": method,
         "check": check,
-        metric: result["statistic"][metric],
-        "baseline_mean": baseline["mean"],
-        "baseline_ci_low": baseline["ci_low"],
-        "baseline_ci_high": baseline["ci_high"],
-        "pass_if": PASS_IF[check],
-        "verdict": "pass" if result["verdict"] == "passes" else "fail",
+        metric: value,
+        "band_mean": baseline["mean"],
+        "band_ci_low": baseline["ci_low"],
+        "band_ci_high": baseline["ci_high"],
+        "study_reading": "above the band" if above else "not above",
+        "study_expects": STUDY_EXPECTS[check],
+        "retention_mean": retention["mean"],
+        "retention_ci_low": retention["ci_low"],
+        "retention_ci_high": retention["ci_high"],
+        "question": QUESTION[check],
+        "answer": result["verdict"],
+        "why": result["reason"],
     }
 
 
@@ -317,7 +334,8 @@ def _state_maps_figures(run: Run, images, masks) -> list[Path]:
 
 def _retrained_figure(run: Run, verdicts: list[dict], rows: list[dict]) -> Path:
     """Per comparison with retrained models, each method's mean similarity to the reference model's
-    maps (95% CI over images and models; green: pass, red: fail) over its random-pair band."""
+    maps (95% CI over images and models) over its random-pair band, coloured by the trust card's
+    answer (green yes, red no, grey otherwise)."""
     from matplotlib.patches import Patch
 
     from monai_sal_app.experiments.report import pyplot, save_figure
@@ -334,34 +352,38 @@ def _retrained_figure(run: Run, verdicts: list[dict], rows: list[dict]) -> Path:
             verdict = next(v for v in verdicts if v["method"] == method and v["check"] == check)
             mean, low, high = mean_ci([r[metric] for r in rows if r["method"] == method and r["check"] == check])
             ax.fill_between(
-                [x - 0.42, x + 0.42], verdict["baseline_ci_low"], verdict["baseline_ci_high"], color="grey",
+                [x - 0.42, x + 0.42], verdict["band_ci_low"], verdict["band_ci_high"], color="grey",
                 alpha=0.35, lw=0,
             )  # fmt: skip
-            ax.bar(x, mean, width=0.5, color=COLOURS[verdict["verdict"]], yerr=[[mean - low], [high - mean]])
+            colour = COLOURS.get(verdict["answer"], "#8c959f")
+            ax.bar(x, mean, width=0.5, color=colour, yerr=[[mean - low], [high - mean]])
         ax.set_xticks(range(len(methods)), [m.replace("_", " ") for m in methods], rotation=45, ha="right", fontsize=7)
-        ax.set_title(f"{check.replace('_', ' ')}\n(pass: {PASS_IF[check]})", fontsize=8)
+        ax.set_title(f"{check.replace('_', ' ')}\n({QUESTION[check]}?)", fontsize=8)
     axes[0, 0].set_ylabel(f"{metric} with the reference model's map")
     handles = [Patch(color="grey", alpha=0.35, label="random pairs (95% CI)")]
-    handles += [Patch(color=colour, label=verdict) for verdict, colour in COLOURS.items()]
+    handles += [Patch(color=colour, label=answer) for answer, colour in COLOURS.items()]
+    handles.append(Patch(color="#8c959f", label="other answers"))
     axes[0, 0].legend(handles=handles, fontsize=6, loc="best")
     return save_figure(fig, run.figure("retrained_models"))
 
 
 def _load_test(manifests: dict, card, count: int):
-    """The first ``count`` test images with a mask: ids, images (count, 1, *input_size) and masks
-    on the input grid."""
+    """The first ``count`` test images with a mask: ids, images (count, 1, *input_size), masks
+    on the input grid and true labels (count,)."""
     from monai_sal_app.data.manifest import read_manifest
     from monai_sal_app.experiments.trust_report import mask_on_grid
     from monai_sal_app.experiments.workflows import load_inputs
 
     items = [item for item in read_manifest(manifests["test"]) if item.get("mask")][:count]
     images, _ = load_inputs(items, card.input_size, progress=False)
-    return [item["id"] for item in items], images, [mask_on_grid(item, card.input_size) for item in items]
+    masks = [mask_on_grid(item, card.input_size) for item in items]
+    return [item["id"] for item in items], images, masks, [int(item["label"]) for item in items]
 
 
 def run_trust(run: Run) -> None:
     import torch
 
+    from monai_sal_app.evaluation.trust import SCHEMA_VERSION
     from monai_sal_app.experiments.trust_report import randomization_figure
     from monai_sal_app.models.checkpoint import load_classifier
     from monai_sal_app.models.train import predict_probabilities
@@ -375,14 +397,14 @@ def run_trust(run: Run) -> None:
     loaded = {name: load_classifier(result["checkpoint"], device=str(run.device)) for name, result in trained.items()}
     models = {name: model for name, (model, _) in loaded.items()}
     card = loaded["reference"][1]
-    ids, images, masks = _load_test(manifests, card, s["images"])
+    ids, images, masks, labels = _load_test(manifests, card, s["images"])
     targets = torch.from_numpy(card.predict(predict_probabilities(models["reference"], images)))
 
     checked = run.map_blocks(
-        "checks",
+        f"checks_schema{SCHEMA_VERSION}",
         s["methods"],
         lambda indices, block: [
-            _check_method(run, models, images, targets, method, index // BLOCK_SIZE)
+            _check_method(run, models, images, targets, labels, method, index // BLOCK_SIZE)
             for index, method in zip(indices, block)
         ],
         BLOCK_SIZE,
@@ -396,7 +418,7 @@ def run_trust(run: Run) -> None:
     ]
     run.table("similarity", rows, group_by=("method", "check", "condition"), metrics=[metric])
     verdicts = [
-        verdict_row(entry["method"], check, result, metric)
+        verdict_row(entry["method"], check, result, entry["baseline"], metric)
         for entry in checked
         for check, result in entry["results"].items()
     ]
@@ -431,33 +453,34 @@ def run_trust(run: Run) -> None:
     run.section(
         Section(
             "Model randomization",
-            "Does each method's map change when the reference model's weights are re-initialised, from the logits "
-            "down (cascading) or one block at a time (independent), until it is no more like the trained model's "
-            "map than the maps of two different images are?",
+            "Does each method's map depend on what the reference model learned: does it change when the model's "
+            "weights are re-initialised, from the logits down (cascading) or one block at a time (independent)?",
             [v for v in verdicts if v["check"] in RANDOMIZATION],
             randomization_figures,
-            verdict="verdict",
+            verdict="answer",
             note=f"{len(ids)} test images with an opacity, explained for the reference model's predicted class; maps "
-            f"compared as |map| clipped at its 99th percentile, by {metric}. {metric}: its mean over the randomized "
-            "states of its mean over the images; baseline: between the trained model's maps of "
-            f"{s['pairs']} random pairs of different images (mean [95% CI]). A method passes when its mean is not "
-            "above the baseline's CI (the study: guided backprop and guided Grad-CAM fail cascading randomization, "
-            "the gradient and Grad-CAM pass); the curves show the state from which each method's similarity stays "
-            "in or below the band. Per image and state: results/similarity.csv.",
+            f"compared as |map| clipped at its 99th percentile. As the study reads it: {metric}, its mean over the "
+            f"randomized states and images, against the band of {s['pairs']} random pairs of different images' maps "
+            "(the study: guided backprop and guided Grad-CAM stay above it, the gradient and Grad-CAM fall into it). "
+            "As the trust card judges it (answer): the retention share, the part of each image's own map that the "
+            "randomized model's map keeps, over the states with at least half the blocks random (cascading) or "
+            "every state (independent), with its bootstrap 95% CI; the figures show it per state. Per image and "
+            "state: results/similarity.csv.",
         )
     )
     run.section(
         Section(
             "Retrained models",
-            "Is each method's map unlike the reference model's when the model learnt from permuted labels, and "
-            "like it when the model is trained again with another seed (repeatability) or as another architecture "
-            "(reproducibility)?",
+            "Does each method's map follow the labels (a model trained on permuted labels draws another picture), "
+            "and does it come back when the model is trained again with another seed (repeatability) or as another "
+            "architecture (reproducibility)?",
             [v for v in verdicts if v["check"] in RETRAINED],
             retrained_figures,
-            verdict="verdict",
-            note=f"{metric}: its mean over the images and the other models of the check; the baseline as above. "
-            "Label randomization passes when the mean is not above the baseline's CI, repeatability and "
-            "reproducibility when it is above it.",
+            verdict="answer",
+            note=f"As the study reads it: {metric}, its mean over the images and the other models, against the band "
+            "as above. As the trust card judges it: the retention share; repeatability and reproducibility only "
+            "for models that classify alike (ROC AUCs within 0.05, Cohen's kappa at least 0.6), on the images both "
+            "classify alike, else 'not assessable' with the reason (the why column).",
         )
     )
 

@@ -8,8 +8,15 @@ Per served model: every datastore image of the model's dimensionality (up to ``m
 datastore order) with its ``final`` label as mask when it has one, through the same
 ``experiments.trust_report.load_trust_inputs`` and ``evaluation.trust.trust_card`` as
 ``monai-sal trust``; the card is written beside the checkpoint (``<name>.trust.json``), where
-``/info`` and the infer answers read it. Request parameters (all optional): ``model`` (one served
-model; default all), ``methods``, ``checks``, ``max_images`` (default 32), ``seed``.
+``/info`` and the infer answers read it, with the datastore ids of the images it rests on.
+
+The served card is never silently replaced by a weaker one: a new card replaces it only when it
+rests on at least as many images, when the card on disk is missing, corrupt, of another schema
+version or older than the weights, or when the request says ``replace``; a datastore that offers
+the very images the card already rests on leaves it alone (automatic rescoring after a datastore
+change does not churn it). The answer says, per model, whether the card was written or kept and
+why. Request parameters (all optional): ``model`` (one served model; default all), ``methods``,
+``checks``, ``max_images`` (default 32), ``seed``, ``replace`` (default false).
 """
 
 from __future__ import annotations
@@ -22,7 +29,13 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from monai_sal_app.data.io import ImageError, read_image
-from monai_sal_app.evaluation.trust import DEFAULT_CHECKS, DEFAULT_TRUST_METHODS, trust_card, write_trust_card
+from monai_sal_app.evaluation.trust import (
+    DEFAULT_CHECKS,
+    DEFAULT_TRUST_METHODS,
+    read_trust_card,
+    trust_card,
+    write_trust_card,
+)
 from monai_sal_app.experiments.trust_report import load_trust_inputs
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.lib.served_model import ServedModel
@@ -31,7 +44,13 @@ from monai_sal_app.models.train import predict_probabilities
 __all__ = ["TrustScoring"]
 
 logger = logging.getLogger(__name__)
-DEFAULTS = {"methods": list(DEFAULT_TRUST_METHODS), "checks": list(DEFAULT_CHECKS), "max_images": 32, "seed": 0}
+DEFAULTS = {
+    "methods": list(DEFAULT_TRUST_METHODS),
+    "checks": list(DEFAULT_CHECKS),
+    "max_images": 32,
+    "seed": 0,
+    "replace": False,
+}
 
 
 class TrustScoring(ScoringMethod):
@@ -59,6 +78,27 @@ class TrustScoring(ScoringMethod):
             items.append(({"id": image_id, "image": path, "mask": mask, "label": None}, dims))
         return items
 
+    @staticmethod
+    def _keep_reason(served: ServedModel, ids: list[str], replace: bool) -> str:
+        """Why the card on disk stays (empty: it may be replaced by one on the images ``ids``)."""
+        if replace:
+            return ""
+        try:
+            current = read_trust_card(served.path)
+        except ValueError:  # corrupt or of another schema version: replaced
+            return ""
+        if current is None or served.trust().get("stale"):
+            return ""
+        rests_on = current.get("data", {})
+        if rests_on.get("images") == ids:
+            return f"the card already rests on these {len(ids)} datastore images"
+        if int(rests_on.get("n_images", 0)) > len(ids):
+            return (
+                f"the card rests on {rests_on.get('n_images')} images ({rests_on.get('source', 'unknown source')}), "
+                f"more than the {len(ids)} datastore images; send replace=true to replace it anyway"
+            )
+        return ""
+
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
         options = {**DEFAULTS, **{k: request[k] for k in DEFAULTS if k in request}}
         names = [request["model"]] if request.get("model") else list(self.served)
@@ -76,6 +116,12 @@ class TrustScoring(ScoringMethod):
                         "skipped": f"{len(chosen)} datastore image(s) of {card.spatial_dims}D: a card needs 2"
                     }
                     continue
+                ids = [item["id"] for item in chosen]
+                kept = self._keep_reason(served, ids, bool(options["replace"]))
+                if kept:
+                    result[name] = {"kept": kept}
+                    logger.info("trust card of %s kept: %s", name, kept)
+                    continue
                 images, _, masks = load_trust_inputs(chosen, card)
                 targets = torch.from_numpy(card.predict(predict_probabilities(model, images)))
                 trust = trust_card(
@@ -86,10 +132,16 @@ class TrustScoring(ScoringMethod):
                     checks=options["checks"],
                     seed=int(options["seed"]),
                     targets=targets,
-                    data={"source": "datastore", "first_images": len(chosen), "checkpoint": served.path.name},
+                    data={
+                        "source": "datastore",
+                        "first_images": len(chosen),
+                        "images": ids,
+                        "checkpoint": served.path.name,
+                    },
                 )
                 write_trust_card(trust, served.path)
             result[name] = {
+                "written": True,
                 "n_images": len(chosen),
                 "verdicts": {method: entry["verdicts"] for method, entry in trust["methods"].items()},
                 "seconds": trust["seconds"],
