@@ -18,7 +18,7 @@ back and round robin, best of ``--repeats``:
 
 * **mprt**, cascading model randomization on the same sequence of states:
   ours ``model_randomization(model, images, method, target, mode="cascading",
-  metrics=["spearman_abs"], verdict_metric="spearman_abs")``; the peer
+  metrics=["spearman_abs"])`` (the curve, and the retention share its verdict rests on); the peer
   ``quantus.MPRT(layer_order="top_down", abs=True, normalise=True)`` (Spearman, its default) with
   ``explain_func`` = our ``explain`` and its layer generator replaced, for this call only, by our
   ``randomized_models`` (the same blocks, the same re-initialised weights); the floor: the
@@ -267,7 +267,6 @@ def our_mprt(setup: Setup, method: str, blocks: list[str] | None = None):
         target=setup.target,
         mode="cascading",
         metrics=["spearman_abs"],
-        verdict_metric="spearman_abs",
         seed=SEED,
         blocks=blocks,
     )

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from conftest import LABELS, TINY_WILDCAT_HEAD, untrained_explainer
+from conftest import LABELS, TINY_WILDCAT_HEAD, images_for, untrained_explainer
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from server_fixtures import (
@@ -37,7 +37,7 @@ from server_fixtures import (
 import monai_sal_app
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.shepp_logan import generate_shepp_logan
-from monai_sal_app.evaluation.trust import write_trust_card
+from monai_sal_app.evaluation.trust import trust_card, write_trust_card
 from monai_sal_app.experiments.workflows import evaluate_maps
 from monai_sal_app.explainers import EXPLAINER_KINDS, save_explainer
 from monai_sal_app.inference import explain_array
@@ -343,8 +343,13 @@ def test_every_answer_carries_the_trust_of_its_method(env):
     )
     assert response.status_code == 200, response.text
     trust = result["trust"]
-    assert trust["available"] and trust["randomization"]["verdict"] in ("passes", "fails")
-    assert trust["verdicts"]["fidelity"] in ("tracks the model", "does not track the model")
+    assert trust["available"] and trust["randomization"]["answer"] in ("yes", "no", "unclear")
+    assert trust["verdicts"]["fidelity"] in ("yes", "no", "unclear")
+    assert [line.split(":")[0] for line in trust["lines"]] == [
+        "Depends on what the model learned",
+        "Tracks what the model uses",
+    ]
+    assert trust["reading"].startswith("'yes' is a minimum requirement") and trust["schema"] == 2
     _, other, _, _ = post_infer(
         env["url"], "classifier_2d", image="xray_png", output="json", params={"method": "smoothgrad", "n_samples": 2}
     )
@@ -366,8 +371,46 @@ def test_scoring_recomputes_a_trust_card_on_the_datastore(env):
     assert card["methods"]["gradient"]["localization"] == {"available": False, "why": "no masks given"}
     trust = requests.get(f"{url}/info/", timeout=30).json()["models"]["classifier_3d"]["trust"]
     assert trust["available"] and not trust["stale"] and set(trust["methods"]) == {"gradient"}
+    assert trust["data"]["images"] == card["data"]["images"] and len(card["data"]["images"]) == result["n_images"]
     bad = requests.post(f"{url}/scoring/trust", params={"run_sync": "true"}, json={"model": "nope"}, timeout=60)
     assert bad.status_code == 404 and "unknown model" in bad.json()["detail"]
+
+
+def score_trust(url: str, **params) -> dict:
+    """``POST /scoring/trust`` (synchronous) for classifier_3d with gradient's randomization; its answer."""
+    body = {"model": "classifier_3d", "methods": ["gradient"], "checks": ["randomization"], **params}
+    response = requests.post(f"{url}/scoring/trust", params={"run_sync": "true"}, json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    return response.json()["classifier_3d"]
+
+
+def test_the_served_card_is_never_silently_replaced_by_a_weaker_one(env):
+    """Rescoring the same datastore images keeps the card; fewer images keep it unless the request
+    says replace; a card of an older schema is never read, and is replaced."""
+    url, card_path = env["url"], env["model_dir"] / "classifier_3d.trust.json"
+    volumes = sum(item["dim"] == 3 for item in env["items"].values())
+    assert score_trust(url, replace=True)["written"]
+    written = card_path.read_bytes()
+    assert "already rests on these" in score_trust(url)["kept"]  # automatic rescoring: no churn
+    assert card_path.read_bytes() == written
+    # a card on more held-out images than the datastore holds, as `monai-sal serve` writes at first start
+    model, _ = load_classifier(env["model_dir"] / "classifier_3d.pt", device="cpu")
+    held_out = images_for(3, n=volumes + 1, seed=9)
+    stronger = trust_card(model, held_out, methods=["gradient"], checks=["randomization"], data={"source": "held out"})
+    write_trust_card(stronger, env["model_dir"] / "classifier_3d.pt")
+    kept = score_trust(url)["kept"]
+    assert f"rests on {volumes + 1} images (held out)" in kept and "replace=true" in kept
+    assert json.loads(card_path.read_text()) == json.loads(json.dumps(stronger))
+    assert score_trust(url, replace=True)["n_images"] == volumes
+    written = card_path.read_bytes()
+    assert json.loads(written)["data"]["n_images"] == volumes
+
+    old = {key: value for key, value in json.loads(written).items() if key != "schema"}
+    card_path.write_text(json.dumps(old))
+    trust = requests.get(f"{url}/info/", timeout=30).json()["models"]["classifier_3d"]["trust"]
+    assert trust["available"] is False and "schema 1, this monai-sal reads schema 2" in trust["why"]
+    assert score_trust(url)["written"]  # an outdated card is replaced
+    assert requests.get(f"{url}/info/", timeout=30).json()["models"]["classifier_3d"]["trust"]["available"]
     card_path.unlink()
 
 
