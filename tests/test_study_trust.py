@@ -133,7 +133,9 @@ def test_figures_and_the_report_with_coloured_verdicts(smoke_run):
         low, mean, high = (float(verdict[f"band_{k}"]) for k in ("ci_low", "mean", "ci_high"))
         assert f"{mean:.3f} [{low:.3f}, {high:.3f}]" in report
     cells = re.findall(r'<td class="(yes|no|unclear)">([a-z ]+)</td>', report)
-    in_sections = [v for v in verdicts if v["check"] in RANDOMIZATION] + [v for v in verdicts if v["check"] in RETRAINED]
+    in_sections = [v for v in verdicts if v["check"] in RANDOMIZATION] + [
+        v for v in verdicts if v["check"] in RETRAINED
+    ]
     assert [text for _, text in cells] == [v["answer"] for v in in_sections]
     assert all(css == (text if text in ("yes", "no") else "unclear") for css, text in cells)
 
