@@ -357,8 +357,8 @@ def _checked_metrics(metrics: Sequence[str], spatial: tuple[int, ...]) -> list[s
 
 # Spearman's rho is Pearson's r of the ranks. For these metrics the trained model's maps are ranked
 # once, and each state's maps once, instead of ranking both sides again for every state and both
-# maps of every pair of the random-pair baseline. The values are bit-identical: the same ranks
-# (``metrics.similarity.ranks``) go through the same correlation (``metrics.similarity.pearson``).
+# maps of every pair of the random-pair baseline: the same ranks (``metrics.similarity.ranks``) go
+# through the same correlation (``metrics.similarity.pearson``).
 _RANKED_METRICS = {"spearman": lambda maps: maps, "spearman_abs": np.abs}
 
 
@@ -479,17 +479,29 @@ def model_randomization(
 
     original = maps_of(work) if original_maps is None else processed(original_maps)
     retained = RetentionReference(original, classes, display)
+    # The retention share ranks the maps as displayed: the curve of that Spearman metric is the
+    # diagonal of its comparison, so those maps are ranked once, not twice.
+    displayed = "spearman_abs" if display == "abs" else "spearman"
     blank = {"original": int(retained.blank.sum())}
-    reference = {metric: _comparable(original, metric) for metric in metrics}
+    reference = {
+        metric: (retained.keys.reshape(original.shape), "pearson")
+        if metric == displayed
+        else _comparable(original, metric)
+        for metric in metrics
+    }
     values = {metric: np.zeros((len(blocks), n)) for metric in metrics}
     shares = np.full((len(blocks), n), np.nan)
     blank_per_state = np.zeros(len(blocks), dtype=np.int64)
     for index, (name, network) in enumerate(_randomize_in_place(work, blocks, mode, seed, reset_batch_norm)):
         maps = maps_of(network)
+        cross, blank_now = retained.similarity(maps)
+        shares[index] = retained.shares_from(cross, blank_now)
         for metric in metrics:
+            if metric == displayed:
+                values[metric][index] = np.clip(np.diagonal(cross), -1.0, 1.0)
+                continue
             compared, by = reference[metric]
             values[metric][index] = similarity(compared, _comparable(maps, metric)[0], by)
-        shares[index], blank_now = retained.shares(maps)
         blank_per_state[index] = int(blank_now.sum())
         blank[name] = int(blank_now.sum())
 

@@ -316,12 +316,15 @@ class RetentionReference:
         """``(share, blank)``: (N,) retention share per image (NaN where it cannot be scored) and
         (N,) whether each changed map is blank."""
         cross, blank = self.similarity(changed)
+        return self.shares_from(cross, blank), blank
+
+    def shares_from(self, cross: np.ndarray, blank: np.ndarray) -> np.ndarray:
+        """(N,) retention shares from :meth:`similarity`'s ``(cross, blank)``."""
         null = _masked_row_mean(cross, self.peers & ~blank[None, :])
         specific = 1.0 - self.template
         scorable = ~self.blank & ~blank & np.isfinite(null) & (specific > 1e-9)
         with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.where(scorable, (np.diagonal(cross) - null) / np.where(scorable, specific, 1.0), np.nan)
-        return share, blank
+            return np.where(scorable, (np.diagonal(cross) - null) / np.where(scorable, specific, 1.0), np.nan)
 
 
 def retention_share(reference, changed, classes, display: str = "abs") -> np.ndarray:
