@@ -15,6 +15,7 @@ from monai_sal_app.metrics.similarity import (
     hog_spearman,
     pearson,
     random_pair_baseline,
+    ranks,
     retention_share,
     similarity,
     spearman,
@@ -186,3 +187,9 @@ def test_retention_share_leaves_out_blank_maps_and_lone_images():
         RetentionReference(reference, [0] * 5)
     with pytest.raises(ValueError, match="changed maps must have the reference's shape"):
         RetentionReference(reference, [0] * 6).shares(reference[:, :8])
+
+
+def test_ranks_equal_scipy_rankdata_with_ties():
+    values = np.round(np.random.default_rng(0).normal(size=(4, 500)), 1)  # many ties
+    values[1] = 0.0  # one constant row
+    np.testing.assert_array_equal(ranks(values), stats.rankdata(values, axis=1))

@@ -74,10 +74,22 @@ def _correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
-    """Row-wise ranks (1..P) of (N, P) values, ties averaged (as ``scipy.stats.rankdata``); Spearman = Pearson of these."""
-    from scipy.stats import rankdata  # scipy.stats is slow to import: only when ranking
-
-    return rankdata(x, axis=1)
+    """Row-wise ranks (1..P) of (N, P) values, ties averaged: equal to ``scipy.stats.rankdata(x,
+    axis=1)``; Spearman = Pearson of these. One sort per row, each run of equal values given the
+    mean of its positions (a few times faster than rankdata on the 10^5-10^6 voxels of a 3D map)."""
+    x = np.asarray(x)
+    order = np.argsort(x, axis=1)
+    ordered = np.take_along_axis(x, order, axis=1)
+    n = x.shape[1]
+    out = np.empty(x.shape, dtype=np.float64)
+    starts = np.empty(n, dtype=bool)
+    for row in range(x.shape[0]):
+        starts[0] = True
+        np.not_equal(ordered[row, 1:], ordered[row, :-1], out=starts[1:])
+        first = np.flatnonzero(starts)
+        counts = np.diff(np.append(first, n))
+        out[row, order[row]] = np.repeat(first + (counts + 1) / 2, counts)
+    return out
 
 
 def pearson(a, b) -> np.ndarray:
