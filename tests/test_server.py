@@ -708,10 +708,19 @@ def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, cap
     for name, path in found.items():  # each default model has its trust card beside it, and a report
         card = json.loads(path.with_name(f"{name}.trust.json").read_text())
         assert card["data"]["n_images"] == 8 and (work / "trust" / name / "trust.md").is_file()
+        assert card["settings"]["localization_reference"] == "mean training mask"  # the training masks
+        assert len(card["data"]["images"]) == 8 and card["data"]["train_masks"].endswith("manifest.csv")
     args.func(parser.parse_args(argv))  # a second run reuses the checkpoints and their trust cards
     second = capfd.readouterr().out
     assert "training" not in second and "trust card" not in second
     assert {name: path.stat().st_mtime_ns for name, path in found.items()} == stamps
+    name = next(iter(found))  # a card of an older schema is recomputed, never read
+    card_path = found[name].with_name(f"{name}.trust.json")
+    card_path.write_text(json.dumps({k: v for k, v in json.loads(card_path.read_text()).items() if k != "schema"}))
+    args.func(parser.parse_args(argv))
+    third = capfd.readouterr().out
+    assert f"{name}: recomputing the trust card" in third and "schema 1" in third and "training" not in third
+    assert json.loads(card_path.read_text())["schema"] == 2
     assert sorted(p for p in PACKAGE_DIR.rglob("*") if "__pycache__" not in p.parts) == package_files
 
 
