@@ -62,13 +62,19 @@ def test_models_that_do_not_classify_alike_are_not_assessable(models_and_images)
     probabilities = torch.softmax(reference(images), 1).detach().numpy()
     labels = (probabilities[:, 1] > np.median(probabilities[:, 1])).astype(int)  # the reference's ROC AUC is 1
     no_labels = map_agreement([reference, copy.deepcopy(reference)], images, "gradient")
-    assert no_labels.verdict == "not assessable" and "no true labels" in no_labels.reason
+    assert no_labels.verdict == "not assessable" and "no test ROC AUCs and no true labels" in no_labels.reason
     flipped = copy.deepcopy(reference)
     with torch.no_grad():
         flipped[-1].weight.neg_()
         flipped[-1].bias.neg_()
     result = map_agreement([reference, flipped], images, "gradient", labels=labels)
     assert result.verdict == "not assessable" and "do not classify equally well" in result.reason
+    assert result.models["model_1"]["auc_reference"] == 1.0 and result.models["model_1"]["auc"] == 0.0
+    by_cards = {"model_0": 0.91, "model_1": 0.84}  # the cards' test ROC AUCs win over the images' labels
+    result = map_agreement([reference, copy.deepcopy(reference)], images, "gradient", labels=labels, aucs=by_cards)
+    assert result.verdict == "not assessable" and "ROC AUC 0.91 vs 0.84" in result.reason
+    close = {"model_0": 0.91, "model_1": 0.89}
+    assert map_agreement([reference, copy.deepcopy(reference)], images, "gradient", aucs=close).verdict == "yes"
     swapped = probabilities[:, ::-1].copy()
     swapped[:2] = probabilities[:2]  # agree on two images, disagree on the others
     check = comparable_models(probabilities, swapped, None)

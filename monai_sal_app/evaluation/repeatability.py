@@ -178,25 +178,29 @@ def _kappa(first: np.ndarray, second: np.ndarray, classes: int) -> float:
     return (observed - chance) / (1.0 - chance)
 
 
-def comparable_models(reference: np.ndarray, other: np.ndarray, labels) -> dict:
+def comparable_models(reference: np.ndarray, other: np.ndarray, labels=None, aucs=None) -> dict:
     """Whether two models classify alike enough for their maps to be compared.
 
-    ``reference``, ``other``: (N, K) class probabilities of the two models on the same images;
-    ``labels``: (N,) true classes, or None. Returns ``{"assessable", "why", "auc_reference", "auc",
-    "kappa", "alike"}``: assessable when both ROC AUCs are within :data:`MAX_AUC_GAP` and Cohen's
-    kappa of the predictions (argmax) is at least :data:`MIN_KAPPA`; ``alike`` (N,) bool, the
-    images both classify alike."""
+    ``reference``, ``other``: (N, K) class probabilities of the two models on the same images.
+    ``aucs``: the two models' test ROC AUCs ``(reference, other)`` when known (from their cards);
+    otherwise they are computed on these images against ``labels`` (N,) true classes. Returns
+    ``{"assessable", "why", "auc_reference", "auc", "kappa", "alike"}``: assessable when both ROC
+    AUCs are within :data:`MAX_AUC_GAP` and Cohen's kappa of the predictions (argmax) on these
+    images is at least :data:`MIN_KAPPA`; ``alike`` (N,) bool, the images both classify alike."""
     predicted, predicted_other = reference.argmax(1), other.argmax(1)
     agree = predicted == predicted_other
     kappa = _kappa(predicted, predicted_other, reference.shape[1])
     found = {"auc_reference": None, "auc": None, "kappa": kappa, "alike": agree}
-    if labels is None:
-        return {**found, "assessable": False, "why": "no true labels to compare the two models' ROC AUCs"}
-    labels = np.asarray(labels).reshape(-1)
-    auc_reference, auc = _auc(reference, labels), _auc(other, labels)
+    if aucs is not None:
+        auc_reference, auc = (float(a) for a in aucs)
+    elif labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        auc_reference, auc = _auc(reference, labels), _auc(other, labels)
+    else:
+        return {**found, "assessable": False, "why": "no test ROC AUCs and no true labels to compare the two models"}
     found.update(auc_reference=auc_reference, auc=auc)
     if not (np.isfinite(auc_reference) and np.isfinite(auc)):
-        return {**found, "assessable": False, "why": "the labels hold one class: no ROC AUC"}
+        return {**found, "assessable": False, "why": "the images' labels hold one class: no ROC AUC to compare"}
     if abs(auc_reference - auc) > MAX_AUC_GAP:
         return {
             **found,
@@ -247,6 +251,7 @@ def map_agreement(
     metrics: Sequence[str] = DEFAULT_METRICS,
     expect: str = "similar",
     labels=None,
+    aucs: Mapping[str, float] | None = None,
     display: str = "abs",
     n_pairs: int = 50,
     seed: int = 0,
@@ -257,8 +262,10 @@ def map_agreement(
 
     ``models``: ``{name: model}`` (the first is the reference) or a sequence; all take ``images``
     (N, C, *spatial) and predict the same classes. ``target``: None -> the reference model's
-    predicted class, kept for every model. ``labels``: (N,) true classes; ``expect="similar"``
-    (repeatability) needs them to check that the models classify equally well. ``display``: maps
+    predicted class, kept for every model. ``aucs``: ``{name: test ROC AUC}`` of the models (their
+    cards' numbers), or ``labels``: (N,) true classes to compute them on ``images``;
+    ``expect="similar"`` (repeatability) needs one of them to check that the models classify
+    equally well. ``display``: maps
     compared as |map| ("abs") or signed. ``metrics``: similarity curves reported beside the
     verdict. ``postprocess_steps``: named steps of ``saliency.postprocess`` applied to every map
     before it is compared. ``expect="different"``: label randomization (no model check).
@@ -298,7 +305,8 @@ def map_agreement(
     pooled, per_model, blank = [], {}, {}
     for name in others:
         if expect == "similar":
-            check = comparable_models(reference_probabilities, _probabilities(named[name], images), labels)
+            known = (aucs[reference_name], aucs[name]) if aucs and reference_name in aucs and name in aucs else None
+            check = comparable_models(reference_probabilities, _probabilities(named[name], images), labels, known)
             alike = check.pop("alike")
         else:
             check, alike = {"assessable": True, "why": ""}, np.ones(len(classes), dtype=bool)

@@ -259,6 +259,7 @@ def trust_card(
     fidelity_replacement: str = "zero",
     display: str = "abs",
     reset_batch_norm: bool = False,
+    aucs: Mapping[str, float] | None = None,
 ) -> dict:
     """Run the trust checks of ``methods`` for ``model`` on ``images``; a JSON-safe dict.
 
@@ -273,6 +274,8 @@ def trust_card(
     ``params``: per-method parameters for ``explain``. ``fidelity_replacement``: what replaces
     removed positions ("zero", "mean", "blur", "road"). ``display``: maps compared as shown, "abs"
     (|map|) or "signed". ``reset_batch_norm``: randomization resets batch-norm statistics too.
+    ``aucs``: test ROC AUCs of the model (key "model") and of the ``compare_with`` models, from their
+    cards, for the repeatability check (without them, computed on ``images`` against ``labels``).
 
     Returns ``{"schema", "monai_sal_version", "created", "seconds", "data", "settings", "reading",
     "methods": {method: {"checks": {check: {"question", "answer", "meaning", "why"}}, "verdicts":
@@ -319,7 +322,7 @@ def trust_card(
         if "repeatability" in checks:
             result = map_agreement(
                 {"model": model, **dict(compare_with)}, images, method, target=fixed_targets, params=method_params,
-                labels=labels, display=display, seed=seed,
+                labels=labels, aucs=aucs, display=display, seed=seed,
             )  # fmt: skip
             entry["repeatability"] = result.to_dict()
             answers["repeatability"] = _answer("repeatability", result.verdict, result.reason)

@@ -112,18 +112,20 @@ def run_trust(
 
     Writes ``<model>.trust.json`` beside the checkpoint and the report under ``out``
     (:func:`write_trust_report`). ``compare_with``: checkpoints of other trained models of the same
-    labels and input size (repeatability). ``train_data``: the training manifest; its masks'
+    labels and input size (repeatability; compared by their cards' test ROC AUCs when every card has
+    one). ``train_data``: the training manifest; its masks'
     mean, on the model's input grid, is the map localization is judged against (chance without
     it). The class explained is the model's prediction with its card's decision threshold. Under
     ``torchrun`` the methods are shared out among the ranks and rank 0 writes the card and the
     report.
     """
     model, card = load_classifier(model_path, device=device)
-    others = {}
+    others, aucs = {}, {"model": card.metrics.get("test_auc")}
     for path in compare_with:
         other, other_card = load_classifier(path, device=device)
         _check_comparable(card, other_card, str(path))
         others[Path(path).stem] = other
+        aucs[Path(path).stem] = other_card.metrics.get("test_auc")
     items = read_items(data)
     images, labels, masks = load_trust_inputs(items, card, max_images, progress=progress)
     prior = None if train_data is None else mean_mask_on_grid(read_items(train_data), card.input_size)
@@ -150,6 +152,7 @@ def run_trust(
         data=described,
         mask_prior=prior,
         fidelity_replacement=fidelity_replacement,
+        aucs=aucs if all(auc is not None for auc in aucs.values()) else None,
     )
     if distributed.is_main():
         write_trust_card(result, model_path)

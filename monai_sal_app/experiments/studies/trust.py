@@ -233,11 +233,11 @@ def _save_state_maps(run: Run, reference, images, targets, method: str, params: 
     np.savez(path, maps=np.stack([m.cpu().numpy() for m in maps]), states=np.array(names))
 
 
-def _check_method(run: Run, models: dict, images, targets, labels, method: str, block: int) -> dict:
+def _check_method(run: Run, models: dict, aucs: dict, images, targets, method: str, block: int) -> dict:
     """Every check of ``method`` (in block ``block``) on ``images`` (N, 1, *input_size) for
-    ``targets`` (N,) with true ``labels`` (N,): ``{"method", "results": {check: the result's
-    to_dict()}, "baseline": the study's random-pair band of the reference maps}``; a comparison
-    without models (one replicate, one architecture) is left out."""
+    ``targets`` (N,), with the models' test ROC AUCs ``aucs``: ``{"method", "results": {check:
+    the result's to_dict()}, "baseline": the study's random-pair band of the reference maps}``; a
+    comparison without models (one replicate, one architecture) is left out."""
     from monai_sal_app.evaluation.randomization import model_randomization
     from monai_sal_app.evaluation.repeatability import map_agreement
     from monai_sal_app.metrics.similarity import random_pair_baseline
@@ -261,7 +261,7 @@ def _check_method(run: Run, models: dict, images, targets, labels, method: str, 
         if others:
             expect = "different" if check == "label_randomization" else "similar"
             results[check] = map_agreement(
-                {"reference": reference, **others}, images, method, targets, params, expect=expect, labels=labels,
+                {"reference": reference, **others}, images, method, targets, params, expect=expect, aucs=aucs,
                 **compare,
             ).to_dict()  # fmt: skip
     _save_state_maps(run, reference, images, targets, method, params, trained)
@@ -368,16 +368,15 @@ def _retrained_figure(run: Run, verdicts: list[dict], rows: list[dict]) -> Path:
 
 
 def _load_test(manifests: dict, card, count: int):
-    """The first ``count`` test images with a mask: ids, images (count, 1, *input_size), masks
-    on the input grid and true labels (count,)."""
+    """The first ``count`` test images with a mask: ids, images (count, 1, *input_size) and masks
+    on the input grid."""
     from monai_sal_app.data.manifest import read_manifest
     from monai_sal_app.experiments.trust_report import mask_on_grid
     from monai_sal_app.experiments.workflows import load_inputs
 
     items = [item for item in read_manifest(manifests["test"]) if item.get("mask")][:count]
     images, _ = load_inputs(items, card.input_size, progress=False)
-    masks = [mask_on_grid(item, card.input_size) for item in items]
-    return [item["id"] for item in items], images, masks, [int(item["label"]) for item in items]
+    return [item["id"] for item in items], images, [mask_on_grid(item, card.input_size) for item in items]
 
 
 def run_trust(run: Run) -> None:
@@ -397,14 +396,15 @@ def run_trust(run: Run) -> None:
     loaded = {name: load_classifier(result["checkpoint"], device=str(run.device)) for name, result in trained.items()}
     models = {name: model for name, (model, _) in loaded.items()}
     card = loaded["reference"][1]
-    ids, images, masks, labels = _load_test(manifests, card, s["images"])
+    ids, images, masks = _load_test(manifests, card, s["images"])
+    aucs = {name: result["test_auc"] for name, result in trained.items() if result.get("test_auc") is not None}
     targets = torch.from_numpy(card.predict(predict_probabilities(models["reference"], images)))
 
     checked = run.map_blocks(
         f"checks_schema{SCHEMA_VERSION}",
         s["methods"],
         lambda indices, block: [
-            _check_method(run, models, images, targets, labels, method, index // BLOCK_SIZE)
+            _check_method(run, models, aucs, images, targets, method, index // BLOCK_SIZE)
             for index, method in zip(indices, block)
         ],
         BLOCK_SIZE,
