@@ -35,7 +35,8 @@ back and round robin, best of ``--repeats``:
   ``quantus.PixelFlipping(features_in_step=P/K, perturb_baseline=0.0)`` calls with ``softmax=True``
   on the same maps: one with ``abs=True`` on the maps (most important first, = MIF) and one with
   ``abs=False`` on ``max|map| - |map|`` (least important first, = LIF); the floor: the forward
-  passes alone, the same number of rows (1 + 2 (K - 1) per image) in ours' chunk size.
+  passes alone, the same number of rows (1 + 2 (K - 1) per image) in ours' chunk size (ours also
+  classifies one all-zero image, the fully replaced one of every image).
   *max |diff|*: the largest difference of the curves at the K - 1 perturbed fractions both compute.
 
 ``3d96`` runs ``evaluation.trust.trust_card`` with every check (randomization, fidelity,
@@ -319,9 +320,9 @@ def bench_mprt(setup: Setup, method: str, repeats: int) -> Row:
         return seconds
 
     result, scores = round_robin(row, ours, peer, floor, repeats, f"{setup.name} mprt {method}")
-    constant = dict(result.constant_maps)
+    constant = dict(result.blank_maps)
     if constant:
-        row.notes.append(f"constant maps (ours scores 0) by state: {constant}")
+        row.notes.append(f"blank (constant) maps, never scored, by state: {constant}")
     if scores is not None:
         ours_values = result.similarity["spearman_abs"]
         peer_values = np.array([scores[name] for name in blocks], dtype=np.float64)
@@ -389,7 +390,10 @@ def bench_fidelity(setup: Setup, method: str, repeats: int, steps: int = FIDELIT
             return time.perf_counter() - start
 
     result, curves = round_robin(row, ours, peer, floor, repeats, f"{setup.name} fidelity {method}")
-    row.notes.append(f"ours: chunks of {chunk} rows; Quantus: {steps} passes of {setup.n} rows per order")
+    row.notes.append(
+        f"ours: chunks of {chunk} rows, and one all-zero image (is the replacement itself evidence?); "
+        f"Quantus: {steps} passes of {setup.n} rows per order"
+    )
     if curves is not None:
         mif, lif = curves
         row.diff = float(

@@ -248,6 +248,9 @@ def test_chunk_size_does_not_change_the_result(dims, baseline):
             assert model.rows[-1] == perturbed_rows
         else:  # the unperturbed and the fully replaced images, then the copies
             assert sum(model.rows) == 6 + perturbed_rows and max(model.rows) <= batch_size
+    zero = RowCounter(tiny_cnn(dims))
+    fidelity(zero, x, maps=maps, batch_size=3)
+    assert zero.rows[:2] == [3, 1]  # one all-zero image stands for every fully replaced one
     # Equal up to float32 rounding: a convolution's sums may run in another order for another batch size.
     for batch_size in (1, 3):
         for name in ("mif", "lif", "fidelity"):

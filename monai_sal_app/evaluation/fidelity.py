@@ -117,7 +117,7 @@ class FidelityResult:
     ``accuracy_mif`` and ``accuracy_lif`` (F,) are the fractions of images whose predicted class is
     still the reference class, and ``accuracy_fidelity`` AUC(accuracy_lif) - AUC(accuracy_mif).
     ``replaced_as_target``: the share of images whose fully replaced image the model classifies as
-    their target. ``n_scored``: images with a score (``margin`` leaves out those whose target is not
+    their target (one more pass per image, one in all for ``zero``). ``n_scored``: images with a score (``margin`` leaves out those whose target is not
     the predicted class). ``seconds_per_image`` is the wall time of the unperturbed, fully replaced
     and perturbed passes (with the imputation of ``road``) divided by N, without computing the maps.
     """
@@ -234,7 +234,8 @@ def fidelity(
             _check_positive_logits(reference_target_logits)
         if score == "margin" and num_classes < 2:
             raise ValueError("score='margin' needs a model with at least 2 classes (the best other logit)")
-        replaced_logits = _logits_in_chunks(model, _fully_replaced(x, baseline, seed), batch_size)
+        replaced = _logits_in_chunks(model, _fully_replaced(x, baseline, seed), batch_size).argmax(1)
+        replaced = replaced.expand(n)  # one all-zero image stands for every image with baseline "zero"
         seconds = time.perf_counter() - start
 
         if given_maps is None:
@@ -273,7 +274,7 @@ def fidelity(
         accuracy_mif=accuracy_mif,
         accuracy_lif=accuracy_lif,
         accuracy_fidelity=accuracy_fidelity,
-        replaced_as_target=float((replaced_logits.argmax(1).cpu().numpy() == targets).mean()),
+        replaced_as_target=float((replaced.cpu().numpy() == targets).mean()),
         n_scored=int(np.isfinite(per_image).sum()),
         score=score,
         baseline=baseline,
@@ -384,11 +385,12 @@ def _row_noise(rows: torch.Tensor, shape: torch.Size, seed: int, like: torch.Ten
 
 def _fully_replaced(x: torch.Tensor, baseline: str, seed: int) -> torch.Tensor:
     """The images with every position replaced (N, C, *spatial): what ``baseline`` puts in their
-    place (``road``: the channel means plus its noise, nothing being left to impute from)."""
+    place (``road``: the channel means plus its noise, nothing being left to impute from); for
+    ``zero`` one all-zero image (1, C, *spatial), the same for every image."""
     if baseline == "blur":
         return gaussian_blur(x, (BLUR_SIGMA,) * (x.ndim - 2))
     if baseline == "zero":
-        return torch.zeros_like(x)
+        return torch.zeros_like(x[:1])
     means = x.mean(dim=tuple(range(2, x.ndim)), keepdim=True).expand_as(x)
     if baseline == "mean":
         return means.clone()
