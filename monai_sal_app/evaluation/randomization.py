@@ -64,6 +64,7 @@ __all__ = [
     "randomization_blocks",
     "randomized_models",
     "reinitialise_block",
+    "retention_interval",
     "retention_verdict",
 ]
 
@@ -219,10 +220,12 @@ def judged_states(n_states: int, mode: str) -> list[int]:
     return [k for k in range(n_states) if 2 * (k + 1) >= n_states]
 
 
-def _interval(values, seed: int, n_resamples: int) -> dict:
+def retention_interval(values, seed: int, n_resamples: int = 2000) -> dict:
+    """``{"mean", "ci_low", "ci_high", "n"}`` of retention shares (NaN left out, as is a missing
+    bound: None) with the bootstrap 95% CI (``metrics.stats.bootstrap_ci``)."""
     mean, low, high = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
-    finite = np.asarray([v for v in np.ravel(values) if v is not None and np.isfinite(v)])
-    return {"mean": _finite(mean), "ci_low": _finite(low), "ci_high": _finite(high), "n": int(finite.size)}
+    n = int(np.isfinite(np.asarray(values, dtype=np.float64)).sum())
+    return {"mean": _finite(mean), "ci_low": _finite(low), "ci_high": _finite(high), "n": n}
 
 
 def _finite(value) -> float | None:
@@ -510,7 +513,7 @@ def model_randomization(
         warnings.simplefilter("ignore", RuntimeWarning)  # an image with no judged score: NaN, left out
         per_image = np.nanmean(shares[judged], axis=0)
         per_state = np.nanmean(shares, axis=1)
-    interval = _interval(per_image, seed, n_resamples)
+    interval = retention_interval(per_image, seed, n_resamples)
     blank_share = float(blank_per_state[judged].sum()) / (n * len(judged))
     counts = _class_counts(classes)
     verdict, reason = retention_verdict(

@@ -33,9 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from monai_sal_app.evaluation.randomization import RETENTION_CUT, retention_verdict
+from monai_sal_app.evaluation.randomization import RETENTION_CUT, retention_interval, retention_verdict
 from monai_sal_app.metrics.similarity import DISPLAYS, RetentionReference, random_pair_baseline, similarity
-from monai_sal_app.metrics.stats import bootstrap_ci
 from monai_sal_app.saliency import explain
 from monai_sal_app.saliency.core import model_guard, resolve_target
 from monai_sal_app.saliency.postprocess import checked_steps, postprocess
@@ -217,12 +216,6 @@ def comparable_models(reference: np.ndarray, other: np.ndarray, labels=None, auc
     return {**found, "assessable": True, "why": ""}
 
 
-def _interval(values, seed: int, n_resamples: int) -> dict:
-    mean, low, high = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
-    n = int(np.isfinite(np.asarray(values, dtype=float)).sum()) if len(values) else 0
-    return _json({"mean": mean, "ci_low": low, "ci_high": high, "n": n})
-
-
 def _repeatability_verdict(interval: dict, models: dict) -> tuple[str, str]:
     """("yes" / "partly" / "no" / "not assessable", reason) of a comparison with retrained models."""
     if not any(m["assessable"] for m in models.values()):
@@ -317,9 +310,13 @@ def map_agreement(
             shares, blank_now = retained.shares(maps[name][keep])
             blank[name] = int(blank_now.sum())
             pooled.append(shares)
-        per_model[name] = {**check, "images": int(keep.size), "retention": _interval(shares, seed, n_resamples)}
+        per_model[name] = {
+            **check,
+            "images": int(keep.size),
+            "retention": retention_interval(shares, seed, n_resamples),
+        }
     values = np.concatenate(pooled) if pooled else np.full(0, np.nan)
-    interval = _interval(values, seed, n_resamples)
+    interval = retention_interval(values, seed, n_resamples)
     if expect == "similar":
         verdict, reason = _repeatability_verdict(interval, per_model)
     else:

@@ -19,6 +19,14 @@ import numpy as np
 __all__ = ["bootstrap_ci", "mean_ci", "summarize", "to_markdown", "write_csv"]
 
 
+def _values(values, confidence: float) -> np.ndarray:
+    """``values`` as a flat float64 array without NaN (and ``None``), after checking ``confidence``."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    array = np.asarray(values, dtype=np.float64).ravel()
+    return array[~np.isnan(array)]
+
+
 def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     """``(mean, ci_low, ci_high)`` of ``values`` with a Student-t confidence interval.
 
@@ -27,16 +35,11 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     ignored and ``n`` counts the rest. One value -> ``(v, nan, nan)``; no value ->
     ``(nan, nan, nan)``; identical values -> ``(v, v, v)`` (zero-width interval). Python floats.
     """
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    array = np.asarray(values, dtype=np.float64).ravel()
-    array = array[~np.isnan(array)]
+    array = _values(values, confidence)
     n = array.size
-    if n == 0:
-        return math.nan, math.nan, math.nan
+    if n < 2:
+        return (math.nan, math.nan, math.nan) if n == 0 else (float(array[0]), math.nan, math.nan)
     mean = float(array.mean())
-    if n == 1:
-        return mean, math.nan, math.nan
     # Imported here: scipy.stats takes ~1 s to import, which the server and the Slicer module
     # should not pay just to import localization metrics.
     from scipy import stats as scipy_stats
@@ -58,18 +61,13 @@ def bootstrap_ci(
     Used where the values are bounded or skewed (shares in [0, 1]) and a t interval could leave
     their range. Python floats.
     """
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 100:
         raise ValueError(f"n_resamples must be an integer >= 100, got {n_resamples!r}")
-    array = np.asarray([math.nan if v is None else v for v in np.ravel(values)], dtype=np.float64)
-    array = array[~np.isnan(array)]
+    array = _values(values, confidence)
     n = array.size
-    if n == 0:
-        return math.nan, math.nan, math.nan
+    if n < 2:
+        return (math.nan, math.nan, math.nan) if n == 0 else (float(array[0]), math.nan, math.nan)
     mean = float(array.mean())
-    if n == 1:
-        return mean, math.nan, math.nan
     rng = np.random.default_rng(seed)
     means = array[rng.integers(0, n, size=(n_resamples, n))].mean(axis=1)
     low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
