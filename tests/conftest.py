@@ -514,3 +514,58 @@ def smoke_refusal(recipe: str, changes: dict, tmp_path: Path) -> str:
         run_experiment(path, tmp_path / "out", scale="smoke", progress=False, log=lambda _: None)
     assert not (tmp_path / "out").exists()
     return str(refused.value)
+
+
+# ----------------------------------------------------------------------------- the Slicer module
+
+SLICER_MODULE = Path(__file__).resolve().parents[1] / "slicer_module" / "SaliencyMaps" / "SaliencyMaps.py"
+
+
+@pytest.fixture(scope="module")
+def slicer_server(tmp_path_factory):
+    """The real server on 127.0.0.1 as the Slicer module's tests use it: a 2D model with a trust
+    card and a 3D model without one, and the test images (``items``) in its studies folder.
+    Yields {"url", "items", "model_dir", "root", "server"} (``server``: the BackgroundServer)."""
+    from server_fixtures import make_studies, save_tiny_checkpoint, tiny_trust_card
+
+    from monai_sal_app.evaluation.trust import write_trust_card
+    from monai_sal_app.serve import start_background_server
+
+    root = tmp_path_factory.mktemp("slicer")
+    model_dir = root / "model"
+    save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0)
+    save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
+    write_trust_card(tiny_trust_card(model_dir / "classifier_2d.pt"), model_dir / "classifier_2d.pt")
+    items = make_studies(root / "studies")
+    running = start_background_server(
+        root / "studies",
+        conf={"model_dir": str(model_dir)},
+        workdir=root / "run",
+        extra_env={"OMP_NUM_THREADS": "1"},
+        timeout=240,
+    )
+    try:
+        yield {"url": running.url, "items": items, "model_dir": model_dir, "root": root, "server": running}
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def mrml_scene():
+    """A fresh MRML scene (slicer-core) as the application sets it up: the three slice views'
+    composite nodes, and the Colors logic on it (which registers the colour legend node class)."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    for view in ("Red", "Yellow", "Green"):
+        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName(view)
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLScene(scene)
+    scene.color_logic = colors  # kept alive with the scene
+    return scene
+
+
+# A long legitimate request on the tiny 3D model (minutes of work unless stopped): meaningful
+# perturbation at its bounds, within the default cost budget.
+LONG_REQUEST = {"steps": 5000, "jitter_copies": 16}
