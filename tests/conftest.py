@@ -566,6 +566,74 @@ def mrml_scene():
     return scene
 
 
+def load_volume(scene, path: Path, labelmap: bool = False):
+    """A volume node read from ``path`` by an archetype storage node, which stays attached (as when
+    Slicer loads a file)."""
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", path.stem)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    storage.SetSingleFile(1)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(node), f"MRML cannot read {path}"
+    return node
+
+
+def ijk_to_ras(node):
+    """A volume node's 4x4 IJK-to-RAS matrix as a numpy array."""
+    import slicer
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def box_segmentation(scene, reference, low_ras, high_ras, spacing=0.5, shift=(0.25, 0.1, 0.3)):
+    """A segmentation node whose one segment is the RAS box [low, high), drawn on an axis-aligned grid
+    finer than ``reference``'s and shifted from it; returns (node, segment id)."""
+    import numpy as np
+    import slicer
+    from SaliencyMapsLib import scene as scene_logic
+
+    low, high = np.asarray(low_ras, dtype=float), np.asarray(high_ras, dtype=float)
+    origin = low - 3.0 + np.asarray(shift)
+    size = np.ceil((high - low + 6.0) / spacing).astype(int)  # (i, j, k) along R, A, S
+    i, j, k = np.meshgrid(*[origin[a] + spacing * np.arange(size[a]) for a in range(3)], indexing="ij")
+    inside = (i >= low[0]) & (i < high[0]) & (j >= low[1]) & (j < high[1]) & (k >= low[2]) & (k < high[2])
+    matrix = np.diag([spacing, spacing, spacing, 1.0])
+    matrix[:3, 3] = origin
+    labelmap = scene_logic.volume_from_array(scene, inside.transpose(2, 1, 0).astype(np.uint8), matrix, "box", True)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesion")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    scene.RemoveNode(labelmap)
+    return segmentation, segmentation.GetSegmentation().GetNthSegmentID(0)
+
+
+def save_scene(scene, folder: Path) -> Path:
+    """Save ``scene`` into ``folder`` as Slicer's Save dialog does, without the application: each
+    volume written by its (default) storage node to ``<node ID>.nrrd``, then ``scene.mrml``."""
+    from SaliencyMapsLib import scene as scene_logic
+
+    for node in scene_logic.nodes_of_class(scene, "vtkMRMLVolumeNode"):
+        if node.GetStorageNode() is None:
+            node.AddDefaultStorageNode()
+        node.GetStorageNode().SetFileName(str(folder / f"{node.GetID()}.nrrd"))
+        assert node.GetStorageNode().WriteData(node), f"cannot write {node.GetName()}"
+    scene.SetRootDirectory(str(folder))
+    scene.SetURL(str(folder / "scene.mrml"))
+    assert scene.Commit(), "cannot write the scene"
+    return folder / "scene.mrml"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 # A long legitimate request on the tiny 3D model (minutes of work unless stopped): meaningful
 # perturbation at its bounds, within the default cost budget.
 LONG_REQUEST = {"steps": 5000, "jitter_copies": 16}

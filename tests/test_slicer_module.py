@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 import requests
 import slicer  # slicer-core, in the test extra
-import vtk
-from conftest import LONG_REQUEST
+from conftest import LONG_REQUEST, box_segmentation, free_port, ijk_to_ras, load_volume
 from SaliencyMapsLib import scene as scene_logic
 from SaliencyMapsLib.batch import items_for_methods, items_for_volumes
 from SaliencyMapsLib.client import ServerClient, ServerError
@@ -55,37 +54,6 @@ def workflow(server, scene):
     flow = SaliencyMapsWorkflow(scene, slicer.vtkSlicerSegmentationsModuleLogic, scene.color_logic)
     flow.connect(server["url"])
     return flow
-
-
-def load_volume(scene, path: Path, labelmap: bool = False):
-    """A volume node read from ``path`` by an archetype storage node, which stays attached (as when
-    Slicer loads a file)."""
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", path.stem)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    storage.SetSingleFile(1)
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    assert storage.ReadData(node), f"MRML cannot read {path}"
-    return node
-
-
-def volume_from_array(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name: str, labelmap: bool = False):
-    """A volume node holding ``array`` (k, j, i) with the 4x4 IJK-to-RAS matrix, without a file."""
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
-    image = vtk.vtkImageData()
-    image.SetDimensions(*reversed(array.shape))
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR if labelmap else vtk.VTK_FLOAT, 1)
-    node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
-    slicer.util.arrayFromVolume(node)[:] = array
-    slicer.util.arrayFromVolumeModified(node)
-    return node
-
-
-def ijk_to_ras(node) -> np.ndarray:
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def voxel_ras(node) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +131,7 @@ def test_a_volume_without_a_file_is_sent_as_nrrd_and_comes_back_on_its_geometry(
     matrix = np.eye(4)
     matrix[:3, :3] = rotation @ np.diag([1.2, 0.9, 2.0])
     matrix[:3, 3] = [30.0, -12.0, 4.0]
-    volume = volume_from_array(scene, field, matrix, "made here")
+    volume = scene_logic.volume_from_array(scene, field, matrix, "made here")
     heatmap = workflow.explain(volume, "classifier_3d", "gradient")
     heat_index, volume_index = voxel_correspondence(heatmap, volume)
     expected = in_process_map(server, "classifier_3d", field, "gradient")  # NRRD reads as (k, j, i)
@@ -234,7 +202,7 @@ def test_display_colours_thresholds_and_puts_the_map_in_every_slice_view(workflo
 def test_a_map_of_order_1e_5_is_thresholded_at_its_own_percentile(scene):
     rng = np.random.default_rng(3)
     tiny = (rng.random((6, 20, 24)) * 3e-5).astype(np.float32)  # a raw gradient map's scale
-    heatmap = volume_from_array(scene, tiny, np.eye(4), "tiny map")
+    heatmap = scene_logic.volume_from_array(scene, tiny, np.eye(4), "tiny map")
     threshold = scene_logic.threshold_at_percentile(heatmap, 90.0)
     assert 1e-5 < threshold < 3e-5 and threshold == np.percentile(tiny.astype(np.float64), 90.0)
     display = scene_logic.show_heatmap(scene, heatmap, None, 0.5, threshold)  # no colour logic: no legend
@@ -247,7 +215,7 @@ def test_a_map_of_order_1e_5_is_thresholded_at_its_own_percentile(scene):
 
 
 def test_slicers_own_inferno_is_used_when_the_scene_has_it(scene):
-    heatmap = volume_from_array(scene, np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4), "map")
+    heatmap = scene_logic.volume_from_array(scene, np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4), "map")
     # the node the application loads from its ColorFiles/Inferno.txt, with the ID it gets there
     scene.AddNewNodeByClassWithID("vtkMRMLColorTableNode", "Inferno", "vtkMRMLColorTableNodeFileInferno.txt")
     display = scene_logic.show_heatmap(scene, heatmap)
@@ -327,23 +295,6 @@ def test_the_roc_curve_drawn_is_a_thinned_copy_of_the_full_one():
 # ------------------------------------------------------------------------------------------------
 
 
-def box_segmentation(scene, reference, low_ras, high_ras, spacing=0.5, shift=(0.25, 0.1, 0.3)):
-    """A segmentation node whose one segment is the RAS box [low, high), drawn on an axis-aligned grid
-    finer than ``reference``'s and shifted from it."""
-    low, high = np.asarray(low_ras, dtype=float), np.asarray(high_ras, dtype=float)
-    origin = low - 3.0 + np.asarray(shift)
-    size = np.ceil((high - low + 6.0) / spacing).astype(int)  # (i, j, k) along R, A, S
-    i, j, k = np.meshgrid(*[origin[a] + spacing * np.arange(size[a]) for a in range(3)], indexing="ij")
-    inside = (i >= low[0]) & (i < high[0]) & (j >= low[1]) & (j < high[1]) & (k >= low[2]) & (k < high[2])
-    matrix = np.diag([spacing, spacing, spacing, 1.0])
-    matrix[:3, 3] = origin
-    labelmap = volume_from_array(scene, inside.transpose(2, 1, 0).astype(np.uint8), matrix, "box", labelmap=True)
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesion")
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
-    scene.RemoveNode(labelmap)
-    return segmentation, segmentation.GetSegmentation().GetNthSegmentID(0)
-
-
 def heatmap_box_mask(heatmap, low_ras, high_ras) -> np.ndarray:
     """The heatmap voxels whose centres lie in the RAS box, (k, j, i)."""
     shape = slicer.util.arrayFromVolume(heatmap).shape
@@ -379,7 +330,9 @@ def test_module_numbers_equal_the_servers_and_the_clis(workflow, scene, server, 
 
     # the same mask, on the image's grid, scored by the server and by `monai-sal evaluate`
     mask = scene_logic.segment_mask(scene, segmentation, segment, heatmaps[0], slicer.vtkSlicerSegmentationsModuleLogic)
-    mask_node = volume_from_array(scene, mask.astype(np.uint8), ijk_to_ras(heatmaps[0]), "mask", labelmap=True)
+    mask_node = scene_logic.volume_from_array(
+        scene, mask.astype(np.uint8), ijk_to_ras(heatmaps[0]), "mask", labelmap=True
+    )
     mask_path = tmp_path / "mask.nii"
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(mask_path))
@@ -555,12 +508,6 @@ def test_server_refusals_carry_the_servers_message(workflow, scene, server):
         workflow.explain(volume, "classifier_3d", "nonsense")
     with pytest.raises(ServerError, match="has no model 'other'"):
         workflow.explain(volume, "other", "gradcam")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_server_down_and_timeouts_are_clear(scene):

@@ -104,7 +104,8 @@ class BackgroundJob:
         return self.finished
 
     def cancel(self) -> None:
-        """Abort the request in flight (its connection is shut down) and start no other step."""
+        """Abort the request in flight (its connection is shut down), drop its answer if it came
+        already, and start no other step: nothing of this job reaches the scene any more."""
         if not self.finished:
             self.report.cancelled = True
         self._cancellation.cancel()
@@ -127,7 +128,7 @@ class BackgroundJob:
         step = self.steps[self._index]
         self._index += 1
         answer, error = self._outcome
-        if isinstance(error, Cancelled):
+        if isinstance(error, Cancelled) or self._cancellation.cancelled:  # an answer after Cancel is dropped
             self.report.cancelled = True
         elif error is not None:
             if not isinstance(error, self.errors):

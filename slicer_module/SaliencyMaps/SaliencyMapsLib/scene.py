@@ -27,12 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from SaliencyMapsLib.colormaps import color_table_node
+from SaliencyMapsLib.trust import trust_lines
 
 __all__ = [
     "ATTRIBUTE",
     "SceneError",
     "heatmap_nodes",
     "heatmap_result",
+    "heatmap_summary",
     "image_volumes",
     "load_heatmap",
     "metrics_table",
@@ -44,6 +46,7 @@ __all__ = [
     "threshold_at_percentile",
     "upload_file",
     "volume_dimension",
+    "volume_from_array",
 ]
 
 ATTRIBUTE = "SaliencyMaps."  # prefix of the attributes a heatmap node carries
@@ -65,8 +68,11 @@ class SceneError(ValueError):
 
 
 def _array(node) -> np.ndarray:
+    """The voxels of a volume node, (k, j, i); SceneError when it has none (e.g. its file was not loaded)."""
     import slicer
 
+    if node.GetImageData() is None or node.GetImageData().GetPointData().GetScalars() is None:
+        raise SceneError(f"{node.GetName()} has no voxels (was its file loaded?)")
     return slicer.util.arrayFromVolume(node)
 
 
@@ -76,6 +82,23 @@ def nodes_of_class(scene, class_name: str) -> list:
     collection = scene.GetNodesByClass(class_name)
     collection.UnRegister(None)
     return [collection.GetItemAsObject(index) for index in range(collection.GetNumberOfItems())]
+
+
+def volume_from_array(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name: str, labelmap: bool = False):
+    """A new volume node holding ``array`` ((k, j, i); float32, or uint8 for a labelmap) with the
+    4x4 IJK-to-RAS matrix ``ijk_to_ras`` (mm), without a file."""
+    import slicer
+    import vtk
+
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(*reversed(array.shape))
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR if labelmap else vtk.VTK_FLOAT, 1)
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
+    slicer.util.arrayFromVolume(node)[:] = array
+    slicer.util.arrayFromVolumeModified(node)
+    return node
 
 
 def volume_dimension(volume_node) -> int:
@@ -170,6 +193,16 @@ def heatmap_result(heatmap_node) -> dict:
     """The server's answer stored on a heatmap node ({} for another node)."""
     text = heatmap_node.GetAttribute(ATTRIBUTE + "Result")
     return json.loads(text) if text else {}
+
+
+def heatmap_summary(heatmap_node) -> str:
+    """What the answer behind a map says, in lines: model / method / target, the class
+    probabilities, and the method's trust card (:func:`trust.trust_lines`)."""
+    result = heatmap_result(heatmap_node)
+    probabilities = ", ".join(f"{label} {p:.3f}" for label, p in result.get("probabilities", {}).items())
+    target = result.get("target", {}).get("label")
+    lines = [f"{result.get('model')} / {result.get('method')} / target {target}", f"probabilities: {probabilities}"]
+    return "\n".join(lines + trust_lines(result.get("trust")))
 
 
 def heatmap_nodes(scene, source_volume=None) -> list:
