@@ -13,6 +13,7 @@ Python package (the library Slicer reads PNG with) and stored as NRRD with that 
 from __future__ import annotations
 
 import csv
+import re
 import socket
 import threading
 import time
@@ -534,12 +535,12 @@ def test_server_down_and_timeouts_are_clear(scene):
 # the extension's layout (what Slicer's build and loader expect), and a thin widget
 # ------------------------------------------------------------------------------------------------
 
-EXTENSION = Path(__file__).resolve().parents[1] / "slicer_module"
+REPOSITORY = Path(__file__).resolve().parents[1]
+EXTENSION = REPOSITORY / "slicer_module"
 MODULE = EXTENSION / "SaliencyMaps"
 
 
 def test_extension_layout_lists_every_file_slicer_needs():
-    import re
 
     assert re.search(r"add_subdirectory\(SaliencyMaps\)", (EXTENSION / "CMakeLists.txt").read_text())
     cmake = (MODULE / "CMakeLists.txt").read_text()
@@ -549,9 +550,41 @@ def test_extension_layout_lists_every_file_slicer_needs():
     assert "slicerMacroBuildScriptedModule" in cmake
 
 
+def test_the_extension_metadata_points_at_files_of_this_repository(tmp_path):
+    """The metadata block of the extension's CMakeLists.txt, run by CMake in a clone whose remote is
+    a GitHub address: the homepage, icon and screenshots are files of this repository there."""
+    import subprocess
+
+    cmake = (EXTENSION / "CMakeLists.txt").read_text()
+    block = cmake[cmake.index("# Extension meta-information") : cmake.index("# Extension dependencies")]
+    script = tmp_path / "metadata.cmake"
+    names = ("HOMEPAGE", "CONTRIBUTORS", "ICONURL", "SCREENSHOTURLS", "DEPENDS")
+    script.write_text(block + "".join(f'message("{name}=${{EXTENSION_{name}}}")\n' for name in names))
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for remote in ("git@github.com:someone/monai-sal.git", "https://github.com/someone/monai-sal.git"):
+        subprocess.run(["git", "init", "-q", str(clone)], check=True)
+        subprocess.run(["git", "-C", str(clone), "remote", "remove", "origin"], capture_output=True)
+        subprocess.run(["git", "-C", str(clone), "remote", "add", "origin", remote], check=True)
+        done = subprocess.run(["cmake", "-P", str(script)], cwd=clone, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        found = dict(line.split("=", 1) for line in done.stderr.splitlines() if "=" in line)
+        base = "https://github.com/someone/monai-sal"
+        assert found["HOMEPAGE"] == f"{base}/blob/main/docs/SLICER.md"
+        urls = [found["ICONURL"], *found["SCREENSHOTURLS"].split()]
+        assert len(urls) == 3 and all(url.startswith(f"{base}/raw/main/") for url in urls)
+        for url in urls:
+            assert (REPOSITORY / url[len(f"{base}/raw/main/") :]).is_file(), url
+        assert re.fullmatch(r"[^()]+ \([^()]+\)", found["CONTRIBUTORS"]) and found["DEPENDS"] == "NA"
+    assert (REPOSITORY / "docs" / "SLICER.md").is_file()
+    no_remote = tmp_path / "no remote"
+    no_remote.mkdir()
+    done = subprocess.run(["cmake", "-P", str(script)], cwd=no_remote, capture_output=True, text=True)
+    assert done.returncode != 0 and "-DSALIENCYMAPS_REPOSITORY_URL=" in done.stderr
+
+
 def test_widget_names_exist_in_the_ui_file_and_the_widget_stays_thin():
     import ast
-    import re
     import xml.etree.ElementTree as ElementTree
 
     source = (MODULE / "SaliencyMaps.py").read_text()
@@ -560,7 +593,7 @@ def test_widget_names_exist_in_the_ui_file_and_the_widget_stays_thin():
     assert classes >= {"SaliencyMaps", "SaliencyMapsWidget", "SaliencyMapsLogic", "SaliencyMapsTest"}
     ui = ElementTree.parse(MODULE / "Resources" / "UI" / "SaliencyMaps.ui")
     names = {element.get("name") for element in ui.iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    used = set(re.findall(r"\bui\.(\w+)", source))
     assert used and used <= names, f"not in the .ui: {sorted(used - names)}"
     assert len(source.splitlines()) < 400
 
