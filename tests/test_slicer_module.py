@@ -96,6 +96,33 @@ def test_connect_fills_models_methods_and_parameters_from_info(server, workflow)
     assert workflow.methods("classifier_2d")["integrated_gradients"]["defaults"]["steps"] > 0
 
 
+def test_the_parameter_form_follows_info_and_sends_only_what_differs(workflow):
+    from SaliencyMapsLib.parameters import chosen_parameters, form_fields
+
+    json_fields = []
+    for method, spec in workflow.methods("classifier_3d").items():
+        fields = form_fields(spec)
+        assert [field.name for field in fields] == list(spec["defaults"]), method
+        for field in fields:
+            if field.kind == "int":
+                assert isinstance(field.maximum, int) and field.maximum == spec.get("bounds", {}).get(field.name, 10**9)
+            if field.kind == "json":
+                json_fields.append((spec, field.name))
+        shown = {field.name: field.value for field in fields}  # what the form shows untouched
+        assert chosen_parameters(spec["defaults"], shown) == {}, method  # the defaults send nothing
+    spec = workflow.methods("classifier_3d")["smoothgrad"]
+    fields = {field.name: field for field in form_fields(spec, saved={"n_samples": 3})}
+    assert fields["n_samples"].value == 3 and "default" in fields["n_samples"].tooltip
+    assert chosen_parameters(spec["defaults"], {name: field.value for name, field in fields.items()}) == {
+        "n_samples": 3
+    }
+    spec, name = json_fields[0]  # a parameter whose default is None (automatic) or a list
+    shown = {field.name: field.value for field in form_fields(spec)}
+    shown[name] = "[1, 2"
+    with pytest.raises(ValueError, match=rf"parameter {name}: '\[1, 2' is not JSON"):
+        chosen_parameters(spec["defaults"], shown)
+
+
 def test_trust_card_text_per_method_and_without_a_card(workflow):
     trust_2d = workflow.model("classifier_2d")["trust"]
     tag = trust_tag(trust_2d, "gradcam")

@@ -22,6 +22,7 @@ import pytest
 import slicer
 from conftest import LONG_REQUEST, SLICER_MODULE, box_segmentation, free_port, ijk_to_ras, load_volume, save_scene
 from SaliencyMapsLib import scene as scene_logic
+from SaliencyMapsLib.trust import trust_lines
 from slicer_standins import QFileDialog, QSettings, SlicerStandIns, module_panel
 
 
@@ -114,7 +115,13 @@ def test_the_module_runs_as_slicer_runs_it_against_the_real_server(panel, server
     app.run_until(lambda: widget.job is None)
     heatmap = scene.GetNodeByID(ui.heatmapComboBox.currentData)
     assert scene_logic.heatmap_nodes(scene) == [heatmap] and heatmap not in ui.inputVolumeSelector.offered()
-    assert "gradcam" in ui.resultLabel.text and "trust card" in ui.resultLabel.text  # the trust text is shown
+    card = scene_logic.heatmap_result(heatmap).get(
+        "trust"
+    )  # the answer's trust card text is shown, as the Lib words it
+    assert "gradcam" in ui.resultLabel.text and all(line in ui.resultLabel.text for line in trust_lines(card))
+    assert ui.methodTrustLabel.text == "\n".join(
+        trust_lines(widget.workflow.model("classifier_3d").get("trust"), "gradcam")
+    )
     composite = scene_logic.nodes_of_class(scene, "vtkMRMLSliceCompositeNode")[0]
     assert composite.GetForegroundVolumeID() == heatmap.GetID() and composite.GetBackgroundVolumeID() == volume.GetID()
 

@@ -17,7 +17,8 @@ LARGEST = 10**9  # the largest number a field takes when the method gives no bou
 class Field:
     """One row of the form. ``kind``: "bool", "int", "float", "text" (a string parameter) or
     "json" (a parameter whose default is None, i.e. automatic, or a list); ``value``: what the
-    field shows (a bool, a number, or text); ``maximum``: its bound."""
+    field shows (a bool, a number, or text); ``maximum``: its bound (an int for an "int" field, as
+    QSpinBox takes it)."""
 
     name: str
     kind: str
@@ -45,7 +46,7 @@ def form_fields(spec: dict, saved: dict | None = None) -> list[Field]:
         kind, value = _kind(default), (saved or {}).get(name, default)
         if kind == "json":
             value = json.dumps(value)
-        maximum = bounds.get(name, LARGEST)
+        maximum = int(bounds.get(name, LARGEST)) if kind == "int" else float(bounds.get(name, LARGEST))
         tooltip = f"default {default!r}" + (f", at most {bounds[name]}" if name in bounds else "")
         fields.append(Field(name, kind, value, maximum, tooltip))
     return fields
