@@ -48,13 +48,13 @@ class Cancelled(ServerError):
 
 class Cancellation:
     """Shared by the thread that makes requests and the one that may cancel them: :meth:`cancel`
-    shuts down every connection opened under it (a request blocked on it returns at once) and makes
-    any later connection fail with :class:`Cancelled`."""
+    shuts down the socket of every connection opened under it (a request waiting for its answer,
+    or reading it, returns at once) and makes any later connection fail with :class:`Cancelled`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cancelled = False
-        self._connections: list[http.client.HTTPConnection] = []
+        self._sockets: list[socket.socket] = []
 
     @property
     def cancelled(self) -> bool:
@@ -63,18 +63,17 @@ class Cancellation:
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True
-            for connection in self._connections:
-                if connection.sock is not None:
-                    with contextlib.suppress(OSError):  # already closed by the other side
-                        connection.sock.shutdown(socket.SHUT_RDWR)
+            for opened in self._sockets:  # kept, not the connection: urllib lets go of it before the body is read
+                with contextlib.suppress(OSError):  # already closed
+                    opened.shutdown(socket.SHUT_RDWR)
 
     def opened(self, connection: http.client.HTTPConnection) -> None:
-        """Called by a connection once it is open: track it, or close it when already cancelled."""
+        """Called by a connection once it is open: track its socket, or close it when already cancelled."""
         with self._lock:
             if self._cancelled:
                 connection.close()
                 raise Cancelled()
-            self._connections.append(connection)
+            self._sockets.append(connection.sock)
 
     def opener(self) -> urllib.request.OpenerDirector:
         """A urllib opener (proxies and HTTPS as urllib's default one) whose connections report here."""
