@@ -514,3 +514,126 @@ def smoke_refusal(recipe: str, changes: dict, tmp_path: Path) -> str:
         run_experiment(path, tmp_path / "out", scale="smoke", progress=False, log=lambda _: None)
     assert not (tmp_path / "out").exists()
     return str(refused.value)
+
+
+# ----------------------------------------------------------------------------- the Slicer module
+
+SLICER_MODULE = Path(__file__).resolve().parents[1] / "slicer_module" / "SaliencyMaps" / "SaliencyMaps.py"
+
+
+@pytest.fixture(scope="module")
+def slicer_server(tmp_path_factory):
+    """The real server on 127.0.0.1 as the Slicer module's tests use it: a 2D model with a trust
+    card and a 3D model without one, and the test images (``items``) in its studies folder.
+    Yields {"url", "items", "model_dir", "root", "server"} (``server``: the BackgroundServer)."""
+    from server_fixtures import make_studies, save_tiny_checkpoint, tiny_trust_card
+
+    from monai_sal_app.evaluation.trust import write_trust_card
+    from monai_sal_app.serve import start_background_server
+
+    root = tmp_path_factory.mktemp("slicer")
+    model_dir = root / "model"
+    save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0)
+    save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
+    write_trust_card(tiny_trust_card(model_dir / "classifier_2d.pt"), model_dir / "classifier_2d.pt")
+    items = make_studies(root / "studies")
+    running = start_background_server(
+        root / "studies",
+        conf={"model_dir": str(model_dir)},
+        workdir=root / "run",
+        extra_env={"OMP_NUM_THREADS": "1"},
+        timeout=240,
+    )
+    try:
+        yield {"url": running.url, "items": items, "model_dir": model_dir, "root": root, "server": running}
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def mrml_scene():
+    """A fresh MRML scene (slicer-core) as the application sets it up: the three slice views'
+    composite nodes, and the Colors logic on it (which registers the colour legend node class)."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    for view in ("Red", "Yellow", "Green"):
+        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName(view)
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLScene(scene)
+    scene.color_logic = colors  # kept alive with the scene
+    return scene
+
+
+def load_volume(scene, path: Path, labelmap: bool = False):
+    """A volume node read from ``path`` by an archetype storage node, which stays attached (as when
+    Slicer loads a file)."""
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", path.stem)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    storage.SetSingleFile(1)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(node), f"MRML cannot read {path}"
+    return node
+
+
+def ijk_to_ras(node):
+    """A volume node's 4x4 IJK-to-RAS matrix as a numpy array."""
+    import slicer
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def box_segmentation(scene, reference, low_ras, high_ras, spacing=0.5, shift=(0.25, 0.1, 0.3)):
+    """A segmentation node whose one segment is the RAS box [low, high), drawn on an axis-aligned grid
+    finer than ``reference``'s and shifted from it; returns (node, segment id)."""
+    import numpy as np
+    import slicer
+    from SaliencyMapsLib import scene as scene_logic
+
+    low, high = np.asarray(low_ras, dtype=float), np.asarray(high_ras, dtype=float)
+    origin = low - 3.0 + np.asarray(shift)
+    size = np.ceil((high - low + 6.0) / spacing).astype(int)  # (i, j, k) along R, A, S
+    i, j, k = np.meshgrid(*[origin[a] + spacing * np.arange(size[a]) for a in range(3)], indexing="ij")
+    inside = (i >= low[0]) & (i < high[0]) & (j >= low[1]) & (j < high[1]) & (k >= low[2]) & (k < high[2])
+    matrix = np.diag([spacing, spacing, spacing, 1.0])
+    matrix[:3, 3] = origin
+    labelmap = scene_logic.volume_from_array(scene, inside.transpose(2, 1, 0).astype(np.uint8), matrix, "box", True)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesion")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    scene.RemoveNode(labelmap)
+    return segmentation, segmentation.GetSegmentation().GetNthSegmentID(0)
+
+
+def save_scene(scene, folder: Path) -> Path:
+    """Save ``scene`` into ``folder`` as Slicer's Save dialog does, without the application: each
+    volume written by its (default) storage node to ``<node ID>.nrrd``, then ``scene.mrml``."""
+    from SaliencyMapsLib import scene as scene_logic
+
+    for node in scene_logic.nodes_of_class(scene, "vtkMRMLVolumeNode"):
+        if node.GetStorageNode() is None:
+            node.AddDefaultStorageNode()
+        node.GetStorageNode().SetFileName(str(folder / f"{node.GetID()}.nrrd"))
+        assert node.GetStorageNode().WriteData(node), f"cannot write {node.GetName()}"
+    scene.SetRootDirectory(str(folder))
+    scene.SetURL(str(folder / "scene.mrml"))
+    assert scene.Commit(), "cannot write the scene"
+    return folder / "scene.mrml"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# A long legitimate request on the tiny 3D model (minutes of work unless stopped): meaningful
+# perturbation at its bounds, within the default cost budget.
+LONG_REQUEST = {"steps": 5000, "jitter_copies": 16}

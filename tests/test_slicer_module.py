@@ -13,99 +13,48 @@ Python package (the library Slicer reads PNG with) and stored as NRRD with that 
 from __future__ import annotations
 
 import csv
+import re
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import slicer  # slicer-core, in the test extra
-import vtk
+from conftest import LONG_REQUEST, box_segmentation, free_port, ijk_to_ras, load_volume
 from SaliencyMapsLib import scene as scene_logic
-from SaliencyMapsLib.batch import jobs_for_methods, jobs_for_volumes
+from SaliencyMapsLib.batch import items_for_methods, items_for_volumes
 from SaliencyMapsLib.client import ServerClient, ServerError
 from SaliencyMapsLib.colormaps import color_table_node
+from SaliencyMapsLib.jobs import BackgroundJob, Step
 from SaliencyMapsLib.logic import SaliencyMapsWorkflow
 from SaliencyMapsLib.trust import trust_lines, trust_tag
-from server_fixtures import make_studies, save_tiny_checkpoint, smooth_field, tiny_trust_card, write_png
+from server_fixtures import smooth_field, write_png
 
 from monai_sal_app.data.io import read_image
-from monai_sal_app.evaluation.trust import write_trust_card
 from monai_sal_app.inference import explain_array
 from monai_sal_app.models.checkpoint import load_classifier
-from monai_sal_app.serve import start_background_server
 
 MODELS = {2: "classifier_2d", 3: "classifier_3d"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slicer")
-    model_dir = root / "model"
-    save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0)
-    save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
-    write_trust_card(tiny_trust_card(model_dir / "classifier_2d.pt"), model_dir / "classifier_2d.pt")
-    items = make_studies(root / "studies")
-    running = start_background_server(
-        root / "studies",
-        conf={"model_dir": str(model_dir)},
-        workdir=root / "run",
-        extra_env={"OMP_NUM_THREADS": "1"},
-        timeout=240,
-    )
-    try:
-        yield {"url": running.url, "items": items, "model_dir": model_dir, "root": root}
-    finally:
-        running.stop()
+def server(slicer_server):
+    return slicer_server
 
 
 @pytest.fixture
-def scene():
-    """A fresh scene with the three slice views' composite nodes, as the application has them."""
-    fresh = slicer.vtkMRMLScene()
-    for view in ("Red", "Yellow", "Green"):
-        composite = fresh.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-        composite.SetLayoutName(view)
-    return fresh
+def scene(mrml_scene):
+    return mrml_scene
 
 
 @pytest.fixture
 def workflow(server, scene):
-    flow = SaliencyMapsWorkflow(scene, slicer.vtkSlicerSegmentationsModuleLogic)
+    flow = SaliencyMapsWorkflow(scene, slicer.vtkSlicerSegmentationsModuleLogic, scene.color_logic)
     flow.connect(server["url"])
     return flow
-
-
-def load_volume(scene, path: Path, labelmap: bool = False):
-    """A volume node read from ``path`` by an archetype storage node, which stays attached (as when
-    Slicer loads a file)."""
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", path.stem)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    storage.SetSingleFile(1)
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    assert storage.ReadData(node), f"MRML cannot read {path}"
-    return node
-
-
-def volume_from_array(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name: str, labelmap: bool = False):
-    """A volume node holding ``array`` (k, j, i) with the 4x4 IJK-to-RAS matrix, without a file."""
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
-    image = vtk.vtkImageData()
-    image.SetDimensions(*reversed(array.shape))
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR if labelmap else vtk.VTK_FLOAT, 1)
-    node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
-    slicer.util.arrayFromVolume(node)[:] = array
-    slicer.util.arrayFromVolumeModified(node)
-    return node
-
-
-def ijk_to_ras(node) -> np.ndarray:
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def voxel_ras(node) -> tuple[np.ndarray, np.ndarray]:
@@ -147,6 +96,33 @@ def test_connect_fills_models_methods_and_parameters_from_info(server, workflow)
     assert workflow.methods("classifier_2d")["integrated_gradients"]["defaults"]["steps"] > 0
 
 
+def test_the_parameter_form_follows_info_and_sends_only_what_differs(workflow):
+    from SaliencyMapsLib.parameters import chosen_parameters, form_fields
+
+    json_fields = []
+    for method, spec in workflow.methods("classifier_3d").items():
+        fields = form_fields(spec)
+        assert [field.name for field in fields] == list(spec["defaults"]), method
+        for field in fields:
+            if field.kind == "int":
+                assert isinstance(field.maximum, int) and field.maximum == spec.get("bounds", {}).get(field.name, 10**9)
+            if field.kind == "json":
+                json_fields.append((spec, field.name))
+        shown = {field.name: field.value for field in fields}  # what the form shows untouched
+        assert chosen_parameters(spec["defaults"], shown) == {}, method  # the defaults send nothing
+    spec = workflow.methods("classifier_3d")["smoothgrad"]
+    fields = {field.name: field for field in form_fields(spec, saved={"n_samples": 3})}
+    assert fields["n_samples"].value == 3 and "default" in fields["n_samples"].tooltip
+    assert chosen_parameters(spec["defaults"], {name: field.value for name, field in fields.items()}) == {
+        "n_samples": 3
+    }
+    spec, name = json_fields[0]  # a parameter whose default is None (automatic) or a list
+    shown = {field.name: field.value for field in form_fields(spec)}
+    shown[name] = "[1, 2"
+    with pytest.raises(ValueError, match=rf"parameter {name}: '\[1, 2' is not JSON"):
+        chosen_parameters(spec["defaults"], shown)
+
+
 def test_trust_card_text_per_method_and_without_a_card(workflow):
     trust_2d = workflow.model("classifier_2d")["trust"]
     tag = trust_tag(trust_2d, "gradcam")
@@ -186,7 +162,7 @@ def test_a_volume_without_a_file_is_sent_as_nrrd_and_comes_back_on_its_geometry(
     matrix = np.eye(4)
     matrix[:3, :3] = rotation @ np.diag([1.2, 0.9, 2.0])
     matrix[:3, 3] = [30.0, -12.0, 4.0]
-    volume = volume_from_array(scene, field, matrix, "made here")
+    volume = scene_logic.volume_from_array(scene, field, matrix, "made here")
     heatmap = workflow.explain(volume, "classifier_3d", "gradient")
     heat_index, volume_index = voxel_correspondence(heatmap, volume)
     expected = in_process_map(server, "classifier_3d", field, "gradient")  # NRRD reads as (k, j, i)
@@ -229,47 +205,125 @@ def test_display_colours_thresholds_and_puts_the_map_in_every_slice_view(workflo
     second = workflow.explain(volume, "classifier_3d", "gradient")
     assert scene_logic.heatmap_nodes(scene, volume) == [first, second]  # both kept, to toggle between
     values = slicer.util.arrayFromVolume(second)
-    display = scene_logic.show_heatmap(scene, second, volume, opacity=0.4, lower_threshold=float(values.mean()))
+    threshold = workflow.show(second, opacity=0.4, threshold_percentile=75.0)
+    assert threshold == np.percentile(values.astype(np.float64), 75.0)
+    display = second.GetDisplayNode()
     colors = scene.GetNodeByID(display.GetColorNodeID())
-    assert colors is color_table_node(scene) and colors.GetNumberOfColors() == 256
+    assert colors is color_table_node(scene) and colors.GetNumberOfColors() == 256  # slicer-core has no Inferno file
     first_rgba, last_rgba = [0.0] * 4, [0.0] * 4
     colors.GetColor(0, first_rgba)
     colors.GetColor(255, last_rgba)
     assert sum(first_rgba[:3]) < 0.1 and last_rgba[0] > 0.9 and last_rgba[1] > 0.9  # inferno: black to yellow
-    assert display.GetApplyThreshold() == 1 and display.GetLowerThreshold() == pytest.approx(values.mean(), rel=1e-6)
+    assert display.GetApplyThreshold() == 1 and display.GetLowerThreshold() == threshold
     assert display.GetWindowLevelMin() == pytest.approx(values.min()) and display.GetWindowLevelMax() == pytest.approx(
         values.max()
     )
-    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-    for index in range(composites.GetNumberOfItems()):
-        composite = composites.GetItemAsObject(index)
+    legend = scene.color_logic.GetColorLegendDisplayNode(second)
+    assert legend.GetVisibility() and legend.GetTitleText() == second.GetName() and legend.GetLabelFormat() == "%.3g"
+    composites = scene_logic.nodes_of_class(scene, "vtkMRMLSliceCompositeNode")
+    assert len(composites) == 3
+    for composite in composites:
         assert composite.GetForegroundVolumeID() == second.GetID()
         assert composite.GetBackgroundVolumeID() == volume.GetID()
         assert composite.GetForegroundOpacity() == pytest.approx(0.4)
-    scene_logic.show_heatmap(scene, first)  # toggle back
-    assert composites.GetItemAsObject(0).GetForegroundVolumeID() == first.GetID()
+    assert workflow.show(first, opacity=0.5, threshold_percentile=0.0) is None  # toggle back, nothing hidden
+    assert composites[0].GetForegroundVolumeID() == first.GetID() and first.GetDisplayNode().GetApplyThreshold() == 0
+
+
+def test_a_map_of_order_1e_5_is_thresholded_at_its_own_percentile(scene):
+    rng = np.random.default_rng(3)
+    tiny = (rng.random((6, 20, 24)) * 3e-5).astype(np.float32)  # a raw gradient map's scale
+    heatmap = scene_logic.volume_from_array(scene, tiny, np.eye(4), "tiny map")
+    threshold = scene_logic.threshold_at_percentile(heatmap, 90.0)
+    assert 1e-5 < threshold < 3e-5 and threshold == np.percentile(tiny.astype(np.float64), 90.0)
+    display = scene_logic.show_heatmap(scene, heatmap, None, 0.5, threshold)  # no colour logic: no legend
+    assert display.GetLowerThreshold() == threshold  # the value itself, no rounding to a slider's decimals
+    assert np.mean(tiny >= display.GetLowerThreshold()) == pytest.approx(0.10, abs=0.002)
+    assert scene.color_logic.GetColorLegendDisplayNode(heatmap) is None
+    assert scene_logic.threshold_at_percentile(heatmap, 0.0) is None
+    with pytest.raises(scene_logic.SceneError, match=r"percentile must be in \[0, 100\], got 101"):
+        scene_logic.threshold_at_percentile(heatmap, 101)
+
+
+def test_slicers_own_inferno_is_used_when_the_scene_has_it(scene):
+    heatmap = scene_logic.volume_from_array(scene, np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4), "map")
+    # the node the application loads from its ColorFiles/Inferno.txt, with the ID it gets there
+    scene.AddNewNodeByClassWithID("vtkMRMLColorTableNode", "Inferno", "vtkMRMLColorTableNodeFileInferno.txt")
+    display = scene_logic.show_heatmap(scene, heatmap)
+    assert display.GetColorNodeID() == "vtkMRMLColorTableNodeFileInferno.txt"
+    assert scene.GetFirstNodeByName("SaliencyMaps inferno") is None  # ours is not made
+
+
+def test_image_volumes_are_scalar_volumes_that_are_not_maps_nor_labelmaps(workflow, scene, server):
+    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+    labelmap = load_volume(scene, server["items"]["volume_nii"]["mask"], labelmap=True)
+    heatmap = workflow.explain(volume, "classifier_3d", "gradient")
+    assert labelmap.IsA("vtkMRMLScalarVolumeNode") and heatmap.IsA("vtkMRMLScalarVolumeNode")
+    assert scene_logic.image_volumes(scene) == [volume]
+    assert scene_logic.heatmap_nodes(scene) == [heatmap]
+
+
+def test_redraws_and_compares_leave_nothing_behind(workflow, scene, server):
+    """10 redraws and 10 comparisons: the scene's nodes and the volumes' reference counts stay as
+    they were after the first of each (each redraw used to leak a node collection holding every
+    volume; each comparison a labelmap colour table, two tables, a chart and a series)."""
+    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+    heatmap = workflow.explain(volume, "classifier_3d", "gradcam")
+    corners = ijk_to_ras(heatmap) @ np.array([[2, 4, 3, 1], [9, 11, 8, 1]]).T
+    segmentation, segment = box_segmentation(scene, heatmap, corners[:3].min(axis=1), corners[:3].max(axis=1))
+
+    def state():
+        return scene.GetNumberOfNodes(), volume.GetReferenceCount(), heatmap.GetReferenceCount()
+
+    workflow.show(heatmap, 0.5, 50.0)
+    workflow.compare([heatmap], segmentation, segment, 50.0)
+    before = state()
+    for index in range(10):
+        workflow.show(heatmap, 0.1 * (index % 10), 5.0 * index)
+    for index in range(10):
+        workflow.compare([heatmap], segmentation, segment, 5.0 * index)
+    assert state() == before
+    assert len(scene_logic.nodes_of_class(scene, "vtkMRMLTableNode")) == 2  # metrics and ROC points
+    assert len(scene_logic.nodes_of_class(scene, "vtkMRMLPlotChartNode")) == 1
+    assert not scene_logic.nodes_of_class(scene, "vtkMRMLLabelMapVolumeNode")
+    second = workflow.explain(volume, "classifier_3d", "gradient")
+    _, _, chart = workflow.compare([heatmap, second], segmentation, segment)
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+    _, _, chart = workflow.compare([second], segmentation, segment)  # the surplus series is removed
+    assert chart.GetNumberOfPlotSeriesNodes() == 1 == len(scene_logic.nodes_of_class(scene, "vtkMRMLPlotSeriesNode"))
+
+
+def test_the_modules_metrics_are_the_packages_byte_for_byte():
+    """The module carries the project's metric code (Slicer needs nothing installed): the same file."""
+    from monai_sal_app.metrics import localization
+
+    copy = MODULE / "SaliencyMapsLib" / "localization.py"
+    assert copy.read_bytes() == Path(localization.__file__).read_bytes(), (
+        "copy monai_sal_app/metrics/localization.py to slicer_module/SaliencyMaps/SaliencyMapsLib/"
+    )
+
+
+def test_the_roc_curve_drawn_is_a_thinned_copy_of_the_full_one():
+    from SaliencyMapsLib.comparison import MAX_ROC_POINTS, roc_points
+
+    from monai_sal_app.metrics import roc_curve
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((20, 30, 30), dtype=bool)
+    mask[5:12, 8:20, 10:22] = True
+    saliency = rng.random(mask.shape) + mask
+    fpr, tpr, _ = roc_curve(saliency, mask)
+    drawn_fpr, drawn_tpr = roc_points(saliency, mask)
+    assert len(fpr) > 10_000 and len(drawn_fpr) == MAX_ROC_POINTS
+    assert (drawn_fpr[0], drawn_tpr[0], drawn_fpr[-1], drawn_tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    on_curve = {(a, b) for a, b in zip(fpr, tpr)}
+    assert all((a, b) in on_curve for a, b in zip(drawn_fpr, drawn_tpr))
+    assert np.all(np.diff(drawn_fpr) >= 0) and np.all(np.diff(drawn_tpr) >= 0)
 
 
 # ------------------------------------------------------------------------------------------------
 # compare with a segmentation
 # ------------------------------------------------------------------------------------------------
-
-
-def box_segmentation(scene, reference, low_ras, high_ras, spacing=0.5, shift=(0.25, 0.1, 0.3)):
-    """A segmentation node whose one segment is the RAS box [low, high), drawn on an axis-aligned grid
-    finer than ``reference``'s and shifted from it."""
-    low, high = np.asarray(low_ras, dtype=float), np.asarray(high_ras, dtype=float)
-    origin = low - 3.0 + np.asarray(shift)
-    size = np.ceil((high - low + 6.0) / spacing).astype(int)  # (i, j, k) along R, A, S
-    i, j, k = np.meshgrid(*[origin[a] + spacing * np.arange(size[a]) for a in range(3)], indexing="ij")
-    inside = (i >= low[0]) & (i < high[0]) & (j >= low[1]) & (j < high[1]) & (k >= low[2]) & (k < high[2])
-    matrix = np.diag([spacing, spacing, spacing, 1.0])
-    matrix[:3, 3] = origin
-    labelmap = volume_from_array(scene, inside.transpose(2, 1, 0).astype(np.uint8), matrix, "box", labelmap=True)
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesion")
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
-    scene.RemoveNode(labelmap)
-    return segmentation, segmentation.GetSegmentation().GetNthSegmentID(0)
 
 
 def heatmap_box_mask(heatmap, low_ras, high_ras) -> np.ndarray:
@@ -296,18 +350,20 @@ def test_a_segment_on_a_finer_shifted_grid_lands_on_the_heatmap_grid(workflow, s
 
 def test_module_numbers_equal_the_servers_and_the_clis(workflow, scene, server, tmp_path):
     from monai_sal_app.cli import main as cli_main
+    from monai_sal_app.metrics import hard_dice
 
     item = server["items"]["volume_nii"]
     volume = load_volume(scene, item["path"])
     heatmaps = [workflow.explain(volume, "classifier_3d", method) for method in ("gradcam", "xrai")]
     corners = ijk_to_ras(heatmaps[0]) @ np.array([[2, 4, 3, 1], [9, 11, 8, 1]]).T
     segmentation, segment = box_segmentation(scene, heatmaps[0], corners[:3].min(axis=1), corners[:3].max(axis=1))
-    threshold = float(np.median(slicer.util.arrayFromVolume(heatmaps[0])))
-    scores, table, chart = workflow.compare(heatmaps, segmentation, segment, threshold=threshold)
+    scores, table, chart = workflow.compare(heatmaps, segmentation, segment, threshold_percentile=50.0)
 
     # the same mask, on the image's grid, scored by the server and by `monai-sal evaluate`
     mask = scene_logic.segment_mask(scene, segmentation, segment, heatmaps[0], slicer.vtkSlicerSegmentationsModuleLogic)
-    mask_node = volume_from_array(scene, mask.astype(np.uint8), ijk_to_ras(heatmaps[0]), "mask", labelmap=True)
+    mask_node = scene_logic.volume_from_array(
+        scene, mask.astype(np.uint8), ijk_to_ras(heatmaps[0]), "mask", labelmap=True
+    )
     mask_path = tmp_path / "mask.nii"
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(mask_path))
@@ -334,12 +390,16 @@ def test_module_numbers_equal_the_servers_and_the_clis(workflow, scene, server, 
             mine = scores[next(h.GetName() for h in heatmaps if h.GetName().split()[-2] == row["method"])]
             for key in ("roc_auc", "auprc", "soft_dice", "iou_p90"):
                 assert mine[key] == pytest.approx(float(row[key]), abs=1e-12), key
-    assert "dice_threshold" in mine
+    for heatmap in heatmaps:  # Dice at each map's own median, the value the viewer hides below
+        values = slicer.util.arrayFromVolume(heatmap).astype(np.float64)
+        found = scores[heatmap.GetName()]
+        assert found["threshold"] == np.median(values)
+        assert found["dice_threshold"] == hard_dice(values, mask, threshold=np.median(values))
 
     # the table node, its CSV, and the ROC chart
     assert table.GetNumberOfColumns() == 1 + len(heatmaps)
     metrics = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
-    assert metrics[:3] == ["dice_threshold", "roc_auc", "auprc"]
+    assert metrics[:4] == ["threshold", "dice_threshold", "roc_auc", "auprc"]
     csv_path = scene_logic.save_table_csv(scene, table, tmp_path / "metrics.csv")
     with open(csv_path, newline="") as handle:
         rows = {row["metric"]: row for row in csv.DictReader(handle)}
@@ -378,24 +438,90 @@ def test_segment_errors_are_clear(workflow, scene, server):
 # ------------------------------------------------------------------------------------------------
 
 
+def poll_until_done(job, on_turn=None, timeout: float = 120.0) -> list:
+    """Poll ``job`` as the module's timer does (every 20 ms) until it ends; returns the progress seen
+    at each turn. ``on_turn(job)`` runs after each turn."""
+    seen, deadline = [], time.monotonic() + timeout
+    while not job.poll():
+        seen.append(job.progress())
+        if on_turn is not None:
+            on_turn(job)
+        assert time.monotonic() < deadline, "the job did not end"
+        time.sleep(0.02)
+    return seen
+
+
 def test_batch_over_volumes_and_methods_with_progress_cancel_and_failures(workflow, scene, server):
     volumes = [load_volume(scene, server["items"][name]["path"]) for name in ("volume_nii", "volume_nrrd")]
     slice_2d = load_volume(scene, server["items"]["xray_dcm"]["path"])
-    seen = []
-    report = workflow.run_batch(
-        jobs_for_volumes([*volumes, slice_2d], "classifier_3d", "gradient"), progress=lambda *a: seen.append(a)
-    )
+    job = workflow.batch_job(items_for_volumes([*volumes, slice_2d], "classifier_3d", "gradient"))
+    seen = poll_until_done(job)
+    report = job.report
     assert len(report.done) == 2 and len(report.failed) == 1 and not report.cancelled
-    assert "single-slice (2D) image" in report.failed[0][1] and "classifier_3d takes 3D" in report.failed[0][1]
-    assert seen[0][:2] == (0, 3) and seen[-1] == (3, 3, "done")
+    title, error = report.failed[0]
+    assert title == f"{slice_2d.GetName()} / classifier_3d / gradient"
+    assert isinstance(error, scene_logic.SceneError) and "single-slice (2D) image" in str(error)
+    assert [node for _, node in report.done] == scene_logic.heatmap_nodes(scene)
+    assert seen[0][:3] == (0, 3, f"{volumes[0].GetName()} / classifier_3d / gradient")  # in flight while polled
+    assert job.progress()[:3] == (3, 3, None)
+
     methods = ["gradcam", "gradient", "smoothgrad"]
-    asked = []
-    report = workflow.run_batch(
-        jobs_for_methods(volumes[0], "classifier_3d", methods, {"smoothgrad": {"n_samples": 2}}),
-        cancelled=lambda: asked.append(1) or len(asked) > 2,  # cancel before the third
-    )
-    assert report.cancelled and [job.method for job, _ in report.done] == methods[:2]
-    assert "cancelled" in report.summary()
+    job = workflow.batch_job(items_for_methods(volumes[0], "classifier_3d", methods, {"smoothgrad": {"n_samples": 2}}))
+    poll_until_done(job, on_turn=lambda running: running.cancel() if len(running.report.done) == 2 else None)
+    assert job.report.cancelled and [title.split(" / ")[-1] for title, _ in job.report.done] == methods[:2]
+    assert not job.report.failed and "2 done, 0 failed, cancelled" in job.report.summary()
+
+
+def test_a_request_runs_off_the_calling_thread_and_cancel_aborts_it_in_flight(workflow, scene, server):
+    """The GUI thread only polls: it is never blocked by a request, and Cancel closes the connection
+    of the request in flight, which stops the server's work on it."""
+    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+    step = workflow.explain_step(volume, "classifier_3d", "meaningful_perturbation", LONG_REQUEST)
+    threads = {}
+    start = step.start
+
+    def start_here():
+        threads["start"] = threading.get_ident()
+        request = start()
+
+        def request_there(cancellation):
+            threads["request"] = threading.get_ident()
+            return request(cancellation)
+
+        return request_there
+
+    job = BackgroundJob([Step(step.title, start_here, step.finish)])
+    longest_poll = 0.0
+    begun = time.monotonic()
+    while time.monotonic() - begun < 3.0:  # the request runs minutes; the GUI thread polls on
+        tick = time.monotonic()
+        assert job.poll() is False
+        longest_poll = max(longest_poll, time.monotonic() - tick)
+        time.sleep(0.02)
+    assert longest_poll < 0.5  # the first poll writes the upload file; then each poll returns at once
+    assert threads["start"] == threading.get_ident() != threads["request"]
+    assert job.running == step.title and job.progress()[3] > 2.5
+    cancelled_at = time.monotonic()
+    job.cancel()
+    poll_until_done(job, timeout=5.0)
+    assert time.monotonic() - cancelled_at < 2.0
+    assert job.report.cancelled and not job.report.done and not job.report.failed
+    assert not scene_logic.heatmap_nodes(scene)  # nothing half-loaded
+    # the next request on the model waits for the model's lock: it is served within seconds because
+    # the server stopped the abandoned work, which would have run for minutes
+    quick = time.monotonic()
+    workflow.explain(volume, "classifier_3d", "gradient")
+    assert time.monotonic() - quick < 10
+
+
+def test_an_unexpected_error_in_a_request_reaches_the_polling_thread():
+    def broken(cancellation):
+        raise RuntimeError("a bug in a request")
+
+    job = BackgroundJob([Step("broken", lambda: broken), Step("never", lambda: broken)])
+    with pytest.raises(RuntimeError, match="a bug in a request"):
+        poll_until_done(job)
+    assert job.finished and not job.report.done
 
 
 def test_a_3d_volume_sent_to_a_2d_model_is_refused_before_upload(workflow, scene, server):
@@ -413,12 +539,6 @@ def test_server_refusals_carry_the_servers_message(workflow, scene, server):
         workflow.explain(volume, "classifier_3d", "nonsense")
     with pytest.raises(ServerError, match="has no model 'other'"):
         workflow.explain(volume, "other", "gradcam")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_server_down_and_timeouts_are_clear(scene):
@@ -445,12 +565,12 @@ def test_server_down_and_timeouts_are_clear(scene):
 # the extension's layout (what Slicer's build and loader expect), and a thin widget
 # ------------------------------------------------------------------------------------------------
 
-EXTENSION = Path(__file__).resolve().parents[1] / "slicer_module"
+REPOSITORY = Path(__file__).resolve().parents[1]
+EXTENSION = REPOSITORY / "slicer_module"
 MODULE = EXTENSION / "SaliencyMaps"
 
 
 def test_extension_layout_lists_every_file_slicer_needs():
-    import re
 
     assert re.search(r"add_subdirectory\(SaliencyMaps\)", (EXTENSION / "CMakeLists.txt").read_text())
     cmake = (MODULE / "CMakeLists.txt").read_text()
@@ -460,9 +580,41 @@ def test_extension_layout_lists_every_file_slicer_needs():
     assert "slicerMacroBuildScriptedModule" in cmake
 
 
+def test_the_extension_metadata_points_at_files_of_this_repository(tmp_path):
+    """The metadata block of the extension's CMakeLists.txt, run by CMake in a clone whose remote is
+    a GitHub address: the homepage, icon and screenshots are files of this repository there."""
+    import subprocess
+
+    cmake = (EXTENSION / "CMakeLists.txt").read_text()
+    block = cmake[cmake.index("# Extension meta-information") : cmake.index("# Extension dependencies")]
+    script = tmp_path / "metadata.cmake"
+    names = ("HOMEPAGE", "CONTRIBUTORS", "ICONURL", "SCREENSHOTURLS", "DEPENDS")
+    script.write_text(block + "".join(f'message("{name}=${{EXTENSION_{name}}}")\n' for name in names))
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for remote in ("git@github.com:someone/monai-sal.git", "https://github.com/someone/monai-sal.git"):
+        subprocess.run(["git", "init", "-q", str(clone)], check=True)
+        subprocess.run(["git", "-C", str(clone), "remote", "remove", "origin"], capture_output=True)
+        subprocess.run(["git", "-C", str(clone), "remote", "add", "origin", remote], check=True)
+        done = subprocess.run(["cmake", "-P", str(script)], cwd=clone, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        found = dict(line.split("=", 1) for line in done.stderr.splitlines() if "=" in line)
+        base = "https://github.com/someone/monai-sal"
+        assert found["HOMEPAGE"] == f"{base}/blob/main/docs/SLICER.md"
+        urls = [found["ICONURL"], *found["SCREENSHOTURLS"].split()]
+        assert len(urls) == 3 and all(url.startswith(f"{base}/raw/main/") for url in urls)
+        for url in urls:
+            assert (REPOSITORY / url[len(f"{base}/raw/main/") :]).is_file(), url
+        assert re.fullmatch(r"[^()]+ \([^()]+\)", found["CONTRIBUTORS"]) and found["DEPENDS"] == "NA"
+    assert (REPOSITORY / "docs" / "SLICER.md").is_file()
+    no_remote = tmp_path / "no remote"
+    no_remote.mkdir()
+    done = subprocess.run(["cmake", "-P", str(script)], cwd=no_remote, capture_output=True, text=True)
+    assert done.returncode != 0 and "-DSALIENCYMAPS_REPOSITORY_URL=" in done.stderr
+
+
 def test_widget_names_exist_in_the_ui_file_and_the_widget_stays_thin():
     import ast
-    import re
     import xml.etree.ElementTree as ElementTree
 
     source = (MODULE / "SaliencyMaps.py").read_text()
@@ -471,7 +623,7 @@ def test_widget_names_exist_in_the_ui_file_and_the_widget_stays_thin():
     assert classes >= {"SaliencyMaps", "SaliencyMapsWidget", "SaliencyMapsLogic", "SaliencyMapsTest"}
     ui = ElementTree.parse(MODULE / "Resources" / "UI" / "SaliencyMaps.ui")
     names = {element.get("name") for element in ui.iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    used = set(re.findall(r"\bui\.(\w+)", source))
     assert used and used <= names, f"not in the .ui: {sorted(used - names)}"
     assert len(source.splitlines()) < 400
 

@@ -1,16 +1,23 @@
 """The REST calls of the SaliencyMaps module to a monai-sal MONAI Label server.
 
-Standard library only (``urllib``, ``json``, ``email``), so it runs in 3D Slicer's Python as it
-is. Every failure becomes a :class:`ServerError` whose message can be shown to the user as it is:
-server down or unreachable, no answer in time, a refusal with the server's own message (4xx/5xx),
-or an answer that is not what a monai-sal server sends.
+Standard library only (``urllib``, ``http.client``, ``json``, ``email``), so it runs in 3D Slicer's
+Python as it is. Every failure becomes a :class:`ServerError` whose message can be shown to the
+user as it is: server down or unreachable, no answer in time, a refusal with the server's own
+message (4xx/5xx), or an answer that is not what a monai-sal server sends.
+
+A request given a :class:`Cancellation` can be aborted from another thread while it waits: its
+connection is shut down, which the server notices and stops the work, and the request raises
+:class:`Cancelled`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import mimetypes
 import socket
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,7 +27,7 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from pathlib import Path
 
-__all__ = ["ExplainResult", "ServerClient", "ServerError", "saliency_models"]
+__all__ = ["Cancellation", "Cancelled", "ExplainResult", "ServerClient", "ServerError", "saliency_models"]
 
 
 class ServerError(Exception):
@@ -30,6 +37,66 @@ class ServerError(Exception):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class Cancelled(ServerError):
+    """The request was cancelled by the user (its connection closed)."""
+
+    def __init__(self) -> None:
+        super().__init__("cancelled")
+
+
+class Cancellation:
+    """Shared by the thread that makes requests and the one that may cancel them: :meth:`cancel`
+    shuts down the socket of every connection opened under it (a request waiting for its answer,
+    or reading it, returns at once) and makes any later connection fail with :class:`Cancelled`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._sockets: list[socket.socket] = []
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            for opened in self._sockets:  # kept, not the connection: urllib lets go of it before the body is read
+                with contextlib.suppress(OSError):  # already closed
+                    opened.shutdown(socket.SHUT_RDWR)
+
+    def opened(self, connection: http.client.HTTPConnection) -> None:
+        """Called by a connection once it is open: track its socket, or close it when already cancelled."""
+        with self._lock:
+            if self._cancelled:
+                connection.close()
+                raise Cancelled()
+            self._sockets.append(connection.sock)
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """A urllib opener (proxies and HTTPS as urllib's default one) whose connections report here."""
+        cancellation = self
+
+        class Tracked(urllib.request.HTTPHandler):
+            def do_open(self, http_class, request, **kwargs):
+                return super().do_open(_tracked_connection(http_class, cancellation), request, **kwargs)
+
+        class TrackedTLS(urllib.request.HTTPSHandler):
+            def do_open(self, http_class, request, **kwargs):
+                return super().do_open(_tracked_connection(http_class, cancellation), request, **kwargs)
+
+        return urllib.request.build_opener(Tracked, TrackedTLS)
+
+
+def _tracked_connection(http_class, cancellation: Cancellation):
+    class TrackedConnection(http_class):
+        def connect(self) -> None:
+            super().connect()
+            cancellation.opened(self)
+
+    return TrackedConnection
 
 
 @dataclass
@@ -73,10 +140,10 @@ class ServerClient:
         self.url = url
         self.timeout = float(timeout)
 
-    def info(self) -> dict:
+    def info(self, cancellation: Cancellation | None = None) -> dict:
         """``GET /info/``: the app's models (labels, dimension, methods with defaults and bounds,
         device, trust card) and limits."""
-        _, body = self._request("GET", "/info/")
+        _, body = self._request("GET", "/info/", cancellation=cancellation)
         return self._json(body, "/info/")
 
     def explain(
@@ -87,10 +154,12 @@ class ServerClient:
         params: dict | None = None,
         target: int | str | None = None,
         label: str | Path | None = None,
+        cancellation: Cancellation | None = None,
     ) -> ExplainResult:
         """``POST /infer/<model>``: upload ``image`` (a file the server reads: NIfTI, NRRD, PNG,
         JPEG, DICOM) and optionally ``label`` (a mask on the image's grid, to be scored by the
-        server); returns the answer's JSON and heatmap."""
+        server); returns the answer's JSON and heatmap. :class:`Cancelled` when ``cancellation``
+        is cancelled before the answer is read."""
         request = {"method": method, **(params or {})}
         if target is not None:
             request["target"] = target
@@ -101,27 +170,44 @@ class ServerClient:
         body, content_type = _multipart(fields, files)
         query = urllib.parse.urlencode({"image": "", "output": "all"})
         path = f"/infer/{urllib.parse.quote(model, safe='')}?{query}"
-        headers, answer = self._request("POST", path, body, {"Content-Type": content_type})
+        headers, answer = self._request("POST", path, body, {"Content-Type": content_type}, cancellation)
         return _explain_result(headers.get("Content-Type", ""), answer)
 
-    def _request(self, verb: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    def _request(
+        self,
+        verb: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict | None = None,
+        cancellation: Cancellation | None = None,
+    ):
+        cancellation = cancellation or Cancellation()
         request = urllib.request.Request(self.url + path, data=body, method=verb, headers=headers or {})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.headers, response.read()
-        except urllib.error.HTTPError as error:
-            raise ServerError(
-                f"the server refused the request ({error.code}): {_server_message(error.read())}", error.code
-            ) from None
-        except (TimeoutError, socket.timeout):  # noqa: UP041 (distinct classes in Python 3.9, Slicer 5.6)
-            raise ServerError(f"no answer from {self.url} within {self.timeout:g} s") from None
-        except urllib.error.URLError as error:
-            reason = error.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                raise ServerError(f"no answer from {self.url} within {self.timeout:g} s") from None
-            raise ServerError(f"cannot reach the server at {self.url}: {reason}") from None
-        except (ConnectionError, OSError) as error:
-            raise ServerError(f"the connection to {self.url} failed: {error}") from None
+            with cancellation.opener().open(request, timeout=self.timeout) as response:
+                answer = response.headers, response.read()
+        except Exception as error:
+            if cancellation.cancelled:  # whatever the shut-down connection made the request raise
+                raise Cancelled() from None
+            raise self._server_error(error) from None
+        if cancellation.cancelled:
+            raise Cancelled()
+        return answer
+
+    def _server_error(self, error: Exception) -> Exception:
+        """The :class:`ServerError` that says what went wrong with a request (``error`` itself when
+        it is not about the request)."""
+        if isinstance(error, urllib.error.HTTPError):
+            message = f"the server refused the request ({error.code}): {_server_message(error.read())}"
+            return ServerError(message, error.code)
+        reason = error.reason if isinstance(error, urllib.error.URLError) else error
+        if isinstance(reason, (TimeoutError, socket.timeout)):  # distinct classes in Python 3.9
+            return ServerError(f"no answer from {self.url} within {self.timeout:g} s")
+        if isinstance(error, urllib.error.URLError):
+            return ServerError(f"cannot reach the server at {self.url}: {reason}")
+        if isinstance(error, (ConnectionError, OSError, http.client.HTTPException)):
+            return ServerError(f"the connection to {self.url} failed: {error}")
+        return error
 
     @staticmethod
     def _json(body: bytes, what: str) -> dict:

@@ -34,15 +34,17 @@ COLOR_MAPS = {"inferno": "".join(INFERNO_HEX)}
 
 def color_table_node(scene, name: str = "inferno"):
     """The scene's colour table node ``SaliencyMaps <name>``, created on first use (a user table of
-    the 256 entries, opaque). ``scene``: a vtkMRMLScene."""
+    the 256 entries, opaque), filled again if it came back without its colours (from a scene saved
+    without its data). ``scene``: a vtkMRMLScene."""
     if name not in COLOR_MAPS:
         raise ValueError(f"unknown colour map {name!r}; choose one of {', '.join(COLOR_MAPS)}")
     node_name = f"SaliencyMaps {name}"
-    existing = scene.GetFirstNodeByName(node_name)
-    if existing is not None and existing.IsA("vtkMRMLColorTableNode"):
-        return existing
     digits = COLOR_MAPS[name]
-    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", node_name)
+    node = scene.GetFirstNodeByName(node_name)
+    if node is None or not node.IsA("vtkMRMLColorTableNode"):
+        node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", node_name)
+    elif node.GetNumberOfColors() == len(digits) // 6:
+        return node
     node.SetTypeToUser()
     node.SetNumberOfColors(len(digits) // 6)
     for index in range(len(digits) // 6):
