@@ -315,20 +315,27 @@ def _perturbed_logits(
     ``replaced`` (R, *spatial) replaced).
 
     Row r of the work is image r // (2 J), order (r % (2 J)) // J and count r % J (J = len(counts));
-    each chunk of rows is built, sent through the network and dropped before the next.
+    each chunk of rows is built, sent through the network and dropped before the next. An image's
+    ranking is computed once and kept while the chunks still need it (its rows are consecutive).
     """
     n, per_order = x.shape[0], len(counts)
     per_image = 2 * per_order
     spatial = x.shape[2:]
     counts_t = torch.as_tensor(counts, device=x.device)
     outputs = []
+    ranked: dict[int, torch.Tensor] = {}  # image -> its (2, P) ranks, for the images of the current chunk
     with torch.no_grad():
         for sl in chunks(n * per_image, batch_size):
             rows = torch.arange(sl.start, sl.stop, device=x.device)
             image = rows // per_image
             order = (rows % per_image) // per_order
-            first = int(image[0])
-            ranks = importance_ranks(keys[first : int(image[-1]) + 1], tie_order)
+            first, last = int(image[0]), int(image[-1])
+            ranked = {i: r for i, r in ranked.items() if i >= first}
+            missing = [i for i in range(first, last + 1) if i not in ranked]
+            if missing:
+                new = importance_ranks(keys[missing[0] : missing[-1] + 1], tie_order)
+                ranked.update({i: new[:, k] for k, i in enumerate(missing)})
+            ranks = torch.stack([ranked[i] for i in range(first, last + 1)], dim=1)
             replaced = ranks[order, image - first] < counts_t[rows % per_order, None]
             copies = replace(rows, image, replaced.view(len(rows), *spatial))
             outputs.append(_checked_logits(model(copies), len(rows)))
