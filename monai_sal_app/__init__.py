@@ -4,7 +4,7 @@ The core library (``data``, ``models``, ``saliency``, ``metrics``) is importable
 MONAI Label server; ``main.py`` and ``lib/`` are the server adapter, ``cli.py`` the command line.
 """
 
-__version__ = "0.1.0"
+from monai_sal_app.version import __version__
 
 __all__ = ["__version__", "available_methods", "explain"]
 

@@ -21,7 +21,7 @@ def _split(value: str) -> list[str]:
 
 
 def _method_params(pairs: list[str]) -> dict:
-    """``["steps=50", "baseline=zeros"]`` -> {"steps": 50, "baseline": "zeros"} (values parsed as JSON when they can be)."""
+    """``["steps=50", "baseline=zero"]`` -> {"steps": 50, "baseline": "zero"} (values parsed as JSON when they can be)."""
     params = {}
     for pair in pairs:
         if "=" not in pair:
@@ -44,7 +44,7 @@ def cmd_data(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from monai_sal_app.experiments.workflows import train_from_manifest
+    from monai_sal_app.models.manifest_training import train_from_manifest
 
     train_from_manifest(
         args.data,
@@ -114,8 +114,9 @@ def _input_size(text: str | None) -> int | tuple[int, ...] | None:
 
 def cmd_explain(args) -> None:
     from monai_sal_app import distributed
-    from monai_sal_app.experiments.workflows import explain_items, read_items
+    from monai_sal_app.experiments.workflows import explain_items
     from monai_sal_app.models.checkpoint import load_classifier
+    from monai_sal_app.models.inputs import read_items
     from monai_sal_app.saliency import get_method
 
     methods = _split(args.method)

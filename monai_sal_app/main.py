@@ -37,7 +37,6 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
-from monai_sal_app import __version__
 from monai_sal_app.lib.configs.classifier import ClassifierConfig
 from monai_sal_app.lib.errors import RequestError, install_http_errors
 from monai_sal_app.lib.inputs import IMAGE_NAME_KEY, CheckedSessions, remove_uploads, resolve_image, resolve_label
@@ -46,6 +45,7 @@ from monai_sal_app.lib.scoring.trust import TrustScoring
 from monai_sal_app.lib.served_model import find_checkpoints
 from monai_sal_app.models.device import default_device
 from monai_sal_app.saliency.core import Stopped
+from monai_sal_app.version import __version__
 
 logger = logging.getLogger(__name__)
 

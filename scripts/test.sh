@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install (scripts/install.sh --test), lint (ruff check + ruff format --check), check that the Slicer
-# module runs on Slicer's Python 3.9 (vermin), install Chromium and CMake for the tests when they are
+# Install (scripts/install.sh --test), lint (ruff check + ruff format --check), check the import
+# contracts of pyproject.toml (lint-imports), check that the Slicer module runs on Slicer's Python 3.9
+# (vermin), install Chromium and CMake for the tests when they are
 # missing, and run the whole test suite. Extra arguments go to pytest.
 # A lint error fails the run; so does pytest's exit code 5 ("no tests collected"): an empty run is
 # never green.
@@ -8,6 +9,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --test || { echo "error: install failed" >&2; exit 1; }
 .venv/bin/ruff check . && .venv/bin/ruff format --check . || { echo "error: ruff found lint or format errors" >&2; exit 1; }
+# The layers, the server's independence from the studies, no cycles (pyproject.toml, docs/DESIGN.md).
+.venv/bin/lint-imports --no-cache || { echo "error: an import breaks the contracts above (docs/DESIGN.md, Layers)" >&2; exit 1; }
 # Slicer 5.6 and 5.8 run the module on Python 3.9, 5.10 on 3.12: nothing newer than 3.9 in it
 # (annotations included: Slicer's parameterNodeWrapper evaluates them).
 .venv/bin/vermin -q --target=3.9- --no-tips --violations --eval-annotations slicer_module/ \

@@ -211,7 +211,7 @@ def test_the_report_shows_every_table_and_image_in_headless_chromium(smoke_run, 
 def test_explain_and_evaluate_under_torchrun_give_the_rows_and_maps_of_one_process(tmp_path):
     from monai_sal_app.data.io import read_image
     from monai_sal_app.data.shepp_logan import generate_shepp_logan
-    from monai_sal_app.experiments.workflows import train_from_manifest
+    from monai_sal_app.models.manifest_training import train_from_manifest
 
     manifest = generate_shepp_logan(tmp_path / "data", "test", 2, 32, 5, seed=3, progress=False)
     train_from_manifest(manifest, tmp_path / "model.pt", epochs=1, progress=False, log=lambda _: None)
@@ -287,7 +287,7 @@ def without_timings(value):
 
 def test_trust_under_torchrun_shares_the_methods_out_and_gives_the_card_of_one_process(tmp_path):
     from monai_sal_app.data.shepp_logan import generate_shepp_logan
-    from monai_sal_app.experiments.workflows import train_from_manifest
+    from monai_sal_app.models.manifest_training import train_from_manifest
 
     manifest = generate_shepp_logan(tmp_path / "data", "test", 2, 32, 3, seed=4, progress=False)
     train_from_manifest(manifest, tmp_path / "model.pt", epochs=1, progress=False, log=lambda _: None)

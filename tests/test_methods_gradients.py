@@ -160,7 +160,7 @@ def test_smoothgrad_noise_is_seeded_and_not_the_global_generator():
 # ---------------------------------------------------------------- Integrated Gradients
 
 
-@pytest.mark.parametrize("baseline", ["zeros", "constant", "min", "blurred"])
+@pytest.mark.parametrize("baseline", ["zero", "constant", "min", "blur"])
 def test_integrated_gradients_matches_captum_trapezoid(dims, baseline):
     model = tiny_resnet(dims)
     x = images_for(dims, n=3) - 0.3
@@ -177,19 +177,19 @@ def test_integrated_gradients_matches_captum_trapezoid(dims, baseline):
 
 def test_baselines_are_what_they_say(dims):
     x = images_for(dims, n=2, channels=2) * 2 - 0.5
-    assert (make_baseline(x, "zeros") == 0).all()
+    assert (make_baseline(x, "zero") == 0).all()
     assert (make_baseline(x, "constant", baseline_value=-1.5) == -1.5).all()
     lowest = make_baseline(x, "min")
     for i in range(2):
         assert (lowest[i] == x[i].min()).all()
     # per channel, along every spatial axis; also with a sigma much larger than the image
     for sigma in (1.5, 40.0):
-        blurred = make_baseline(x, "blurred", blur_sigma=sigma)
+        blurred = make_baseline(x, "blur", blur_sigma=sigma)
         reference = gaussian_filter(x.numpy(), sigma=[0, 0] + [sigma] * dims, mode="nearest", truncate=4.0)
         np.testing.assert_allclose(blurred.numpy(), reference, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("baseline", ["zeros", "min", "blurred"])
+@pytest.mark.parametrize("baseline", ["zero", "min", "blur"])
 def test_integrated_gradients_completeness(dims, baseline):
     """sum of the map == f(x) - f(baseline) within 1% at 200 steps (smooth model, float32)."""
     model = SmoothNet(dims).eval()
@@ -370,7 +370,7 @@ def test_guided_relus_context_is_gone_after_an_exception():
         ("smoothgrad", {"sigma": -0.1}, "sigma"),
         ("integrated_gradients", {"steps": 1}, "steps"),
         ("integrated_gradients", {"baseline": "noise"}, "baseline must be one of"),
-        ("integrated_gradients", {"baseline": "blurred", "blur_sigma": 0}, "blur_sigma"),
+        ("integrated_gradients", {"baseline": "blur", "blur_sigma": 0}, "blur_sigma"),
         ("smoothgrad_ig", {"steps": 1}, "steps"),
         ("occlusion", {"window": 0}, "window"),
     ],

@@ -17,8 +17,9 @@ from saliency.core.integrated_gradients import IntegratedGradients
 from skimage.morphology import ball
 from torch import nn
 
+from monai_sal_app.models.filters import gaussian_blur
 from monai_sal_app.saliency import available_methods, explain
-from monai_sal_app.saliency.meaningful_perturbation import gaussian_blur, perturb
+from monai_sal_app.saliency.meaningful_perturbation import perturb
 from monai_sal_app.saliency.xrai import (
     _integrated_gradients_min_max,
     segment_membership_2d,

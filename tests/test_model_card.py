@@ -12,7 +12,6 @@ from sklearn.metrics import balanced_accuracy_score
 
 from monai_sal_app.data.generators import GENERATORS
 from monai_sal_app.data.manifest import read_manifest
-from monai_sal_app.experiments.workflows import load_inputs, train_from_manifest
 from monai_sal_app.inference import explain_array
 from monai_sal_app.models import (
     CardError,
@@ -24,6 +23,8 @@ from monai_sal_app.models import (
     predict_classes,
     read_card,
 )
+from monai_sal_app.models.inputs import load_inputs
+from monai_sal_app.models.manifest_training import train_from_manifest
 
 VALID = {
     "architecture": "conv5fc3",

@@ -40,8 +40,8 @@ from monai_sal_app.data.shepp_logan import generate_shepp_logan
 from monai_sal_app.evaluation.trust import trust_card, write_trust_card
 from monai_sal_app.experiments.workflows import evaluate_maps
 from monai_sal_app.explainers import EXPLAINER_KINDS, save_explainer
+from monai_sal_app.files import json_safe
 from monai_sal_app.inference import explain_array
-from monai_sal_app.lib.infers.saliency import json_safe
 from monai_sal_app.lib.served_model import find_checkpoints
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.device import default_device

@@ -177,7 +177,8 @@ def demo_model(tmp_path_factory):
     64 px Shepp-Logan phantoms, control vs patient), on fewer images and epochs; 16 test patients."""
     from monai_sal_app.data.manifest import read_manifest
     from monai_sal_app.data.shepp_logan import generate_shepp_logan
-    from monai_sal_app.experiments.workflows import load_inputs, train_from_manifest
+    from monai_sal_app.models.inputs import load_inputs
+    from monai_sal_app.models.manifest_training import train_from_manifest
 
     folder = tmp_path_factory.mktemp("demo")
     train = generate_shepp_logan(folder / "train", "homogeneous", 2, 64, 80, 0, False)

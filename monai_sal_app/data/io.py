@@ -27,12 +27,13 @@ import gzip
 import math
 import os
 import re
-import uuid
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from monai_sal_app.files import atomic_path
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -362,12 +363,6 @@ def write_nifti(array: np.ndarray, path: str | os.PathLike, affine: np.ndarray |
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"{path}: affine must be 4x4, got shape {affine.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{name[: -len(suffix)]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-    try:
-        nib.save(nib.Nifti1Image(array, affine), str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path, suffix) as temporary:
+        nib.save(nib.Nifti1Image(array, affine), str(temporary))
     return path

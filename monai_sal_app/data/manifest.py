@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import csv
 import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from monai_sal_app.data.io import read_image
+from monai_sal_app.files import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -101,18 +101,13 @@ def write_manifest(path: str | os.PathLike, rows: list[dict]) -> Path:
         for column in PATH_COLUMNS:
             line[column] = _path_for_csv(row.get(column), folder, where)
         lines.append(line)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(lines)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    def write(handle) -> None:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(lines)
+
+    return atomic_write(path, write, mode="w")
 
 
 def _leaves_folder(relative: str) -> bool:

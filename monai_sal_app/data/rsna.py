@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from monai_sal_app.data.io import ImageError, read_image, write_nifti
 from monai_sal_app.data.manifest import write_manifest
+from monai_sal_app.files import atomic_path
 
 __all__ = [
     "CLASSES",
@@ -142,14 +143,8 @@ def write_rsna_dicom(
     else:
         ds.PixelData = pixels.tobytes()
         ds.is_little_endian, ds.is_implicit_VR = True, False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pydicom.dcmwrite(str(tmp), ds, write_like_original=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as temporary:
+        pydicom.dcmwrite(str(temporary), ds, write_like_original=False)
     return path
 
 

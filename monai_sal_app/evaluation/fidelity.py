@@ -73,7 +73,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_sal_app.files import json_safe
 from monai_sal_app.metrics.stats import mean_ci
+from monai_sal_app.models.filters import gaussian_blur
 from monai_sal_app.saliency.core import (
     auto_batch_size,
     chunks,
@@ -84,7 +86,6 @@ from monai_sal_app.saliency.core import (
     target_scores,
     validate_images,
 )
-from monai_sal_app.saliency.meaningful_perturbation import gaussian_blur
 
 __all__ = [
     "BASELINES",
@@ -152,17 +153,7 @@ class FidelityResult:
 
     def to_dict(self) -> dict:
         """Every field, arrays as (nested) lists of floats and NaN as ``None``: ready for ``json.dumps``."""
-        return {f.name: _json_safe(getattr(self, f.name)) for f in fields(self)}
-
-
-def _json_safe(value):
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
+        return {f.name: json_safe(getattr(self, f.name)) for f in fields(self)}
 
 
 def fidelity(

@@ -27,13 +27,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from monai_sal_app.evaluation.randomization import RETENTION_CUT, retention_interval, retention_verdict
+from monai_sal_app.files import json_safe
 from monai_sal_app.metrics.similarity import DISPLAYS, RetentionReference, random_pair_baseline, similarity
 from monai_sal_app.saliency import explain
 from monai_sal_app.saliency.core import model_guard, resolve_target
@@ -55,20 +55,6 @@ DEFAULT_METRICS = ("ssim", "spearman_abs")
 MAX_AUC_GAP = 0.05  # another model is compared only when its ROC AUC is within this of the reference's
 MIN_KAPPA = 0.6  # ... and the two models' predictions agree at least this well (Cohen's kappa)
 REPEATABLE_ABOVE = 0.5  # "yes" when the retention share's CI lies above this
-
-
-def _json(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json(value.tolist())
-    if isinstance(value, (float, np.floating)):
-        return None if not np.isfinite(value) else float(value)
-    if isinstance(value, (np.integer, np.bool_)):
-        return value.item()
-    return value
 
 
 @dataclass
@@ -103,7 +89,7 @@ class AgreementResult:
 
     def to_dict(self) -> dict:
         """JSON-safe: numbers as floats (None for NaN), arrays as lists; baselines without raw values."""
-        return _json(
+        return json_safe(
             {
                 "method": self.method,
                 "reference": self.reference,

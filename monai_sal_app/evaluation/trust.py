@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from monai_sal_app import __version__, distributed
+from monai_sal_app import distributed
 from monai_sal_app.evaluation.fidelity import BASELINES, fidelity
 from monai_sal_app.evaluation.randomization import model_randomization
 from monai_sal_app.evaluation.repeatability import map_agreement
@@ -38,6 +38,7 @@ from monai_sal_app.metrics.stats import mean_ci
 from monai_sal_app.models.checkpoint import atomic_write
 from monai_sal_app.saliency import available_methods, explain
 from monai_sal_app.saliency.core import get_method, model_guard, resolve_target
+from monai_sal_app.version import __version__
 
 __all__ = [
     "CHECKS",

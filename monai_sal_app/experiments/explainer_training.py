@@ -16,11 +16,12 @@ from torch import nn
 
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.experiments.report import save_figure
-from monai_sal_app.experiments.workflows import Log, load_inputs, stratified_split
 from monai_sal_app.explainers.card import ExplainerCard, save_explainer
 from monai_sal_app.explainers.train import train_explainer
 from monai_sal_app.metrics.stats import write_csv
 from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.models.inputs import load_inputs
+from monai_sal_app.models.manifest_training import Log, stratified_split
 
 __all__ = ["train_explainer_from_manifest"]
 

@@ -117,7 +117,7 @@ def flip_rate(model, card, generator, items: list[dict]) -> dict:
     ``items`` (preprocessed as the classifier sees them): ``{"rate", "n"}``."""
     import torch
 
-    from monai_sal_app.experiments.workflows import load_inputs
+    from monai_sal_app.models.inputs import load_inputs
 
     x, _ = load_inputs(items, card.input_size, progress=False)
     device = model_device(model)

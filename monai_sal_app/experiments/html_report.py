@@ -18,6 +18,8 @@ import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from monai_sal_app.files import write_text
+
 __all__ = ["render_report", "table_html", "write_report"]
 
 # The colour of a verdict cell by its answer: green "yes", red "no", amber anything else
@@ -167,7 +169,6 @@ def render_report(
 
 def write_report(run, path: Path, config: Mapping, environment: Mapping) -> Path:
     """Write ``run``'s report (a ``runner.Run``) to ``path`` atomically."""
-    from monai_sal_app.experiments.runner import write_text
 
     text = render_report(
         run.config["title"], run.config["question"], run.sections, config, environment, run.data_hashes

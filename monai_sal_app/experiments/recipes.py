@@ -180,7 +180,7 @@ def train_recipe(
     ``croppad`` shift is scaled with the input side, so that it stays the same fraction of the
     image); ``train_manifest``: another manifest of the training images (with permuted labels, say)
     instead of ``folder/train/manifest.csv``. Returns (model, card)."""
-    from monai_sal_app.experiments.workflows import train_from_manifest
+    from monai_sal_app.models.manifest_training import train_from_manifest
 
     folder = Path(folder)
     n_epochs = epochs or spec.epochs

@@ -5,11 +5,11 @@ One overlay renderer for every PNG of a map (``monai-sal explain``, the experime
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from monai_sal_app.files import atomic_path, write_text
 
 __all__ = [
     "CLIP_PERCENTILE",
@@ -165,16 +165,11 @@ def save_figure(fig, path: str | Path) -> Path:
     plt = pyplot()
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path, ".png") as temporary:
+            fig.savefig(temporary, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -185,9 +180,5 @@ def write_table(rows: list[dict], folder: str | Path, name: str, floatfmt: str =
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(rows, folder / f"{name}.csv")
-    md_path = folder / f"{name}.md"
-    fd, tmp = tempfile.mkstemp(suffix=".md", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(to_markdown(rows, floatfmt=floatfmt) + "\n")
-    os.replace(tmp, md_path)
+    md_path = write_text(folder / f"{name}.md", to_markdown(rows, floatfmt=floatfmt) + "\n")
     return Path(csv_path), md_path

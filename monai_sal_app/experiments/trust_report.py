@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from monai_sal_app import distributed
-from monai_sal_app.data.io import read_image
+from monai_sal_app.evaluation.inputs import load_trust_inputs, mean_mask_on_grid
 from monai_sal_app.evaluation.randomization import RETENTION_CUT, randomized_models
 from monai_sal_app.evaluation.trust import (
     DEFAULT_CHECKS,
@@ -29,18 +29,14 @@ from monai_sal_app.evaluation.trust import (
     write_trust_card,
 )
 from monai_sal_app.experiments.report import pyplot, save_figure
-from monai_sal_app.experiments.workflows import load_inputs, mean_training_mask, read_items
-from monai_sal_app.inference import resize_to
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.models.inputs import read_items
 from monai_sal_app.models.train import predict_probabilities
 from monai_sal_app.saliency import explain
 
 __all__ = [
     "fidelity_figure",
-    "load_trust_inputs",
-    "mask_on_grid",
-    "mean_mask_on_grid",
     "randomization_figure",
     "run_trust",
     "summary_rows",
@@ -48,41 +44,6 @@ __all__ = [
 ]
 
 EXAMPLE_IMAGES = 2  # images whose maps are drawn at every randomization state
-
-
-def load_trust_inputs(
-    items: list[dict], card: ModelCard, max_images: int | None = None, progress: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None, list[np.ndarray | None] | None]:
-    """Images (N, 1, *input_size), labels (N,) when every item has one, and masks on the input grid.
-
-    The first ``max_images`` items in manifest order are used. A mask is resized to the input grid
-    (bi/trilinear, then ``> 0.5``); items without a mask get None; None when no item has one.
-    """
-    items = items[:max_images] if max_images else items
-    images, _ = load_inputs(items, card.input_size, progress=progress)
-    has_label = all(item.get("label") not in (None, "") for item in items)
-    labels = torch.tensor([int(item["label"]) for item in items]) if has_label else None
-    masks = [mask_on_grid(item, card.input_size) for item in items]
-    return images, labels, (masks if any(m is not None for m in masks) else None)
-
-
-def mask_on_grid(item: dict, input_size: Sequence[int]) -> np.ndarray | None:
-    """The item's mask on the model's input grid, bool ``input_size``: resized bi/trilinearly, then
-    ``> 0.5``; None when the item has no mask."""
-    if not item.get("mask"):
-        return None
-    mask = read_image(item["mask"], allow_constant=True)[0] > 0.5
-    resized = resize_to(torch.from_numpy(mask.astype(np.float32))[None, None], input_size)
-    return resized[0, 0].numpy() > 0.5
-
-
-def mean_mask_on_grid(items: list[dict], input_size: Sequence[int]) -> np.ndarray | None:
-    """The mean of the items' masks (``experiments.workflows.mean_training_mask``) on the model's
-    input grid (bi/trilinear), values in [0, 1]; None when no item has a mask."""
-    prior = mean_training_mask(items)
-    if prior is None:
-        return None
-    return resize_to(torch.from_numpy(prior.astype(np.float32))[None, None], input_size)[0, 0].numpy()
 
 
 def _check_comparable(card: ModelCard, other: ModelCard, path: str) -> None:

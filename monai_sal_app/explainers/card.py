@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_sal_app import __version__
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.checkpoint import CheckpointError, atomic_write, card_path, weights_fingerprint
+from monai_sal_app.version import __version__
 
 __all__ = [
     "EXPLAINER_KINDS",

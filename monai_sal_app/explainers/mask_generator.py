@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_sal_app.models.filters import gaussian_blur
+
 __all__ = ["MASK_GENERATOR_DEFAULTS", "MaskGenerator", "alternative_images", "mask_generator_losses"]
 
 MASK_GENERATOR_DEFAULTS = {
@@ -113,7 +115,6 @@ def upsampled_mask(mask: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor
 def alternative_images(images: torch.Tensor, blur_probability: float, generator: torch.Generator) -> torch.Tensor:
     """Per image, with probability ``blur_probability`` the image blurred (sigma 5% of each side), else
     noise (std 0.055) plus a constant from U(0.335, 0.665); same shape as ``images`` (on [0, 1])."""
-    from monai_sal_app.saliency.meaningful_perturbation import gaussian_blur
 
     n, spatial = images.shape[0], images.shape[2:]
     shape_one = (n, *([1] * (images.ndim - 1)))

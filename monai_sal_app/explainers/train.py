@@ -25,7 +25,7 @@ from monai_sal_app.explainers import build_explainer, explainer_settings
 from monai_sal_app.explainers.card import ExplainerCard, classifier_record
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.device import default_device
-from monai_sal_app.saliency.core import model_guard
+from monai_sal_app.models.guard import model_guard
 
 __all__ = ["explainer_loss", "train_explainer"]
 

@@ -10,11 +10,12 @@ import csv
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from monai_sal_app.files import atomic_write
 
 __all__ = ["bootstrap_ci", "mean_ci", "summarize", "to_markdown", "write_csv"]
 
@@ -175,29 +176,18 @@ def to_markdown(rows: Sequence[Mapping], floatfmt: str = ".3f") -> str:
 def write_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
     """Write ``rows`` as CSV (header: every key, in order of first occurrence) atomically.
 
-    The file is written next to ``path`` under a temporary name and moved into place with
-    ``os.replace``, so a reader never sees a half-written table. Floats keep full precision;
+    The file is written next to ``path`` under a temporary name and moved into place
+    (``files.atomic_write``), so a reader never sees a half-written table. Floats keep full precision;
     a missing key is an empty cell. Parent folders are created. Returns the path.
     """
     columns = _columns(rows)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by `with handle` below)
-        "w", newline="", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-            writer.writeheader()
-            for row in rows:
-                # str(): shortest round-trip text of a numpy float (the csv module would repr()
-                # np.float64 as a float subclass, which numpy 2 spells "np.float64(...)").
-                writer.writerow({key: (str(v) if isinstance(v, np.floating) else v) for key, v in row.items()})
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-        raise
-    return path
+
+    def write(handle) -> None:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            # str(): shortest round-trip text of a numpy float (the csv module would repr()
+            # np.float64 as a float subclass, which numpy 2 spells "np.float64(...)").
+            writer.writerow({key: (str(v) if isinstance(v, np.floating) else v) for key, v in row.items()})
+
+    return atomic_write(path, write, mode="w")

@@ -12,8 +12,9 @@ from monai_sal_app.models.augment import (
 )
 from monai_sal_app.models.card import CardError, ModelCard, predict_classes
 from monai_sal_app.models.checkpoint import CheckpointError, load_classifier, read_card, save_classifier
+from monai_sal_app.models.conv5fc3 import Conv5FC3
 from monai_sal_app.models.device import default_device
-from monai_sal_app.models.factory import ARCHITECTURES, Conv5FC3, build_classifier
+from monai_sal_app.models.factory import ARCHITECTURES, build_classifier
 from monai_sal_app.models.losses import LOSSES, get_loss
 from monai_sal_app.models.train import (
     choose_decision_threshold,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_sal_app import __version__
+from monai_sal_app.version import __version__
 
 __all__ = ["PREPROCESSING", "CardError", "ModelCard", "predict_classes"]
 

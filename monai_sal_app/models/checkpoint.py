@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from monai_sal_app.files import atomic_write
 from monai_sal_app.models.card import CardError, ModelCard
 from monai_sal_app.models.device import default_device
 from monai_sal_app.models.factory import build_classifier
@@ -42,20 +42,6 @@ def build_network(card: ModelCard) -> nn.Module:
     return build_classifier(
         card.architecture, card.spatial_dims, card.in_channels, card.num_classes, head=card.head, **card.arch_kwargs
     )
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file in ``path``'s directory, then rename it to ``path``."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)  # noqa: SIM115 (closed by `with handle` below)
-    try:
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def save_classifier(model: nn.Module, path: str | os.PathLike, card: ModelCard) -> Path:

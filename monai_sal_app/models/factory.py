@@ -19,6 +19,9 @@ from monai.networks.nets import DenseNet121, DenseNet169, ResNet
 from monai.networks.nets.resnet import get_inplanes
 from torch import nn
 
+from monai_sal_app.models.conv5fc3 import Conv5FC3
+from monai_sal_app.models.wildcat import WildcatClassifier, wildcat_settings
+
 ARCHITECTURES = (
     "densenet121",
     "densenet169",
@@ -41,68 +44,6 @@ _RESNET_LAYOUTS = {
     "resnet152": ("bottleneck", [3, 8, 36, 3]),
 }
 _DENSENETS = {"densenet121": DenseNet121, "densenet169": DenseNet169}
-
-
-def _conv_block(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Sequential:
-    """conv k3 pad1 -> BatchNorm -> ReLU; keeps the spatial size."""
-    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-    norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
-    return nn.Sequential(conv(in_channels, out_channels, 3, padding=1), norm(out_channels), nn.ReLU())
-
-
-class Conv5FC3(nn.Module):
-    """The ARAMIS "conv5-fc3" CNN, 2D or 3D.
-
-    ``features``: 5 conv blocks (conv k3 -> BN -> ReLU) with ``channels`` output channels and a
-    max-pool (kernel 2) between consecutive blocks, so that its last module is a conv block;
-    ``pool``: adaptive average pool to 2 voxels per spatial dim; ``classifier``: Flatten, Dropout,
-    Linear(-> 1300), ReLU, Linear(1300 -> 50), ReLU, Linear(50 -> num_classes).
-
-    Input (N, in_channels, *spatial) with every spatial side >= 16 px; output logits (N, num_classes).
-    """
-
-    def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int = 1,
-        num_classes: int = 2,
-        channels: Sequence[int] = (8, 16, 32, 64, 128),
-        dropout: float = 0.5,
-    ) -> None:
-        super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-        channels = tuple(int(c) for c in channels)
-        if len(channels) != 5 or min(channels) < 1:
-            raise ValueError(f"channels must be 5 positive ints, got {channels!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        max_pool = nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d
-        adaptive_pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
-
-        layers: list[nn.Module] = []
-        previous = in_channels
-        for index, width in enumerate(channels):
-            if index > 0:
-                layers.append(max_pool(2))
-            layers.append(_conv_block(spatial_dims, previous, width))
-            previous = width
-        self.features = nn.Sequential(*layers)
-        self.pool = adaptive_pool(2)
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Dropout(dropout),
-            nn.Linear(channels[-1] * 2**spatial_dims, 1300),
-            nn.ReLU(),
-            nn.Linear(1300, 50),
-            nn.ReLU(),
-            nn.Linear(50, num_classes),
-        )
-
-    def forward(self, x):
-        if min(x.shape[2:]) < 16:
-            raise ValueError(f"Conv5FC3 needs every spatial side >= 16 px, got {tuple(x.shape[2:])}")
-        return self.classifier(self.pool(self.features(x)))
 
 
 def build_classifier(
@@ -131,8 +72,6 @@ def build_classifier(
         raise ValueError("pretrained weights are not supported: load a checkpoint with load_classifier instead")
     if head is None:
         return _build_network(arch, spatial_dims, in_channels, num_classes, **kwargs)
-    from monai_sal_app.models.wildcat import WildcatClassifier
-
     options = head_options(head)
     options.pop("name")
     network = _build_network(arch, spatial_dims, in_channels, num_classes, **kwargs)
@@ -144,8 +83,6 @@ def head_options(head: Mapping[str, Any]) -> dict[str, Any]:
 
     Raises ValueError naming an unknown head or an invalid option.
     """
-    from monai_sal_app.models.wildcat import wildcat_settings
-
     if not isinstance(head, Mapping) or head.get("name") not in HEADS:
         name = head.get("name") if isinstance(head, Mapping) else head
         raise ValueError(f"unknown head {name!r}; one of {', '.join(HEADS)} (or none for the network's own)")

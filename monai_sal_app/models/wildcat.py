@@ -24,7 +24,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from monai.networks.nets import DenseNet, ResNet
 from torch import nn
+
+from monai_sal_app.models.conv5fc3 import Conv5FC3
 
 __all__ = [
     "WILDCAT_DEFAULTS",
@@ -139,10 +142,6 @@ def wildcat_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any
 def _backbone_features(network: nn.Module) -> nn.Module:
     """The feature extractor of a network built by ``models.factory``: everything before its
     global pooling, as a module whose output is (N, K, *spatial) and non-negative."""
-    from monai.networks.nets import DenseNet, ResNet
-
-    from monai_sal_app.models.factory import Conv5FC3
-
     if isinstance(network, DenseNet):  # features end in norm5; the stock head starts with its ReLU
         return nn.Sequential(OrderedDict([*network.features.named_children(), ("relu", nn.ReLU())]))
     if isinstance(network, ResNet):

@@ -33,6 +33,8 @@ import psutil
 import torch
 from torch import nn
 
+from monai_sal_app.models.guard import model_guard
+
 __all__ = [
     "MAX_BATCH_SIZE",
     "MAX_LIST_ITEMS",
@@ -434,33 +436,6 @@ def auto_batch_size(
     rows = images.shape[0] * passes_per_image
     fit = min(fit, rows)
     return math.ceil(rows / math.ceil(rows / fit))
-
-
-@contextlib.contextmanager
-def model_guard(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode, frozen parameters and no in-place activations for the duration; all restored.
-
-    Parameters are frozen because attribution needs gradients with respect to the input only;
-    in-place activations are turned off because backward hooks (guided backprop) and captured
-    activations (Grad-CAM) must not see tensors modified in place.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    inplace = [(m, m.inplace) for m in model.modules() if isinstance(getattr(m, "inplace", None), bool)]
-    try:
-        model.eval()
-        for p, _ in grads:
-            p.requires_grad_(False)
-        for m, _ in inplace:
-            m.inplace = False
-        yield model
-    finally:
-        for m, flag in modes:
-            m.training = flag
-        for p, flag in grads:
-            p.requires_grad_(flag)
-        for m, flag in inplace:
-            m.inplace = flag
 
 
 def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam", target=None, **params) -> torch.Tensor:

@@ -16,10 +16,10 @@ SmoothGrad-IG, of all their noisy copies) go through the network together in chu
 fly, with the chunk size chosen from free memory; captum expands every step of every image at
 once (or needs ``internal_batch_size`` per call).
 
-Baselines (``baseline=``): ``"zeros"``; ``"constant"`` (every voxel ``baseline_value``);
-``"min"`` (every voxel the image's own minimum over all channels and voxels); ``"blurred"``
+Baselines (``baseline=``; the names the fidelity check uses for its replacements too): ``"zero"``; ``"constant"`` (every voxel ``baseline_value``);
+``"min"`` (every voxel the image's own minimum over all channels and voxels); ``"blur"``
 (the image under a Gaussian blur of ``blur_sigma`` pixels along every spatial axis, see
-:func:`gaussian_blur_matrix`: scipy's ``gaussian_filter`` with ``mode="nearest"``).
+``models.filters.gaussian_blur``: scipy's ``gaussian_filter`` with ``mode="nearest"``).
 
 Definitions and references: docs/METHODS.md#integrated-gradients and docs/METHODS.md#smoothgrad-ig.
 """
@@ -29,35 +29,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from monai_sal_app.models.filters import gaussian_blur
 from monai_sal_app.saliency.core import register
 from monai_sal_app.saliency.gradient import summed_pass_gradients
 from monai_sal_app.saliency.smoothgrad import check_noise_params, noise_levels, noise_patterns
 
-BASELINES = ("zeros", "constant", "min", "blurred")
-
-
-def gaussian_blur_matrix(length: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
-    """(length, length) matrix B with (B @ line) = a Gaussian blur of a 1D line of ``length`` voxels.
-
-    Sampled kernel exp(-t^2 / (2 sigma^2)) on t = -r..r, r = int(4 sigma + 0.5), normalised; voxels
-    beyond the ends repeat the end voxel (scipy's ``gaussian_filter(mode="nearest", truncate=4)``).
-    A matrix rather than a padded convolution so that a sigma much larger than the image costs
-    nothing extra.
-    """
-    radius = int(4.0 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, device=like.device)
-    kernel = torch.exp(-0.5 * (offsets.to(like.dtype) / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    sources = (torch.arange(length, device=like.device).view(-1, 1) + offsets).clamp(0, length - 1)
-    matrix = torch.zeros((length, length), dtype=like.dtype, device=like.device)
-    return matrix.scatter_add_(1, sources, kernel.expand(length, -1).contiguous())
+BASELINES = ("zero", "constant", "min", "blur")
 
 
 def make_baseline(
-    images: torch.Tensor, baseline: str = "zeros", baseline_value: float = 0.0, blur_sigma: float = 10.0
+    images: torch.Tensor, baseline: str = "zero", baseline_value: float = 0.0, blur_sigma: float = 10.0
 ) -> torch.Tensor:
     """The IG baseline of each image, same shape as ``images`` (N, C, *spatial)."""
-    if baseline == "zeros":
+    if baseline == "zero":
         return torch.zeros_like(images)
     if baseline == "constant":
         if isinstance(baseline_value, bool) or not isinstance(baseline_value, (int, float)):
@@ -66,14 +50,10 @@ def make_baseline(
     if baseline == "min":
         lowest = images.reshape(images.shape[0], -1).min(dim=1).values
         return lowest.view(-1, *([1] * (images.ndim - 1))).expand_as(images).clone()
-    if baseline == "blurred":
+    if baseline == "blur":
         if isinstance(blur_sigma, bool) or not isinstance(blur_sigma, (int, float)) or not blur_sigma > 0:
             raise ValueError(f"blur_sigma must be a number of pixels > 0, got {blur_sigma!r}")
-        blurred = images
-        for axis in range(2, images.ndim):
-            matrix = gaussian_blur_matrix(images.shape[axis], float(blur_sigma), images)
-            blurred = (blurred.movedim(axis, -1) @ matrix.T).movedim(-1, axis)
-        return blurred
+        return gaussian_blur(images, (float(blur_sigma),) * (images.ndim - 2))
     raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
 
 
@@ -105,7 +85,7 @@ def integrated_gradients(
     images: torch.Tensor,
     target: torch.Tensor,
     steps: int = 50,
-    baseline: str = "zeros",
+    baseline: str = "zero",
     baseline_value: float = 0.0,
     blur_sigma: float = 10.0,
     batch_size: int | None = None,
@@ -114,9 +94,9 @@ def integrated_gradients(
 
     Args:
         steps: points on the straight path, both ends included (trapezoid rule, >= 2).
-        baseline: "zeros", "constant", "min" or "blurred" (see the module docstring).
+        baseline: "zero", "constant", "min" or "blur" (see the module docstring).
         baseline_value: the value of the "constant" baseline.
-        blur_sigma: Gaussian sigma in pixels of the "blurred" baseline.
+        blur_sigma: Gaussian sigma in pixels of the "blur" baseline.
         batch_size: path points per forward/backward pass; None picks it from free memory.
     """
     alphas, weights = trapezoid_alphas_and_weights(steps, images)
@@ -148,7 +128,7 @@ def smoothgrad_ig(
     n_samples: int = 10,
     steps: int = 20,
     sigma: float = 0.15,
-    baseline: str = "zeros",
+    baseline: str = "zero",
     baseline_value: float = 0.0,
     blur_sigma: float = 10.0,
     seed: int = 0,

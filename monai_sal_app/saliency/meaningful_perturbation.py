@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_sal_app.models.filters import gaussian_blur
 from monai_sal_app.saliency.core import auto_batch_size, check_stop, chunks, register, target_scores
 
 __all__ = ["gaussian_blur", "meaningful_perturbation", "perturb"]
@@ -60,34 +61,6 @@ __all__ = ["gaussian_blur", "meaningful_perturbation", "perturb"]
 # The paper's ImageNet input side: blur sigma and jitter are given in its pixels.
 REFERENCE_SIDE = 224
 MASK_DOWNSAMPLE = 8
-
-
-def gaussian_blur(images: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, *spatial) with one sigma (pixels) per spatial axis.
-
-    Kernels are truncated at 4 sigma (like scipy) and borders replicated; a sigma of 0 leaves
-    that axis unchanged.
-    """
-    spatial_dims = images.ndim - 2
-    if len(sigmas) != spatial_dims:
-        raise ValueError(f"need {spatial_dims} sigmas for a {spatial_dims}D image, got {sigmas}")
-    channels = images.shape[1]
-    out = images
-    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial_dims - 1]
-    for axis, sigma in enumerate(sigmas):
-        if sigma <= 0:
-            continue
-        radius = max(1, int(4.0 * sigma + 0.5))
-        offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-        kernel = kernel / kernel.sum()
-        shape = [1] * spatial_dims
-        shape[axis] = kernel.numel()
-        weight = kernel.view(1, 1, *shape).repeat(channels, 1, *([1] * spatial_dims))
-        pad = [0, 0] * spatial_dims
-        pad[2 * (spatial_dims - 1 - axis)] = pad[2 * (spatial_dims - 1 - axis) + 1] = radius
-        out = conv(F.pad(out, pad, mode="replicate"), weight, groups=channels)
-    return out
 
 
 def perturb(images: torch.Tensor, blurred: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from monai_sal_app.experiments.runner import Recipe
+from monai_sal_app.experiments.study import Recipe
 
 __all__ = ["RECIPES"]
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_sal_app.experiments.runner import ExperimentError, Recipe, Run, Section, check_integer
+from monai_sal_app.experiments.study import ExperimentError, Recipe, Run, Section, check_integer
 
 GENERATOR = "ct-lesions"  # the built-in recipe (experiments.recipes.recipe_for)
 BLOCK_SIZE = 4  # crops per block of work: fixed, so results do not depend on the number of ranks
@@ -216,7 +216,7 @@ def _cases(manifest: str, input_size, max_images: int | None) -> dict:
     """The test items scored: those with a label and a mask that is neither empty nor everything on
     the input grid (voxel ROC AUC needs both classes), in manifest order, at most ``max_images``."""
     from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.experiments.trust_report import mask_on_grid
+    from monai_sal_app.evaluation.inputs import mask_on_grid
 
     cases, unusable = [], 0
     for item in read_manifest(manifest):
@@ -253,7 +253,7 @@ def _score_block(run: Run, model, card, indices: list[int], cases: list[dict]) -
     import torch
 
     from monai_sal_app.evaluation.fidelity import fidelity
-    from monai_sal_app.experiments.trust_report import load_trust_inputs
+    from monai_sal_app.evaluation.inputs import load_trust_inputs
     from monai_sal_app.metrics.localization import roc_auc, xrai_region_dice
     from monai_sal_app.saliency import explain, get_method
     from monai_sal_app.saliency.xrai import attribution_regions, xrai_regions, xrai_segments
@@ -360,8 +360,9 @@ def rank_tables(summary: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def _figures(run: Run, card, cases: list[dict], rows: list[dict], summary: list[dict]) -> list[Path]:
+    from monai_sal_app.evaluation.inputs import load_trust_inputs
     from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
-    from monai_sal_app.experiments.trust_report import fidelity_figure, load_trust_inputs
+    from monai_sal_app.experiments.trust_report import fidelity_figure
 
     s = run.settings
     methods = s["methods"]

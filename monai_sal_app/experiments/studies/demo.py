@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from monai_sal_app.experiments.runner import Recipe, Run, Section
+from monai_sal_app.experiments.study import Recipe, Run, Section
 
 PATIENT = 1  # the class whose evidence the masks outline
 SETTINGS = {
@@ -76,7 +76,7 @@ def _generate(run: Run) -> dict:
 
 
 def _train(run: Run, manifests: dict) -> dict:
-    from monai_sal_app.experiments.workflows import train_from_manifest
+    from monai_sal_app.models.manifest_training import train_from_manifest
 
     checkpoint = run.work / "model.pt"
     _, card = train_from_manifest(
@@ -101,8 +101,8 @@ def _masks(items: list[dict], key: str = "mask") -> np.ndarray:
 
 
 def _localization_block(run: Run, model, items: list[dict]) -> list[dict]:
-    from monai_sal_app.experiments.workflows import load_inputs
     from monai_sal_app.metrics.localization import localization_metrics
+    from monai_sal_app.models.inputs import load_inputs
     from monai_sal_app.saliency import explain
 
     images, _ = load_inputs(items, progress=False)
@@ -125,7 +125,7 @@ def _mean_mask_rows(manifests: dict, patients: list[dict]) -> list[dict]:
 
 def _trust(run: Run, model, items: list[dict]) -> dict:
     from monai_sal_app.evaluation.trust import trust_card
-    from monai_sal_app.experiments.workflows import load_inputs
+    from monai_sal_app.models.inputs import load_inputs
 
     images, _ = load_inputs(items, progress=False)
     targets = [PATIENT] * len(items)
@@ -143,7 +143,7 @@ def _trust(run: Run, model, items: list[dict]) -> dict:
 
 def _subtypes(run: Run, model, items: list[dict]) -> dict:
     from monai_sal_app.evaluation.subtypes import subtype_metrics
-    from monai_sal_app.experiments.workflows import load_inputs
+    from monai_sal_app.models.inputs import load_inputs
 
     images, _ = load_inputs(items, progress=False)
     return subtype_metrics(
@@ -161,7 +161,7 @@ def _case_figures(run: Run, model, patients: list[dict]) -> list:
     curves of every method over ``curve_images`` of them."""
     from monai_sal_app.data.io import read_image
     from monai_sal_app.experiments.report import roc_pr_figure, save_overlay_grid
-    from monai_sal_app.experiments.workflows import load_inputs
+    from monai_sal_app.models.inputs import load_inputs
     from monai_sal_app.saliency import explain
 
     s = run.settings

@@ -26,7 +26,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from monai_sal_app.experiments.runner import Recipe, Run, Section, check_integer
+from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer
 from monai_sal_app.metrics.localization import DEFAULT_PERCENTILES
 
 DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)

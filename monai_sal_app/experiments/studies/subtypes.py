@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_sal_app.experiments.runner import Recipe, Run, Section
+from monai_sal_app.experiments.study import Recipe, Run, Section
 
 LOSSES = ("ce", "l1", "l1norm", "smoothl1", "msenorm")
 AUGMENTATIONS = ("none", "croppad", "erasing", "noise", "smoothing")
@@ -110,7 +110,7 @@ def _generate(run: Run) -> dict:
 
 def _score_model(run: Run, manifests: dict, condition: dict, test) -> dict:
     from monai_sal_app.evaluation.subtypes import group_saliency_map, subtype_metrics
-    from monai_sal_app.experiments.workflows import train_from_manifest
+    from monai_sal_app.models.manifest_training import train_from_manifest
 
     s = run.settings
     name = "{preset}_{loss}_{augmentation}_r{replicate}".format(**condition)
@@ -152,7 +152,7 @@ def _score_model(run: Run, manifests: dict, condition: dict, test) -> dict:
 def _load_test(manifest: str):
     from monai_sal_app.data.io import read_image
     from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.experiments.workflows import load_inputs
+    from monai_sal_app.models.inputs import load_inputs
 
     items = read_manifest(manifest)
     images, _ = load_inputs(items, progress=False)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_sal_app.experiments.runner import Recipe, Run, Section, check_integer, check_names
+from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer, check_names
 from monai_sal_app.metrics.stats import summarize
 
 DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)
@@ -295,7 +295,7 @@ def _bars_figure(run: Run, summary: list[dict], detection: list[dict]) -> Path:
 
 def run_trainable_vs_posthoc(run: Run) -> None:
     from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.experiments.workflows import mean_training_mask
+    from monai_sal_app.evaluation.inputs import mean_training_mask
     from monai_sal_app.models.checkpoint import load_classifier
 
     s = run.settings

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_sal_app.experiments.runner import Recipe, Run, Section, check_integer, check_names
+from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer, check_names
 
 DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)
 POSTPROCESS = ("abs", "clip")  # |map| clipped at its 99th percentile, as the study compares maps
@@ -371,8 +371,8 @@ def _load_test(manifests: dict, card, count: int):
     """The first ``count`` test images with a mask: ids, images (count, 1, *input_size) and masks
     on the input grid."""
     from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.experiments.trust_report import mask_on_grid
-    from monai_sal_app.experiments.workflows import load_inputs
+    from monai_sal_app.evaluation.inputs import mask_on_grid
+    from monai_sal_app.models.inputs import load_inputs
 
     items = [item for item in read_manifest(manifests["test"]) if item.get("mask")][:count]
     images, _ = load_inputs(items, card.input_size, progress=False)

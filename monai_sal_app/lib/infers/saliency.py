@@ -32,6 +32,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from monai_sal_app.data.io import ImageError, ImageTooLarge, read_image, write_nifti
 from monai_sal_app.evaluation.trust import trust_summary
+from monai_sal_app.files import json_safe
 from monai_sal_app.inference import explain_array
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.lib.inputs import DEFAULT_METHOD, IMAGE_NAME_KEY, parse_explain_request
@@ -41,24 +42,11 @@ from monai_sal_app.metrics.localization import mask_metrics
 from monai_sal_app.saliency import get_method
 from monai_sal_app.saliency.core import BoundError, check_request
 
-__all__ = ["SaliencyInfer", "json_safe", "nifti_array_shape"]
+__all__ = ["SaliencyInfer", "nifti_array_shape"]
 
 logger = logging.getLogger(__name__)
 
 INPUT_FORMATS = {2: ["nifti", "nrrd", "png", "jpeg", "dicom"], 3: ["nifti", "nrrd"]}
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with tuples as lists and numpy scalars/arrays as Python numbers/lists."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def nifti_array_shape(path: str, spatial_shape: tuple[int, ...]) -> tuple[int, ...]:

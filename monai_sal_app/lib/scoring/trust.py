@@ -6,7 +6,7 @@ and, by default, again after every train task and datastore change
 
 Per served model: every datastore image of the model's dimensionality (up to ``max_images``, in
 datastore order) with its ``final`` label as mask when it has one, through the same
-``experiments.trust_report.load_trust_inputs`` and ``evaluation.trust.trust_card`` as
+``evaluation.inputs.load_trust_inputs`` and ``evaluation.trust.trust_card`` as
 ``monai-sal trust``; the card is written beside the checkpoint (``<name>.trust.json``), where
 ``/info`` and the infer answers read it, with the datastore ids of the images it rests on.
 
@@ -29,6 +29,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from monai_sal_app.data.io import ImageError, read_image
+from monai_sal_app.evaluation.inputs import load_trust_inputs
 from monai_sal_app.evaluation.trust import (
     DEFAULT_CHECKS,
     DEFAULT_TRUST_METHODS,
@@ -36,7 +37,6 @@ from monai_sal_app.evaluation.trust import (
     trust_card,
     write_trust_card,
 )
-from monai_sal_app.experiments.trust_report import load_trust_inputs
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.lib.served_model import ServedModel
 from monai_sal_app.models.train import predict_probabilities

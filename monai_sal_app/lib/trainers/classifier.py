@@ -12,7 +12,7 @@ current checkpoint's head.
 
 ``manifest`` is a path inside the studies folder (relative to it, or absolute) or, by default,
 the manifest the current checkpoint was trained on (recorded in its model card). Training is
-:func:`monai_sal_app.experiments.workflows.train_from_manifest`, the same as ``monai-sal train``;
+:func:`monai_sal_app.models.manifest_training.train_from_manifest`, the same as ``monai-sal train``;
 it writes ``<name>.pt`` and ``<name>.json`` atomically (each written under a temporary name and
 renamed), and the infer task reloads them at its next request because their mtime changed.
 MONAI Label runs this task in a subprocess unless the request says ``run_sync=true``.
@@ -166,7 +166,7 @@ class ClassifierTrainer(TrainTask):
         return p
 
     def __call__(self, request: dict, datastore) -> dict[str, Any]:
-        from monai_sal_app.experiments.workflows import train_from_manifest
+        from monai_sal_app.models.manifest_training import train_from_manifest
 
         p = self.parse(request)
         card = self._card()
