@@ -75,7 +75,7 @@ def use_one_malloc_arena() -> None:
     each request cost tens of milliseconds. With one arena the trim after each request
     (:func:`release_free_memory`) is cheap and the server's memory stays flat; both measured
     with ``scripts/benchmark_server_memory.py`` and ``scripts/benchmark_server_latency.py``
-    (the numbers are in the README).
+    (the numbers are in docs/SERVER.md, "Notes").
     """
     if _MALLOPT is not None:
         _MALLOPT(_M_ARENA_MAX, 1)

@@ -4,7 +4,7 @@
 segmentations logic without the Slicer application; the server is the app started on 127.0.0.1.
 Positions are compared in RAS (a storage node may order or flip axes differently from the file),
 and values voxel for voxel through those positions. What only a running Slicer can check (the
-widget, rendered views) is listed in the README.
+widget, rendered views) is listed in docs/SLICER.md.
 
 slicer-core's ITK has no PNG reader, so "where Slicer puts a PNG" is the PNG read by the ITK
 Python package (the library Slicer reads PNG with) and stored as NRRD with that geometry.

@@ -57,7 +57,7 @@ class DefaultModel:
 # name -> model, per `monai-sal serve --data` choice. Real: a PA chest radiograph classifier
 # (opacity vs normal, 256^2 images seen at 64^2) and a 3D CT classifier (lung lesion vs none, 64^3
 # crops at 1.5 mm seen at 32^3, i.e. 3 mm voxels). Translations of up to ~10 % of the input side
-# (croppad:6 at 64 px, croppad:3 at 32 voxels). The recipes and what they reach are in the README.
+# (croppad:6 at 64 px, croppad:3 at 32 voxels). The recipes and what they reach are in docs/SERVER.md, "Start it".
 DEFAULT_MODELS: dict[str, dict[str, DefaultModel]] = {
     "real": {
         "chest_xray_2d": DefaultModel(

@@ -1,6 +1,6 @@
 """What one request may cost the server, and how a running request is stopped.
 
-Settings (``--conf key value``, defaults in :data:`DEFAULT_LIMITS`; the README lists them):
+Settings (``--conf key value``, defaults in :data:`DEFAULT_LIMITS`; docs/SERVER.md lists them):
 
 - ``max_request_cost``: the largest estimated cost of one infer request, network passes x voxels
   of the network input (``saliency.core.check_request``); above it, 400 saying what to lower.

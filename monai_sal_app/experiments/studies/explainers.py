@@ -266,9 +266,8 @@ def run_explainers(run: Run) -> None:
             [Path(result["history_figure"]) for result in explainers.values()],
             note="val_auc, test_auc: the classifier's ROC AUC on its validation and test images. val_loss: the "
             "explainer's validation loss at its best epoch; val_flip_rate: the share of its validation images whose "
-            "x_adv the classifier assigns to another class; test_flip_rate: the same on every test image (the "
-            "README's comparison, with 2500 training images per class and 20 epochs, flips 0.91). The figures are "
-            "the explainers' training curves.",
+            "x_adv the classifier assigns to another class; test_flip_rate: the same on every test image (docs/"
+            "STUDIES.md gives it with the study's amount of data). The figures are the explainers' training curves.",
         )
     )
 

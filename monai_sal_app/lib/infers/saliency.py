@@ -237,8 +237,8 @@ class SaliencyInfer(InferTask):
     def _write_heatmap(self, saliency: np.ndarray, image_path: str, meta: dict, method: str) -> str:
         """Write the map to a new temporary ``.nii`` (MONAI Label deletes it after the response).
 
-        Uncompressed: a float32 map compresses poorly (a 64^3 integrated-gradients map by 7%) and
-        gzip took 27 ms of a 3D request and 4 ms of a 2D one (the README has the numbers)."""
+        Uncompressed: a float32 map of noise-like values compresses poorly, and gzip would add its
+        time to every answer."""
         if meta["format"] == "nifti":
             saliency = saliency.reshape(nifti_array_shape(image_path, saliency.shape))
         handle, path = tempfile.mkstemp(prefix=f"heatmap_{self.name}_{method}_", suffix=".nii")
