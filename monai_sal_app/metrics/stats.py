@@ -41,7 +41,7 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     if n < 2:
         return (math.nan, math.nan, math.nan) if n == 0 else (float(array[0]), math.nan, math.nan)
     mean = float(array.mean())
-    # Imported here: scipy.stats takes ~1 s to import, which the server and the Slicer module
+    # Imported here: scipy.stats is slow to import, which the server and the Slicer module
     # should not pay just to import localization metrics.
     from scipy import stats as scipy_stats
 

@@ -386,27 +386,14 @@ def _row_bytes(model: nn.Module, images: torch.Tensor) -> int:
     return 2 * _activation_bytes_per_row(model, images[:1]) + 4 * images[0].numel() * images.element_size()
 
 
-# On a CPU, rows per pass stop paying once a chunk's working set leaves the caches and memory
-# bandwidth and page faults are the limit. DenseNet121 forward+backward (input gradient, frozen
-# parameters) on 2 cores, seconds per row against rows per pass, min / median of 5 interleaved
-# rounds, with the chunk's cost by _row_bytes (249 MiB per 224^2 row, 230 per 64^3, 777 per 96^3):
-#   224^2: 6 (1.5 GiB): .126/.150  8 (1.9): .129/.140  10 (2.4): .130/.138  13 (3.2): .131/.142
-#          16 (3.9 GiB): .139/.156  20 (4.9): .214/.269
-#   64^3:  4 (0.9 GiB): .217/.243  6 (1.3): .210/.252  8 (1.8): .221/.245  11 (2.5): .216/.242
-#          16 (3.6 GiB): .259/.357
-#   96^3:  2 (1.5 GiB): .951/.997  3 (2.3): .720/.738  4 (3.0): 1.00/1.22  5 (3.8): 1.05/1.09
-# i.e. a plateau from about 1 to 3 GiB of rows and a cliff near 3.5-4 GiB; 50 rows at 224^2
-# (12 GiB, what the memory rule alone allows on a 24 GiB machine) run 2-3x slower per row.
-# The cap sits inside the plateau: 10, 11 and 3 rows for the three inputs above.
+# On a CPU, rows per pass stop paying once a chunk's working set leaves the caches: the cap sits
+# inside the plateau measured for forward+backward passes (docs/BENCHMARKS.md, "Chunk sizes
+# on a CPU").
 CPU_CHUNK_BYTES = 5 * 2**29  # 2.5 GiB
 
 # Forward-only passes (occlusion) keep no activations for a backward pass, so their working set
-# per row is a few layers' outputs and the best chunk is smaller. DenseNet121 forward under
-# no_grad on 2 cores, seconds per row (best of 4, sizes interleaved), rows costed by _row_bytes:
-#   224^2: 2: 0.074, 4: 0.061, 6: 0.056, 8: 0.058, 12: 0.071 (16: 0.064, 64: 0.124)
-#   64^3:  2: 0.092, 4: 0.087, 6: 0.092, 8: 0.095, 12: 0.108 (32: 0.164)
-#   96^3:  1: 0.512, 2: 0.415, 3: 0.438, 4: 0.431 (5: 0.550, 27: 0.678)
-# 2 GiB of rows gives 8, 8 and 2 rows: within 5 % of the best size in each case.
+# per row is a few layers' outputs and the best chunk is smaller (docs/BENCHMARKS.md,
+# "Chunk sizes on a CPU").
 CPU_FORWARD_CHUNK_BYTES = 2 * 2**30
 
 

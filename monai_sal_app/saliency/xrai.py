@@ -35,9 +35,8 @@ greedy loop recomputes every remaining segment's difference with the covered mas
 image at every step. Here segment membership is one sparse (segments x pixels) matrix built
 from bounding-box crops, and the greedy loop keeps each segment's count and sum of uncovered
 pixels up to date by subtracting what each step covers (see :func:`select_regions` for how the
-choice stays exact). On 224 x 224 images segmentation + selection is about 5x faster than
-PAIR's on 2 CPU cores, with the same result; most of the remaining time is skimage's six
-Felzenszwalb runs, which both share.
+choice stays exact): the same result as PAIR's, in less time (docs/BENCHMARK_METHODS.md); most
+of the remaining time is skimage's six Felzenszwalb runs, which both share.
 
 Definition and references: docs/METHODS.md#xrai.
 """
@@ -190,7 +189,7 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 def _map_in_threads(fn: Callable, values: Sequence) -> list:
     """``[fn(v) for v in values]``, one thread per CPU core: skimage's segmentations release the
-    GIL for much of their work (224^2, 6 Felzenszwalb scales: 0.34 s in a loop, 0.25 s in 2 threads)."""
+    GIL for much of their work, so the scales' segmentations overlap."""
     values = list(values)
     workers = min(len(values), os.cpu_count() or 1)
     if workers <= 1:
