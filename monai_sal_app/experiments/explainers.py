@@ -38,6 +38,7 @@ from monai_sal_app.explainers import load_explainer
 from monai_sal_app.metrics.localization import DEFAULT_PERCENTILES, localization_metrics, partial_auprc
 from monai_sal_app.metrics.stats import mean_ci, write_csv
 from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.models.inputs import load_inputs
 from monai_sal_app.saliency.core import model_device
 
 __all__ = [
@@ -116,8 +117,6 @@ def flip_rate(model, card, generator, items: list[dict]) -> dict:
     """How often the classifier's prediction for x_adv differs from its prediction for the image, over
     ``items`` (preprocessed as the classifier sees them): ``{"rate", "n"}``."""
     import torch
-
-    from monai_sal_app.models.inputs import load_inputs
 
     x, _ = load_inputs(items, card.input_size, progress=False)
     device = model_device(model)

@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from monai_sal_app.data.generators import GENERATORS
+from monai_sal_app.models.manifest_training import train_from_manifest
+
 __all__ = [
     "DEFAULT_MODELS",
     "MIN_VAL_AUC",
@@ -134,7 +137,6 @@ def generate_explainer_data(
 def _generate_split(
     spec, folder: Path, split: str, preset: str, per_class: int, seed: int, progress, log, size: int | None = None
 ) -> Path:
-    from monai_sal_app.data.generators import GENERATORS
 
     manifest = folder / split / "manifest.csv"
     if not manifest.is_file():
@@ -180,7 +182,6 @@ def train_recipe(
     ``croppad`` shift is scaled with the input side, so that it stays the same fraction of the
     image); ``train_manifest``: another manifest of the training images (with permuted labels, say)
     instead of ``folder/train/manifest.csv``. Returns (model, card)."""
-    from monai_sal_app.models.manifest_training import train_from_manifest
 
     folder = Path(folder)
     n_epochs = epochs or spec.epochs

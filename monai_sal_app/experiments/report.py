@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from monai_sal_app.files import atomic_path, write_text
+from monai_sal_app.metrics.localization import roc_curve
+from monai_sal_app.metrics.stats import to_markdown, write_csv
 
 __all__ = [
     "CLIP_PERCENTILE",
@@ -127,7 +129,6 @@ def pooled_roc_pr(values: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray
     dominates. ``values``, ``masks``: (N, *spatial). Returns ``{"fpr", "tpr"}`` (from
     ``metrics.localization.roc_curve``, starting at (0, 0)) and ``{"recall", "precision"}`` at the
     same thresholds (without that first point). ValueError when the masks are all in or all out."""
-    from monai_sal_app.metrics.localization import roc_curve
 
     labels = np.asarray(masks).astype(bool).ravel()
     positives = int(labels.sum())
@@ -175,7 +176,6 @@ def save_figure(fig, path: str | Path) -> Path:
 
 def write_table(rows: list[dict], folder: str | Path, name: str, floatfmt: str = ".3f") -> tuple[Path, Path]:
     """``name.csv`` and ``name.md`` in ``folder`` from a list of row dicts."""
-    from monai_sal_app.metrics.stats import to_markdown, write_csv
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

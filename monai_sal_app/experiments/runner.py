@@ -42,10 +42,13 @@ from typing import Any
 import torch
 
 from monai_sal_app import distributed
+from monai_sal_app.data.io import read_image
+from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.experiments.html_report import write_report
 from monai_sal_app.experiments.studies import RECIPES
 from monai_sal_app.experiments.study import ExperimentError, Run
 from monai_sal_app.files import write_text
+from monai_sal_app.models.checkpoint import read_card
 
 __all__ = [
     "SCALES",
@@ -160,8 +163,6 @@ def _check_manifest(manifest: Path, columns: Sequence[str]) -> None:
 
 
 def _check_models(models: Sequence[Path], manifest: Path | None) -> None:
-    from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.models.checkpoint import read_card
 
     items = read_manifest(manifest) if manifest is not None else []
     labels = sorted({int(i["label"]) for i in items if i.get("label") is not None})
@@ -178,8 +179,6 @@ def _check_models(models: Sequence[Path], manifest: Path | None) -> None:
                 f"has label {labels[-1]}"
             )
         if items:
-            from monai_sal_app.data.io import read_image
-
             ndim = read_image(items[0]["image"])[0].ndim
             if ndim != card.spatial_dims:
                 raise ExperimentError(f"{model}: a {card.spatial_dims}D model, but the data's images are {ndim}D")

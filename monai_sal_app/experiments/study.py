@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from monai_sal_app import distributed
+from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.files import json_safe, write_text
+from monai_sal_app.metrics.stats import summarize, write_csv
 
 __all__ = ["ExperimentError", "Recipe", "Run", "Section", "check_integer", "check_names"]
 
@@ -226,7 +228,6 @@ class Run:
     # -- outputs --------------------------------------------------------------------------
     def record_data(self, name: str, manifest: str | os.PathLike) -> None:
         """SHA-256 of ``manifest`` and of every image and mask it lists, for ``data.json``."""
-        from monai_sal_app.data.manifest import read_manifest
 
         manifest = Path(manifest)
         files = sorted(
@@ -257,7 +258,6 @@ class Run:
         """Write ``results/<name>.csv`` and, with ``group_by``, ``results/<name>_summary.csv`` (mean
         and 95% CI of ``metrics`` per group, ``metrics.stats.summarize``); returns the summary
         (or the rows). Only rank 0 writes."""
-        from monai_sal_app.metrics.stats import summarize, write_csv
 
         summary = summarize(rows, group_by, metrics) if group_by else rows
         if distributed.is_main():

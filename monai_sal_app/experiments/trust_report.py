@@ -29,6 +29,7 @@ from monai_sal_app.evaluation.trust import (
     write_trust_card,
 )
 from monai_sal_app.experiments.report import pyplot, save_figure
+from monai_sal_app.metrics.stats import to_markdown
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.inputs import read_items
@@ -165,7 +166,6 @@ def write_trust_report(
     With ``model`` and ``images`` (a few images, (K, C, *spatial)), also draws each method's maps at
     every cascading-randomization state (:func:`evaluation.randomization.randomized_models`).
     """
-    from monai_sal_app.metrics.stats import to_markdown
 
     out = Path(out)
     figures = out / "figures"

@@ -8,16 +8,14 @@ checkpoint path); ``monai-sal train-explainer`` trains one.
 
 from __future__ import annotations
 
-from torch import nn
-
 from monai_sal_app.explainers.card import (
-    EXPLAINER_KINDS,
     ExplainerCard,
     ExplainerMismatch,
     check_explainer_for,
     load_explainer,
     save_explainer,
 )
+from monai_sal_app.explainers.kinds import EXPLAINER_KINDS, build_explainer, explainer_settings
 
 __all__ = [
     "EXPLAINER_KINDS",
@@ -29,39 +27,3 @@ __all__ = [
     "load_explainer",
     "save_explainer",
 ]
-
-
-def explainer_settings(kind: str, settings: dict | None = None) -> dict:
-    """``kind``'s settings with its defaults filled in; ValueError for an unknown kind or setting."""
-    defaults = _defaults(kind)
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown {kind} setting(s) {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **settings}
-
-
-def _defaults(kind: str) -> dict:
-    if kind == "mask_generator":
-        from monai_sal_app.explainers.mask_generator import MASK_GENERATOR_DEFAULTS
-
-        return dict(MASK_GENERATOR_DEFAULTS)
-    if kind == "similarity_adversarial":
-        from monai_sal_app.explainers.similarity_adversarial import SIMILARITY_ADVERSARIAL_DEFAULTS
-
-        return dict(SIMILARITY_ADVERSARIAL_DEFAULTS)
-    raise ValueError(f"unknown explainer {kind!r}; one of {', '.join(EXPLAINER_KINDS)}")
-
-
-def build_explainer(card: ExplainerCard) -> nn.Module:
-    """The untrained explainer network ``card`` describes."""
-    settings = explainer_settings(card.kind, card.settings)
-    if card.kind == "mask_generator":
-        from monai_sal_app.explainers.mask_generator import MaskGenerator
-
-        return MaskGenerator(card.spatial_dims, card.num_classes, card.in_channels, settings["channels"])
-    if card.kind == "similarity_adversarial":
-        from monai_sal_app.explainers.similarity_adversarial import SimilarityAdversarialGenerator
-
-        return SimilarityAdversarialGenerator(card.spatial_dims, card.in_channels, settings["channels"])
-    raise ValueError(f"unknown explainer {card.kind!r}")

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from monai_sal_app.explainers.kinds import EXPLAINER_KINDS, build_explainer
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.checkpoint import CheckpointError, atomic_write, card_path, weights_fingerprint
 from monai_sal_app.version import __version__
 
 __all__ = [
-    "EXPLAINER_KINDS",
     "ExplainerCard",
     "ExplainerMismatch",
     "check_explainer_for",
@@ -35,8 +35,6 @@ __all__ = [
     "load_explainer",
     "save_explainer",
 ]
-
-EXPLAINER_KINDS = ("mask_generator", "similarity_adversarial")
 
 
 def _now() -> str:
@@ -144,8 +142,6 @@ def check_explainer_for(explainer_card: ExplainerCard, fingerprint: str) -> None
 
 def save_explainer(explainer: nn.Module, path: str | os.PathLike, card: ExplainerCard) -> Path:
     """``explainer``'s state_dict at ``path`` and ``card`` beside it (``.json``), each written atomically."""
-    from monai_sal_app.explainers import build_explainer
-
     path = Path(path)
     text = json.dumps(card.to_dict(), indent=2)
     state = {name: tensor.detach().cpu() for name, tensor in explainer.state_dict().items()}
@@ -165,8 +161,6 @@ def load_explainer(
 
     The returned module carries its card as ``explainer.card`` (``explain`` checks it against the
     classifier it is asked to explain)."""
-    from monai_sal_app.explainers import build_explainer
-
     path = Path(path)
     json_path = card_path(path)
     for needed in (path, json_path):

@@ -21,28 +21,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from monai_sal_app.explainers import build_explainer, explainer_settings
 from monai_sal_app.explainers.card import ExplainerCard, classifier_record
+from monai_sal_app.explainers.kinds import build_explainer, explainer_settings, get_kind
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.device import default_device
 from monai_sal_app.models.guard import model_guard
 
-__all__ = ["explainer_loss", "train_explainer"]
+__all__ = ["train_explainer"]
 
 Log = Callable[[str], object]
-
-
-def explainer_loss(kind: str) -> Callable[..., dict[str, torch.Tensor]]:
-    """``losses(explainer, classifier, images, target, settings, generator) -> {"total", ...terms}``."""
-    if kind == "mask_generator":
-        from monai_sal_app.explainers.mask_generator import mask_generator_losses
-
-        return mask_generator_losses
-    if kind == "similarity_adversarial":
-        from monai_sal_app.explainers.similarity_adversarial import similarity_adversarial_losses
-
-        return similarity_adversarial_losses
-    raise ValueError(f"unknown explainer {kind!r}")
 
 
 class DecisionLogits(nn.Module):
@@ -116,7 +103,7 @@ def train_explainer(
     settings = explainer_settings(kind, settings)
     device = torch.device(device) if device is not None else default_device()
     say = log or (lambda message: None)
-    losses = explainer_loss(kind)
+    losses = get_kind(kind).losses
     explainer_card = ExplainerCard(
         kind=kind,
         spatial_dims=card.spatial_dims,

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from monai_sal_app.models.factory import ARCHITECTURES, head_options
 from monai_sal_app.version import __version__
 
 __all__ = ["PREPROCESSING", "CardError", "ModelCard", "predict_classes"]
@@ -104,8 +105,6 @@ class ModelCard:
     monai_sal_version: str = __version__
 
     def __post_init__(self) -> None:
-        from monai_sal_app.models.factory import ARCHITECTURES
-
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
@@ -130,8 +129,6 @@ class ModelCard:
         put("input_size", tuple(_positive_int("input_size", side) for side in size))
         put("arch_kwargs", _mapping("arch_kwargs", self.arch_kwargs))
         if self.head is not None:
-            from monai_sal_app.models.factory import head_options
-
             head = _mapping("head", self.head)
             try:
                 put("head", head_options(head))

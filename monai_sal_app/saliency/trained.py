@@ -13,6 +13,9 @@ import weakref
 import torch
 from torch import nn
 
+from monai_sal_app.explainers.card import ExplainerCard, check_explainer_for, load_explainer
+from monai_sal_app.explainers.similarity_adversarial import explanation_map
+from monai_sal_app.models.checkpoint import weights_fingerprint
 from monai_sal_app.saliency.core import check_target_range, chunks, model_device, model_guard, register
 from monai_sal_app.saliency.gradcam import upsample_to
 
@@ -21,7 +24,6 @@ _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model 
 
 def _fingerprint(model: nn.Module) -> str:
     """``models.checkpoint.weights_fingerprint`` of ``model``, recomputed only after its tensors changed."""
-    from monai_sal_app.models.checkpoint import weights_fingerprint
 
     state = model.state_dict()
     versions = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state.items())
@@ -35,7 +37,6 @@ def _fingerprint(model: nn.Module) -> str:
 def resolve_explainer(explainer, kind: str, model: nn.Module) -> nn.Module:
     """The ``kind`` explainer module for ``model`` from ``explainer`` (module or checkpoint path);
     ValueError when it is missing, of another kind, or trained for other weights."""
-    from monai_sal_app.explainers.card import ExplainerCard, check_explainer_for, load_explainer
 
     command = f"monai-sal train-explainer {kind.replace('_', '-')}"
     if explainer is None:
@@ -90,7 +91,6 @@ def similarity_adversarial(
     """Maps (N, 1, *spatial) >= 0 on the input grid. They explain the model's decision on each image
     (the generator changes it to another class); ``target`` is only checked against the classes.
     ``tta``: average over the dihedral transforms of the image plane and their inverses."""
-    from monai_sal_app.explainers.similarity_adversarial import explanation_map
 
     if not isinstance(tta, bool):
         raise TypeError(f"tta must be a bool, got {tta!r}")

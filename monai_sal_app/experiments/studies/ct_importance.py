@@ -47,7 +47,17 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_sal_app.data.manifest import read_manifest
+from monai_sal_app.evaluation.fidelity import BASELINES, ORDERS, SCORES, fidelity
+from monai_sal_app.evaluation.inputs import load_trust_inputs, mask_on_grid
+from monai_sal_app.experiments.recipes import generate_recipe_data, recipe_for, train_recipe
+from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import ExperimentError, Recipe, Run, Section, check_integer
+from monai_sal_app.experiments.trust_report import fidelity_figure
+from monai_sal_app.metrics.localization import roc_auc, xrai_region_dice
+from monai_sal_app.models.checkpoint import load_classifier, read_card
+from monai_sal_app.saliency import explain, get_method
+from monai_sal_app.saliency.xrai import attribution_regions, xrai_regions, xrai_segments
 
 GENERATOR = "ct-lesions"  # the built-in recipe (experiments.recipes.recipe_for)
 BLOCK_SIZE = 4  # crops per block of work: fixed, so results do not depend on the number of ranks
@@ -88,8 +98,6 @@ SETTINGS = {
 
 
 def _validate(settings: dict) -> None:
-    from monai_sal_app.evaluation.fidelity import BASELINES, ORDERS, SCORES
-    from monai_sal_app.saliency import get_method
 
     methods = settings["methods"]
     if not isinstance(methods, list) or not methods or len(set(methods)) != len(methods):
@@ -132,7 +140,6 @@ def _validate(settings: dict) -> None:
 
 def _check_inputs(data: Path | None, models: list[Path]) -> None:
     """ValueError for a combination of ``--data`` and ``--model`` the study cannot use."""
-    from monai_sal_app.models.checkpoint import read_card
 
     if len(models) > 1:
         raise ValueError(f"ct_importance explains one model; got {len(models)} --model checkpoints")
@@ -153,14 +160,12 @@ def _check_inputs(data: Path | None, models: list[Path]) -> None:
 
 
 def _spec():
-    from monai_sal_app.experiments.recipes import recipe_for
 
     return recipe_for(GENERATOR)
 
 
 def _data(run: Run) -> dict:
     """Manifests ``{"train": path or None, "test": path}``: ``--data``, or the built-in crops."""
-    from monai_sal_app.experiments.recipes import generate_recipe_data
 
     if run.data is not None:
         return {"train": None, "test": str(run.data)}
@@ -181,8 +186,6 @@ def _data(run: Run) -> dict:
 
 def _model(run: Run) -> dict:
     """The checkpoint explained (``--model``, or the recipe's classifier trained here) and its card's scores."""
-    from monai_sal_app.experiments.recipes import train_recipe
-    from monai_sal_app.models.checkpoint import read_card
 
     s = run.settings
     if run.models:
@@ -215,8 +218,6 @@ def _model(run: Run) -> dict:
 def _cases(manifest: str, input_size, max_images: int | None) -> dict:
     """The test items scored: those with a label and a mask that is neither empty nor everything on
     the input grid (voxel ROC AUC needs both classes), in manifest order, at most ``max_images``."""
-    from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.evaluation.inputs import mask_on_grid
 
     cases, unusable = [], 0
     for item in read_manifest(manifest):
@@ -235,7 +236,6 @@ def _cases(manifest: str, input_size, max_images: int | None) -> dict:
 
 
 def _method_params(settings: dict, method: str, seed: int) -> dict:
-    from monai_sal_app.saliency import get_method
 
     params = dict(settings["params"].get(method, {}))
     if "seed" in get_method(method).defaults:
@@ -251,12 +251,6 @@ def fractions(settings: dict) -> np.ndarray:
 def _score_block(run: Run, model, card, indices: list[int], cases: list[dict]) -> list[dict]:
     """Rows of one block of crops: every method's map of each crop, scored (module docstring)."""
     import torch
-
-    from monai_sal_app.evaluation.fidelity import fidelity
-    from monai_sal_app.evaluation.inputs import load_trust_inputs
-    from monai_sal_app.metrics.localization import roc_auc, xrai_region_dice
-    from monai_sal_app.saliency import explain, get_method
-    from monai_sal_app.saliency.xrai import attribution_regions, xrai_regions, xrai_segments
 
     s = run.settings
     seed = run.seed + indices[0] // BLOCK_SIZE
@@ -360,9 +354,6 @@ def rank_tables(summary: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def _figures(run: Run, card, cases: list[dict], rows: list[dict], summary: list[dict]) -> list[Path]:
-    from monai_sal_app.evaluation.inputs import load_trust_inputs
-    from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
-    from monai_sal_app.experiments.trust_report import fidelity_figure
 
     s = run.settings
     methods = s["methods"]
@@ -411,7 +402,6 @@ def _figures(run: Run, card, cases: list[dict], rows: list[dict], summary: list[
 
 
 def run_ct_importance(run: Run) -> None:
-    from monai_sal_app.models.checkpoint import load_classifier
 
     s = run.settings
     manifests = run.step("data", lambda: _data(run))

@@ -18,7 +18,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from monai_sal_app.data.io import read_image
+from monai_sal_app.data.manifest import read_manifest
+from monai_sal_app.data.shepp_logan import generate_shepp_logan
+from monai_sal_app.evaluation.randomization import RETENTION_CUT
+from monai_sal_app.evaluation.subtypes import subtype_metrics
+from monai_sal_app.evaluation.trust import SCHEMA_VERSION, trust_card
+from monai_sal_app.experiments.report import roc_pr_figure, save_overlay_grid
 from monai_sal_app.experiments.study import Recipe, Run, Section
+from monai_sal_app.experiments.trust_report import fidelity_figure, randomization_figure
+from monai_sal_app.experiments.workflows import mean_mask_rows
+from monai_sal_app.metrics.localization import localization_metrics
+from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.models.inputs import load_inputs
+from monai_sal_app.models.manifest_training import train_from_manifest
+from monai_sal_app.saliency import explain, get_method
 
 PATIENT = 1  # the class whose evidence the masks outline
 SETTINGS = {
@@ -46,7 +60,6 @@ SETTINGS = {
 
 
 def _validate(settings: dict) -> None:
-    from monai_sal_app.saliency import get_method
 
     for method in [*settings["methods"], *settings["trust_methods"]]:
         get_method(method)
@@ -67,7 +80,6 @@ def _validate(settings: dict) -> None:
 
 
 def _generate(run: Run) -> dict:
-    from monai_sal_app.data.shepp_logan import generate_shepp_logan
 
     s, folder = run.settings, run.work / "data"
     train = generate_shepp_logan(folder / "train", "homogeneous", 2, s["size"], s["per_class"], run.seed, run.progress)
@@ -76,7 +88,6 @@ def _generate(run: Run) -> dict:
 
 
 def _train(run: Run, manifests: dict) -> dict:
-    from monai_sal_app.models.manifest_training import train_from_manifest
 
     checkpoint = run.work / "model.pt"
     _, card = train_from_manifest(
@@ -95,15 +106,11 @@ def _train(run: Run, manifests: dict) -> dict:
 
 
 def _masks(items: list[dict], key: str = "mask") -> np.ndarray:
-    from monai_sal_app.data.io import read_image
 
     return np.stack([read_image(i[key], allow_constant=True)[0] > 0.5 for i in items])
 
 
 def _localization_block(run: Run, model, items: list[dict]) -> list[dict]:
-    from monai_sal_app.metrics.localization import localization_metrics
-    from monai_sal_app.models.inputs import load_inputs
-    from monai_sal_app.saliency import explain
 
     images, _ = load_inputs(items, progress=False)
     masks = _masks(items)
@@ -117,15 +124,11 @@ def _localization_block(run: Run, model, items: list[dict]) -> list[dict]:
 
 
 def _mean_mask_rows(manifests: dict, patients: list[dict]) -> list[dict]:
-    from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.experiments.workflows import mean_mask_rows
 
     return mean_mask_rows(read_manifest(manifests["train"]), patients)
 
 
 def _trust(run: Run, model, items: list[dict]) -> dict:
-    from monai_sal_app.evaluation.trust import trust_card
-    from monai_sal_app.models.inputs import load_inputs
 
     images, _ = load_inputs(items, progress=False)
     targets = [PATIENT] * len(items)
@@ -142,8 +145,6 @@ def _trust(run: Run, model, items: list[dict]) -> dict:
 
 
 def _subtypes(run: Run, model, items: list[dict]) -> dict:
-    from monai_sal_app.evaluation.subtypes import subtype_metrics
-    from monai_sal_app.models.inputs import load_inputs
 
     images, _ = load_inputs(items, progress=False)
     return subtype_metrics(
@@ -159,10 +160,6 @@ def _subtypes(run: Run, model, items: list[dict]) -> dict:
 def _case_figures(run: Run, model, patients: list[dict]) -> list:
     """The overlay grid of ``cases`` test patients (half typical, half atypical) and the ROC/PR
     curves of every method over ``curve_images`` of them."""
-    from monai_sal_app.data.io import read_image
-    from monai_sal_app.experiments.report import roc_pr_figure, save_overlay_grid
-    from monai_sal_app.models.inputs import load_inputs
-    from monai_sal_app.saliency import explain
 
     s = run.settings
     half = s["cases"] // 2
@@ -191,11 +188,6 @@ def _case_figures(run: Run, model, patients: list[dict]) -> list:
 
 
 def run_demo(run: Run) -> None:
-    from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.evaluation.randomization import RETENTION_CUT
-    from monai_sal_app.evaluation.trust import SCHEMA_VERSION
-    from monai_sal_app.experiments.trust_report import fidelity_figure, randomization_figure
-    from monai_sal_app.models.checkpoint import load_classifier
 
     manifests = run.step("data", lambda: _generate(run))
     for name, manifest in manifests.items():

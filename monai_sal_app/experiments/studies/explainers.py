@@ -26,8 +26,22 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from monai_sal_app.data.io import read_image
+from monai_sal_app.data.manifest import read_manifest
+from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
+from monai_sal_app.experiments.explainers import (
+    explain_with_tta,
+    flip_rate,
+    generate_study_data,
+    localization_rows,
+    with_explainers,
+)
+from monai_sal_app.experiments.recipes import recipe_for, train_recipe
+from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer
 from monai_sal_app.metrics.localization import DEFAULT_PERCENTILES
+from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.saliency import get_method
 
 DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)
 BLOCK_SIZE = 4  # test images per block of work: fixed, so results do not depend on the number of ranks
@@ -47,7 +61,6 @@ SETTINGS = {
 
 
 def _validate(settings: dict) -> None:
-    from monai_sal_app.saliency import get_method
 
     for key in ("test_per_class", "epochs", "explainer_epochs", "mp_steps"):
         check_integer(settings, key)
@@ -74,7 +87,6 @@ def _validate(settings: dict) -> None:
 
 def trained_kinds(methods: list[str]) -> list[str]:
     """The methods that need a trained explainer (``mask_generator``, ``similarity_adversarial``)."""
-    from monai_sal_app.saliency import get_method
 
     return [method for method in methods if get_method(method).explainer]
 
@@ -85,8 +97,6 @@ def label(method: str, tta: bool) -> str:
 
 
 def _generate(run: Run) -> dict:
-    from monai_sal_app.experiments.explainers import generate_study_data
-    from monai_sal_app.experiments.recipes import recipe_for
 
     s = run.settings
     manifests = generate_study_data(
@@ -97,7 +107,6 @@ def _generate(run: Run) -> dict:
 
 
 def _train_classifier(run: Run) -> dict:
-    from monai_sal_app.experiments.recipes import recipe_for, train_recipe
 
     s = run.settings
     checkpoint = run.work / "classifier.pt"
@@ -109,7 +118,6 @@ def _train_classifier(run: Run) -> dict:
 
 
 def _train_explainer(run: Run, kind: str, classifier: str, manifest: str) -> dict:
-    from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
 
     epochs = run.settings["explainer_epochs"]
     checkpoint = run.work / f"classifier.{kind}.pt"
@@ -131,7 +139,6 @@ def _block_folder(run: Run, block: int) -> Path:
 def _explain_block(run: Run, model, card, params: dict, indices: list[int], items: list[dict]) -> list[dict]:
     """The rows of one block of test images: every method's maps (``work/explained/block<b>``), scored.
     Meaningful perturbation's random shifts are drawn from the run's seed + the block's index."""
-    from monai_sal_app.experiments.explainers import explain_with_tta, localization_rows
 
     block = indices[0] // BLOCK_SIZE
     params = {**params, "meaningful_perturbation": {"steps": run.settings["mp_steps"], "seed": run.seed + block}}
@@ -150,8 +157,6 @@ def _explain_block(run: Run, model, card, params: dict, indices: list[int], item
 
 def _overlay_figure(run: Run, items: list[dict]) -> Path:
     """The first :data:`FIGURE_CASES` test images, each with every method's map over it (mask outlined)."""
-    from monai_sal_app.data.io import read_image
-    from monai_sal_app.experiments.report import save_overlay_grid
 
     shown = items[:FIGURE_CASES]
     maps: dict[str, dict[str, object]] = {item["id"]: {} for item in shown}
@@ -180,7 +185,6 @@ def _overlay_figure(run: Run, items: list[dict]) -> Path:
 
 def _iou_figure(run: Run, summary: list[dict]) -> Path:
     """IoU with the mask against the percentile p that thresholds the map, per method (mean, 95% CI)."""
-    from monai_sal_app.experiments.report import pyplot, save_figure
 
     percentiles = sorted(run.settings["percentiles"])
     plt = pyplot()
@@ -199,9 +203,6 @@ def _iou_figure(run: Run, summary: list[dict]) -> Path:
 
 
 def run_explainers(run: Run) -> None:
-    from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.experiments.explainers import flip_rate, with_explainers
-    from monai_sal_app.models.checkpoint import load_classifier
 
     s = run.settings
     manifests = run.step("data", lambda: _generate(run))

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_sal_app.data.io import read_image
+from monai_sal_app.data.manifest import read_manifest
+from monai_sal_app.data.shepp_logan import PRESETS, generate_shepp_logan
+from monai_sal_app.evaluation.subtypes import group_saliency_map, subtype_metrics
+from monai_sal_app.experiments.report import draw_overlay, pyplot, save_figure
 from monai_sal_app.experiments.study import Recipe, Run, Section
+from monai_sal_app.models.inputs import load_inputs
+from monai_sal_app.models.losses import LOSSES as KNOWN_LOSSES
+from monai_sal_app.models.manifest_training import train_from_manifest
 
 LOSSES = ("ce", "l1", "l1norm", "smoothl1", "msenorm")
 AUGMENTATIONS = ("none", "croppad", "erasing", "noise", "smoothing")
@@ -43,8 +51,6 @@ SETTINGS = {
 
 
 def _validate(settings: dict) -> None:
-    from monai_sal_app.data.shepp_logan import PRESETS
-    from monai_sal_app.models.losses import LOSSES as KNOWN_LOSSES
 
     for preset in settings["presets"]:
         if preset not in PRESETS or preset == "test":
@@ -92,7 +98,6 @@ def _per_class(settings: dict, preset: str) -> int | None:
 
 
 def _generate(run: Run) -> dict:
-    from monai_sal_app.data.shepp_logan import generate_shepp_logan
 
     s = run.settings
     folder = run.work / "data"
@@ -109,8 +114,6 @@ def _generate(run: Run) -> dict:
 
 
 def _score_model(run: Run, manifests: dict, condition: dict, test) -> dict:
-    from monai_sal_app.evaluation.subtypes import group_saliency_map, subtype_metrics
-    from monai_sal_app.models.manifest_training import train_from_manifest
 
     s = run.settings
     name = "{preset}_{loss}_{augmentation}_r{replicate}".format(**condition)
@@ -150,9 +153,6 @@ def _score_model(run: Run, manifests: dict, condition: dict, test) -> dict:
 
 
 def _load_test(manifest: str):
-    from monai_sal_app.data.io import read_image
-    from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.models.inputs import load_inputs
 
     items = read_manifest(manifest)
     images, _ = load_inputs(items, progress=False)
@@ -162,7 +162,6 @@ def _load_test(manifest: str):
 
 
 def _figures(run: Run, rows: list[dict], test) -> list[Path]:
-    from monai_sal_app.experiments.report import draw_overlay, pyplot, save_figure
 
     images, _, top, bottom = test
     background = images[:, 0].double().mean(dim=0).numpy()

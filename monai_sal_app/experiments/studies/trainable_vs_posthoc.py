@@ -35,8 +35,18 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_sal_app.data.io import read_image
+from monai_sal_app.data.manifest import read_manifest
+from monai_sal_app.evaluation.inputs import mean_training_mask
+from monai_sal_app.experiments.recipes import generate_recipe_data, recipe_for, train_recipe
+from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer, check_names
+from monai_sal_app.experiments.wildcat import PATHOLOGY_CLASS, WILDCAT_MAPS, image_scores, pointwise_ap, score_map
+from monai_sal_app.experiments.workflows import explain_items
 from monai_sal_app.metrics.stats import summarize
+from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.models.factory import ARCHITECTURES, check_arch_kwargs, head_options
+from monai_sal_app.saliency import get_method
 
 DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)
 BLOCK_SIZE = 8  # test images per block of work: fixed, so results do not depend on the number of ranks
@@ -75,7 +85,6 @@ SETTINGS = {
 
 def _posthoc(method: str) -> None:
     """ValueError unless ``method`` is a registered method that explains any classifier as it is."""
-    from monai_sal_app.saliency import get_method
 
     spec = get_method(method)
     if spec.explainer or spec.requires:
@@ -83,8 +92,6 @@ def _posthoc(method: str) -> None:
 
 
 def _validate(settings: dict) -> None:
-    from monai_sal_app.models.factory import ARCHITECTURES, check_arch_kwargs, head_options
-    from monai_sal_app.saliency import get_method
 
     for backbone in check_names(settings, "backbones"):
         if backbone not in ARCHITECTURES:
@@ -120,8 +127,6 @@ def explanations(settings: dict, seed: int = 0) -> list[tuple[str, str, tuple[st
     """The maps of one backbone: (head, folder, methods, their parameters, suffix of the rows'
     method) for the post-hoc methods on the plain model, ``seed`` given to those that draw random
     numbers, then each of ``wildcat.WILDCAT_MAPS``."""
-    from monai_sal_app.experiments.wildcat import WILDCAT_MAPS
-    from monai_sal_app.saliency import get_method
 
     params = {}
     for method in settings["methods"]:
@@ -133,7 +138,6 @@ def explanations(settings: dict, seed: int = 0) -> list[tuple[str, str, tuple[st
 
 
 def _generate(run: Run) -> dict:
-    from monai_sal_app.experiments.recipes import generate_recipe_data, recipe_for
 
     s = run.settings
     train, test = generate_recipe_data(
@@ -144,7 +148,6 @@ def _generate(run: Run) -> dict:
 
 
 def _train(run: Run, backbone: str, head: str) -> dict:
-    from monai_sal_app.experiments.recipes import recipe_for, train_recipe
 
     s = run.settings
     checkpoint = run.work / "models" / f"{backbone}_{head}.pt"
@@ -162,7 +165,6 @@ def _maps_folder(run: Run, backbone: str, folder: str, block: int) -> Path:
 
 
 def _read_mask(item: dict) -> np.ndarray | None:
-    from monai_sal_app.data.io import read_image
 
     return read_image(item["mask"], allow_constant=True)[0] > 0.5 if item.get("mask") else None
 
@@ -171,8 +173,6 @@ def _score_block(run: Run, models: dict, baseline: np.ndarray, indices: list[int
     """The rows of one block of test images: every backbone's maps (``work/maps/<backbone>/<folder>/
     block<b>``, random draws seeded with the run's seed + b) and the baseline, scored, with
     ``seconds_per_map``."""
-    from monai_sal_app.experiments.wildcat import PATHOLOGY_CLASS, image_scores, score_map
-    from monai_sal_app.experiments.workflows import explain_items
 
     block = indices[0] // BLOCK_SIZE
     rows = []
@@ -215,7 +215,6 @@ def _ordered(rows: list[dict], backbones: list[str]) -> list[dict]:
 def _detection(rows: list[dict], trained: dict) -> list[dict]:
     """Per backbone x method: the test AUC of the model explained (the plain one for the baseline),
     the number of images and of opacity images, the pointwise detection AP."""
-    from monai_sal_app.experiments.wildcat import PATHOLOGY_CLASS, pointwise_ap
 
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -236,8 +235,6 @@ def _detection(rows: list[dict], trained: dict) -> list[dict]:
 
 def _maps_figure(run: Run, test_items: list[dict], baseline: np.ndarray) -> Path:
     """The first ``figure_cases`` opacity test images, each backbone's maps by every method over them."""
-    from monai_sal_app.data.io import read_image
-    from monai_sal_app.experiments.report import save_overlay_grid
 
     s = run.settings
     shown = [(index, item) for index, item in enumerate(test_items) if item.get("mask")][: s["figure_cases"]]
@@ -265,7 +262,6 @@ def _maps_figure(run: Run, test_items: list[dict], baseline: np.ndarray) -> Path
 
 def _bars_figure(run: Run, summary: list[dict], detection: list[dict]) -> Path:
     """AUPRC (mean, 95% CI) and pointwise AP per method, one bar per backbone."""
-    from monai_sal_app.experiments.report import pyplot, save_figure
 
     backbones = run.settings["backbones"]
     methods = list(dict.fromkeys(row["method"] for row in summary))
@@ -294,9 +290,6 @@ def _bars_figure(run: Run, summary: list[dict], detection: list[dict]) -> Path:
 
 
 def run_trainable_vs_posthoc(run: Run) -> None:
-    from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.evaluation.inputs import mean_training_mask
-    from monai_sal_app.models.checkpoint import load_classifier
 
     s = run.settings
     manifests = run.step("data", lambda: _generate(run))

@@ -53,7 +53,23 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_sal_app.data.manifest import read_manifest, write_manifest
+from monai_sal_app.evaluation.inputs import mask_on_grid
+from monai_sal_app.evaluation.randomization import model_randomization, randomization_blocks, randomized_models
+from monai_sal_app.evaluation.repeatability import map_agreement, permuted_labels
+from monai_sal_app.evaluation.trust import SCHEMA_VERSION
+from monai_sal_app.experiments.recipes import generate_recipe_data, recipe_for, train_recipe
+from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer, check_names
+from monai_sal_app.experiments.trust_report import randomization_figure
+from monai_sal_app.metrics.similarity import SIMILARITY_METRICS, random_pair_baseline
+from monai_sal_app.metrics.stats import mean_ci
+from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.models.factory import ARCHITECTURES, check_arch_kwargs
+from monai_sal_app.models.inputs import load_inputs
+from monai_sal_app.models.train import predict_probabilities
+from monai_sal_app.saliency import explain, get_method
+from monai_sal_app.saliency.postprocess import postprocess
 
 DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)
 POSTPROCESS = ("abs", "clip")  # |map| clipped at its 99th percentile, as the study compares maps
@@ -95,9 +111,6 @@ SETTINGS = {
 
 
 def _validate(settings: dict) -> None:
-    from monai_sal_app.metrics.similarity import SIMILARITY_METRICS
-    from monai_sal_app.models.factory import ARCHITECTURES, check_arch_kwargs
-    from monai_sal_app.saliency import get_method
 
     for key, minimum in (("per_class", 2), ("test_per_class", 1), ("images", 2), ("input_size", 16)):
         check_integer(settings, key, minimum)
@@ -163,9 +176,6 @@ def trained_models(settings: dict, seed: int) -> list[dict]:
 
 def _generate(run: Run) -> dict:
     """The training and test manifests, and the training manifest with its labels permuted."""
-    from monai_sal_app.data.manifest import read_manifest, write_manifest
-    from monai_sal_app.evaluation.repeatability import permuted_labels
-    from monai_sal_app.experiments.recipes import generate_recipe_data, recipe_for
 
     s = run.settings
     train, test = generate_recipe_data(
@@ -183,7 +193,6 @@ def _generate(run: Run) -> dict:
 
 def _train(run: Run, model: dict, manifests: dict) -> dict:
     """Train one of :func:`trained_models`; its checkpoint and its card's metrics."""
-    from monai_sal_app.experiments.recipes import recipe_for, train_recipe
 
     s = run.settings
     checkpoint = run.work / "models" / f"{model['model']}.pt"
@@ -198,7 +207,6 @@ def _train(run: Run, model: dict, manifests: dict) -> dict:
 
 
 def _method_params(run: Run, method: str, block: int) -> dict:
-    from monai_sal_app.saliency import get_method
 
     seeded = {"seed": run.seed + block} if "seed" in get_method(method).defaults else {}
     return {**seeded, **run.settings["params"].get(method, {})}
@@ -217,8 +225,6 @@ def _save_state_maps(run: Run, reference, images, targets, method: str, params: 
     """The first :data:`FIGURE_CASES` images' maps (raw) of the trained reference model and of a
     few cascading states, the same re-initialised weights as ``model_randomization``'s, in
     ``work/state_maps/<method>.npz`` (``maps`` (states, cases, *spatial), ``states`` names)."""
-    from monai_sal_app.evaluation.randomization import randomization_blocks, randomized_models
-    from monai_sal_app.saliency import explain
 
     shown = _shown_states(len(randomization_blocks(reference)))
     maps, names = [trained[:FIGURE_CASES, 0]], ["trained"]
@@ -238,11 +244,6 @@ def _check_method(run: Run, models: dict, aucs: dict, images, targets, method: s
     ``targets`` (N,), with the models' test ROC AUCs ``aucs``: ``{"method", "results": {check:
     the result's to_dict()}, "baseline": the study's random-pair band of the reference maps}``; a
     comparison without models (one replicate, one architecture) is left out."""
-    from monai_sal_app.evaluation.randomization import model_randomization
-    from monai_sal_app.evaluation.repeatability import map_agreement
-    from monai_sal_app.metrics.similarity import random_pair_baseline
-    from monai_sal_app.saliency import explain
-    from monai_sal_app.saliency.postprocess import postprocess
 
     s = run.settings
     params = _method_params(run, method, block)
@@ -309,7 +310,6 @@ def verdict_row(method: str, check: str, result: dict, baseline: dict, metric: s
 def _state_maps_figures(run: Run, images, masks) -> list[Path]:
     """Per case, every method's maps (rows) of the trained model and at the cascading states
     (columns) over the image, |map| clipped at its 99th percentile, the opacity outlined."""
-    from monai_sal_app.experiments.report import save_overlay_grid
 
     saved = {method: np.load(_state_maps_file(run, method)) for method in run.settings["methods"]}
     states = [str(name) for name in next(iter(saved.values()))["states"]]
@@ -337,9 +337,6 @@ def _retrained_figure(run: Run, verdicts: list[dict], rows: list[dict]) -> Path:
     maps (95% CI over images and models) over its random-pair band, coloured by the trust card's
     answer (green yes, red no, grey otherwise)."""
     from matplotlib.patches import Patch
-
-    from monai_sal_app.experiments.report import pyplot, save_figure
-    from monai_sal_app.metrics.stats import mean_ci
 
     metric, methods = run.settings["metric"], run.settings["methods"]
     checks = [check for check in RETRAINED if any(v["check"] == check for v in verdicts)]
@@ -370,9 +367,6 @@ def _retrained_figure(run: Run, verdicts: list[dict], rows: list[dict]) -> Path:
 def _load_test(manifests: dict, card, count: int):
     """The first ``count`` test images with a mask: ids, images (count, 1, *input_size) and masks
     on the input grid."""
-    from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.evaluation.inputs import mask_on_grid
-    from monai_sal_app.models.inputs import load_inputs
 
     items = [item for item in read_manifest(manifests["test"]) if item.get("mask")][:count]
     images, _ = load_inputs(items, card.input_size, progress=False)
@@ -381,11 +375,6 @@ def _load_test(manifests: dict, card, count: int):
 
 def run_trust(run: Run) -> None:
     import torch
-
-    from monai_sal_app.evaluation.trust import SCHEMA_VERSION
-    from monai_sal_app.experiments.trust_report import randomization_figure
-    from monai_sal_app.models.checkpoint import load_classifier
-    from monai_sal_app.models.train import predict_probabilities
 
     s = run.settings
     manifests = run.step("data", lambda: _generate(run))

@@ -33,6 +33,7 @@ from monai_sal_app.models.augment import AUGMENTATIONS, parse_augmentation
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.factory import ARCHITECTURES, head_options
 from monai_sal_app.models.losses import LOSSES
+from monai_sal_app.models.manifest_training import train_from_manifest
 
 __all__ = ["TRAIN_DEFAULTS", "ClassifierTrainer"]
 
@@ -166,7 +167,6 @@ class ClassifierTrainer(TrainTask):
         return p
 
     def __call__(self, request: dict, datastore) -> dict[str, Any]:
-        from monai_sal_app.models.manifest_training import train_from_manifest
 
         p = self.parse(request)
         card = self._card()
