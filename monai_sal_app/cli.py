@@ -419,12 +419,21 @@ def build_parser() -> argparse.ArgumentParser:
         "compare-wildcat",
         help="train a plain and a WILDCAT classifier on built-in data; compare their maps against the masks",
     )
-    p.add_argument("--data", choices=("chest-xray", "ct-lesions"), default="chest-xray", help="the built-in recipe")
+    p.add_argument(
+        "--data",
+        choices=("chest-xray", "ct-lesions"),
+        default="chest-xray",
+        help="the built-in model whose data and classifier to use",
+    )
     p.add_argument("--methods", default="gradcam,guided_gradcam,gradient", help="post-hoc methods on the plain model")
-    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
-    p.add_argument("--input-size", type=int, default=None, help="override the recipe's network input side (px)")
-    p.add_argument("--per-class", type=int, default=None, help="override the recipe's training images per class")
-    p.add_argument("--test-per-class", type=int, default=None, help="override the recipe's test images per class")
+    p.add_argument("--epochs", type=int, default=None, help="override the built-in model's epochs")
+    p.add_argument("--input-size", type=int, default=None, help="override the built-in model's network input side (px)")
+    p.add_argument(
+        "--per-class", type=int, default=None, help="override the built-in model's training images per class"
+    )
+    p.add_argument(
+        "--test-per-class", type=int, default=None, help="override the built-in model's test images per class"
+    )
     _add_wildcat_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -455,12 +464,21 @@ def build_parser() -> argparse.ArgumentParser:
         "compare-explainers",
         help="train a classifier and its mask generator on built-in data; compare with post-hoc methods",
     )
-    p.add_argument("--data", choices=("chest-xray", "ct-lesions"), default="chest-xray", help="the built-in recipe")
+    p.add_argument(
+        "--data",
+        choices=("chest-xray", "ct-lesions"),
+        default="chest-xray",
+        help="the built-in model whose data and classifier to use",
+    )
     p.add_argument("--methods", default="gradient,gradcam,meaningful_perturbation", help="post-hoc methods")
     p.add_argument("--explainer-epochs", type=int, default=20)
-    p.add_argument("--epochs", type=int, default=None, help="override the recipe's classifier epochs")
-    p.add_argument("--per-class", type=int, default=None, help="override the recipe's training images per class")
-    p.add_argument("--test-per-class", type=int, default=None, help="override the recipe's test images per class")
+    p.add_argument("--epochs", type=int, default=None, help="override the built-in model's classifier epochs")
+    p.add_argument(
+        "--per-class", type=int, default=None, help="override the built-in model's training images per class"
+    )
+    p.add_argument(
+        "--test-per-class", type=int, default=None, help="override the built-in model's test images per class"
+    )
     p.add_argument(
         "--explainer-per-class",
         type=int,
@@ -483,10 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="the published studies as recipes: list them, run one into a report")
     experiment = p.add_subparsers(dest="action", required=True)
-    q = experiment.add_parser("list", help="the built-in recipes")
+    q = experiment.add_parser("list", help="the studies' recipe files, with their scales")
     q.set_defaults(func=cmd_experiment_list)
     q = experiment.add_parser("run", help="run a recipe into DIR (results/, figures/, report.html); resumes")
-    q.add_argument("recipe", metavar="NAME|CONFIG", help="a built-in recipe's name or a recipe YAML file")
+    q.add_argument(
+        "recipe", metavar="NAME|CONFIG", help="a study recipe's name (monai-sal experiment list) or a recipe YAML file"
+    )
     q.add_argument("--scale", choices=("smoke", "default", "paper"), default="default")
     q.add_argument("--out", required=True, metavar="DIR")
     q.add_argument(

@@ -16,7 +16,7 @@ installed package. The work folder is the MONAI Label app folder::
    already in the model folder on the given ``--studies``. Eight held-out test images per model go
    to the datastore as ``<model>-000`` ... ``<model>-007``, with their lesion masks as labels.
 2. Models: one conv5-fc3 per data set (:data:`DEFAULT_MODELS`, the recipes of
-   ``experiments.recipes``) is trained into the model folder unless it is already there.
+   ``experiments.builtin_models``) is trained into the model folder unless it is already there.
 3. Server: MONAI Label's own ``start_server`` (the same as ``monailabel start_server --app
    <workdir> --studies <workdir>/studies``), in the foreground. It needs the ``server`` extra
    (``pip install "monai-sal[server]"``); without it the command stops before any work.
@@ -39,11 +39,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from monai_sal_app.experiments.recipes import (
+from monai_sal_app.experiments.builtin_models import (
     DEFAULT_MODELS,
     DefaultModel,
-    generate_recipe_data,
-    train_recipe,
+    generate_model_data,
+    train_builtin_model,
 )
 
 __all__ = [
@@ -136,7 +136,7 @@ def prepare(
     per class, scored into the model card; both default to the model's :class:`DefaultModel`), the
     trust card on the first :data:`TRUST_IMAGES` test images (``<name>.trust.json``, report in
     ``<workdir>/trust/<name>``; again after ``retrain``), :data:`STUDY_IMAGES_PER_CLASS` of its images per
-    class copied into the datastore, and the checkpoint (``experiments.recipes.train_recipe``: trained
+    class copied into the datastore, and the checkpoint (``experiments.builtin_models.train_builtin_model``: trained
     again with the next seed while its validation AUC stays too low).
     ``jobs`` models are prepared at once in separate processes sharing the CPU cores (default:
     as many as there are models to prepare and cores); progress goes to stdout, one line per step.
@@ -206,7 +206,7 @@ def _prepare_model(
         print(f"{name}: {message}", flush=True)
 
     folder = workdir / "data" / f"{spec.generator}_{spec.dim}d"
-    train_manifest, test_manifest = generate_recipe_data(
+    train_manifest, test_manifest = generate_model_data(
         spec, folder, per_class, test_per_class, seed, progress=progress, log=log
     )
     _copy_studies(name, read_manifest(test_manifest), studies)
@@ -215,7 +215,9 @@ def _prepare_model(
     if not retrain and checkpoint.is_file() and checkpoint.with_suffix(".json").is_file():
         log(f"using {checkpoint}")
     else:
-        train_recipe(spec, folder, checkpoint, epochs=epochs, seed=seed, device=device, progress=progress, log=log)
+        train_builtin_model(
+            spec, folder, checkpoint, epochs=epochs, seed=seed, device=device, progress=progress, log=log
+        )
     try:
         current = read_trust_card(checkpoint) is not None
     except ValueError as error:  # corrupt, or of another schema version: recomputed, never read

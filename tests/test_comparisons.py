@@ -15,8 +15,8 @@ from conftest import base_or_skip
 from monai_sal_app.cli import main
 from monai_sal_app.data import bases
 from monai_sal_app.data.io import write_nifti
+from monai_sal_app.experiments.builtin_models import scaled_augmentations
 from monai_sal_app.experiments.explainers import localization_table
-from monai_sal_app.experiments.recipes import scaled_augmentations
 from monai_sal_app.experiments.wildcat import score_maps
 from monai_sal_app.metrics.localization import localization_metrics, pointwise_average_precision
 from monai_sal_app.metrics.stats import write_csv

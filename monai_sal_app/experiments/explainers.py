@@ -1,6 +1,6 @@
 """Trained explainers against post-hoc methods on one classifier: localization and time per map.
 
-:func:`compare_explainers` generates a built-in recipe's data (``experiments.recipes``), trains the
+:func:`compare_explainers` generates a built-in model's data (``experiments.builtin_models``), trains the
 recipe's classifier and each trained explainer for it (``monai-sal train-explainer``; on the
 classifier's training images, or on ``explainer_per_class`` more generated ones), and explains
 the held-out test images that have a pathology mask, for the pathology class, with every method.
@@ -24,14 +24,14 @@ import numpy as np
 from monai_sal_app.data.dataset_writer import require_positive_int
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
-from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
-from monai_sal_app.experiments.recipes import (
+from monai_sal_app.experiments.builtin_models import (
     DefaultModel,
+    builtin_model_for,
     generate_explainer_data,
-    generate_recipe_data,
-    recipe_for,
-    train_recipe,
+    generate_model_data,
+    train_builtin_model,
 )
+from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
 from monai_sal_app.experiments.report import write_table
 from monai_sal_app.experiments.workflows import explain_items
 from monai_sal_app.explainers import load_explainer
@@ -142,10 +142,10 @@ def generate_study_data(
     log: Callable[[str], object] = print,
 ) -> tuple[Path, Path, Path]:
     """The manifests (train, test, explainer) of a comparison under ``folder``: the recipe's training
-    and test data (``recipes.generate_recipe_data``; ``None``: the recipe's sizes) and, with
+    and test data (``recipes.generate_model_data``; ``None``: the recipe's sizes) and, with
     ``explainer_per_class``, that many more generated images per class to train the explainers on
     (``recipes.generate_explainer_data``); without it the explainers train on the training images."""
-    train, test = generate_recipe_data(spec, folder, per_class, test_per_class, seed, progress=progress, log=log)
+    train, test = generate_model_data(spec, folder, per_class, test_per_class, seed, progress=progress, log=log)
     if explainer_per_class is None:
         return train, test, train
     return train, test, generate_explainer_data(spec, folder, explainer_per_class, seed, progress=progress, log=log)
@@ -221,7 +221,7 @@ def compare_explainers(
     ``params``: method -> its parameters (e.g. fewer meaningful-perturbation steps). Checkpoints
     already in ``out`` are used as they are. Returns the table's rows (see the module docstring).
     """
-    spec = recipe_for(data)
+    spec = builtin_model_for(data)
     if explainer_per_class is not None:
         require_positive_int(explainer_per_class, "explainer_per_class")
     out = Path(out)
@@ -233,7 +233,9 @@ def compare_explainers(
     if classifier.is_file():
         log(f"using {classifier}")
     else:
-        train_recipe(spec, folder, classifier, epochs=epochs, seed=seed, device=device, progress=progress, log=log)
+        train_builtin_model(
+            spec, folder, classifier, epochs=epochs, seed=seed, device=device, progress=progress, log=log
+        )
     for kind in explainers:
         path = out / f"classifier.{kind}.pt"
         if path.is_file():

@@ -64,7 +64,7 @@ CONFIG_KEYS = ("recipe", "title", "question", "seed", "settings", "scales")
 
 
 def config_folder() -> Path:
-    """The folder of the built-in recipe files: ``configs/experiments``, installed with the package as
+    """The folder of the study recipe files that come with the package: ``configs/experiments``, installed with the package as
     ``monai_sal_app.experiment_configs`` (an editable install of a checkout cannot import that
     folder as a package, so there it is the checkout's own)."""
     try:
@@ -74,7 +74,7 @@ def config_folder() -> Path:
 
 
 def experiment_names() -> list[str]:
-    """The built-in recipes' names."""
+    """The names of the study recipes that come with the package."""
     return sorted(p.stem for p in config_folder().glob("*.yaml"))
 
 

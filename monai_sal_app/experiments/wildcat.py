@@ -1,6 +1,6 @@
 """WILDCAT against post-hoc maps: one recipe, two heads, the same held-out images and masks.
 
-:func:`compare_wildcat` generates a built-in recipe's data (``experiments.recipes``), trains the
+:func:`compare_wildcat` generates a built-in model's data (``experiments.builtin_models``), trains the
 recipe's classifier twice from image labels alone, once with the backbone's own head ("plain") and
 once with a WILDCAT head, and scores on the held-out test set:
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
-from monai_sal_app.experiments.recipes import generate_recipe_data, recipe_for, train_recipe
+from monai_sal_app.experiments.builtin_models import builtin_model_for, generate_model_data, train_builtin_model
 from monai_sal_app.experiments.report import write_table
 from monai_sal_app.experiments.workflows import explain_items
 from monai_sal_app.metrics.localization import auprc, pointwise_average_precision, pointwise_hit
@@ -154,7 +154,7 @@ def compare_wildcat(
     progress: bool = True,
     log: Callable[[str], object] = print,
 ) -> list[dict]:
-    """Train a plain and a WILDCAT classifier with ``data``'s built-in recipe and compare their maps.
+    """Train a plain and a WILDCAT classifier with ``data``'s built-in model and compare their maps.
 
     ``data``: ``chest-xray`` (2D) or ``ct-lesions`` (3D); ``head``: the WILDCAT options (``kmax``,
     ``kmin``, ``alpha``, ``maps``; defaults ``models.wildcat.WILDCAT_DEFAULTS``); ``methods``: the
@@ -163,11 +163,11 @@ def compare_wildcat(
     Returns the table's rows (one per model and method; see the module docstring), also written to
     ``out/comparison.csv`` and ``out/comparison.md``.
     """
-    spec = recipe_for(data)
+    spec = builtin_model_for(data)
     out = Path(out)
     head = {"name": "wildcat", **(head or {})}
     folder = out / "data"
-    _, test_manifest = generate_recipe_data(spec, folder, per_class, test_per_class, seed, progress=progress, log=log)
+    _, test_manifest = generate_model_data(spec, folder, per_class, test_per_class, seed, progress=progress, log=log)
     # model -> (head, [(folder under maps/<model>/, methods, their parameters, suffix of the rows' method)])
     runs = {
         "plain": (None, [("", tuple(methods), {}, "")]),
@@ -188,7 +188,7 @@ def compare_wildcat(
         ):
             log(f"using {checkpoint}")
         else:
-            train_recipe(
+            train_builtin_model(
                 spec,
                 folder,
                 checkpoint,

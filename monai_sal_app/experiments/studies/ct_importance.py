@@ -6,10 +6,10 @@ three ways, model-centric (fidelity) and human-centric (voxel ROC AUC, XRAI-regi
 mask); the methods are then ranked by each score and the rankings compared.
 
 Data and model. Without ``--data``/``--model``, rank 0 generates the built-in ``ct-lesions`` recipe's
-crops (``experiments.recipes.recipe_for("ct-lesions")``: real and synthetic lung lesions and
+crops (``experiments.builtin_models.builtin_model_for("ct-lesions")``: real and synthetic lung lesions and
 lesion-free crops on pyradiomics' lung CTs, ``size`` voxels per side at 1.5 mm, ``per_class``
 training and ``test_per_class`` test crops per class) and trains its conv5-fc3 at ``input_size``
-voxels (``train_recipe``: ``epochs``, again with the next seed up to ``attempts`` times while the
+voxels (``train_builtin_model``: ``epochs``, again with the next seed up to ``attempts`` times while the
 validation AUC stays below 0.75). ``--model M.pt`` (a 3D classifier) replaces the training: only the
 test crops are generated, and the model's own input size is used. ``--data MANIFEST`` (columns id,
 image, label, mask) replaces the test crops and needs ``--model``: a model trained here on the
@@ -50,7 +50,7 @@ import numpy as np
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.evaluation.fidelity import BASELINES, ORDERS, SCORES, fidelity
 from monai_sal_app.evaluation.inputs import load_trust_inputs, mask_on_grid
-from monai_sal_app.experiments.recipes import generate_recipe_data, recipe_for, train_recipe
+from monai_sal_app.experiments.builtin_models import builtin_model_for, generate_model_data, train_builtin_model
 from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import ExperimentError, Recipe, Run, Section, check_integer
 from monai_sal_app.experiments.trust_report import fidelity_figure
@@ -59,7 +59,7 @@ from monai_sal_app.models.checkpoint import load_classifier, read_card
 from monai_sal_app.saliency import explain, get_method
 from monai_sal_app.saliency.xrai import attribution_regions, xrai_regions, xrai_segments
 
-GENERATOR = "ct-lesions"  # the built-in recipe (experiments.recipes.recipe_for)
+GENERATOR = "ct-lesions"  # the built-in model (experiments.builtin_models.builtin_model_for)
 BLOCK_SIZE = 4  # crops per block of work: fixed, so results do not depend on the number of ranks
 FIGURE_CASES = 3  # crops shown in the overlay figure
 # Methods that need more than the classifier: a trained explainer or a WILDCAT head.
@@ -161,7 +161,7 @@ def _check_inputs(data: Path | None, models: list[Path]) -> None:
 
 def _spec():
 
-    return recipe_for(GENERATOR)
+    return builtin_model_for(GENERATOR)
 
 
 def _data(run: Run) -> dict:
@@ -170,7 +170,7 @@ def _data(run: Run) -> dict:
     if run.data is not None:
         return {"train": None, "test": str(run.data)}
     s = run.settings
-    train, test = generate_recipe_data(
+    train, test = generate_model_data(
         _spec(),
         run.work / "data",
         s["per_class"],
@@ -193,7 +193,7 @@ def _model(run: Run) -> dict:
         card = read_card(checkpoint)
     else:
         checkpoint, source = run.work / "model.pt", "trained here"
-        _, card = train_recipe(
+        _, card = train_builtin_model(
             _spec(),
             run.work / "data",
             checkpoint,

@@ -1,7 +1,7 @@
 """``explainers``: do trained explainers find the opacities better than post-hoc maps, and how fast?
 
 The similarity-adversarial explainer study (Charachon et al. 2020, docs/METHODS.md) on the built-in
-chest X-ray recipe (``experiments.recipes``: simulated opacities with exact masks on a real
+chest X-ray recipe (``experiments.builtin_models``: simulated opacities with exact masks on a real
 radiograph). Rank 0 generates the classifier's training and test images and the explainers'
 training images (``explainer_per_class`` more per class; ``None``: the classifier's own), trains the
 recipe's conv5-fc3 classifier at ``input_size`` pixels and each trained explainer among ``methods``
@@ -28,6 +28,7 @@ from pathlib import Path
 
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
+from monai_sal_app.experiments.builtin_models import builtin_model_for, train_builtin_model
 from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
 from monai_sal_app.experiments.explainers import (
     explain_with_tta,
@@ -36,14 +37,13 @@ from monai_sal_app.experiments.explainers import (
     localization_rows,
     with_explainers,
 )
-from monai_sal_app.experiments.recipes import recipe_for, train_recipe
 from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer
 from monai_sal_app.metrics.localization import DEFAULT_PERCENTILES
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.saliency import get_method
 
-DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)
+DATA = "chest-xray"  # the built-in model (experiments.builtin_models.builtin_model_for)
 BLOCK_SIZE = 4  # test images per block of work: fixed, so results do not depend on the number of ranks
 FIGURE_CASES = 3  # test images shown in the overlay figure
 
@@ -100,7 +100,7 @@ def _generate(run: Run) -> dict:
 
     s = run.settings
     manifests = generate_study_data(
-        recipe_for(DATA), run.work / "data", s["per_class"], s["test_per_class"], s["explainer_per_class"],
+        builtin_model_for(DATA), run.work / "data", s["per_class"], s["test_per_class"], s["explainer_per_class"],
         run.seed, progress=run.progress, log=run.log,
     )  # fmt: skip
     return dict(zip(("train", "test", "explainer"), map(str, manifests)))
@@ -110,8 +110,8 @@ def _train_classifier(run: Run) -> dict:
 
     s = run.settings
     checkpoint = run.work / "classifier.pt"
-    _, card = train_recipe(
-        recipe_for(DATA), run.work / "data", checkpoint, epochs=s["epochs"], input_size=s["input_size"],
+    _, card = train_builtin_model(
+        builtin_model_for(DATA), run.work / "data", checkpoint, epochs=s["epochs"], input_size=s["input_size"],
         seed=run.seed, device=str(run.device), progress=run.progress, log=run.log,
     )  # fmt: skip
     return {"checkpoint": str(checkpoint), **card.metrics}

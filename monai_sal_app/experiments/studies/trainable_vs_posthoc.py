@@ -1,7 +1,7 @@
 """``trainable_vs_posthoc``: do trainable class maps (WILDCAT) find opacities better than post-hoc maps?
 
 The WILDCAT study (Durand et al. 2017: a classifier's own class maps against post-hoc maps, on
-pneumonia opacities in chest X-rays) on the built-in chest X-ray recipe (``experiments.recipes``:
+pneumonia opacities in chest X-rays) on the built-in chest X-ray model (``experiments.builtin_models``:
 simulated opacities with exact masks on a real radiograph). Rank 0 generates the training and test
 images (``image_size`` px) and trains, for each of ``backbones`` (with its ``arch_kwargs``), the
 recipe's classifier twice from the image labels alone (``input_size`` px, ``epochs``, up to
@@ -38,7 +38,7 @@ import numpy as np
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.evaluation.inputs import mean_training_mask
-from monai_sal_app.experiments.recipes import generate_recipe_data, recipe_for, train_recipe
+from monai_sal_app.experiments.builtin_models import builtin_model_for, generate_model_data, train_builtin_model
 from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer, check_names
 from monai_sal_app.experiments.wildcat import PATHOLOGY_CLASS, WILDCAT_MAPS, image_scores, pointwise_ap, score_map
@@ -48,7 +48,7 @@ from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.factory import ARCHITECTURES, check_arch_kwargs, head_options
 from monai_sal_app.saliency import get_method
 
-DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)
+DATA = "chest-xray"  # the built-in model (experiments.builtin_models.builtin_model_for)
 BLOCK_SIZE = 8  # test images per block of work: fixed, so results do not depend on the number of ranks
 BASELINE = "baseline_mean_mask"
 HEADS = ("plain", "wildcat")
@@ -140,8 +140,8 @@ def explanations(settings: dict, seed: int = 0) -> list[tuple[str, str, tuple[st
 def _generate(run: Run) -> dict:
 
     s = run.settings
-    train, test = generate_recipe_data(
-        recipe_for(DATA), run.work / "data", s["per_class"], s["test_per_class"], run.seed, size=s["image_size"],
+    train, test = generate_model_data(
+        builtin_model_for(DATA), run.work / "data", s["per_class"], s["test_per_class"], run.seed, size=s["image_size"],
         progress=run.progress, log=run.log,
     )  # fmt: skip
     return {"train": str(train), "test": str(test)}
@@ -151,8 +151,8 @@ def _train(run: Run, backbone: str, head: str) -> dict:
 
     s = run.settings
     checkpoint = run.work / "models" / f"{backbone}_{head}.pt"
-    _, card = train_recipe(
-        recipe_for(DATA), run.work / "data", checkpoint, arch=backbone, arch_kwargs=s["arch_kwargs"].get(backbone),
+    _, card = train_builtin_model(
+        builtin_model_for(DATA), run.work / "data", checkpoint, arch=backbone, arch_kwargs=s["arch_kwargs"].get(backbone),
         head={"name": "wildcat", **s["wildcat"]} if head == "wildcat" else None, epochs=s["epochs"],
         input_size=s["input_size"], attempts=s["attempts"], seed=run.seed, device=str(run.device),
         progress=run.progress, log=run.log,

@@ -2,11 +2,11 @@
 
 The checks of Arun et al. 2021 (QTIM-Lab, "Assessing the Trustworthiness of Saliency Maps for
 Localizing Abnormalities in Medical Imaging"; docs/METHODS.md#model-randomization,
-#repeatability, #label-randomization) on the built-in chest X-ray recipe (``experiments.recipes``:
+#repeatability, #label-randomization) on the built-in chest X-ray model (``experiments.builtin_models``:
 simulated opacities with exact masks on a real radiograph). Rank 0 generates the training and test
 images, writes the training manifest again with its labels permuted
 (``evaluation.repeatability.permuted_labels``) and trains, one step each, at ``input_size`` pixels
-for ``epochs`` epochs with the recipe's other training settings (:func:`trained_models`):
+for ``epochs`` epochs with the built-in model's other training settings (:func:`trained_models`):
 
 - ``reference``: the first of ``architectures``, seed ``seed``;
 - ``replicate_1`` ...: ``replicates - 1`` more of it with seeds ``seed + 1`` ... (repeatability);
@@ -58,7 +58,7 @@ from monai_sal_app.evaluation.inputs import mask_on_grid
 from monai_sal_app.evaluation.randomization import model_randomization, randomization_blocks, randomized_models
 from monai_sal_app.evaluation.repeatability import map_agreement, permuted_labels
 from monai_sal_app.evaluation.trust import SCHEMA_VERSION
-from monai_sal_app.experiments.recipes import generate_recipe_data, recipe_for, train_recipe
+from monai_sal_app.experiments.builtin_models import builtin_model_for, generate_model_data, train_builtin_model
 from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer, check_names
 from monai_sal_app.experiments.trust_report import randomization_figure
@@ -71,7 +71,7 @@ from monai_sal_app.models.train import predict_probabilities
 from monai_sal_app.saliency import explain, get_method
 from monai_sal_app.saliency.postprocess import postprocess
 
-DATA = "chest-xray"  # the built-in recipe (experiments.recipes.recipe_for)
+DATA = "chest-xray"  # the built-in model (experiments.builtin_models.builtin_model_for)
 POSTPROCESS = ("abs", "clip")  # |map| clipped at its 99th percentile, as the study compares maps
 BLOCK_SIZE = 1  # methods per block of work: fixed, so that results do not depend on the number of ranks
 FIGURE_CASES = 2  # test images whose maps are drawn at the cascading states
@@ -178,8 +178,8 @@ def _generate(run: Run) -> dict:
     """The training and test manifests, and the training manifest with its labels permuted."""
 
     s = run.settings
-    train, test = generate_recipe_data(
-        recipe_for(DATA), run.work / "data", s["per_class"], s["test_per_class"], run.seed,
+    train, test = generate_model_data(
+        builtin_model_for(DATA), run.work / "data", s["per_class"], s["test_per_class"], run.seed,
         progress=run.progress, log=run.log,
     )  # fmt: skip
     items = read_manifest(train)
@@ -197,8 +197,8 @@ def _train(run: Run, model: dict, manifests: dict) -> dict:
     s = run.settings
     checkpoint = run.work / "models" / f"{model['model']}.pt"
     train = manifests["train_permuted_labels" if model["labels"] == "permuted" else "train"]
-    _, card = train_recipe(
-        recipe_for(DATA), run.work / "data", checkpoint, arch=model["architecture"],
+    _, card = train_builtin_model(
+        builtin_model_for(DATA), run.work / "data", checkpoint, arch=model["architecture"],
         arch_kwargs=s["arch_kwargs"].get(model["architecture"]), epochs=s["epochs"], input_size=s["input_size"],
         train_manifest=train, attempts=1, seed=model["seed"], device=str(run.device), progress=run.progress,
         log=run.log,

@@ -1,7 +1,8 @@
-"""The built-in recipes: which data to generate and how to train a classifier on it.
+"""The built-in models: which data to generate and how to train a classifier on it (a study's recipe
+is something else: ``experiments.studies``).
 
 ``monai-sal serve`` trains its default models with them, and ``monai-sal compare-wildcat`` trains a
-plain classifier and a WILDCAT one with the same recipe. A recipe names a generator of
+plain classifier and a WILDCAT one from the same built-in model. A built-in model names a generator of
 ``data.generators`` with its train and test presets and sizes, the network's input side, and the
 training settings (conv5-fc3 backbone, Adam, patience = epochs so that the best validation epoch
 of the whole run is kept).
@@ -22,11 +23,11 @@ __all__ = [
     "MIN_VAL_AUC",
     "TRAIN_ATTEMPTS",
     "DefaultModel",
+    "builtin_model_for",
     "generate_explainer_data",
-    "generate_recipe_data",
-    "recipe_for",
+    "generate_model_data",
     "scaled_augmentations",
-    "train_recipe",
+    "train_builtin_model",
 ]
 
 MIN_VAL_AUC = 0.75  # a model below this validation AUC is trained again with the next seed
@@ -35,7 +36,7 @@ TRAIN_ATTEMPTS = 3
 
 @dataclass(frozen=True)
 class DefaultModel:
-    """A recipe: the data and training of one built-in model.
+    """A built-in model: the data and training of one classifier.
 
     ``generator``/``dim``/``train_preset``/``test_preset``: the data (``data.generators``);
     ``per_class``/``test_per_class``: training and held-out test images per class;
@@ -60,7 +61,7 @@ class DefaultModel:
 # name -> model, per `monai-sal serve --data` choice. Real: a PA chest radiograph classifier
 # (opacity vs normal, 256^2 images seen at 64^2) and a 3D CT classifier (lung lesion vs none, 64^3
 # crops at 1.5 mm seen at 32^3, i.e. 3 mm voxels). Translations of up to ~10 % of the input side
-# (croppad:6 at 64 px, croppad:3 at 32 voxels). The recipes and what they reach are in docs/SERVER.md, "Start it".
+# (croppad:6 at 64 px, croppad:3 at 32 voxels). The models and what they reach are in docs/SERVER.md, "Start it".
 DEFAULT_MODELS: dict[str, dict[str, DefaultModel]] = {
     "real": {
         "chest_xray_2d": DefaultModel(
@@ -81,15 +82,15 @@ DEFAULT_MODELS: dict[str, dict[str, DefaultModel]] = {
 }
 
 
-def recipe_for(generator: str) -> DefaultModel:
-    """The built-in recipe of a generator with pathology masks: ``chest-xray`` or ``ct-lesions``."""
-    recipes = {spec.generator: spec for spec in DEFAULT_MODELS["real"].values()}
-    if generator not in recipes:
-        raise ValueError(f"no built-in recipe for {generator!r}; choose one of {', '.join(sorted(recipes))}")
-    return recipes[generator]
+def builtin_model_for(generator: str) -> DefaultModel:
+    """The built-in model of a generator with pathology masks: ``chest-xray`` or ``ct-lesions``."""
+    models = {spec.generator: spec for spec in DEFAULT_MODELS["real"].values()}
+    if generator not in models:
+        raise ValueError(f"no built-in model for {generator!r}; choose one of {', '.join(sorted(models))}")
+    return models[generator]
 
 
-def generate_recipe_data(
+def generate_model_data(
     spec: DefaultModel,
     folder: str | os.PathLike,
     per_class: int | None = None,
@@ -101,7 +102,7 @@ def generate_recipe_data(
     progress: bool = True,
     log: Callable[[str], object] = print,
 ) -> tuple[Path | None, Path]:
-    """The recipe's training and test data under ``folder/train`` and ``folder/test`` (each generated
+    """The built-in model's training and test data under ``folder/train`` and ``folder/test`` (each generated
     unless its manifest is there; the test set from seed + 1); returns their manifests. ``size``:
     the images' side in pixels/voxels (None: the generator's default); ``train=False``: the test set
     only (for a model trained elsewhere), returned as ``(None, test)``."""
@@ -128,9 +129,9 @@ def generate_explainer_data(
     progress: bool = True,
     log: Callable[[str], object] = print,
 ) -> Path:
-    """More images like the recipe's training data, under ``folder/explainer`` (from seed + 2, so none
+    """More images like the built-in model's training data, under ``folder/explainer`` (from seed + 2, so none
     is a training or test image; generated unless its manifest is there), for training explainers:
-    they need images, not labels, and overfit the recipe's few hundred. Returns the manifest."""
+    they need images, not labels, and overfit the built-in model's few hundred. Returns the manifest."""
     return _generate_split(spec, Path(folder), "explainer", spec.train_preset, per_class, seed + 2, progress, log)
 
 
@@ -157,7 +158,7 @@ def scaled_augmentations(augmentations: tuple[str, ...], scale: float) -> tuple[
     return tuple(scaled)
 
 
-def train_recipe(
+def train_builtin_model(
     spec: DefaultModel,
     folder: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -174,11 +175,11 @@ def train_recipe(
     progress: bool = True,
     log: Callable[[str], object] = print,
 ):
-    """Train the recipe's classifier on ``folder/train`` (scored on ``folder/test``) into ``checkpoint``,
+    """Train the built-in model's classifier on ``folder/train`` (scored on ``folder/test``) into ``checkpoint``,
     again with the next seed while its validation AUC stays below :data:`MIN_VAL_AUC` (at most
     ``attempts`` runs; 1: no second run). ``arch``, ``arch_kwargs``: the network, a name of
     ``models.factory.ARCHITECTURES`` and its options; ``head``: a WILDCAT head (see
-    ``models.factory.build_classifier``); ``epochs``, ``input_size``: override the recipe's (a
+    ``models.factory.build_classifier``); ``epochs``, ``input_size``: override the built-in model's (a
     ``croppad`` shift is scaled with the input side, so that it stays the same fraction of the
     image); ``train_manifest``: another manifest of the training images (with permuted labels, say)
     instead of ``folder/train/manifest.csv``. Returns (model, card)."""
