@@ -147,7 +147,5 @@ def test_compare_explainers_end_to_end(chest_base, tmp_path):
 def test_compare_explainers_refuses_a_bad_explainer_image_count_before_any_work(tmp_path, capsys):
     out = tmp_path / "explainers"
     assert main(["compare-explainers", "--explainer-per-class", "0", "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "error: explainer_per_class must be a positive integer, got 0"
-    ]
+    assert capsys.readouterr().err.strip().splitlines() == ["error: explainer_per_class must be an integer >= 1, got 0"]
     assert not out.exists()

@@ -132,7 +132,7 @@ def write_recipe(tmp_path: Path, **changes) -> Path:
         ({"scales.paper.epoch": 3}, "scales.paper: unknown key(s) ['epoch']"),
         ({"scales.huge": {}}, "scales: unknown key(s) ['huge']"),
         ({"scales.smoke.losses": ["ce", "hinge"]}, "unknown loss 'hinge'"),
-        ({"scales.smoke.size": 0}, "size must be a positive integer"),
+        ({"scales.smoke.size": 0}, "size must be an integer >= 1"),
         ({"seed": "zero"}, "seed must be an integer"),
     ],
 )

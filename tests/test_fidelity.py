@@ -324,7 +324,7 @@ BAD_INPUT = {
     "labels out of range": (dict(labels=[0, 3]), "out of range for a model with 3 classes"),
     "float labels": (dict(labels=[0.0, 1.0]), "integer class indices"),
     "target out of range": (dict(target=3), "out of range for a model with 3 classes"),
-    "batch size 0": (dict(batch_size=0), "batch_size must be None or an int >= 1"),
+    "batch size 0": (dict(batch_size=0), "batch_size must be an integer >= 1"),
 }
 
 

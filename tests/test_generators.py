@@ -232,7 +232,7 @@ def test_write_dataset_names_writes_and_lists_every_subject_then_the_manifest(tm
         ({"dim": 3}, ValueError, "toy data are 2D only"),
         ({"size": 15}, ValueError, r"size must be an integer in \[16, 32\]"),
         ({"size": 33}, ValueError, r"size must be an integer in \[16, 32\]"),
-        ({"per_class": 0}, ValueError, "per_class must be a positive integer"),
+        ({"per_class": 0}, ValueError, "per_class must be an integer >= 1"),
         ({"seed": True}, ValueError, "seed must be a non-negative integer"),
     ],
 )

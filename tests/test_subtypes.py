@@ -328,9 +328,9 @@ def test_bad_input_raises_clear_errors(preset_data):
         kmeans_ari(features, ["typical"] * 6)
     with pytest.raises(ValueError, match="n_clusters must be between 2 and the number of images"):
         kmeans_ari(features, two, n_clusters=7)
-    with pytest.raises(ValueError, match="n_clusters must be a positive int"):
+    with pytest.raises(ValueError, match="n_clusters must be an integer >= 1"):
         kmeans_ari(features, two, n_clusters=0)
-    with pytest.raises(ValueError, match="seeds must be a positive int"):
+    with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
         kmeans_ari(features, two, seeds=0)
     with pytest.raises(ValueError, match="features must be"):
         kmeans_ari(features[:, 0], two)
@@ -338,7 +338,7 @@ def test_bad_input_raises_clear_errors(preset_data):
         kmeans_ari(np.full((6, 3), np.nan), two)
     with pytest.raises(ValueError, match="subtypes has 3 entries for 4 images"):
         feature_kmeans_ari(model, images[:4], two[:3])
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         feature_maps(model, images[:4], batch_size=0)
 
     with pytest.raises(ValueError, match="subtypes has 47 entries for 48 images"):

@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.data.bases import chest_radiograph_file, deterministic_uuid, smooth_random_field
-from monai_sal_app.data.dataset_writer import DatasetSpec, Subject, require_positive_int, write_dataset
+from monai_sal_app.data.dataset_writer import DatasetSpec, Subject, write_dataset
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.rsna import IMAGE_DIR, RSNA_SIZE, write_rsna_dicom, write_rsna_tables
 
@@ -70,7 +71,7 @@ class ChestPreset:
     contrast: tuple[float, float] = (0.3, 0.6)
 
     def __post_init__(self):
-        require_positive_int(self.per_class, "per_class")
+        check_integer(self.per_class, "per_class")
         if not 1 <= self.opacities[0] <= self.opacities[1]:
             raise ValueError(f"opacities must be a (min, max) count with 1 <= min <= max, got {self.opacities!r}")
         if not 0 < self.radius[0] <= self.radius[1] < 0.5:

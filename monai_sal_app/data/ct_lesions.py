@@ -38,12 +38,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.data.bases import lung_ct_files, rotation_matrix, smooth_random_field
 from monai_sal_app.data.dataset_writer import (
     DatasetSpec,
     Subject,
     check_subject_args,
-    require_positive_int,
     write_dataset,
 )
 from monai_sal_app.data.io import read_image
@@ -84,7 +84,7 @@ class CTPreset:
     density_hu: tuple[float, float] = (-150.0, 60.0)
 
     def __post_init__(self):
-        require_positive_int(self.per_class, "per_class")
+        check_integer(self.per_class, "per_class")
         if not 0 <= self.real <= 1:
             raise ValueError(f"real must be a fraction in [0, 1], got {self.real!r}")
         if not 1 <= self.radius_mm[0] <= self.radius_mm[1]:

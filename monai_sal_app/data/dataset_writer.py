@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.data.io import write_nifti
 from monai_sal_app.data.manifest import PATH_COLUMNS, write_manifest
 
@@ -36,7 +37,6 @@ __all__ = [
     "DatasetSpec",
     "Subject",
     "check_subject_args",
-    "require_positive_int",
     "write_dataset",
 ]
 
@@ -46,13 +46,6 @@ _MASK_COLUMNS = tuple(c for c in PATH_COLUMNS if c.startswith("mask"))
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def require_positive_int(value: Any, name: str) -> int:
-    """``value`` as an int; ``ValueError`` naming ``name`` unless it is an integer >= 1 (bools refused)."""
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def check_subject_args(subtype: str, subtypes: tuple[str, ...], size: int, dim: int) -> None:
@@ -151,7 +144,7 @@ class DatasetSpec:
         if not _is_int(size) or size < MIN_SIZE or (self.max_size is not None and size > self.max_size):
             allowed = f">= {MIN_SIZE}" if self.max_size is None else f"in [{MIN_SIZE}, {self.max_size}]"
             raise ValueError(f"size must be an integer {allowed}, got {size!r}")
-        per_class = require_positive_int(composition.per_class if per_class is None else per_class, "per_class")
+        per_class = check_integer(composition.per_class if per_class is None else per_class, "per_class")
         if not _is_int(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         return DatasetRequest(self, preset_name, composition, int(dim), int(size), per_class, int(seed))

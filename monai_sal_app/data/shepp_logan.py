@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.data.dataset_writer import (
     DatasetSpec,
     Subject,
     check_subject_args,
-    require_positive_int,
     write_dataset,
 )
 
@@ -68,7 +68,7 @@ class Preset:
     error: float
 
     def __post_init__(self):
-        require_positive_int(self.per_class, "per_class")
+        check_integer(self.per_class, "per_class")
         fractions = (self.typical, self.atypical, self.error)
         if min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-9):
             raise ValueError(f"patient fractions typical/atypical/error must be >= 0 and sum to 1, got {fractions}")
@@ -228,7 +228,7 @@ def subtype_counts(preset: Preset, per_class: int | None = None) -> dict[str, in
     """
     if not isinstance(preset, Preset):
         raise TypeError(f"preset must be a Preset, got {type(preset).__name__}")
-    n = require_positive_int(preset.per_class if per_class is None else per_class, "per_class")
+    n = check_integer(preset.per_class if per_class is None else per_class, "per_class")
     patients = ("typical", "atypical", "error")
     exact = [getattr(preset, s) * n for s in patients]
     counts = [math.floor(e) for e in exact]

@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.files import json_safe
 from monai_sal_app.metrics.stats import mean_ci
 from monai_sal_app.models.filters import gaussian_blur
@@ -199,8 +200,8 @@ def fidelity(
     _check_choice("score", score, SCORES)
     _check_choice("order_by", order_by, ORDERS)
     fractions = _checked_fractions(fractions)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
+    if batch_size is not None:
+        batch_size = check_integer(batch_size, "batch_size")
     if maps is not None and params:
         raise ValueError("params are for computing the maps with `method`, but maps were given")
     validate_images(model, images)

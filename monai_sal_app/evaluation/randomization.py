@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.metrics.similarity import (
     DISPLAYS,
     SIMILARITY_METRICS,
@@ -449,8 +450,7 @@ def model_randomization(
     n, spatial = images.shape[0], tuple(images.shape[2:])
     if n < 2:
         raise ValueError(f"model randomization needs at least 2 images (maps compared across images), got {n}")
-    if isinstance(n_pairs, bool) or not isinstance(n_pairs, (int, np.integer)) or n_pairs < 2:
-        raise ValueError(f"n_pairs must be an integer >= 2, got {n_pairs!r}")
+    check_integer(n_pairs, "n_pairs", 2)
     metrics = _checked_metrics(metrics, spatial)
     blocks = _resolve_blocks(model, blocks)
     if len(blocks) < 2:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.data.shepp_logan import SUBTYPES
 from monai_sal_app.metrics.subtypes import region_mask, separability, specificity
 from monai_sal_app.saliency import explain
@@ -47,12 +47,6 @@ __all__ = [
     "specificity",
     "subtype_metrics",
 ]
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _labels(subtypes, n: int, what: str) -> np.ndarray:
@@ -89,10 +83,10 @@ def kmeans_ari(features, subtypes: Sequence, n_clusters: int | None = None, seed
     distinct = np.unique(labels)
     if distinct.size < 2:
         raise ValueError(f"need at least 2 subtypes to cluster, got {distinct.tolist()}")
-    k = distinct.size if n_clusters is None else _positive_int(n_clusters, "n_clusters")
+    k = distinct.size if n_clusters is None else check_integer(n_clusters, "n_clusters")
     if not 2 <= k <= n:
         raise ValueError(f"n_clusters must be between 2 and the number of images ({n}), got {k}")
-    seeds = _positive_int(seeds, "seeds")
+    seeds = check_integer(seeds, "seeds")
     per_seed = [
         float(adjusted_rand_score(labels, KMeans(n_clusters=k, n_init=1, random_state=seed).fit_predict(array)))
         for seed in range(seeds)
@@ -131,7 +125,7 @@ def feature_maps(
     """
     validate_images(model, images)
     if batch_size is not None:
-        batch_size = _positive_int(batch_size, "batch_size")
+        batch_size = check_integer(batch_size, "batch_size")
     x = images.detach().to(device=model_device(model), dtype=torch.float32)
     spatial_dims = x.ndim - 2
     rows, name = [], ""

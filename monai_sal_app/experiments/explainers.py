@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_sal_app.data.dataset_writer import require_positive_int
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.experiments.builtin_models import (
@@ -223,7 +223,7 @@ def compare_explainers(
     """
     spec = builtin_model_for(data)
     if explainer_per_class is not None:
-        require_positive_int(explainer_per_class, "explainer_per_class")
+        check_integer(explainer_per_class, "explainer_per_class")
     out = Path(out)
     folder = out / "data"
     _, test_manifest, explainer_manifest = generate_study_data(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monai_sal_app import distributed
+from monai_sal_app import arguments, distributed
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.files import json_safe, write_text
 from monai_sal_app.metrics.stats import summarize, write_csv
@@ -30,9 +30,7 @@ class ExperimentError(ValueError):
 def check_integer(settings: dict, key: str, minimum: int = 1) -> None:
     """For a recipe's ``validate``: ValueError unless ``settings[key]`` is an integer (not a bool)
     of at least ``minimum``."""
-    value = settings[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    arguments.check_integer(settings[key], key, minimum)
 
 
 def check_names(settings: dict, key: str) -> list:

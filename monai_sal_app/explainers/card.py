@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.explainers.kinds import EXPLAINER_KINDS, build_explainer
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.checkpoint import CheckpointError, atomic_write, card_path, weights_fingerprint
@@ -78,9 +79,10 @@ class ExplainerCard:
         if self.spatial_dims not in (2, 3):
             refuse("spatial_dims", f"must be 2 or 3, got {self.spatial_dims!r}")
         for name in ("in_channels", "num_classes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                refuse(name, f"must be a positive integer, got {value!r}")
+            try:
+                check_integer(getattr(self, name), name)
+            except ValueError:
+                refuse(name, f"must be an integer >= 1, got {getattr(self, name)!r}")
         size = self.input_size
         if (
             not isinstance(size, (list, tuple))

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from monai_sal_app.arguments import check_integer
+
 __all__ = [
     "DISPLAYS",
     "SIMILARITY_METRICS",
@@ -224,8 +226,7 @@ def random_pair_baseline(maps, metric: str = "spearman_abs", n_pairs: int = 50, 
     maps = _batch(maps)
     if len(maps) < 2:
         raise ValueError(f"a random-pair baseline needs maps of at least 2 images, got {len(maps)}")
-    if isinstance(n_pairs, bool) or not isinstance(n_pairs, (int, np.integer)) or n_pairs < 2:
-        raise ValueError(f"n_pairs must be an integer >= 2, got {n_pairs!r}")
+    check_integer(n_pairs, "n_pairs", 2)
     rng = np.random.default_rng(seed)
     if groups is None:
         first = rng.integers(0, len(maps), size=n_pairs)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.files import atomic_write
 
 __all__ = ["bootstrap_ci", "mean_ci", "summarize", "to_markdown", "write_csv"]
@@ -62,8 +63,7 @@ def bootstrap_ci(
     Used where the values are bounded or skewed (shares in [0, 1]) and a t interval could leave
     their range. Python floats.
     """
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 100:
-        raise ValueError(f"n_resamples must be an integer >= 100, got {n_resamples!r}")
+    check_integer(n_resamples, "n_resamples", 100)
     array = _values(values, confidence)
     n = array.size
     if n < 2:

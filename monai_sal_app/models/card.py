@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.models.factory import ARCHITECTURES, head_options
 from monai_sal_app.version import __version__
 
@@ -50,9 +51,10 @@ def _is_int(value: Any) -> bool:
 
 
 def _positive_int(field: str, value: Any) -> int:
-    if not _is_int(value) or value < 1:
-        raise CardError(field, f"must be a positive integer, got {value!r}")
-    return int(value)
+    try:
+        return check_integer(value, field)
+    except ValueError:
+        raise CardError(field, f"must be an integer >= 1, got {value!r}") from None
 
 
 def _strings(field: str, value: Any) -> tuple[str, ...]:

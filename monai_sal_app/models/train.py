@@ -20,6 +20,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.models.augment import build_augmentation
 from monai_sal_app.models.card import predict_classes
 from monai_sal_app.models.device import default_device
@@ -163,8 +164,7 @@ def train_classifier(
             f"train images {tuple(train_x.shape[1:])} and val images {tuple(val_x.shape[1:])} differ in shape"
         )
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience)):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_integer(value, name)
     loss_fn = get_loss(loss)
     augment = build_augmentation(list(augmentations), seed=seed)
     device = torch.device(device) if device is not None else default_device()

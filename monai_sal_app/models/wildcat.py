@@ -27,6 +27,7 @@ import torch
 from monai.networks.nets import DenseNet, ResNet
 from torch import nn
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.models.conv5fc3 import Conv5FC3
 
 __all__ = [
@@ -69,9 +70,7 @@ class ClassWisePool(nn.Module):
 
     def __init__(self, maps: int) -> None:
         super().__init__()
-        if isinstance(maps, bool) or not isinstance(maps, numbers.Integral) or maps < 1:
-            raise ValueError(f"maps (M, maps per class) must be a positive integer, got {maps!r}")
-        self.maps = int(maps)
+        self.maps = check_integer(maps, "maps (M, maps per class)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim < 3 or x.shape[1] % self.maps:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.models.filters import gaussian_blur
 from monai_sal_app.saliency.core import register
 from monai_sal_app.saliency.gradient import summed_pass_gradients
@@ -60,8 +61,7 @@ def make_baseline(
 def trapezoid_alphas_and_weights(steps: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``steps`` evenly spaced alphas in [0, 1] including both ends, and their trapezoid weights
     (1 / (steps - 1), halved at both ends; they sum to 1), in ``like``'s dtype and device."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"steps must be an int >= 2 (the path includes both ends), got {steps!r}")
+    check_integer(steps, "steps", 2)  # the path includes both ends
     alphas = torch.linspace(0, 1, steps, dtype=like.dtype, device=like.device)
     weights = torch.full((steps,), 1.0 / (steps - 1), dtype=like.dtype, device=like.device)
     weights[0] = weights[-1] = 0.5 / (steps - 1)

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.models.filters import gaussian_blur
 from monai_sal_app.saliency.core import auto_batch_size, check_stop, chunks, register, target_scores
 
@@ -139,16 +140,13 @@ def meaningful_perturbation(
         batch_size: images optimised together (None: as many as :func:`auto_batch_size` puts
             in one pass of ``jitter_copies`` rows per image).
     """
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_integer(steps, "steps")
     if lr <= 0 or l1_coeff < 0 or tv_coeff < 0 or tv_beta <= 0 or blur_sigma < 0 or jitter < 0:
         raise ValueError(
             "need lr > 0, l1_coeff >= 0, tv_coeff >= 0, tv_beta > 0, blur_sigma >= 0, jitter >= 0; got "
             f"lr={lr}, l1_coeff={l1_coeff}, tv_coeff={tv_coeff}, tv_beta={tv_beta}, blur_sigma={blur_sigma}, jitter={jitter}"
         )
-    if isinstance(jitter_copies, bool) or int(jitter_copies) != jitter_copies or jitter_copies < 1:
-        raise ValueError(f"jitter_copies must be an integer >= 1, got {jitter_copies!r}")
-    copies = int(jitter_copies)
+    copies = check_integer(jitter_copies, "jitter_copies")
     if batch_size is None:
         batch_size = max(1, auto_batch_size(model, images, copies) // copies)
     spatial = tuple(images.shape[2:])

@@ -20,14 +20,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.saliency.core import register
 from monai_sal_app.saliency.gradient import summed_pass_gradients
 
 
 def check_noise_params(n_samples: int, sigma: float, seed: int) -> None:
     """``ValueError``/``TypeError`` for a noise setting SmoothGrad cannot use."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
+    check_integer(n_samples, "n_samples")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
         raise ValueError(f"sigma must be a number >= 0 (a fraction of the image's value range), got {sigma!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):

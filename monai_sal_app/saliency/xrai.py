@@ -56,6 +56,7 @@ from skimage.segmentation import felzenszwalb, slic
 from skimage.transform import resize
 from torch import nn
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.metrics.localization import top_regions_mask
 from monai_sal_app.saliency.core import (
     auto_batch_size,
@@ -181,12 +182,6 @@ def _dilated_membership(label_maps: Sequence[np.ndarray], radius: int) -> sp.csr
     return sp.csr_matrix((np.ones(len(indices)), indices, indptr), shape=(len(rows), pixel_index.size))
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _map_in_threads(fn: Callable, values: Sequence) -> list:
     """``[fn(v) for v in values]``, one thread per CPU core: skimage's segmentations release the
     GIL for much of their work, so the scales' segmentations overlap."""
@@ -214,7 +209,7 @@ def segment_membership_2d(
     """
     if image.ndim != 3:
         raise ValueError(f"expected one (C, H, W) image, got shape {image.shape}")
-    dilation_px = _check_int("dilation_px", dilation_px, 0)
+    dilation_px = check_integer(dilation_px, "dilation_px", 0)
     hwc = np.moveaxis(np.asarray(image, dtype=np.float64), 0, -1)
     lo, hi = hwc.min(), hwc.max()
     normalised = (hwc - lo) / (hi - lo) * 2.0 - 1.0 if hi > lo else np.zeros_like(hwc)
@@ -247,7 +242,7 @@ def segment_membership_3d(
     """
     if volume.ndim != 4:
         raise ValueError(f"expected one (C, D, H, W) volume, got shape {volume.shape}")
-    dilation_voxels = _check_int("dilation_voxels", dilation_voxels, 0)
+    dilation_voxels = check_integer(dilation_voxels, "dilation_voxels", 0)
     vol = np.asarray(volume, dtype=np.float64)
     lo, hi = vol.min(), vol.max()
     normalised = (vol - lo) / (hi - lo) if hi > lo else np.zeros_like(vol)
@@ -255,7 +250,7 @@ def segment_membership_3d(
         image, channel_axis = normalised[0], None
     else:
         image, channel_axis = np.moveaxis(normalised, 0, -1), -1
-    counts = [_check_int("n_segments entry", n, 1) for n in n_segments]
+    counts = [check_integer(n, "n_segments entry", 1) for n in n_segments]
 
     def segment(n: int) -> np.ndarray:
         return slic(image, n_segments=n, compactness=compactness, sigma=sigma, start_label=0, channel_axis=channel_axis)
@@ -298,7 +293,7 @@ def select_regions(
     n_pixels = attr.size
     if membership.shape[1] != n_pixels:
         raise ValueError(f"membership has {membership.shape[1]} pixel columns for {n_pixels} attribution values")
-    min_pixel_diff = _check_int("min_pixel_diff", min_pixel_diff, 1)
+    min_pixel_diff = check_integer(min_pixel_diff, "min_pixel_diff", 1)
     by_segment = sp.csr_matrix(membership, dtype=np.float64, copy=True)
     by_segment.sum_duplicates()
     by_segment.data[:] = 1.0
@@ -412,14 +407,14 @@ def _run_xrai(
     min_pixel_diff,
 ):
     """(maps (N, 1, *spatial) float32 tensor, [XRAIRegions per image])."""
-    steps = _check_int("steps", steps, 1)
+    steps = check_integer(steps, "steps", 1)
     # checked here too so that bad values fail before the integrated gradients are paid for
     for name, value, minimum in [
         ("min_pixel_diff", min_pixel_diff, 1),
         ("dilation_px", dilation_px, 0),
         ("dilation_voxels", dilation_voxels, 0),
     ]:
-        _check_int(name, value, minimum)
+        check_integer(value, name, minimum)
     if not 0.0 <= float(area_threshold) <= 1.0:
         raise ValueError(f"area_threshold must be in [0, 1], got {area_threshold}")
     attributions = _integrated_gradients_min_max(model, images, target, steps, batch_size)

@@ -25,7 +25,7 @@ from monai_sal_app.evaluation.randomization import RETENTION_CUT
 from monai_sal_app.evaluation.subtypes import subtype_metrics
 from monai_sal_app.evaluation.trust import SCHEMA_VERSION, trust_card
 from monai_sal_app.experiments.report import roc_pr_figure, save_overlay_grid
-from monai_sal_app.experiments.study import Recipe, Run, Section
+from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer
 from monai_sal_app.experiments.trust_report import fidelity_figure, randomization_figure
 from monai_sal_app.experiments.workflows import mean_mask_rows
 from monai_sal_app.metrics.localization import localization_metrics
@@ -73,8 +73,7 @@ def _validate(settings: dict) -> None:
         "cases",
         "curve_images",
     ):
-        if not isinstance(settings[key], int) or settings[key] < 1:
-            raise ValueError(f"{key} must be a positive integer, got {settings[key]!r}")
+        check_integer(settings, key)
     if settings["trust_images"] < 2:
         raise ValueError("trust_images must be at least 2 (the random-pair baseline needs pairs)")
 

@@ -24,7 +24,7 @@ from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.data.shepp_logan import PRESETS, generate_shepp_logan
 from monai_sal_app.evaluation.subtypes import group_saliency_map, subtype_metrics
 from monai_sal_app.experiments.report import draw_overlay, pyplot, save_figure
-from monai_sal_app.experiments.study import Recipe, Run, Section
+from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer
 from monai_sal_app.models.inputs import load_inputs
 from monai_sal_app.models.losses import LOSSES as KNOWN_LOSSES
 from monai_sal_app.models.manifest_training import train_from_manifest
@@ -66,8 +66,7 @@ def _validate(settings: dict) -> None:
     if settings["dim"] not in (2, 3):
         raise ValueError(f"dim must be 2 or 3, got {settings['dim']!r}")
     for key in ("size", "test_per_class", "replicates", "epochs", "batch_size", "kmeans_seeds"):
-        if not isinstance(settings[key], int) or settings[key] < 1:
-            raise ValueError(f"{key} must be a positive integer, got {settings[key]!r}")
+        check_integer(settings, key)
     per_class = settings["per_class"]
     values = per_class.values() if isinstance(per_class, dict) else [per_class]
     if any(v is not None and (not isinstance(v, int) or v < 2) for v in values):

@@ -27,6 +27,7 @@ from typing import Any
 
 from monailabel.interfaces.tasks.train import TrainTask
 
+from monai_sal_app.arguments import check_integer
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.lib.served_model import ServedModel
 from monai_sal_app.models.augment import AUGMENTATIONS, parse_augmentation
@@ -52,9 +53,10 @@ _MONAILABEL_TRAIN_KEYS = frozenset({"model", "gpus", "local_rank", "bundle_path"
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RequestError(400, f"{name} must be a positive integer, got {value!r}")
-    return value
+    try:
+        return check_integer(value, name)
+    except ValueError as error:
+        raise RequestError(400, str(error)) from None
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
