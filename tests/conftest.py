@@ -516,38 +516,28 @@ def smoke_refusal(recipe: str, changes: dict, tmp_path: Path) -> str:
     return str(refused.value)
 
 
+# ----------------------------------------------------------------------------- the real server
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """The real server on 127.0.0.1, started once for the session and shared by the server, limits
+    and Slicer tests (``server_fixtures.start_shared_server`` says what it serves and with which
+    limits); stopped at the end. A test that changes a model works on a copy of its own
+    (``server_fixtures.COPIES``). Yields {"url", "items", "model_dir", "studies", "root", "server"}
+    (``server``: the BackgroundServer)."""
+    from server_fixtures import start_shared_server
+
+    server, folders = start_shared_server(tmp_path_factory.mktemp("served"))
+    try:
+        yield {"url": server.url, "server": server, **folders}
+    finally:
+        server.stop()
+
+
 # ----------------------------------------------------------------------------- the Slicer module
 
 SLICER_MODULE = Path(__file__).resolve().parents[1] / "slicer_module" / "SaliencyMaps" / "SaliencyMaps.py"
-
-
-@pytest.fixture(scope="module")
-def slicer_server(tmp_path_factory):
-    """The real server on 127.0.0.1 as the Slicer module's tests use it: a 2D model with a trust
-    card and a 3D model without one, and the test images (``items``) in its studies folder.
-    Yields {"url", "items", "model_dir", "root", "server"} (``server``: the BackgroundServer)."""
-    from server_fixtures import make_studies, save_tiny_checkpoint, tiny_trust_card
-
-    from monai_sal_app.evaluation.trust import write_trust_card
-    from monai_sal_app.serve import start_background_server
-
-    root = tmp_path_factory.mktemp("slicer")
-    model_dir = root / "model"
-    save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0)
-    save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
-    write_trust_card(tiny_trust_card(model_dir / "classifier_2d.pt"), model_dir / "classifier_2d.pt")
-    items = make_studies(root / "studies")
-    running = start_background_server(
-        root / "studies",
-        conf={"model_dir": str(model_dir)},
-        workdir=root / "run",
-        extra_env={"OMP_NUM_THREADS": "1"},
-        timeout=240,
-    )
-    try:
-        yield {"url": running.url, "items": items, "model_dir": model_dir, "root": root, "server": running}
-    finally:
-        running.stop()
 
 
 @pytest.fixture
@@ -635,5 +625,6 @@ def free_port() -> int:
 
 
 # A long legitimate request on the tiny 3D model (minutes of work unless stopped): meaningful
-# perturbation at its bounds, within the default cost budget.
+# perturbation at its bounds, 80000 passes of 16^3 voxels (3.3e8), within the default cost budget
+# and the shared server's (server_fixtures.BUDGET).
 LONG_REQUEST = {"steps": 5000, "jitter_copies": 16}
