@@ -17,6 +17,8 @@ from monai_sal_app.cli import main
 from monai_sal_app.data.io import read_image
 from monai_sal_app.metrics.localization import localization_metrics
 
+pytestmark = pytest.mark.e2e  # every test here runs whole commands (data, train, explain, evaluate, demo)
+
 
 def run(*argv: str) -> int:
     return main(["--quiet", *argv])

@@ -115,6 +115,7 @@ def test_an_input_size_the_network_cannot_take_is_refused_on_load(tmp_path):
 # ----------------------------------------------------------------------------- decision threshold
 
 
+@pytest.mark.slow
 def test_threshold_maximises_balanced_accuracy_against_a_brute_force_search():
     rng = np.random.default_rng(0)
     y = torch.tensor(np.r_[np.zeros(30), np.ones(12)].astype(np.int64))

@@ -36,6 +36,8 @@ from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.device import default_device
 from monai_sal_app.saliency import available_methods, get_method
 
+pytestmark = pytest.mark.server  # every test here asks the real server
+
 MODEL_OF_DIM = {2: "classifier_2d", 3: "classifier_3d"}
 # The methods that explain any classifier, as /info lists them for the plain models.
 ANY_MODEL_METHODS = {name: spec for name, spec in available_methods().items() if get_method(name).requires is None}

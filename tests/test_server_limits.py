@@ -26,6 +26,8 @@ from monai_sal_app.lib.limits import ServerLimits
 from monai_sal_app.saliency import available_methods
 from monai_sal_app.serve import start_background_server
 
+pytestmark = pytest.mark.server  # every test here but the last asks the real server
+
 # Within the bounds and the budget: 80000 passes of 16^3 voxels (3.3e8)
 LONG = {"method": "meaningful_perturbation", **LONG_REQUEST}
 
@@ -181,7 +183,6 @@ def test_a_client_that_disconnects_stops_its_work(server):
     assert seconds < 3.5
 
 
-@pytest.mark.server
 def test_sigterm_mid_request_ends_the_server_within_seconds(tmp_path):
     """On a server of its own, which the test ends, with the default time limit (600 s): only the
     SIGTERM can stop the long request within seconds."""

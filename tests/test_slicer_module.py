@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import requests
 import slicer  # slicer-core, in the test extra
-from conftest import LONG_REQUEST, box_segmentation, free_port, ijk_to_ras, load_volume
+from conftest import LONG_REQUEST, REPO, box_segmentation, free_port, ijk_to_ras, load_volume
 from SaliencyMapsLib import scene as scene_logic
 from SaliencyMapsLib.batch import items_for_methods, items_for_volumes
 from SaliencyMapsLib.client import ServerClient, ServerError
@@ -82,6 +82,7 @@ def in_process_map(served, model: str, array: np.ndarray, method: str = "gradcam
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_connect_fills_models_methods_and_parameters_from_info(served, workflow):
     info = requests.get(f"{served['url']}/info/", timeout=30).json()
     assert set(workflow.models) == SERVED
@@ -91,6 +92,7 @@ def test_connect_fills_models_methods_and_parameters_from_info(served, workflow)
     assert workflow.methods("classifier_2d")["integrated_gradients"]["defaults"]["steps"] > 0
 
 
+@pytest.mark.server
 def test_the_parameter_form_follows_info_and_sends_only_what_differs(workflow):
     from SaliencyMapsLib.parameters import chosen_parameters, form_fields
 
@@ -118,6 +120,7 @@ def test_the_parameter_form_follows_info_and_sends_only_what_differs(workflow):
         chosen_parameters(spec["defaults"], shown)
 
 
+@pytest.mark.server
 def test_trust_card_text_per_method_and_without_a_card(workflow):
     trust_2d = workflow.model("classifier_2d")["trust"]
     tag = trust_tag(trust_2d, "gradcam")
@@ -138,6 +141,7 @@ def test_trust_card_text_per_method_and_without_a_card(workflow):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_3d_nifti_heatmap_lands_on_the_volume_voxel_for_voxel(served, workflow, scene):
     item = served["items"]["volume_nii"]  # oblique affine, anisotropic voxels
     volume = load_volume(scene, item["path"])
@@ -151,6 +155,7 @@ def test_3d_nifti_heatmap_lands_on_the_volume_voxel_for_voxel(served, workflow, 
     np.testing.assert_allclose(got, expected[volume_index[::-1]], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.server
 def test_a_volume_without_a_file_is_sent_as_nrrd_and_comes_back_on_its_geometry(served, workflow, scene):
     field = smooth_field((14, 18, 16), seed=9)  # (k, j, i)
     rotation = np.array([[0.0, -1.0, 0.0], [0.8, 0.0, -0.6], [0.6, 0.0, 0.8]])  # a rotation with a flip of axes
@@ -166,6 +171,7 @@ def test_a_volume_without_a_file_is_sent_as_nrrd_and_comes_back_on_its_geometry(
     )
 
 
+@pytest.mark.server
 def test_2d_dicom_heatmap_lands_where_slicer_puts_the_image(served, workflow, scene):
     item = served["items"]["xray_dcm"]  # DX, MONOCHROME1, PixelSpacing that ITK does not use for DX
     volume = load_volume(scene, item["path"])
@@ -180,6 +186,7 @@ def test_2d_dicom_heatmap_lands_where_slicer_puts_the_image(served, workflow, sc
     np.testing.assert_allclose(got, expected[volume_index[1], volume_index[2]], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.server
 def test_2d_png_heatmap_lands_where_slicer_puts_the_image(served, workflow, scene, tmp_path):
     import itk
 
@@ -194,6 +201,7 @@ def test_2d_png_heatmap_lands_where_slicer_puts_the_image(served, workflow, scen
     np.testing.assert_allclose(got, expected[volume_index[1], volume_index[2]], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.server
 def test_display_colours_thresholds_and_puts_the_map_in_every_slice_view(workflow, scene, served):
     volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     first = workflow.explain(volume, "classifier_3d", "gradcam")
@@ -249,6 +257,7 @@ def test_slicers_own_inferno_is_used_when_the_scene_has_it(scene):
     assert scene.GetFirstNodeByName("SaliencyMaps inferno") is None  # ours is not made
 
 
+@pytest.mark.server
 def test_image_volumes_are_scalar_volumes_that_are_not_maps_nor_labelmaps(workflow, scene, served):
     volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     labelmap = load_volume(scene, served["items"]["volume_nii"]["mask"], labelmap=True)
@@ -258,6 +267,7 @@ def test_image_volumes_are_scalar_volumes_that_are_not_maps_nor_labelmaps(workfl
     assert scene_logic.heatmap_nodes(scene) == [heatmap]
 
 
+@pytest.mark.server
 def test_redraws_and_compares_leave_nothing_behind(workflow, scene, served):
     """10 redraws and 10 comparisons: the scene's nodes and the volumes' reference counts stay as
     they were after the first of each (each redraw used to leak a node collection holding every
@@ -329,6 +339,7 @@ def heatmap_box_mask(heatmap, low_ras, high_ras) -> np.ndarray:
     return inside.reshape(shape)
 
 
+@pytest.mark.server
 def test_a_segment_on_a_finer_shifted_grid_lands_on_the_heatmap_grid(workflow, scene, served):
     volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     heatmap = workflow.explain(volume, "classifier_3d", "gradcam")
@@ -343,6 +354,7 @@ def test_a_segment_on_a_finer_shifted_grid_lands_on_the_heatmap_grid(workflow, s
     assert np.count_nonzero(mask & expected) >= 0.8 * expected.sum()
 
 
+@pytest.mark.server
 def test_module_numbers_equal_the_servers_and_the_clis(workflow, scene, served, tmp_path):
     from monai_sal_app.cli import main as cli_main
     from monai_sal_app.metrics import hard_dice
@@ -408,6 +420,7 @@ def test_module_numbers_equal_the_servers_and_the_clis(workflow, scene, served, 
     assert points[0] == 0.0 and np.nanmax(points) == 1.0
 
 
+@pytest.mark.server
 def test_segment_errors_are_clear(workflow, scene, served):
     volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     heatmap = workflow.explain(volume, "classifier_3d", "gradcam")
@@ -446,6 +459,7 @@ def poll_until_done(job, on_turn=None, timeout: float = 120.0) -> list:
     return seen
 
 
+@pytest.mark.server
 def test_batch_over_volumes_and_methods_with_progress_cancel_and_failures(workflow, scene, served):
     volumes = [load_volume(scene, served["items"][name]["path"]) for name in ("volume_nii", "volume_nrrd")]
     slice_2d = load_volume(scene, served["items"]["xray_dcm"]["path"])
@@ -467,6 +481,7 @@ def test_batch_over_volumes_and_methods_with_progress_cancel_and_failures(workfl
     assert not job.report.failed and "2 done, 0 failed, cancelled" in job.report.summary()
 
 
+@pytest.mark.server
 def test_a_request_runs_off_the_calling_thread_and_cancel_aborts_it_in_flight(workflow, scene, served):
     """The GUI thread only polls: it is never blocked by a request, and Cancel closes the connection
     of the request in flight, which stops the server's work on it."""
@@ -520,12 +535,14 @@ def test_an_unexpected_error_in_a_request_reaches_the_polling_thread():
     assert job.finished and not job.report.done
 
 
+@pytest.mark.server
 def test_a_3d_volume_sent_to_a_2d_model_is_refused_before_upload(workflow, scene, served):
     volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     with pytest.raises(scene_logic.SceneError, match=r"is a 3D volume \(20 x 18 x 17\) but model classifier_2d"):
         workflow.explain(volume, "classifier_2d", "gradcam")
 
 
+@pytest.mark.server
 def test_server_refusals_carry_the_servers_message(workflow, scene, served):
     volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     with pytest.raises(ServerError, match=r"refused the request \(400\): .*steps") as raised:
@@ -561,8 +578,7 @@ def test_server_down_and_timeouts_are_clear(scene):
 # the extension's layout (what Slicer's build and loader expect), and a thin widget
 # ------------------------------------------------------------------------------------------------
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-EXTENSION = REPOSITORY / "slicer_module"
+EXTENSION = REPO / "slicer_module"
 MODULE = EXTENSION / "SaliencyMaps"
 
 
@@ -600,13 +616,13 @@ def test_the_extension_metadata_points_at_files_of_this_repository(tmp_path):
         urls = [found["ICONURL"], *found["SCREENSHOTURLS"].split()]
         assert len(urls) == 3 and all(url.startswith(f"{base}/raw/main/") for url in urls)
         for url in urls:
-            assert (REPOSITORY / url[len(f"{base}/raw/main/") :]).is_file(), url
+            assert (REPO / url[len(f"{base}/raw/main/") :]).is_file(), url
         assert re.fullmatch(r"[^()]+ \([^()]+\)", found["CONTRIBUTORS"]) and found["DEPENDS"] == "NA"
-    assert (REPOSITORY / "docs" / "SLICER.md").is_file()
+    assert (REPO / "docs" / "SLICER.md").is_file()
     no_remote = tmp_path / "no remote"
     no_remote.mkdir()
     done = subprocess.run(["cmake", "-P", str(script)], cwd=no_remote, capture_output=True, text=True)
-    assert done.returncode != 0 and "-DSALIENCYMAPS_REPOSITORY_URL=" in done.stderr
+    assert done.returncode != 0 and "-DSALIENCYMAPS_REPO_URL=" in done.stderr
 
 
 def test_widget_names_exist_in_the_ui_file_and_the_widget_stays_thin():

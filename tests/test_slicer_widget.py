@@ -26,6 +26,8 @@ from SaliencyMapsLib.trust import trust_lines
 from server_fixtures import SERVED
 from slicer_standins import QFileDialog, QSettings, SlicerStandIns, module_panel
 
+pytestmark = pytest.mark.server  # every test here drives the panel against the real server
+
 
 @pytest.fixture
 def panel(monkeypatch, mrml_scene):
