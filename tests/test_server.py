@@ -47,6 +47,11 @@ WITHOUT_EXPLAINER = {name: spec for name, spec in ANY_MODEL_METHODS.items() if g
 PACKAGE_DIR = Path(monai_sal_app.__file__).parent
 
 
+def as_json(value):
+    """``value`` as a client reads it back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
 @pytest.fixture(scope="module")
 def env(served, tmp_path_factory):
     """The shared server (``conftest.served``), and a folder for the files of the bad requests."""
@@ -108,7 +113,7 @@ def test_info_lists_servable_models_with_methods_and_device(env):
         assert model["dimension"] == dim
         assert model["labels"] == LABELS
         assert model["input_size"] == ([32, 32] if dim == 2 else [16, 16, 16])
-        assert model["methods"] == json_safe(WITH_EXPLAINER if dim == 2 else WITHOUT_EXPLAINER)
+        assert model["methods"] == as_json(WITH_EXPLAINER if dim == 2 else WITHOUT_EXPLAINER)
         assert model["device"] == str(default_device())
         assert model["default_method"] in model["methods"]
     assert info["models"]["classifier_2d"]["decision_threshold"] == CARD_2D["decision_threshold"]
@@ -123,7 +128,7 @@ def test_info_lists_servable_models_with_methods_and_device(env):
         "why": "no trust card: monai-sal trust --model classifier_3d.pt <images>",
     }
     wildcat_methods = {name: spec for name, spec in available_methods().items() if get_method(name).explainer is None}
-    assert info["models"]["wildcat_2d"]["methods"] == json_safe(wildcat_methods)  # "wildcat" among them
+    assert info["models"]["wildcat_2d"]["methods"] == as_json(wildcat_methods)  # "wildcat" among them
     assert set(info["trainers"]) == SERVED  # the explainer checkpoints are not models of their own
     log = env["server"].log()
     assert "model broken is not served" in log and "model no_card is not served: model card missing" in log
@@ -225,7 +230,7 @@ def test_output_json_has_no_heatmap_and_same_numbers(env):
     np.testing.assert_allclose(list(result["probabilities"].values()), expected.probabilities, rtol=1e-5)
     assert set(result["seconds"]) >= {"read", "predict", "explain", "total", "write", "task_total"}
     assert result["device"] == str(default_device())
-    assert result["params"] == json_safe(available_methods()["gradcam"]["defaults"])
+    assert result["params"] == as_json(available_methods()["gradcam"]["defaults"])
 
 
 @pytest.mark.parametrize("method", sorted(available_methods()))

@@ -622,7 +622,7 @@ def test_the_extension_metadata_points_at_files_of_this_repository(tmp_path):
     no_remote = tmp_path / "no remote"
     no_remote.mkdir()
     done = subprocess.run(["cmake", "-P", str(script)], cwd=no_remote, capture_output=True, text=True)
-    assert done.returncode != 0 and "-DSALIENCYMAPS_REPO_URL=" in done.stderr
+    assert done.returncode != 0 and "-DSALIENCYMAPS_REPOSITORY_URL=" in done.stderr
 
 
 def test_widget_names_exist_in_the_ui_file_and_the_widget_stays_thin():
