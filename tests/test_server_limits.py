@@ -58,7 +58,7 @@ def test_info_shows_every_bound_next_to_its_default_and_the_limits(server):
     assert info["limits"] == {
         "max_request_cost": BUDGET,
         "max_upload_mb": MAX_UPLOAD_MB,
-        "max_pixels": 8192 * 8192,  # the defaults (the README's table of settings): 8192 px a side in 2D,
+        "max_pixels": 8192 * 8192,  # the documented defaults: 8192 px a side in 2D,
         "max_voxels": 512 * 512 * 512,  # 512 voxels a side in 3D
         "request_timeout_s": TIMEOUT_S,
     }
