@@ -26,7 +26,6 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from server_fixtures import CARD_2D, SERVED, load_nifti_bytes, post_infer
 
-import monai_sal_app
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.evaluation.trust import trust_card, write_trust_card
 from monai_sal_app.experiments.workflows import evaluate_maps
@@ -44,7 +43,6 @@ ANY_MODEL_METHODS = {name: spec for name, spec in available_methods().items() if
 # classifier_2d has every trained explainer beside it; classifier_3d ones trained for other weights (not offered).
 WITH_EXPLAINER = ANY_MODEL_METHODS
 WITHOUT_EXPLAINER = {name: spec for name, spec in ANY_MODEL_METHODS.items() if get_method(name).explainer is None}
-PACKAGE_DIR = Path(monai_sal_app.__file__).parent
 
 
 def as_json(value):
