@@ -29,7 +29,6 @@ from server_fixtures import CARD_2D, SERVED, load_nifti_bytes, post_infer
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.evaluation.trust import trust_card, write_trust_card
 from monai_sal_app.experiments.workflows import evaluate_maps
-from monai_sal_app.files import json_safe
 from monai_sal_app.inference import explain_array
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.device import default_device
