@@ -21,7 +21,26 @@ from torch import nn
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.factory import build_classifier
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_module" / "SaliencyMaps"))
+REPO = Path(__file__).resolve().parents[1]  # the repository: the package, configs/, slicer_module/, pyproject.toml
+sys.path.insert(0, str(REPO / "slicer_module" / "SaliencyMaps"))
+
+
+# Fixtures that make a test one of a kind: the real server, a whole recipe's run.
+MARKER_OF_FIXTURE = {"served": "server", "smoke_run": "e2e", "smoke_runs": "e2e"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the real server or a recipe's run must carry its marker (``server``,
+    ``e2e``), so that ``-m "not e2e and not server and not slow"`` leaves it out: the collection
+    fails, naming the tests, when one does not."""
+    unmarked = [
+        f"{item.nodeid} uses {fixture}: mark it @pytest.mark.{marker}"
+        for item in items
+        for fixture, marker in MARKER_OF_FIXTURE.items()
+        if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(marker) is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("tests without the marker of what they use:\n" + "\n".join(unmarked))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -52,6 +71,27 @@ def images_for(
     (default 32 px in 2D, 16 voxels in 3D), from its own generator seeded with ``seed``."""
     side = side or (32 if spatial_dims == 2 else 16)
     return torch.rand((n, channels, *(side,) * spatial_dims), generator=torch.Generator().manual_seed(seed))
+
+
+def predicted_classes(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The class ``model``, put in eval mode, predicts for each of ``images`` (no gradients)."""
+    with torch.no_grad():
+        return model.eval()(images).argmax(1)
+
+
+def modules_loaded_by(module: str, candidates: list[str]) -> list[str]:
+    """Those of ``candidates`` (module names) that ``import module`` loads, in a fresh Python with
+    this repository first on its path (a light module must not pull in a heavy library)."""
+    import os
+    import subprocess
+
+    code = f"import sys, {module}\nprint(*[name for name in {candidates!r} if name in sys.modules])"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
 
 
 # ----------------------------------------------------------------------------- real-anatomy bases
@@ -194,6 +234,25 @@ def tiny_conv5fc3(spatial_dims: int = 2, seed: int = 0, **kwargs) -> nn.Module:
     go to ``build_classifier`` (e.g. ``num_classes``, ``dropout``). Inputs from 16 px a side."""
     torch.manual_seed(seed)
     return build_classifier("conv5fc3", spatial_dims, channels=TINY_CHANNELS, **kwargs)
+
+
+def trained_small_resnet(widths, num_classes: int, train, val, epochs: int, seed: int) -> nn.Module:
+    """MONAI's ResNet18 (2D, block widths ``widths``, a stride-2 first convolution and no max pool:
+    a 4x4 ``layer4`` for Grad-CAM on 64 px), weights seeded with ``seed``, trained ``epochs`` epochs
+    (as many of patience, lr 3e-3, on the CPU) on ``train`` = (images, labels) and validated on
+    ``val``; its best validation AUC must pass 0.95. The caller's random state is left alone."""
+    from monai_sal_app.models.train import train_classifier
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_classifier(
+            "resnet18", 2, num_classes=num_classes, block_inplanes=list(widths), conv1_t_stride=2, no_max_pool=True
+        )
+        model, history = train_classifier(
+            model, *train, *val, epochs=epochs, patience=epochs, lr=3e-3, device="cpu", progress=False, log=None
+        )
+    assert max(h["val_auc"] for h in history) > 0.95
+    return model
 
 
 TINY_WILDCAT_HEAD = {"name": "wildcat", "kmax": 0.25, "kmin": None, "alpha": 0.7, "maps": 2}
@@ -491,6 +550,54 @@ def screenshot(page: Path, out: Path, width: int = 1200, height: int = 1600) -> 
 # ----------------------------------------------------------------------------- experiment recipes
 
 
+def run_smoke(recipe: str, out: Path, **kwargs) -> Path:
+    """Run the built-in ``recipe`` at its smoke scale into ``out``, quietly; ``kwargs`` go to
+    ``run_experiment`` (``data``, ``models``). A real-anatomy base it needs that is not installed:
+    :func:`missing_base`. Returns ``out``."""
+    from monai_sal_app.data.bases import BaseNotInstalled
+    from monai_sal_app.experiments.runner import run_experiment
+
+    try:
+        run_experiment(recipe, out, scale="smoke", progress=False, log=lambda _: None, **kwargs)
+    except BaseNotInstalled as error:
+        missing_base(str(error))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory):
+    """``smoke_runs(recipe)``: the folder of ``recipe``'s run at the smoke scale, run once for the
+    session and shared by the recipe's own tests and the determinism test (``test_determinism.py``),
+    which reads it and never writes into it."""
+    runs: dict[str, Path] = {}
+
+    def smoke_run(recipe: str) -> Path:
+        if recipe not in runs:
+            runs[recipe] = run_smoke(recipe, tmp_path_factory.mktemp(recipe) / "run")
+        return runs[recipe]
+
+    return smoke_run
+
+
+@pytest.fixture(scope="module")
+def smoke_run(request, smoke_runs) -> Path:
+    """The session's smoke run (:func:`smoke_runs`) of the recipe the test module names in ``RECIPE``."""
+    return smoke_runs(request.module.RECIPE)
+
+
+@pytest.fixture(scope="module")
+def smoke_settings(request) -> dict:
+    """The settings of the module's ``RECIPE`` at the smoke scale, as the recipe file gives them."""
+    from monai_sal_app.experiments.runner import resolve_config
+
+    return resolve_config(request.module.RECIPE, "smoke")["settings"]
+
+
+def results_text(out: Path) -> dict[str, str]:
+    """{file name: text} of every CSV in a run's ``results/``."""
+    return {p.name: p.read_text() for p in sorted((out / "results").glob("*.csv"))}
+
+
 def read_rows(path: Path) -> list[dict]:
     """The rows of a CSV file (a recipe's ``results/*.csv``, a ``maps.csv``) as dicts of strings."""
     import csv
@@ -516,38 +623,28 @@ def smoke_refusal(recipe: str, changes: dict, tmp_path: Path) -> str:
     return str(refused.value)
 
 
+# ----------------------------------------------------------------------------- the real server
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """The real server on 127.0.0.1, started once for the session and shared by the server, limits
+    and Slicer tests (``server_fixtures.start_shared_server`` says what it serves and with which
+    limits); stopped at the end. A test that changes a model works on a copy of its own
+    (``server_fixtures.COPIES``). Yields {"url", "items", "model_dir", "studies", "root", "server"}
+    (``server``: the BackgroundServer)."""
+    from server_fixtures import start_shared_server
+
+    server, folders = start_shared_server(tmp_path_factory.mktemp("served"))
+    try:
+        yield {"url": server.url, "server": server, **folders}
+    finally:
+        server.stop()
+
+
 # ----------------------------------------------------------------------------- the Slicer module
 
-SLICER_MODULE = Path(__file__).resolve().parents[1] / "slicer_module" / "SaliencyMaps" / "SaliencyMaps.py"
-
-
-@pytest.fixture(scope="module")
-def slicer_server(tmp_path_factory):
-    """The real server on 127.0.0.1 as the Slicer module's tests use it: a 2D model with a trust
-    card and a 3D model without one, and the test images (``items``) in its studies folder.
-    Yields {"url", "items", "model_dir", "root", "server"} (``server``: the BackgroundServer)."""
-    from server_fixtures import make_studies, save_tiny_checkpoint, tiny_trust_card
-
-    from monai_sal_app.evaluation.trust import write_trust_card
-    from monai_sal_app.serve import start_background_server
-
-    root = tmp_path_factory.mktemp("slicer")
-    model_dir = root / "model"
-    save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0)
-    save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
-    write_trust_card(tiny_trust_card(model_dir / "classifier_2d.pt"), model_dir / "classifier_2d.pt")
-    items = make_studies(root / "studies")
-    running = start_background_server(
-        root / "studies",
-        conf={"model_dir": str(model_dir)},
-        workdir=root / "run",
-        extra_env={"OMP_NUM_THREADS": "1"},
-        timeout=240,
-    )
-    try:
-        yield {"url": running.url, "items": items, "model_dir": model_dir, "root": root, "server": running}
-    finally:
-        running.stop()
+SLICER_MODULE = REPO / "slicer_module" / "SaliencyMaps" / "SaliencyMaps.py"
 
 
 @pytest.fixture
@@ -635,5 +732,6 @@ def free_port() -> int:
 
 
 # A long legitimate request on the tiny 3D model (minutes of work unless stopped): meaningful
-# perturbation at its bounds, within the default cost budget.
+# perturbation at its bounds, 80000 passes of 16^3 voxels (3.3e8), within the default cost budget
+# and the shared server's (server_fixtures.BUDGET).
 LONG_REQUEST = {"steps": 5000, "jitter_copies": 16}

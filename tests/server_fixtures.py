@@ -1,4 +1,4 @@
-"""Files the tests read, and HTTP helpers for the server tests.
+"""Files the tests read, the server the server, limits and Slicer tests share, and HTTP helpers.
 
 Tiny checkpoints (a real conv5-fc3, or one with a WILDCAT head, and its card), and smooth random images written as PNG, DICOM
 (MONOCHROME1 with a PixelSpacing), 2D NIfTI stored as (H, W, 1), 3D NIfTI with an oblique affine
@@ -9,12 +9,13 @@ lost spacing or origin) show up as failures. The DICOM and NRRD writers also ser
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import requests
 import torch
-from conftest import tiny_card
+from conftest import TINY_WILDCAT_HEAD, tiny_card, untrained_explainer
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 from scipy import ndimage
 
@@ -182,6 +183,84 @@ def make_studies(studies: Path) -> dict[str, dict]:
         "mask": None,
     }
     return items
+
+
+# ----------------------------------------------------------------------------- the shared server
+
+# The shared server's limits: small enough that a test reaches each of them in a second or two.
+TIMEOUT_S = 8  # request_timeout_s
+BUDGET = 3.5e8  # max_request_cost
+MAX_UPLOAD_MB = 1  # max_upload_mb
+# classifier_2d decides at a threshold (as trained models do) and carries test numbers for /info.
+CARD_2D = {"decision_threshold": 0.45, "metrics": {"test_auc": 0.93, "test_balanced_accuracy": 0.88, "n_test": 120}}
+# Copies, under names of their own, of the models a test trains or rescores: the original stays as
+# every other test expects it. {copy: (original, the files of the original copied)}
+COPIES = {
+    # trained over the API, with a trust card and a mask generator for the weights it had before
+    "trained_2d": ("classifier_2d", (".pt", ".json", ".trust.json", ".mask_generator.pt", ".mask_generator.json")),
+    "trained_wildcat_2d": ("wildcat_2d", (".pt", ".json")),  # a WILDCAT head trained over the API
+    "retrained_2d": ("classifier_2d", (".pt", ".json")),  # retrained while it serves
+    "scored_3d": ("classifier_3d", (".pt", ".json")),  # trust cards written by /scoring/trust
+}
+# The models the shared server serves (broken, no_card and no_input_size are not).
+SERVED = {"classifier_2d", "classifier_3d", "wildcat_2d", *COPIES}
+
+
+def start_shared_server(root: Path):
+    """The real server on 127.0.0.1 that the server, limits and Slicer tests share: the app started
+    once with uvicorn in a subprocess, serving ``root/model``.
+
+    - ``classifier_2d`` (2D, weights seeded 0, :data:`CARD_2D`) with a trust card and an untrained
+      explainer of every kind beside it; ``classifier_3d`` (3D, seed 1, no trust card) with
+      explainers trained for other weights (not offered); ``wildcat_2d`` (2D, seed 2, a WILDCAT head);
+    - :data:`COPIES` of them for the tests that change a model;
+    - ``broken`` (weights that are not weights), ``no_card`` and ``no_input_size``: not served.
+
+    The studies folder holds :func:`make_studies`' images and ``train2d`` (a Shepp-Logan training
+    set with its manifest). Limits: :data:`TIMEOUT_S`, :data:`BUDGET`, :data:`MAX_UPLOAD_MB`; no
+    background scoring after a training run (a stale trust card stays as the test left it).
+    Returns ``(BackgroundServer, {"root", "model_dir", "studies", "items"})``."""
+    from monai_sal_app.data.shepp_logan import generate_shepp_logan
+    from monai_sal_app.evaluation.trust import write_trust_card
+    from monai_sal_app.explainers import EXPLAINER_KINDS, save_explainer
+    from monai_sal_app.serve import start_background_server
+
+    model_dir = root / "model"
+    save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0, **CARD_2D)
+    save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
+    save_tiny_checkpoint(model_dir / "wildcat_2d.pt", 2, seed=2, head=TINY_WILDCAT_HEAD)
+    write_trust_card(tiny_trust_card(model_dir / "classifier_2d.pt"), model_dir / "classifier_2d.pt")
+    classifier_2d, _ = load_classifier(model_dir / "classifier_2d.pt", device="cpu")
+    for kind in EXPLAINER_KINDS:
+        explainer = untrained_explainer(kind, classifier_2d)
+        save_explainer(explainer, model_dir / f"classifier_2d.{kind}.pt", explainer.card)
+        save_explainer(explainer, model_dir / f"classifier_3d.{kind}.pt", explainer.card)  # for other weights
+    for copy, (original, suffixes) in COPIES.items():
+        for suffix in suffixes:
+            shutil.copyfile(model_dir / f"{original}{suffix}", model_dir / f"{copy}{suffix}")
+    (model_dir / "broken.pt").write_bytes(b"these are not weights")
+    shutil.copyfile(model_dir / "classifier_2d.json", model_dir / "broken.json")
+    shutil.copyfile(model_dir / "classifier_2d.pt", model_dir / "no_card.pt")
+    shutil.copyfile(model_dir / "classifier_2d.pt", model_dir / "no_input_size.pt")
+    card = json.loads((model_dir / "classifier_2d.json").read_text())
+    del card["input_size"]
+    (model_dir / "no_input_size.json").write_text(json.dumps(card))
+    studies = root / "studies"
+    items = make_studies(studies)
+    generate_shepp_logan(studies / "train2d", preset="homogeneous", dim=2, size=32, per_class=6, seed=0, progress=False)
+    server = start_background_server(
+        studies,
+        conf={
+            "model_dir": str(model_dir),
+            "request_timeout_s": str(TIMEOUT_S),
+            "max_upload_mb": str(MAX_UPLOAD_MB),
+            "max_request_cost": str(BUDGET),
+        },
+        workdir=root / "run",
+        extra_env={"OMP_NUM_THREADS": "1", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"},
+        timeout=240,
+    )
+    return server, {"root": root, "model_dir": model_dir, "studies": studies, "items": items}
 
 
 def post_infer(

@@ -185,6 +185,7 @@ def test_bad_input_ends_with_one_error_line(files, tmp_path, capsys, case):
     assert not (tmp_path / "out").exists() or not any(p.suffix == ".pt" for p in (tmp_path / "out").rglob("*"))
 
 
+@pytest.mark.e2e
 def test_console_script_prints_no_traceback_for_an_invalid_card(files, tmp_path):
     exe = shutil.which("monai-sal") or str(Path(sys.executable).parent / "monai-sal")
     argv = [exe, "--quiet", "explain", "--model", files["no_input_size"], files["image"], "--out", str(tmp_path)]
@@ -194,6 +195,7 @@ def test_console_script_prints_no_traceback_for_an_invalid_card(files, tmp_path)
     assert result.stderr.startswith("error: ") and "'input_size'" in result.stderr
 
 
+@pytest.mark.e2e
 def test_bounds_apply_to_the_cli_only_with_max_cost(files, tmp_path):
     argv = ["--quiet", "explain", "--model", files["model"], files["image"], "--method", "smoothgrad"]
     argv += ["--param", "n_samples=1001", "--param", "batch_size=1001"]  # over the server's bounds

@@ -103,6 +103,7 @@ def test_scaled_augmentations_keep_the_shift_a_fraction_of_the_side():
     assert scaled_augmentations(("croppad",), 4) == ("croppad",)  # the augmentation's own default shift
 
 
+@pytest.mark.e2e
 def test_compare_wildcat_end_to_end(chest_base, tmp_path):
     out = tmp_path / "wildcat"
     options = ["--per-class", "6", "--test-per-class", "3", "--epochs", "1", "--maps", "2"]
@@ -120,6 +121,7 @@ def test_compare_wildcat_end_to_end(chest_base, tmp_path):
     assert (out / "wildcat.json").is_file() and "| wildcat | " in (out / "comparison.md").read_text()
 
 
+@pytest.mark.e2e
 def test_compare_explainers_end_to_end(chest_base, tmp_path):
     out = tmp_path / "explainers"
     options = ["--per-class", "6", "--test-per-class", "3", "--epochs", "1", "--explainer-epochs", "1"]

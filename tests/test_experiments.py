@@ -1,5 +1,6 @@
-"""The experiment runner: recipe files checked before any work, outputs, reruns, resuming, torchrun,
-and the report as headless Chromium shows it. The recipe used is ``subtypes`` at ``smoke``."""
+"""The experiment runner: recipe files checked before any work, outputs, resuming, torchrun, and the
+report as headless Chromium shows it. The recipe used is ``subtypes`` at ``smoke`` (a rerun's CSVs,
+for every recipe: test_determinism.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import open_in_chromium, read_rows, screenshot
+from conftest import REPO, open_in_chromium, read_rows, results_text, screenshot
 from PIL import Image
 
 from monai_sal_app.cli import main
@@ -29,18 +30,7 @@ from monai_sal_app.experiments.runner import (
 from monai_sal_app.experiments.studies import RECIPES
 from monai_sal_app.experiments.studies.subtypes import conditions
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def results_text(out: Path) -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted((out / "results").glob("*.csv"))}
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("subtypes") / "run"
-    run_experiment("subtypes", out, scale="smoke", progress=False, log=lambda _: None)
-    return out
+RECIPE = "subtypes"  # conftest's smoke_run
 
 
 def test_every_builtin_recipe_resolves_at_every_scale():
@@ -62,6 +52,7 @@ def test_experiment_list_prints_every_recipe(capsys):
         assert name in printed
 
 
+@pytest.mark.e2e
 def test_a_run_writes_results_figures_config_versions_hashes_and_report(smoke_run):
     config = yaml.safe_load((smoke_run / "config.yaml").read_text())
     assert config["recipe"] == "subtypes" and config["scale"] == "smoke" and config["seed"] == 0
@@ -83,10 +74,10 @@ def test_a_run_writes_results_figures_config_versions_hashes_and_report(smoke_ru
     assert "Losses" in report and "Augmentations" in report and "data:image/png;base64," in report
 
 
-def test_the_same_seed_gives_the_same_csvs_and_a_resumed_run_computes_only_what_is_missing(smoke_run, tmp_path):
+@pytest.mark.e2e
+def test_a_resumed_run_computes_only_what_is_missing(smoke_run, tmp_path):
     again = tmp_path / "again"
     run_experiment("subtypes", again, scale="smoke", progress=False, log=lambda _: None)
-    assert results_text(again) == results_text(smoke_run)
 
     # An interrupted run: the last block lost and a half-written line, no tables, no report.
     blocks = again / "steps" / "models" / "rank0.jsonl"
@@ -103,6 +94,7 @@ def test_the_same_seed_gives_the_same_csvs_and_a_resumed_run_computes_only_what_
     assert redone == [json.loads(lines[-1])["block"]] and not set(redone) & finished
 
 
+@pytest.mark.e2e
 def test_a_folder_holding_another_runs_settings_is_refused(smoke_run):
     before = (smoke_run / "config.yaml").read_text()
     with pytest.raises(ExperimentError, match="other settings"):
@@ -180,6 +172,7 @@ def run_on_two_ranks(recipe: str, out: Path) -> None:
     assert json.loads((out / "environment.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.e2e
 def test_torchrun_with_two_processes_gives_the_csvs_of_one(smoke_run, tmp_path):
     # One process per rank, one thread each (torchrun's default and this test session's), the same
     # blocks of work: the numbers agree to the last bit.
@@ -189,16 +182,17 @@ def test_torchrun_with_two_processes_gives_the_csvs_of_one(smoke_run, tmp_path):
     assert results_text(out) == results_text(smoke_run)
 
 
-def test_a_block_that_explains_a_manifest_runs_whole_on_its_rank_under_torchrun(tmp_path):
+@pytest.mark.e2e
+def test_a_block_that_explains_a_manifest_runs_whole_on_its_rank_under_torchrun(smoke_runs, tmp_path):
     # trainable_vs_posthoc explains each block's images with explain_items, which shares its own
     # work out under torchrun: inside a block it must not wait for the other rank.
-    one = tmp_path / "one"
-    run_experiment("trainable_vs_posthoc", one, scale="smoke", progress=False, log=lambda _: None)
+    one = smoke_runs("trainable_vs_posthoc")
     two = tmp_path / "two"
     run_on_two_ranks("trainable_vs_posthoc", two)
     assert results_text(two) == results_text(one)
 
 
+@pytest.mark.e2e
 def test_the_report_shows_every_table_and_image_in_headless_chromium(smoke_run, tmp_path):
     page = open_in_chromium(smoke_run / "report.html", tmp_path)
     assert page["tables"] >= 3 and page["tables_shown"] == page["tables"]
@@ -208,13 +202,22 @@ def test_the_report_shows_every_table_and_image_in_headless_chromium(smoke_run, 
     assert shot.std() > 10 and (shot < 128).mean() > 0.01  # text, tables and figures drawn, not a blank page
 
 
-def test_explain_and_evaluate_under_torchrun_give_the_rows_and_maps_of_one_process(tmp_path):
-    from monai_sal_app.data.io import read_image
+def phantoms_and_a_model(folder: Path, per_class: int, seed: int) -> Path:
+    """A manifest of 2D 32 px Shepp-Logan test phantoms (``per_class`` a class, drawn with ``seed``)
+    in ``folder/data``, and a conv5-fc3 trained one epoch on it, ``folder/model.pt``; returns the manifest."""
     from monai_sal_app.data.shepp_logan import generate_shepp_logan
     from monai_sal_app.models.manifest_training import train_from_manifest
 
-    manifest = generate_shepp_logan(tmp_path / "data", "test", 2, 32, 5, seed=3, progress=False)
-    train_from_manifest(manifest, tmp_path / "model.pt", epochs=1, progress=False, log=lambda _: None)
+    manifest = generate_shepp_logan(folder / "data", "test", 2, 32, per_class, seed=seed, progress=False)
+    train_from_manifest(manifest, folder / "model.pt", epochs=1, progress=False, log=lambda _: None)
+    return manifest
+
+
+@pytest.mark.e2e
+def test_explain_and_evaluate_under_torchrun_give_the_rows_and_maps_of_one_process(tmp_path):
+    from monai_sal_app.data.io import read_image
+
+    manifest = phantoms_and_a_model(tmp_path, per_class=5, seed=3)
     outputs = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
@@ -285,12 +288,9 @@ def without_timings(value):
     return value
 
 
+@pytest.mark.e2e
 def test_trust_under_torchrun_shares_the_methods_out_and_gives_the_card_of_one_process(tmp_path):
-    from monai_sal_app.data.shepp_logan import generate_shepp_logan
-    from monai_sal_app.models.manifest_training import train_from_manifest
-
-    manifest = generate_shepp_logan(tmp_path / "data", "test", 2, 32, 3, seed=4, progress=False)
-    train_from_manifest(manifest, tmp_path / "model.pt", epochs=1, progress=False, log=lambda _: None)
+    manifest = phantoms_and_a_model(tmp_path, per_class=3, seed=4)
     cards = {}
     for processes in (1, 2):
         folder = tmp_path / f"p{processes}"

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FailsOnCall, TopLeftEvidence, images_for, tiny_cnn, tiny_resnet
+from conftest import FailsOnCall, TopLeftEvidence, images_for, predicted_classes, tiny_cnn, tiny_resnet
 from scipy import ndimage
 from scipy.integrate import trapezoid
 from test_no_trace import Snapshot, unsettled
@@ -154,7 +154,7 @@ def test_margin_ignores_a_shift_of_every_logit_and_skips_images_not_predicted_as
     assert first.score == "margin"
     np.testing.assert_allclose(again.mif, first.mif, atol=1e-6)
     assert np.nanmax(first.mif) <= 1 and np.nanmin(first.mif) >= 0
-    predicted = explain_target(model, x)
+    predicted = predicted_classes(model, x)
     other = (predicted + 1) % 3
     result = fidelity(model, x, maps=maps, target=other)
     assert result.n_scored == 0 and np.isnan(result.fidelity).all()
@@ -170,11 +170,6 @@ class Shift(nn.Module):
 
     def forward(self, logits):
         return logits + self.value
-
-
-def explain_target(model, x):
-    with torch.no_grad():
-        return model.eval()(x).argmax(1)
 
 
 def test_equals_a_plain_loop_with_given_target_labels_fractions_and_seed():

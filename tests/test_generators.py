@@ -13,14 +13,12 @@ and skip without them, except under CI (``CI`` set) where a missing base fails, 
 import gzip
 import hashlib
 import inspect
-import subprocess
-import sys
 from importlib import import_module
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import base_or_skip
+from conftest import base_or_skip, modules_loaded_by
 
 from monai_sal_app.cli import main
 from monai_sal_app.data import bases
@@ -140,6 +138,7 @@ def test_registry_defaults_are_the_generators_own(name):
     assert DEFAULT_DIM[name] in module.DATASET_SPEC.dims
 
 
+@pytest.mark.e2e
 def test_cli_data_uses_the_generators_own_dim_when_not_given(tmp_path):
     base_or_skip(bases.lung_ct_files)
     argv = ["--quiet", "data", "ct-lesions", "--size", "16", "--per-class", "1", "--out", str(tmp_path)]
@@ -150,14 +149,8 @@ def test_cli_data_uses_the_generators_own_dim_when_not_given(tmp_path):
 
 def test_registry_imports_without_the_real_anatomy_modules():
     real_modules = [module for name, (module, _) in GENERATOR_MODULES.items() if name != "shepp-logan"]
-    code = (
-        "import sys, monai_sal_app.data.generators as registry\n"
-        f"loaded = [m for m in {real_modules!r} if m in sys.modules]\n"
-        "assert not loaded, loaded\n"
-        "assert sorted(registry.DEFAULT_DIM) == sorted(registry.GENERATORS) == sorted(registry.PRESETS)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert real_modules and modules_loaded_by("monai_sal_app.data.generators", real_modules) == []
+    assert sorted(DEFAULT_DIM) == sorted(GENERATORS) == sorted(PRESETS)
 
 
 # --- the skeleton on a toy generator ------------------------------------------------------------------

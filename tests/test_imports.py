@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
@@ -22,15 +23,15 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_package_keeps_its_import_contracts():
-    result = lint_imports(ROOT)
+    result = lint_imports(REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Contracts: 3 kept, 0 broken." in result.stdout
 
 
 def test_an_import_of_the_studies_from_the_server_breaks_a_contract(tmp_path):
     copy = tmp_path / "checkout"
-    shutil.copytree(ROOT / "monai_sal_app", copy / "monai_sal_app", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copyfile(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    shutil.copytree(REPO / "monai_sal_app", copy / "monai_sal_app", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(REPO / "pyproject.toml", copy / "pyproject.toml")
     probe = copy / "monai_sal_app" / "lib" / "errors.py"
     probe.write_text(probe.read_text() + "\nfrom monai_sal_app.experiments import runner  # noqa: E402, F401\n")
     result = lint_imports(copy)

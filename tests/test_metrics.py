@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import modules_loaded_by
 from scipy import ndimage
 from scipy import stats as scipy_stats
 from sklearn.metrics import auc as sklearn_auc
@@ -48,8 +47,6 @@ from monai_sal_app.metrics import (
     write_csv,
     xrai_region_dice,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_case(shape: tuple[int, ...], seed: int, levels: int | None = None, dtype=np.float64):
@@ -483,13 +480,7 @@ def test_write_csv_round_trips_and_replaces_atomically(tmp_path):
 
 
 def test_metrics_import_pulls_neither_torch_nor_sklearn():
-    code = "import sys, monai_sal_app.metrics; print('torch' in sys.modules, 'sklearn' in sys.modules)"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "False"]
+    assert modules_loaded_by("monai_sal_app.metrics", ["torch", "sklearn"]) == []
 
 
 # ----------------------------------------------------------------------------- pointwise localization

@@ -11,9 +11,11 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+from conftest import REPO
+
 import monai_sal_app
 
-REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(monai_sal_app.__file__).resolve().parent
 # The server adapter: MONAI Label's app class and its task modules (the `server` extra).
 SERVER_MODULES = ("monai_sal_app.main", "monai_sal_app.lib")
@@ -39,6 +41,7 @@ def core_modules() -> list[str]:
     return ["monai_sal_app", *sorted(n for n in names if not n.startswith(SERVER_MODULES))]
 
 
+@pytest.mark.slow
 def test_every_core_module_imports_without_monailabel():
     modules = core_modules()
     assert {"monai_sal_app.saliency.core", "monai_sal_app.cli", "monai_sal_app.serve"} <= set(modules)
@@ -54,6 +57,7 @@ def test_every_core_module_imports_without_monailabel():
     assert result.stdout.strip() == "loaded: []"
 
 
+@pytest.mark.e2e
 def test_data_train_explain_evaluate_run_without_monailabel(tmp_path):
     steps = [
         "data shepp-logan --size 32 --per-class 6 --out data",

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_BACKBONES, images_for, tiny_resnet
+from conftest import TINY_BACKBONES, images_for, tiny_resnet, trained_small_resnet
 from scipy import stats
 from torch import nn
 
@@ -23,7 +23,6 @@ from monai_sal_app.evaluation.randomization import (
     retention_verdict,
 )
 from monai_sal_app.models.factory import ARCHITECTURES, build_classifier
-from monai_sal_app.models.train import train_classifier
 
 DENSENET_BLOCKS = [
     "class_layers", "features.norm5", "features.denseblock4", "features.transition3", "features.denseblock3",
@@ -231,19 +230,9 @@ def trained_resnet():
     for Grad-CAM on 64 px), trained for 8 epochs on 160 phantoms (a few seconds), and 32 test
     phantoms. Returns (model, test images)."""
     rng = np.random.default_rng(2)
-    train_x, train_y = shepp_logan_set(160, rng)
-    val_x, val_y = shepp_logan_set(40, rng)
+    train, val = shepp_logan_set(160, rng), shepp_logan_set(40, rng)
     test_x, _ = shepp_logan_set(32, rng)
-    with torch.random.fork_rng():
-        torch.manual_seed(2)
-        model = build_classifier(
-            "resnet18", 2, num_classes=3, block_inplanes=[8, 16, 32, 64], conv1_t_stride=2, no_max_pool=True
-        )
-    model, history = train_classifier(
-        model, train_x, train_y, val_x, val_y, epochs=8, patience=8, lr=3e-3, device="cpu", progress=False, log=None
-    )
-    assert max(h["val_auc"] for h in history) > 0.95
-    return model, test_x
+    return trained_small_resnet([8, 16, 32, 64], 3, train, val, epochs=8, seed=2), test_x
 
 
 def test_known_result_gradient_depends_on_the_model_guided_backprop_does_not(trained_resnet):

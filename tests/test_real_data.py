@@ -112,6 +112,7 @@ def test_brain_generator_writes_a_deterministic_manifest(brain, tmp_path):
         generate_brain_atrophy(tmp_path / "d", preset="nope")
 
 
+@pytest.mark.slow
 def test_mni152_fallback_regions_overlap_the_aal_regions(brain):
     if not bases.mni152_available():
         missing_base("nilearn (MNI152 fallback)")

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import images_for, tiny_cnn
+from conftest import images_for, predicted_classes, tiny_cnn
 from sklearn.metrics import cohen_kappa_score
 
 from monai_sal_app.evaluation.repeatability import (
@@ -49,7 +49,7 @@ def test_an_identical_model_comes_back_and_the_curves_are_the_metrics(models_and
     result = map_agreement([reference, other], images, "gradient", metrics=("spearman_abs", "ssim"))
     expected = similarity(
         explain(reference, images, "gradient").numpy(),
-        explain(other, images, "gradient", target=explain_target(reference, images)).numpy(),
+        explain(other, images, "gradient", target=predicted_classes(reference, images)).numpy(),
         "spearman_abs",
     )
     np.testing.assert_allclose(result.similarity["spearman_abs"][0], expected)
@@ -82,22 +82,17 @@ def test_models_that_do_not_classify_alike_are_not_assessable(models_and_images)
     assert check["kappa"] == pytest.approx(cohen_kappa_score(probabilities.argmax(1), swapped.argmax(1)))
 
 
-def explain_target(model, images):
-    with torch.no_grad():
-        return model.eval()(images).argmax(1)
-
-
 def test_every_model_explains_the_reference_models_class(models_and_images):
     reference, images = models_and_images
     flipped = copy.deepcopy(reference)
     with torch.no_grad():
         flipped[-1].weight.neg_()  # the last layer reversed: other predictions
         flipped[-1].bias.neg_()
-    assert not torch.equal(explain_target(reference, images), explain_target(flipped, images))
+    assert not torch.equal(predicted_classes(reference, images), predicted_classes(flipped, images))
     result = map_agreement({"reference": reference, "flipped": flipped}, images, "gradient", metrics=("pearson",))
     expected = similarity(
         explain(reference, images, "gradient").numpy(),
-        explain(flipped, images, "gradient", target=explain_target(reference, images)).numpy(),
+        explain(flipped, images, "gradient", target=predicted_classes(reference, images)).numpy(),
         "pearson",
     )
     np.testing.assert_allclose(result.similarity["pearson"][0], expected)

@@ -3,17 +3,15 @@
 Every answer is checked against the in-process path (``load_classifier`` + ``explain_array`` on the
 same checkpoint and ``read_image`` of the same file), mask metrics against ``monai-sal evaluate``'s
 own function, and heatmap geometry against the input's (nibabel affine, and ITK's physical points
-for NRRD). The server is started once for the module and stopped at the end.
+for NRRD). The server is the one the session shares (``conftest.served``); a test that trains or
+rescores a model does so on a copy of its own (``server_fixtures.COPIES``).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
-import shutil
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,89 +21,38 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from conftest import LABELS, TINY_WILDCAT_HEAD, images_for, untrained_explainer
+from conftest import LABELS, images_for
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
-from server_fixtures import (
-    load_nifti_bytes,
-    make_studies,
-    post_infer,
-    save_tiny_checkpoint,
-    tiny_trust_card,
-)
+from server_fixtures import CARD_2D, SERVED, load_nifti_bytes, post_infer
 
-import monai_sal_app
 from monai_sal_app.data.io import read_image, write_nifti
-from monai_sal_app.data.shepp_logan import generate_shepp_logan
 from monai_sal_app.evaluation.trust import trust_card, write_trust_card
 from monai_sal_app.experiments.workflows import evaluate_maps
-from monai_sal_app.explainers import EXPLAINER_KINDS, save_explainer
-from monai_sal_app.files import json_safe
 from monai_sal_app.inference import explain_array
-from monai_sal_app.lib.served_model import find_checkpoints
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.device import default_device
 from monai_sal_app.saliency import available_methods, get_method
-from monai_sal_app.serve import APP_MAIN_PY, add_parser, start_background_server
+
+pytestmark = pytest.mark.server  # every test here asks the real server
 
 MODEL_OF_DIM = {2: "classifier_2d", 3: "classifier_3d"}
-SERVED = {"classifier_2d", "classifier_3d", "wildcat_2d"}  # wildcat_2d: a conv5-fc3 with a WILDCAT head
 # The methods that explain any classifier, as /info lists them for the plain models.
 ANY_MODEL_METHODS = {name: spec for name, spec in available_methods().items() if get_method(name).requires is None}
 # classifier_2d has every trained explainer beside it; classifier_3d ones trained for other weights (not offered).
 WITH_EXPLAINER = ANY_MODEL_METHODS
 WITHOUT_EXPLAINER = {name: spec for name, spec in ANY_MODEL_METHODS.items() if get_method(name).explainer is None}
-PACKAGE_DIR = Path(monai_sal_app.__file__).parent
-# The 2D model decides at a threshold (as trained models do) and carries test numbers for /info.
-CARD_2D = {"decision_threshold": 0.45, "metrics": {"test_auc": 0.93, "test_balanced_accuracy": 0.88, "n_test": 120}}
+
+
+def as_json(value):
+    """``value`` as a client reads it back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Model folder (3 servable + 3 broken checkpoints), studies, a training manifest, and the running server."""
-    root = tmp_path_factory.mktemp("server")
-    model_dir = root / "model"
-    save_tiny_checkpoint(model_dir / "classifier_2d.pt", 2, seed=0, **CARD_2D)
-    save_tiny_checkpoint(model_dir / "classifier_3d.pt", 3, seed=1)
-    save_tiny_checkpoint(model_dir / "wildcat_2d.pt", 2, seed=2, head=TINY_WILDCAT_HEAD)
-    write_trust_card(tiny_trust_card(model_dir / "classifier_2d.pt"), model_dir / "classifier_2d.pt")
-    classifier_2d, _ = load_classifier(model_dir / "classifier_2d.pt", device="cpu")
-    for kind in EXPLAINER_KINDS:
-        explainer = untrained_explainer(kind, classifier_2d)
-        save_explainer(explainer, model_dir / f"classifier_2d.{kind}.pt", explainer.card)
-        save_explainer(explainer, model_dir / f"classifier_3d.{kind}.pt", explainer.card)  # for other weights
-    (model_dir / "broken.pt").write_bytes(b"these are not weights")
-    shutil.copyfile(model_dir / "classifier_2d.json", model_dir / "broken.json")
-    shutil.copyfile(model_dir / "classifier_2d.pt", model_dir / "no_card.pt")
-    shutil.copyfile(model_dir / "classifier_2d.pt", model_dir / "no_input_size.pt")
-    card = json.loads((model_dir / "classifier_2d.json").read_text())
-    del card["input_size"]
-    (model_dir / "no_input_size.json").write_text(json.dumps(card))
-    studies = root / "studies"
-    items = make_studies(studies)
-    generate_shepp_logan(studies / "train2d", preset="homogeneous", dim=2, size=32, per_class=6, seed=0, progress=False)
-    bad = root / "bad"
-    bad.mkdir()
-    server = start_background_server(
-        studies,
-        conf={"model_dir": str(model_dir)},
-        workdir=root / "run",
-        # no background scoring after the train test: its stale trust card is checked as left
-        extra_env={"OMP_NUM_THREADS": "1", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"},
-        timeout=240,
-    )
-    try:
-        yield {
-            "root": root,
-            "model_dir": model_dir,
-            "studies": studies,
-            "items": items,
-            "bad": bad,
-            "url": server.url,
-            "server": server,
-        }
-    finally:
-        server.stop()
+def env(served, tmp_path_factory):
+    """The shared server (``conftest.served``), and a folder for the files of the bad requests."""
+    return {**served, "bad": tmp_path_factory.mktemp("bad")}
 
 
 def in_process(env, model: str, path: Path, method: str = "gradcam", target=None, params=None, array=None):
@@ -163,7 +110,7 @@ def test_info_lists_servable_models_with_methods_and_device(env):
         assert model["dimension"] == dim
         assert model["labels"] == LABELS
         assert model["input_size"] == ([32, 32] if dim == 2 else [16, 16, 16])
-        assert model["methods"] == json_safe(WITH_EXPLAINER if dim == 2 else WITHOUT_EXPLAINER)
+        assert model["methods"] == as_json(WITH_EXPLAINER if dim == 2 else WITHOUT_EXPLAINER)
         assert model["device"] == str(default_device())
         assert model["default_method"] in model["methods"]
     assert info["models"]["classifier_2d"]["decision_threshold"] == CARD_2D["decision_threshold"]
@@ -178,7 +125,7 @@ def test_info_lists_servable_models_with_methods_and_device(env):
         "why": "no trust card: monai-sal trust --model classifier_3d.pt <images>",
     }
     wildcat_methods = {name: spec for name, spec in available_methods().items() if get_method(name).explainer is None}
-    assert info["models"]["wildcat_2d"]["methods"] == json_safe(wildcat_methods)  # "wildcat" among them
+    assert info["models"]["wildcat_2d"]["methods"] == as_json(wildcat_methods)  # "wildcat" among them
     assert set(info["trainers"]) == SERVED  # the explainer checkpoints are not models of their own
     log = env["server"].log()
     assert "model broken is not served" in log and "model no_card is not served: model card missing" in log
@@ -280,7 +227,7 @@ def test_output_json_has_no_heatmap_and_same_numbers(env):
     np.testing.assert_allclose(list(result["probabilities"].values()), expected.probabilities, rtol=1e-5)
     assert set(result["seconds"]) >= {"read", "predict", "explain", "total", "write", "task_total"}
     assert result["device"] == str(default_device())
-    assert result["params"] == json_safe(available_methods()["gradcam"]["defaults"])
+    assert result["params"] == as_json(available_methods()["gradcam"]["defaults"])
 
 
 @pytest.mark.parametrize("method", sorted(available_methods()))
@@ -359,17 +306,17 @@ def test_every_answer_carries_the_trust_of_its_method(env):
 
 
 def test_scoring_recomputes_a_trust_card_on_the_datastore(env):
-    url, card_path = env["url"], env["model_dir"] / "classifier_3d.trust.json"
-    params = {"model": "classifier_3d", "methods": ["gradient"], "checks": ["randomization", "localization"]}
+    url, card_path = env["url"], env["model_dir"] / "scored_3d.trust.json"
+    params = {"model": "scored_3d", "methods": ["gradient"], "checks": ["randomization", "localization"]}
     response = requests.post(f"{url}/scoring/trust", params={"run_sync": "true"}, json=params, timeout=300)
     assert response.status_code == 200, response.text
-    result = response.json()["classifier_3d"]
+    result = response.json()["scored_3d"]
     assert result["n_images"] == sum(item["dim"] == 3 for item in env["items"].values())
     assert set(result["verdicts"]["gradient"]) == {"randomization"}  # the datastore has no masks of these volumes
     card = json.loads(card_path.read_text())
     assert card["data"]["source"] == "datastore" and list(card["methods"]) == ["gradient"]
     assert card["methods"]["gradient"]["localization"] == {"available": False, "why": "no masks given"}
-    trust = requests.get(f"{url}/info/", timeout=30).json()["models"]["classifier_3d"]["trust"]
+    trust = requests.get(f"{url}/info/", timeout=30).json()["models"]["scored_3d"]["trust"]
     assert trust["available"] and not trust["stale"] and set(trust["methods"]) == {"gradient"}
     assert trust["data"]["images"] == card["data"]["images"] and len(card["data"]["images"]) == result["n_images"]
     bad = requests.post(f"{url}/scoring/trust", params={"run_sync": "true"}, json={"model": "nope"}, timeout=60)
@@ -377,27 +324,27 @@ def test_scoring_recomputes_a_trust_card_on_the_datastore(env):
 
 
 def score_trust(url: str, **params) -> dict:
-    """``POST /scoring/trust`` (synchronous) for classifier_3d with gradient's randomization; its answer."""
-    body = {"model": "classifier_3d", "methods": ["gradient"], "checks": ["randomization"], **params}
+    """``POST /scoring/trust`` (synchronous) for scored_3d with gradient's randomization; its answer."""
+    body = {"model": "scored_3d", "methods": ["gradient"], "checks": ["randomization"], **params}
     response = requests.post(f"{url}/scoring/trust", params={"run_sync": "true"}, json=body, timeout=300)
     assert response.status_code == 200, response.text
-    return response.json()["classifier_3d"]
+    return response.json()["scored_3d"]
 
 
 def test_the_served_card_is_never_silently_replaced_by_a_weaker_one(env):
     """Rescoring the same datastore images keeps the card; fewer images keep it unless the request
     says replace; a card of an older schema is never read, and is replaced."""
-    url, card_path = env["url"], env["model_dir"] / "classifier_3d.trust.json"
+    url, card_path = env["url"], env["model_dir"] / "scored_3d.trust.json"
     volumes = sum(item["dim"] == 3 for item in env["items"].values())
     assert score_trust(url, replace=True)["written"]
     written = card_path.read_bytes()
     assert "already rests on these" in score_trust(url)["kept"]  # automatic rescoring: no churn
     assert card_path.read_bytes() == written
     # a card on more held-out images than the datastore holds, as `monai-sal serve` writes at first start
-    model, _ = load_classifier(env["model_dir"] / "classifier_3d.pt", device="cpu")
+    model, _ = load_classifier(env["model_dir"] / "scored_3d.pt", device="cpu")
     held_out = images_for(3, n=volumes + 1, seed=9)
     stronger = trust_card(model, held_out, methods=["gradient"], checks=["randomization"], data={"source": "held out"})
-    write_trust_card(stronger, env["model_dir"] / "classifier_3d.pt")
+    write_trust_card(stronger, env["model_dir"] / "scored_3d.pt")
     kept = score_trust(url)["kept"]
     assert f"rests on {volumes + 1} images (held out)" in kept and "replace=true" in kept
     assert json.loads(card_path.read_text()) == json.loads(json.dumps(stronger))
@@ -407,10 +354,10 @@ def test_the_served_card_is_never_silently_replaced_by_a_weaker_one(env):
 
     old = {key: value for key, value in json.loads(written).items() if key != "schema"}
     card_path.write_text(json.dumps(old))
-    trust = requests.get(f"{url}/info/", timeout=30).json()["models"]["classifier_3d"]["trust"]
+    trust = requests.get(f"{url}/info/", timeout=30).json()["models"]["scored_3d"]["trust"]
     assert trust["available"] is False and "schema 1, this monai-sal reads schema 2" in trust["why"]
     assert score_trust(url)["written"]  # an outdated card is replaced
-    assert requests.get(f"{url}/info/", timeout=30).json()["models"]["classifier_3d"]["trust"]["available"]
+    assert requests.get(f"{url}/info/", timeout=30).json()["models"]["scored_3d"]["trust"]["available"]
     card_path.unlink()
 
 
@@ -577,7 +524,7 @@ def test_16_concurrent_requests_all_succeed_with_correct_results(env):
 
 
 # ------------------------------------------------------------------------------------------------
-# training over the API (last: it replaces classifier_2d's checkpoint)
+# training over the API (on copies of classifier_2d and wildcat_2d: the checkpoints are replaced)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -617,7 +564,9 @@ def train_over_the_api(url: str, model: str, params: dict) -> None:
 
 def test_training_over_the_api_is_served_without_restart(env):
     url = env["url"]
-    before = post_infer(url, "classifier_2d", image="xray_png", output="json")[1]
+    before = post_infer(url, "trained_2d", image="xray_png", output="json")[1]
+    served = requests.get(f"{url}/info/", timeout=30).json()["models"]["trained_2d"]  # a copy of classifier_2d
+    assert not served["trust"]["stale"] and "mask_generator" in served["methods"]
     params = {
         "manifest": "train2d/manifest.csv",
         "epochs": 1,
@@ -626,130 +575,35 @@ def test_training_over_the_api_is_served_without_restart(env):
         "batch_size": 8,
         "patience": 1,
     }
-    train_over_the_api(url, "classifier_2d", params)
-    card = json.loads((env["model_dir"] / "classifier_2d.json").read_text())
+    train_over_the_api(url, "trained_2d", params)
+    card = json.loads((env["model_dir"] / "trained_2d.json").read_text())
     assert card["loss"] == "ce" and card["augmentations"] == ["noise"] and card["input_size"] == [32, 32]
-    status, after, heatmap, response = post_infer(url, "classifier_2d", image="xray_png")
+    status, after, heatmap, response = post_infer(url, "trained_2d", image="xray_png")
     assert status == 200, response.text
     assert after["checkpoint"]["modified"] != before["checkpoint"]["modified"]
-    assert_matches_in_process(env, after, load_nifti_bytes(heatmap), "classifier_2d", env["items"]["xray_png"]["path"])
+    assert_matches_in_process(env, after, load_nifti_bytes(heatmap), "trained_2d", env["items"]["xray_png"]["path"])
     info = requests.get(f"{url}/info/", timeout=30).json()
-    assert info["models"]["classifier_2d"]["input_size"] == [32, 32]
-    assert info["train_stats"]["classifier_2d"]["epochs_run"] == 1
-    assert info["models"]["classifier_2d"]["trust"]["stale"]  # the card describes the old weights
-    assert "mask_generator" not in info["models"]["classifier_2d"]["methods"]  # trained for the old weights
-    assert "model classifier_2d: method mask_generator is not offered" in env["server"].log()
+    assert info["models"]["trained_2d"]["input_size"] == [32, 32]
+    assert info["train_stats"]["trained_2d"]["epochs_run"] == 1
+    assert info["models"]["trained_2d"]["trust"]["stale"]  # the card describes the old weights
+    assert "mask_generator" not in info["models"]["trained_2d"]["methods"]  # trained for the old weights
+    assert "model trained_2d: method mask_generator is not offered" in env["server"].log()
 
 
 def test_a_wildcat_head_is_trained_over_the_api_and_its_maps_served(env):
     url = env["url"]
     head = {"name": "wildcat", "kmax": 0.5, "maps": 3}
     params = {"manifest": "train2d/manifest.csv", "epochs": 1, "batch_size": 8, "patience": 1, "head": head}
-    train_over_the_api(url, "wildcat_2d", params)
-    card = json.loads((env["model_dir"] / "wildcat_2d.json").read_text())
+    train_over_the_api(url, "trained_wildcat_2d", params)
+    card = json.loads((env["model_dir"] / "trained_wildcat_2d.json").read_text())
     assert card["head"] == {"name": "wildcat", "kmax": 0.5, "kmin": None, "alpha": 0.7, "maps": 3}
-    status, result, heatmap, response = post_infer(url, "wildcat_2d", image="xray_png", params={"method": "wildcat"})
+    status, result, heatmap, response = post_infer(
+        url, "trained_wildcat_2d", image="xray_png", params={"method": "wildcat"}
+    )
     assert status == 200, response.text
     path = env["items"]["xray_png"]["path"]
-    assert_matches_in_process(env, result, load_nifti_bytes(heatmap), "wildcat_2d", path, method="wildcat")
-    assert requests.get(f"{url}/info/", timeout=30).json()["trainers"]["wildcat_2d"]["config"]["head"] == card["head"]
-
-
-# ------------------------------------------------------------------------------------------------
-# monai-sal serve: data, datastore and default models (the server start itself is MONAI Label's)
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "data,models,study_glob",
-    [
-        # the defaults: a chest X-ray classifier and a 3D CT one, on the bases install_data.sh installs
-        (
-            "real",
-            {"chest_xray_2d": (2, 64, ["normal", "opacity"]), "ct_lesion_3d": (3, 32, ["no lesion", "lesion"])},
-            {"chest_xray_2d-00?.nii.gz": 8, "ct_lesion_3d-00?.nii.gz": 8},
-        ),
-        (
-            "shepp-logan",
-            {"classifier_2d": (2, 64, ["control", "patient"]), "classifier_3d": (3, 32, ["control", "patient"])},
-            {"classifier_2d-00?.nii.gz": 8, "classifier_3d-00?.nii.gz": 8},
-        ),
-    ],
-)
-def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, capfd, data, models, study_glob):
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    work = tmp_path / "work"
-    # the phantom run keeps the default model folder (<workdir>/model), the other one moves it
-    model_dir = work / "model" if data == "shepp-logan" else tmp_path / "checkpoints"
-    argv = f"serve --prepare-only --data {data} --workdir {work} --epochs 1 --per-class 2 --test-per-class 4".split()
-    if data != "shepp-logan":
-        argv += ["--model-dir", str(model_dir)]
-    package_files = sorted(p for p in PACKAGE_DIR.rglob("*") if "__pycache__" not in p.parts)
-    args = parser.parse_args(argv)
-    assert (args.host, args.port) == ("127.0.0.1", 8000)
-    args.func(args)
-    printed = capfd.readouterr().out  # the models are prepared in worker processes: capture their output too
-    assert all(f"{name}: training" in printed for name in models), printed
-    assert f"monailabel start_server --app {work} --studies {work / 'studies'}" in printed
-    assert (f"--conf model_dir {model_dir}" in printed) == (data != "shepp-logan")
-    assert (work / "main.py").read_text() == APP_MAIN_PY
-    found, skipped = find_checkpoints(model_dir)
-    assert set(found) == set(models) and not skipped
-    for name, (dim, size, labels) in models.items():
-        _, card = load_classifier(found[name], device="cpu")
-        assert (card.spatial_dims, list(card.input_size), list(card.labels)) == (dim, [size] * dim, labels)
-        assert card.metrics["n_test"] == 8 and "test_balanced_accuracy" in card.metrics  # 4 held out per class
-    studies = work / "studies"
-    assert {pattern: len(list(studies.glob(pattern))) for pattern in study_glob} == study_glob
-    labels = list((studies / "labels" / "final").glob("*.nii.gz"))
-    assert len(labels) == 8 and all((studies / label.name).is_file() for label in labels)  # every positive has its mask
-    stamps = {name: path.stat().st_mtime_ns for name, path in found.items()}
-    for name, path in found.items():  # each default model has its trust card beside it, and a report
-        card = json.loads(path.with_name(f"{name}.trust.json").read_text())
-        assert card["data"]["n_images"] == 8 and (work / "trust" / name / "trust.md").is_file()
-        assert card["settings"]["localization_reference"] == "mean training mask"  # the training masks
-        assert len(card["data"]["images"]) == 8 and card["data"]["train_masks"].endswith("manifest.csv")
-    args.func(parser.parse_args(argv))  # a second run reuses the checkpoints and their trust cards
-    second = capfd.readouterr().out
-    assert "training" not in second and "trust card" not in second
-    assert {name: path.stat().st_mtime_ns for name, path in found.items()} == stamps
-    name = next(iter(found))  # a card of an older schema is recomputed, never read
-    card_path = found[name].with_name(f"{name}.trust.json")
-    card_path.write_text(json.dumps({k: v for k, v in json.loads(card_path.read_text()).items() if k != "schema"}))
-    args.func(parser.parse_args(argv))
-    third = capfd.readouterr().out
-    assert f"{name}: recomputing the trust card" in third and "schema 1" in third and "training" not in third
-    assert json.loads(card_path.read_text())["schema"] == 2
-    assert sorted(p for p in PACKAGE_DIR.rglob("*") if "__pycache__" not in p.parts) == package_files
-
-
-def test_serve_data_none_serves_the_checkpoints_there_on_your_studies(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    studies, checkpoints = tmp_path / "my_images", tmp_path / "my_models"
-    argv = (
-        f"serve --data none --prepare-only --workdir {tmp_path / 'work'} --studies {studies} --model-dir {checkpoints}"
+    assert_matches_in_process(env, result, load_nifti_bytes(heatmap), "trained_wildcat_2d", path, method="wildcat")
+    assert (
+        requests.get(f"{url}/info/", timeout=30).json()["trainers"]["trained_wildcat_2d"]["config"]["head"]
+        == card["head"]
     )
-    with pytest.raises(FileNotFoundError, match="my_images"):
-        parser.parse_args(argv.split()).func(parser.parse_args(argv.split()))
-    studies.mkdir()
-    save_tiny_checkpoint(checkpoints / "mine.pt", 2)
-    args = parser.parse_args(argv.split())
-    args.func(args)
-    printed = capsys.readouterr().out
-    assert f"--app {tmp_path / 'work'} --studies {studies} --conf model_dir {checkpoints}" in printed
-    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["main.py"]  # nothing generated or trained
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["mine.json", "mine.pt"]
-
-
-def test_serve_real_data_without_the_bases_names_the_fix(tmp_path, monkeypatch):
-    from monai_sal_app.data import bases
-    from monai_sal_app.serve import prepare
-
-    monkeypatch.delenv("MONAI_SAL_DATA", raising=False)
-    monkeypatch.setattr(bases, "REPO_DATA", tmp_path / "no-bases")
-    monkeypatch.setitem(sys.modules, "data_store", None)  # hides pydicom-data's radiograph as well
-    with pytest.raises(bases.BaseNotInstalled, match=r"install_data.sh.*monai-sal serve --data shepp-logan"):
-        prepare(tmp_path / "work", tmp_path / "model", data="real")
-    assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()  # nothing written

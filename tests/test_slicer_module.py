@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import requests
 import slicer  # slicer-core, in the test extra
-from conftest import LONG_REQUEST, box_segmentation, free_port, ijk_to_ras, load_volume
+from conftest import LONG_REQUEST, REPO, box_segmentation, free_port, ijk_to_ras, load_volume
 from SaliencyMapsLib import scene as scene_logic
 from SaliencyMapsLib.batch import items_for_methods, items_for_volumes
 from SaliencyMapsLib.client import ServerClient, ServerError
@@ -31,7 +31,7 @@ from SaliencyMapsLib.colormaps import color_table_node
 from SaliencyMapsLib.jobs import BackgroundJob, Step
 from SaliencyMapsLib.logic import SaliencyMapsWorkflow
 from SaliencyMapsLib.trust import trust_lines, trust_tag
-from server_fixtures import smooth_field, write_png
+from server_fixtures import SERVED, TIMEOUT_S, smooth_field, write_png
 
 from monai_sal_app.data.io import read_image
 from monai_sal_app.inference import explain_array
@@ -40,20 +40,15 @@ from monai_sal_app.models.checkpoint import load_classifier
 MODELS = {2: "classifier_2d", 3: "classifier_3d"}
 
 
-@pytest.fixture(scope="module")
-def server(slicer_server):
-    return slicer_server
-
-
 @pytest.fixture
 def scene(mrml_scene):
     return mrml_scene
 
 
 @pytest.fixture
-def workflow(server, scene):
+def workflow(served, scene):
     flow = SaliencyMapsWorkflow(scene, slicer.vtkSlicerSegmentationsModuleLogic, scene.color_logic)
-    flow.connect(server["url"])
+    flow.connect(served["url"])
     return flow
 
 
@@ -77,8 +72,8 @@ def voxel_correspondence(heatmap, volume) -> tuple[tuple, tuple]:
     return (k, j, i), (vk, vj, vi)
 
 
-def in_process_map(server, model: str, array: np.ndarray, method: str = "gradcam") -> np.ndarray:
-    network, card = load_classifier(server["model_dir"] / f"{model}.pt", device="cpu")
+def in_process_map(served, model: str, array: np.ndarray, method: str = "gradcam") -> np.ndarray:
+    network, card = load_classifier(served["model_dir"] / f"{model}.pt", device="cpu")
     return explain_array(network, card, array, method).saliency
 
 
@@ -87,15 +82,17 @@ def in_process_map(server, model: str, array: np.ndarray, method: str = "gradcam
 # ------------------------------------------------------------------------------------------------
 
 
-def test_connect_fills_models_methods_and_parameters_from_info(server, workflow):
-    info = requests.get(f"{server['url']}/info/", timeout=30).json()
-    assert set(workflow.models) == set(MODELS.values())
+@pytest.mark.server
+def test_connect_fills_models_methods_and_parameters_from_info(served, workflow):
+    info = requests.get(f"{served['url']}/info/", timeout=30).json()
+    assert set(workflow.models) == SERVED
     for name in MODELS.values():
         assert workflow.methods(name) == info["models"][name]["methods"]  # nothing hard-coded
         assert workflow.device(name) == info["models"][name]["device"] == "cpu"
     assert workflow.methods("classifier_2d")["integrated_gradients"]["defaults"]["steps"] > 0
 
 
+@pytest.mark.server
 def test_the_parameter_form_follows_info_and_sends_only_what_differs(workflow):
     from SaliencyMapsLib.parameters import chosen_parameters, form_fields
 
@@ -123,6 +120,7 @@ def test_the_parameter_form_follows_info_and_sends_only_what_differs(workflow):
         chosen_parameters(spec["defaults"], shown)
 
 
+@pytest.mark.server
 def test_trust_card_text_per_method_and_without_a_card(workflow):
     trust_2d = workflow.model("classifier_2d")["trust"]
     tag = trust_tag(trust_2d, "gradcam")
@@ -143,20 +141,22 @@ def test_trust_card_text_per_method_and_without_a_card(workflow):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_3d_nifti_heatmap_lands_on_the_volume_voxel_for_voxel(server, workflow, scene):
-    item = server["items"]["volume_nii"]  # oblique affine, anisotropic voxels
+@pytest.mark.server
+def test_3d_nifti_heatmap_lands_on_the_volume_voxel_for_voxel(served, workflow, scene):
+    item = served["items"]["volume_nii"]  # oblique affine, anisotropic voxels
     volume = load_volume(scene, item["path"])
     heatmap = workflow.explain(volume, "classifier_3d", "gradcam")
     assert heatmap.GetName() == f"{volume.GetName()} gradcam {scene_logic.heatmap_result(heatmap)['target']['label']}"
     heat_index, volume_index = voxel_correspondence(heatmap, volume)
     array, _ = read_image(item["path"])  # the server's array: nibabel (i, j, k)
-    expected = in_process_map(server, "classifier_3d", array)
+    expected = in_process_map(served, "classifier_3d", array)
     # volume node (k, j, i) <-> nibabel (i, j, k)
     got = slicer.util.arrayFromVolume(heatmap)[heat_index]
     np.testing.assert_allclose(got, expected[volume_index[::-1]], rtol=1e-5, atol=1e-6)
 
 
-def test_a_volume_without_a_file_is_sent_as_nrrd_and_comes_back_on_its_geometry(server, workflow, scene):
+@pytest.mark.server
+def test_a_volume_without_a_file_is_sent_as_nrrd_and_comes_back_on_its_geometry(served, workflow, scene):
     field = smooth_field((14, 18, 16), seed=9)  # (k, j, i)
     rotation = np.array([[0.0, -1.0, 0.0], [0.8, 0.0, -0.6], [0.6, 0.0, 0.8]])  # a rotation with a flip of axes
     matrix = np.eye(4)
@@ -165,27 +165,29 @@ def test_a_volume_without_a_file_is_sent_as_nrrd_and_comes_back_on_its_geometry(
     volume = scene_logic.volume_from_array(scene, field, matrix, "made here")
     heatmap = workflow.explain(volume, "classifier_3d", "gradient")
     heat_index, volume_index = voxel_correspondence(heatmap, volume)
-    expected = in_process_map(server, "classifier_3d", field, "gradient")  # NRRD reads as (k, j, i)
+    expected = in_process_map(served, "classifier_3d", field, "gradient")  # NRRD reads as (k, j, i)
     np.testing.assert_allclose(
         slicer.util.arrayFromVolume(heatmap)[heat_index], expected[volume_index], rtol=1e-4, atol=1e-6
     )
 
 
-def test_2d_dicom_heatmap_lands_where_slicer_puts_the_image(server, workflow, scene):
-    item = server["items"]["xray_dcm"]  # DX, MONOCHROME1, PixelSpacing that ITK does not use for DX
+@pytest.mark.server
+def test_2d_dicom_heatmap_lands_where_slicer_puts_the_image(served, workflow, scene):
+    item = served["items"]["xray_dcm"]  # DX, MONOCHROME1, PixelSpacing that ITK does not use for DX
     volume = load_volume(scene, item["path"])
     assert scene_logic.volume_dimension(volume) == 2
-    assert scene_logic.upload_file(scene, volume, server["root"]) == item["path"]  # its own file goes up
+    assert scene_logic.upload_file(scene, volume, served["root"]) == item["path"]  # its own file goes up
     heatmap = workflow.explain(volume, "classifier_2d", "gradcam")
     heat_index, volume_index = voxel_correspondence(heatmap, volume)
     array, _ = read_image(item["path"])  # (rows, cols), MONOCHROME1 inverted by the server's reader
-    expected = in_process_map(server, "classifier_2d", array)
+    expected = in_process_map(served, "classifier_2d", array)
     # the volume node's (0, row, col) <-> the server's (row, col)
     got = slicer.util.arrayFromVolume(heatmap)[heat_index]
     np.testing.assert_allclose(got, expected[volume_index[1], volume_index[2]], rtol=1e-5, atol=1e-6)
 
 
-def test_2d_png_heatmap_lands_where_slicer_puts_the_image(server, workflow, scene, tmp_path):
+@pytest.mark.server
+def test_2d_png_heatmap_lands_where_slicer_puts_the_image(served, workflow, scene, tmp_path):
     import itk
 
     png = write_png(smooth_field((30, 44), seed=12), tmp_path / "chest.png")
@@ -194,13 +196,14 @@ def test_2d_png_heatmap_lands_where_slicer_puts_the_image(server, workflow, scen
     answer = workflow.client.explain("classifier_2d", png, "gradcam")  # the PNG itself, as a REST user sends it
     heatmap = scene_logic.load_heatmap(scene, answer.heatmap, "png map", volume, answer.result)
     heat_index, volume_index = voxel_correspondence(heatmap, volume)
-    expected = in_process_map(server, "classifier_2d", read_image(png)[0])
+    expected = in_process_map(served, "classifier_2d", read_image(png)[0])
     got = slicer.util.arrayFromVolume(heatmap)[heat_index]
     np.testing.assert_allclose(got, expected[volume_index[1], volume_index[2]], rtol=1e-5, atol=1e-6)
 
 
-def test_display_colours_thresholds_and_puts_the_map_in_every_slice_view(workflow, scene, server):
-    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+@pytest.mark.server
+def test_display_colours_thresholds_and_puts_the_map_in_every_slice_view(workflow, scene, served):
+    volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     first = workflow.explain(volume, "classifier_3d", "gradcam")
     second = workflow.explain(volume, "classifier_3d", "gradient")
     assert scene_logic.heatmap_nodes(scene, volume) == [first, second]  # both kept, to toggle between
@@ -254,20 +257,22 @@ def test_slicers_own_inferno_is_used_when_the_scene_has_it(scene):
     assert scene.GetFirstNodeByName("SaliencyMaps inferno") is None  # ours is not made
 
 
-def test_image_volumes_are_scalar_volumes_that_are_not_maps_nor_labelmaps(workflow, scene, server):
-    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
-    labelmap = load_volume(scene, server["items"]["volume_nii"]["mask"], labelmap=True)
+@pytest.mark.server
+def test_image_volumes_are_scalar_volumes_that_are_not_maps_nor_labelmaps(workflow, scene, served):
+    volume = load_volume(scene, served["items"]["volume_nii"]["path"])
+    labelmap = load_volume(scene, served["items"]["volume_nii"]["mask"], labelmap=True)
     heatmap = workflow.explain(volume, "classifier_3d", "gradient")
     assert labelmap.IsA("vtkMRMLScalarVolumeNode") and heatmap.IsA("vtkMRMLScalarVolumeNode")
     assert scene_logic.image_volumes(scene) == [volume]
     assert scene_logic.heatmap_nodes(scene) == [heatmap]
 
 
-def test_redraws_and_compares_leave_nothing_behind(workflow, scene, server):
+@pytest.mark.server
+def test_redraws_and_compares_leave_nothing_behind(workflow, scene, served):
     """10 redraws and 10 comparisons: the scene's nodes and the volumes' reference counts stay as
     they were after the first of each (each redraw used to leak a node collection holding every
     volume; each comparison a labelmap colour table, two tables, a chart and a series)."""
-    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+    volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     heatmap = workflow.explain(volume, "classifier_3d", "gradcam")
     corners = ijk_to_ras(heatmap) @ np.array([[2, 4, 3, 1], [9, 11, 8, 1]]).T
     segmentation, segment = box_segmentation(scene, heatmap, corners[:3].min(axis=1), corners[:3].max(axis=1))
@@ -334,8 +339,9 @@ def heatmap_box_mask(heatmap, low_ras, high_ras) -> np.ndarray:
     return inside.reshape(shape)
 
 
-def test_a_segment_on_a_finer_shifted_grid_lands_on_the_heatmap_grid(workflow, scene, server):
-    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+@pytest.mark.server
+def test_a_segment_on_a_finer_shifted_grid_lands_on_the_heatmap_grid(workflow, scene, served):
+    volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     heatmap = workflow.explain(volume, "classifier_3d", "gradcam")
     corners = ijk_to_ras(heatmap) @ np.array([[3, 3, 2, 1], [10, 12, 9, 1]]).T  # a box inside the volume
     low, high = corners[:3].min(axis=1), corners[:3].max(axis=1)
@@ -348,11 +354,12 @@ def test_a_segment_on_a_finer_shifted_grid_lands_on_the_heatmap_grid(workflow, s
     assert np.count_nonzero(mask & expected) >= 0.8 * expected.sum()
 
 
-def test_module_numbers_equal_the_servers_and_the_clis(workflow, scene, server, tmp_path):
+@pytest.mark.server
+def test_module_numbers_equal_the_servers_and_the_clis(workflow, scene, served, tmp_path):
     from monai_sal_app.cli import main as cli_main
     from monai_sal_app.metrics import hard_dice
 
-    item = server["items"]["volume_nii"]
+    item = served["items"]["volume_nii"]
     volume = load_volume(scene, item["path"])
     heatmaps = [workflow.explain(volume, "classifier_3d", method) for method in ("gradcam", "xrai")]
     corners = ijk_to_ras(heatmaps[0]) @ np.array([[2, 4, 3, 1], [9, 11, 8, 1]]).T
@@ -413,8 +420,9 @@ def test_module_numbers_equal_the_servers_and_the_clis(workflow, scene, server, 
     assert points[0] == 0.0 and np.nanmax(points) == 1.0
 
 
-def test_segment_errors_are_clear(workflow, scene, server):
-    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+@pytest.mark.server
+def test_segment_errors_are_clear(workflow, scene, served):
+    volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     heatmap = workflow.explain(volume, "classifier_3d", "gradcam")
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     far = ijk_to_ras(heatmap) @ np.array([400, 400, 400, 1])  # a segment far outside the image
@@ -451,9 +459,10 @@ def poll_until_done(job, on_turn=None, timeout: float = 120.0) -> list:
     return seen
 
 
-def test_batch_over_volumes_and_methods_with_progress_cancel_and_failures(workflow, scene, server):
-    volumes = [load_volume(scene, server["items"][name]["path"]) for name in ("volume_nii", "volume_nrrd")]
-    slice_2d = load_volume(scene, server["items"]["xray_dcm"]["path"])
+@pytest.mark.server
+def test_batch_over_volumes_and_methods_with_progress_cancel_and_failures(workflow, scene, served):
+    volumes = [load_volume(scene, served["items"][name]["path"]) for name in ("volume_nii", "volume_nrrd")]
+    slice_2d = load_volume(scene, served["items"]["xray_dcm"]["path"])
     job = workflow.batch_job(items_for_volumes([*volumes, slice_2d], "classifier_3d", "gradient"))
     seen = poll_until_done(job)
     report = job.report
@@ -472,10 +481,11 @@ def test_batch_over_volumes_and_methods_with_progress_cancel_and_failures(workfl
     assert not job.report.failed and "2 done, 0 failed, cancelled" in job.report.summary()
 
 
-def test_a_request_runs_off_the_calling_thread_and_cancel_aborts_it_in_flight(workflow, scene, server):
+@pytest.mark.server
+def test_a_request_runs_off_the_calling_thread_and_cancel_aborts_it_in_flight(workflow, scene, served):
     """The GUI thread only polls: it is never blocked by a request, and Cancel closes the connection
     of the request in flight, which stops the server's work on it."""
-    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+    volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     step = workflow.explain_step(volume, "classifier_3d", "meaningful_perturbation", LONG_REQUEST)
     threads = {}
     start = step.start
@@ -493,7 +503,7 @@ def test_a_request_runs_off_the_calling_thread_and_cancel_aborts_it_in_flight(wo
     job = BackgroundJob([Step(step.title, start_here, step.finish)])
     longest_poll = 0.0
     begun = time.monotonic()
-    while time.monotonic() - begun < 3.0:  # the request runs minutes; the GUI thread polls on
+    while time.monotonic() - begun < 3.0:  # the request runs until stopped; the GUI thread polls on
         tick = time.monotonic()
         assert job.poll() is False
         longest_poll = max(longest_poll, time.monotonic() - tick)
@@ -508,10 +518,11 @@ def test_a_request_runs_off_the_calling_thread_and_cancel_aborts_it_in_flight(wo
     assert job.report.cancelled and not job.report.done and not job.report.failed
     assert not scene_logic.heatmap_nodes(scene)  # nothing half-loaded
     # the next request on the model waits for the model's lock: it is served within seconds because
-    # the server stopped the abandoned work, which would have run for minutes
+    # the server stopped the abandoned work, which would have run for minutes; the shared server's
+    # time limit would have stopped it TIMEOUT_S after it began, itself after `begun`
     quick = time.monotonic()
     workflow.explain(volume, "classifier_3d", "gradient")
-    assert time.monotonic() - quick < 10
+    assert time.monotonic() - quick < 10 and time.monotonic() - begun < TIMEOUT_S
 
 
 def test_an_unexpected_error_in_a_request_reaches_the_polling_thread():
@@ -524,14 +535,16 @@ def test_an_unexpected_error_in_a_request_reaches_the_polling_thread():
     assert job.finished and not job.report.done
 
 
-def test_a_3d_volume_sent_to_a_2d_model_is_refused_before_upload(workflow, scene, server):
-    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+@pytest.mark.server
+def test_a_3d_volume_sent_to_a_2d_model_is_refused_before_upload(workflow, scene, served):
+    volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     with pytest.raises(scene_logic.SceneError, match=r"is a 3D volume \(20 x 18 x 17\) but model classifier_2d"):
         workflow.explain(volume, "classifier_2d", "gradcam")
 
 
-def test_server_refusals_carry_the_servers_message(workflow, scene, server):
-    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+@pytest.mark.server
+def test_server_refusals_carry_the_servers_message(workflow, scene, served):
+    volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     with pytest.raises(ServerError, match=r"refused the request \(400\): .*steps") as raised:
         workflow.explain(volume, "classifier_3d", "integrated_gradients", {"steps": 10**7})
     assert raised.value.status == 400
@@ -565,8 +578,7 @@ def test_server_down_and_timeouts_are_clear(scene):
 # the extension's layout (what Slicer's build and loader expect), and a thin widget
 # ------------------------------------------------------------------------------------------------
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-EXTENSION = REPOSITORY / "slicer_module"
+EXTENSION = REPO / "slicer_module"
 MODULE = EXTENSION / "SaliencyMaps"
 
 
@@ -604,9 +616,9 @@ def test_the_extension_metadata_points_at_files_of_this_repository(tmp_path):
         urls = [found["ICONURL"], *found["SCREENSHOTURLS"].split()]
         assert len(urls) == 3 and all(url.startswith(f"{base}/raw/main/") for url in urls)
         for url in urls:
-            assert (REPOSITORY / url[len(f"{base}/raw/main/") :]).is_file(), url
+            assert (REPO / url[len(f"{base}/raw/main/") :]).is_file(), url
         assert re.fullmatch(r"[^()]+ \([^()]+\)", found["CONTRIBUTORS"]) and found["DEPENDS"] == "NA"
-    assert (REPOSITORY / "docs" / "SLICER.md").is_file()
+    assert (REPO / "docs" / "SLICER.md").is_file()
     no_remote = tmp_path / "no remote"
     no_remote.mkdir()
     done = subprocess.run(["cmake", "-P", str(script)], cwd=no_remote, capture_output=True, text=True)

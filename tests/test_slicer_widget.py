@@ -23,12 +23,10 @@ import slicer
 from conftest import LONG_REQUEST, SLICER_MODULE, box_segmentation, free_port, ijk_to_ras, load_volume, save_scene
 from SaliencyMapsLib import scene as scene_logic
 from SaliencyMapsLib.trust import trust_lines
+from server_fixtures import SERVED
 from slicer_standins import QFileDialog, QSettings, SlicerStandIns, module_panel
 
-
-@pytest.fixture(scope="module")
-def server(slicer_server):
-    return slicer_server
+pytestmark = pytest.mark.server  # every test here drives the panel against the real server
 
 
 @pytest.fixture
@@ -78,7 +76,7 @@ def explain(panel, volume, model: str, method: str) -> None:
     panel.app.run_until(lambda: panel.widget.job is None)
 
 
-def test_the_module_runs_as_slicer_runs_it_against_the_real_server(panel, server, tmp_path):
+def test_the_module_runs_as_slicer_runs_it_against_the_real_server(panel, served, tmp_path):
     """Setup, connect, explain, compare, batch, cancel and cleanup through the panel. Before the
     Logic held its workflow, Slicer's cooperative ``super().__init__()`` made setup() raise
     TypeError here, after the panel was added and before any button was connected."""
@@ -93,18 +91,18 @@ def test_the_module_runs_as_slicer_runs_it_against_the_real_server(panel, server
     assert enabled(ui) == {"connectButton"}  # nothing else makes sense before connecting
 
     # connect: the request runs on a worker thread, Connect is disabled until it ends
-    ui.serverUrlLineEdit.text = server["url"]
+    ui.serverUrlLineEdit.text = served["url"]
     ui.connectButton.click()
     assert widget.job is not None and enabled(ui) == {"cancelButton"}
     app.run_until(lambda: widget.job is None)
-    assert [ui.modelComboBox.itemText(i) for i in range(ui.modelComboBox.count)] == ["classifier_2d", "classifier_3d"]
+    assert [ui.modelComboBox.itemText(i) for i in range(ui.modelComboBox.count)] == sorted(SERVED)
     assert ui.methodComboBox.count > 5 and "[" in ui.methodComboBox.currentText  # each method with its trust tag
     assert ui.parametersWidget.layout().rowCount() > 0 and "Connected to" in ui.statusLabel.text
-    assert QSettings.store["SaliencyMaps/ServerURL"] == server["url"]
+    assert QSettings.store["SaliencyMaps/ServerURL"] == served["url"]
 
     # explain: only images are offered; the click returns at once, the map arrives later
-    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
-    labelmap = load_volume(scene, server["items"]["volume_nii"]["mask"], labelmap=True)
+    volume = load_volume(scene, served["items"]["volume_nii"]["path"])
+    labelmap = load_volume(scene, served["items"]["volume_nii"]["mask"], labelmap=True)
     assert volume in ui.inputVolumeSelector.offered() and labelmap not in ui.inputVolumeSelector.offered()
     ui.inputVolumeSelector.setCurrentNode(volume)
     choose(ui.modelComboBox, "classifier_3d")
@@ -148,7 +146,7 @@ def test_the_module_runs_as_slicer_runs_it_against_the_real_server(panel, server
         assert {row["metric"] for row in csv.DictReader(handle)} >= {"threshold", "dice_threshold", "roc_auc"}
 
     # batch: this method on every image volume (not the labelmap, not the map), with progress
-    second = load_volume(scene, server["items"]["volume_nrrd"]["path"])
+    second = load_volume(scene, served["items"]["volume_nrrd"]["path"])
     ui.batchVolumesButton.click()
     assert ui.progressBar.maximum == 2 and enabled(ui) == {"cancelButton"}
     app.run_until(lambda: widget.job is None)
@@ -179,12 +177,12 @@ def test_the_module_runs_as_slicer_runs_it_against_the_real_server(panel, server
     assert ui.heatmapComboBox.findData(heatmap.GetID()) >= 0
 
 
-def test_slider_moves_and_compares_add_nothing_to_the_scene(panel, server):
+def test_slider_moves_and_compares_add_nothing_to_the_scene(panel, served):
     """10 redraws (threshold and opacity moves) and 10 compares through the panel: the scene's node
     count and the volumes' reference counts are those after the first of each."""
     ui, scene = panel.ui, panel.scene
-    connect(panel, server["url"])
-    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+    connect(panel, served["url"])
+    volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     explain(panel, volume, "classifier_3d", "gradient")
     heatmap = scene.GetNodeByID(ui.heatmapComboBox.currentData)
     corners = ijk_to_ras(heatmap) @ np.array([[2, 4, 3, 1], [9, 11, 8, 1]]).T
@@ -206,11 +204,11 @@ def test_slider_moves_and_compares_add_nothing_to_the_scene(panel, server):
     assert state() == before and not panel.app.errors
 
 
-def test_the_parameter_node_is_saved_with_the_scene_and_close_scene_resets_the_panel(panel, server, tmp_path):
+def test_the_parameter_node_is_saved_with_the_scene_and_close_scene_resets_the_panel(panel, served, tmp_path):
     ui, scene, widget = panel.ui, panel.scene, panel.widget
     ui.timeoutSpinBox.value = 45  # kept with the server URL when connecting
-    connect(panel, server["url"])
-    volume = load_volume(scene, server["items"]["volume_nii"]["path"])
+    connect(panel, served["url"])
+    volume = load_volume(scene, served["items"]["volume_nii"]["path"])
     choose(ui.modelComboBox, "classifier_3d")
     choose(ui.methodComboBox, "smoothgrad")
     field, _kind = widget.parameter_widgets["n_samples"]
@@ -220,7 +218,7 @@ def test_the_parameter_node_is_saved_with_the_scene_and_close_scene_resets_the_p
     node = widget.logic.getParameterNode().parameterNode  # the real vtkMRMLScriptedModuleNode
     saved = {name: node.GetParameter(name) for name in ("serverUrl", "model", "method", "parameters")}
     assert saved == {
-        "serverUrl": server["url"],
+        "serverUrl": served["url"],
         "model": "classifier_3d",
         "method": "smoothgrad",
         "parameters": '{"n_samples": 3}',
@@ -242,15 +240,15 @@ def test_the_parameter_node_is_saved_with_the_scene_and_close_scene_resets_the_p
     assert ui.heatmapComboBox.count == 1 and "smoothgrad" in ui.resultLabel.text and not panel.app.errors
 
 
-def test_errors_are_shown_with_their_details_and_the_panel_goes_on(panel, server):
+def test_errors_are_shown_with_their_details_and_the_panel_goes_on(panel, served):
     ui, app = panel.ui, panel.app
     dead_url = f"http://127.0.0.1:{free_port()}"
     connect(panel, dead_url)
     assert "cannot reach the server" in ui.statusLabel.text and enabled(ui) == {"connectButton"}
     text, details = app.errors[-1]
     assert text.startswith("Connecting:\ncannot reach the server") and dead_url in details
-    connect(panel, server["url"])
-    volume = load_volume(panel.scene, server["items"]["volume_nii"]["path"])
+    connect(panel, served["url"])
+    volume = load_volume(panel.scene, served["items"]["volume_nii"]["path"])
     ui.inputVolumeSelector.setCurrentNode(volume)
     choose(ui.modelComboBox, "classifier_2d")  # a 3D volume to a 2D model: refused before upload
     ui.explainButton.click()
@@ -265,8 +263,8 @@ def test_errors_are_shown_with_their_details_and_the_panel_goes_on(panel, server
     assert "Traceback" not in "".join(text + details for text, details in app.errors)
 
 
-def test_the_modules_self_test_passes_against_the_real_server(panel, server, monkeypatch):
-    monkeypatch.setenv("SALIENCYMAPS_SERVER_URL", server["url"])
+def test_the_modules_self_test_passes_against_the_real_server(panel, served, monkeypatch):
+    monkeypatch.setenv("SALIENCYMAPS_SERVER_URL", served["url"])
     test = panel.module.SaliencyMapsTest()
     test.runTest()  # what Slicer's "Reload and Test" runs
     assert test.messages[-1] == "SaliencyMaps self-test passed" and len(test.messages) == 5

@@ -1,7 +1,7 @@
 """The ``ct_importance`` recipe at ``smoke`` (16^3 CT crops, one training epoch, every method): its
-tables, figures and report, a rerun's identical CSVs, the ``--data``/``--model`` combinations it
-refuses before any work, and the pieces it adds to the library (XRAI regions of any map, the rank
-agreement table)."""
+tables, figures and report, the ``--data``/``--model`` combinations it refuses before any work, and
+the pieces it adds to the library (XRAI regions of any map, the rank agreement table). A rerun's
+CSVs: test_determinism.py."""
 
 from __future__ import annotations
 
@@ -11,38 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import base_or_skip, read_rows
+from conftest import read_rows, run_smoke
 from PIL import Image
 from scipy import stats
 from server_fixtures import save_tiny_checkpoint
 
-from monai_sal_app.data import bases
 from monai_sal_app.data.io import write_nifti
-from monai_sal_app.experiments.runner import ExperimentError, resolve_config, run_experiment
-from monai_sal_app.experiments.studies.ct_importance import RANKED, fractions, rank_tables
+from monai_sal_app.experiments.runner import ExperimentError, resolve_config
+from monai_sal_app.experiments.studies.ct_importance import rank_tables
 from monai_sal_app.saliency.xrai import attribution_regions, segment_membership_2d, xrai_segments
 
 SECTIONS = ("Model", "Fidelity and localization per method", "Rankings", "Do fidelity and localization agree?")
+RECIPE = "ct_importance"  # conftest's smoke_run and smoke_settings
+RANKED = ("fidelity", "roc_auc", "xrai_dice_area")  # the scores the study ranks the methods by
 
 
-def results_text(out: Path) -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted((out / "results").glob("*.csv"))}
-
-
-def run_smoke(out: Path, **kwargs) -> Path:
-    return run_experiment("ct_importance", out, scale="smoke", progress=False, log=lambda _: None, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    base_or_skip(bases.lung_ct_files)
-    out = tmp_path_factory.mktemp("ct_importance") / "run"
-    run_smoke(out)
-    return out
-
-
-def test_one_row_per_crop_and_method_with_scores_in_range(smoke_run):
-    settings = resolve_config("ct_importance", "smoke")["settings"]
+@pytest.mark.e2e
+def test_one_row_per_crop_and_method_with_scores_in_range(smoke_run, smoke_settings):
+    settings = smoke_settings
     methods = settings["methods"]
     rows = read_rows(smoke_run / "results" / "ct_importance.csv")
     dice = [f"xrai_dice_p{100 * f:g}" for f in settings["region_fractions"]] + ["xrai_dice_area"]
@@ -50,7 +36,9 @@ def test_one_row_per_crop_and_method_with_scores_in_range(smoke_run):
     ids = sorted({row["id"] for row in rows})
     assert 1 <= len(ids) <= settings["test_per_class"]
     assert sorted((row["id"], row["method"]) for row in rows) == sorted((i, m) for i in ids for m in methods)
-    top = fractions(settings)[-1]  # the areas span fractions 0 to the last one, of a probability
+    # fractions perturbed 0, 0.25, 0.5, 0.75 (steps of 0.25 below 1): the areas span 0 to 0.75 of a probability
+    assert settings["fraction_step"] == 0.25
+    top = 0.75
     for row in rows:
         assert row["subtype"] in ("real", "synthetic")
         auc_mif, auc_lif, fidelity = (float(row[k]) for k in ("auc_mif", "auc_lif", "fidelity"))
@@ -70,8 +58,9 @@ def test_one_row_per_crop_and_method_with_scores_in_range(smoke_run):
             assert mean == pytest.approx(np.mean(per_image), abs=1e-12)
 
 
-def test_ranks_and_their_agreement(smoke_run):
-    methods = resolve_config("ct_importance", "smoke")["settings"]["methods"]
+@pytest.mark.e2e
+def test_ranks_and_their_agreement(smoke_run, smoke_settings):
+    methods = smoke_settings["methods"]
     ranks = read_rows(smoke_run / "results" / "ranks.csv")
     assert [row["method"] for row in ranks] == methods
     summary = {row["method"]: row for row in read_rows(smoke_run / "results" / "ct_importance_summary.csv")}
@@ -94,6 +83,7 @@ def test_ranks_and_their_agreement(smoke_run):
             assert math.isnan(value) or -1 <= value <= 1
 
 
+@pytest.mark.e2e
 def test_figures_report_and_data_hashes(smoke_run):
     for figure in ("maps", "fidelity_curves", "fidelity_vs_localization"):
         assert Image.open(smoke_run / "figures" / f"{figure}.png").format == "PNG"
@@ -102,11 +92,6 @@ def test_figures_report_and_data_hashes(smoke_run):
         assert f"<h2>{title}</h2>" in report
     assert report.count("data:image/png;base64,") == 3
     assert (smoke_run / "data.json").read_text().count("files_sha256") == 2  # train and test
-
-
-def test_a_rerun_gives_the_same_csvs(smoke_run, tmp_path):
-    run_smoke(tmp_path / "again")
-    assert results_text(tmp_path / "again") == results_text(smoke_run)
 
 
 # ----------------------------------------------------------------------------- --data and --model
@@ -138,7 +123,7 @@ def test_a_checkpoint_that_does_not_fit_the_data_is_refused_before_any_work(tmp_
     manifest = tiny_manifest(tmp_path, labels)
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny.pt", dims)
     with pytest.raises(ExperimentError, match=message):
-        run_smoke(tmp_path / "out", data=manifest, models=[checkpoint])
+        run_smoke(RECIPE, tmp_path / "out", data=manifest, models=[checkpoint])
     assert not (tmp_path / "out").exists()
 
 
@@ -151,7 +136,7 @@ def test_combinations_the_study_cannot_use_are_refused_before_anything_is_writte
     data = tiny_manifest(tmp_path) if with_data else None
     models = [save_tiny_checkpoint(tmp_path / "tiny.pt", dims)] if dims else []
     with pytest.raises(ExperimentError, match=message):
-        run_smoke(tmp_path / "out", data=data, models=models)
+        run_smoke(RECIPE, tmp_path / "out", data=data, models=models)
     assert not (tmp_path / "out").exists()
 
 

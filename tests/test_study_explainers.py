@@ -1,35 +1,21 @@
 """The ``explainers`` recipe at ``smoke``: trained explainers against post-hoc maps on a few generated
-chest X-rays (the base of scripts/install_data.sh), its tables, figures and report, and a rerun that
-gives the same metric CSVs."""
+chest X-rays (the base of scripts/install_data.sh), its tables, figures and report (a rerun's CSVs:
+test_determinism.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from conftest import base_or_skip, read_rows, smoke_refusal
+from conftest import read_rows, smoke_refusal
 from PIL import Image
 
-from monai_sal_app.data import bases
-from monai_sal_app.experiments.runner import resolve_config, run_experiment
 from monai_sal_app.experiments.studies.explainers import trained_kinds
 
-METRIC_TABLES = ("explainers.csv", "explainers_summary.csv")
+RECIPE = "explainers"  # conftest's smoke_run and smoke_settings
 
 
-def run_smoke(out: Path) -> Path:
-    run_experiment("explainers", out, scale="smoke", progress=False, log=lambda _: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    base_or_skip(bases.chest_radiograph_file)
-    return run_smoke(tmp_path_factory.mktemp("explainers") / "run")
-
-
-def test_one_row_per_test_image_and_method_with_both_tta_variants(smoke_run):
-    settings = resolve_config("explainers", "smoke")["settings"]
+@pytest.mark.e2e
+def test_one_row_per_test_image_and_method_with_both_tta_variants(smoke_run, smoke_settings):
+    settings = smoke_settings
     rows = read_rows(smoke_run / "results" / "explainers.csv")
     ious = [f"iou_p{p:g}" for p in settings["percentiles"]]
     assert list(rows[0]) == ["id", "method", "tta", "auprc", "partial_auprc", *ious]
@@ -59,23 +45,18 @@ def test_one_row_per_test_image_and_method_with_both_tta_variants(smoke_run):
     assert {"seconds_per_map_mean", "seconds_per_map_ci_low", "seconds_per_map_ci_high"} <= set(timing_summary[0])
 
 
-def test_figures_report_and_the_models_it_trained(smoke_run):
+@pytest.mark.e2e
+def test_figures_report_and_the_models_it_trained(smoke_run, smoke_settings):
     for figure in ("maps", "iou_by_percentile"):
         assert Image.open(smoke_run / "figures" / f"{figure}.png").format == "PNG"
     report = (smoke_run / "report.html").read_text()
     assert "Localization and time per map" in report and "Models" in report
     assert report.count("data:image/png;base64,") == 4  # two figures and the two explainers' training curves
     assert "<th>test_flip_rate" in report and "<th>seconds_per_map" in report and "<th>iou_p98" in report
-    kinds = trained_kinds(resolve_config("explainers", "smoke")["settings"]["methods"])
+    kinds = trained_kinds(smoke_settings["methods"])
     assert kinds == ["mask_generator", "similarity_adversarial"]
     for kind in kinds:
         assert (smoke_run / "work" / f"classifier.{kind}.pt").is_file()
-
-
-def test_a_rerun_with_the_same_seed_gives_the_same_metric_csvs(smoke_run, tmp_path):
-    again = run_smoke(tmp_path / "again")
-    for name in METRIC_TABLES:
-        assert (again / "results" / name).read_bytes() == (smoke_run / "results" / name).read_bytes()
 
 
 @pytest.mark.parametrize(

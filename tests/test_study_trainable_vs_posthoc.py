@@ -1,48 +1,28 @@
 """The ``trainable_vs_posthoc`` recipe at ``smoke``: its tables (one row per test image x method x
-backbone, the mean-mask baseline among them), summaries with 95% CIs, figures and report, the same
-CSVs from a second run with the same seed, and settings it refuses before any work."""
+backbone, the mean-mask baseline among them), summaries with 95% CIs, figures and report, and
+settings it refuses before any work (a rerun's CSVs: test_determinism.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from conftest import base_or_skip, read_rows, smoke_refusal
+from conftest import read_rows, smoke_refusal
 from PIL import Image
 
-from monai_sal_app.data import bases
-from monai_sal_app.experiments.runner import resolve_config, run_experiment
-from monai_sal_app.experiments.studies.trainable_vs_posthoc import BASELINE, HEADS, explanations
+from monai_sal_app.experiments.studies.trainable_vs_posthoc import BASELINE
 
-NAME = "trainable_vs_posthoc"
-
-
-def results_text(out: Path) -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted((out / "results").glob("*.csv"))}
-
-
-def run_smoke(out: Path) -> Path:
-    run_experiment(NAME, out, scale="smoke", progress=False, log=lambda _: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    base_or_skip(bases.chest_radiograph_file)
-    return run_smoke(tmp_path_factory.mktemp(NAME) / "run")
-
-
-@pytest.fixture(scope="module")
-def settings() -> dict:
-    return resolve_config(NAME, "smoke")["settings"]
+RECIPE = "trainable_vs_posthoc"  # conftest's smoke_run and smoke_settings
+HEADS = ("plain", "wildcat")  # each backbone with its own head, then with a WILDCAT head
 
 
 def expected_methods(settings: dict) -> list[str]:
-    methods = [method + suffix for _, _, names, _, suffix in explanations(settings) for method in names]
-    return [*methods, BASELINE]
+    """The rows' methods, in the study's order: the recipe's post-hoc methods on the plain model,
+    WILDCAT's class maps as they are and with contrast, then the mean training mask."""
+    return [*settings["methods"], "wildcat", "wildcat (contrast)", "baseline_mean_mask"]
 
 
-def test_one_row_per_test_image_method_and_backbone_with_the_baseline(smoke_run, settings):
+@pytest.mark.e2e
+def test_one_row_per_test_image_method_and_backbone_with_the_baseline(smoke_run, smoke_settings):
+    settings = smoke_settings
     rows = read_rows(smoke_run / "results" / "localization.csv")
     assert list(rows[0]) == ["backbone", "head", "id", "method", "label", "probability", "auprc", "pointwise_hit"]
     test_ids = [row["id"] for row in read_rows(smoke_run / "work" / "data" / "test" / "manifest.csv")]
@@ -68,7 +48,9 @@ def test_one_row_per_test_image_method_and_backbone_with_the_baseline(smoke_run,
     assert all(row["probability"] == plain[row["backbone"], row["id"]] for row in rows if row["method"] == BASELINE)
 
 
-def test_summaries_detection_and_classification_tables(smoke_run, settings):
+@pytest.mark.e2e
+def test_summaries_detection_and_classification_tables(smoke_run, smoke_settings):
+    settings = smoke_settings
     methods = expected_methods(settings)
     summary = read_rows(smoke_run / "results" / "localization_summary.csv")
     assert [(row["backbone"], row["method"]) for row in summary] == [
@@ -94,6 +76,7 @@ def test_summaries_detection_and_classification_tables(smoke_run, settings):
     assert all(row["n_test"] == str(2 * settings["test_per_class"]) for row in classification)
 
 
+@pytest.mark.e2e
 def test_figures_and_report(smoke_run):
     for figure in ("maps", "localization_by_method"):
         assert Image.open(smoke_run / "figures" / f"{figure}.png").format == "PNG"
@@ -101,10 +84,6 @@ def test_figures_and_report(smoke_run):
     for title in ("Classification", "Localization", "Pointwise detection"):
         assert f"<h2>{title}</h2>" in report
     assert report.count("data:image/png;base64,") == 2 and BASELINE in report
-
-
-def test_the_same_seed_gives_the_same_csvs(smoke_run, tmp_path):
-    assert results_text(run_smoke(tmp_path / "again")) == results_text(smoke_run)
 
 
 @pytest.mark.parametrize(
@@ -122,4 +101,4 @@ def test_the_same_seed_gives_the_same_csvs(smoke_run, tmp_path):
     ],
 )
 def test_settings_it_cannot_use_are_refused_before_any_work(tmp_path, changes, message):
-    assert message in smoke_refusal(NAME, changes, tmp_path)
+    assert message in smoke_refusal(RECIPE, changes, tmp_path)

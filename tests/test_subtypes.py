@@ -5,15 +5,11 @@ untrained and a trained conv5-fc3 on the Shepp-Logan "test" preset at 64 px."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import images_for, tiny_conv5fc3
+from conftest import images_for, modules_loaded_by, tiny_conv5fc3
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
@@ -36,7 +32,6 @@ from monai_sal_app.evaluation.subtypes import (
 from monai_sal_app.metrics.subtypes import GROUP_EVIDENCE, region_mask, separability, specificity
 from monai_sal_app.models.train import train_classifier
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"ari", "b", "c", "b_dagger", "c_dagger", "group_sizes", "region_sizes", "control_class", "seconds"}
 
 
@@ -377,10 +372,4 @@ def test_bad_input_raises_clear_errors(preset_data):
 
 
 def test_metrics_subtypes_imports_neither_torch_nor_sklearn():
-    code = "import sys, monai_sal_app.metrics.subtypes; print('torch' in sys.modules, 'sklearn' in sys.modules)"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "False"]
+    assert modules_loaded_by("monai_sal_app.metrics.subtypes", ["torch", "sklearn"]) == []

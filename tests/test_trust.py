@@ -164,6 +164,7 @@ def test_bad_input_raises_before_any_check(setup, arguments, message):
         trust_card(model, **{"images": images, **arguments})
 
 
+@pytest.mark.e2e
 def test_cli_writes_the_card_beside_the_checkpoint_and_a_report(tmp_path, capsys):
     from server_fixtures import save_tiny_checkpoint
 

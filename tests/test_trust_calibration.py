@@ -19,13 +19,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HandWritten, blob_mask, tiny_conv5fc3
+from conftest import HandWritten, blob_mask, tiny_conv5fc3, trained_small_resnet
 from torch import nn
 
 from monai_sal_app.evaluation import trust_card
 from monai_sal_app.metrics.localization import mean_mask_baseline
-from monai_sal_app.models.factory import build_classifier
-from monai_sal_app.models.train import train_classifier
 from monai_sal_app.saliency import core
 
 SIDE = 64
@@ -142,22 +140,12 @@ def resnet_on_blobs():
     """MONAI's ResNet18 (widths 16-32-64-128, stride-2 first convolution, no max pool) trained for
     10 epochs on 200 blob images; 24 test images."""
     rng = np.random.default_rng(0)
-    train_x, train_y = blobs_left_or_right(200, rng)
-    val_x, val_y = blobs_left_or_right(40, rng)
+    train, val = blobs_left_or_right(200, rng), blobs_left_or_right(40, rng)
     test_x, _ = blobs_left_or_right(24, rng)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_classifier(
-            "resnet18", 2, num_classes=2, block_inplanes=[16, 32, 64, 128], conv1_t_stride=2, no_max_pool=True
-        )
-        model, history = train_classifier(
-            model, train_x, train_y, val_x, val_y, epochs=10, patience=10, lr=3e-3, device="cpu", progress=False,
-            log=None,
-        )  # fmt: skip
-    assert max(h["val_auc"] for h in history) > 0.95
-    return model, test_x
+    return trained_small_resnet([16, 32, 64, 128], 2, train, val, epochs=10, seed=0), test_x
 
 
+@pytest.mark.slow  # trains a ResNet18 for 10 epochs on 200 images
 def test_a_deep_resnet_on_blobs_gradient_depends_on_the_model_guided_backprop_does_not(resnet_on_blobs):
     model, images = resnet_on_blobs
     card = trust_card(model, images, methods=["gradient", "guided_backprop"], checks=["randomization"])
