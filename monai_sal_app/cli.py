@@ -1,5 +1,6 @@
-"""``monai-sal`` command line: data, train, train-explainer, explain, evaluate, trust, compare-wildcat,
-compare-explainers, methods, serve, experiment, demo.
+"""``monai-sal`` command line: data, train, train-explainer, explain, evaluate, trust, methods, serve,
+experiment, demo, and ``compare-wildcat`` / ``compare-explainers``, aliases of ``experiment run``
+for the ``trainable_vs_posthoc`` and ``explainers`` studies.
 
 Every sub-command is a thin adapter over the library; a bad input ends with a one-line
 ``error: ...`` on stderr and exit code 2 instead of a traceback. ``explain``, ``evaluate``,
@@ -20,12 +21,12 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _method_params(pairs: list[str]) -> dict:
+def _method_params(pairs: list[str], flag: str = "--param") -> dict:
     """``["steps=50", "baseline=zero"]`` -> {"steps": 50, "baseline": "zero"} (values parsed as JSON when they can be)."""
     params = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"--param takes key=value, got {pair!r}")
+            raise ValueError(f"{flag} takes key=value, got {pair!r}")
         key, value = pair.split("=", 1)
         try:
             params[key] = json.loads(value)
@@ -189,48 +190,6 @@ def cmd_trust(args) -> None:
         )
 
 
-def cmd_compare_wildcat(args) -> None:
-    from monai_sal_app.experiments.wildcat import compare_wildcat
-    from monai_sal_app.metrics.stats import to_markdown
-
-    rows = compare_wildcat(
-        args.out,
-        data=args.data,
-        head=_head(args),
-        methods=_split(args.methods),
-        epochs=args.epochs,
-        input_size=args.input_size,
-        per_class=args.per_class,
-        test_per_class=args.test_per_class,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    print(to_markdown(rows))
-
-
-def cmd_compare_explainers(args) -> None:
-    from monai_sal_app.experiments.explainers import compare_explainers
-    from monai_sal_app.metrics.stats import to_markdown
-
-    rows = compare_explainers(
-        args.out,
-        data=args.data,
-        methods=_split(args.methods),
-        explainer_epochs=args.explainer_epochs,
-        epochs=args.epochs,
-        per_class=args.per_class,
-        test_per_class=args.test_per_class,
-        explainer_per_class=args.explainer_per_class,
-        max_images=args.max_images,
-        params={"meaningful_perturbation": {"steps": args.mp_steps}} if args.mp_steps else None,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    print(to_markdown(rows))
-
-
 def cmd_train_explainer(args) -> None:
     from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
 
@@ -273,9 +232,10 @@ def cmd_experiment_run(args) -> None:
         args.recipe,
         args.out,
         scale=args.scale,
-        data=args.data,
-        models=args.model or (),
+        data=getattr(args, "data", None),
+        models=getattr(args, "model", None) or (),
         seed=args.seed,
+        overrides=_method_params(args.set, "--set"),
         progress=not args.quiet,
     )
 
@@ -285,6 +245,27 @@ def cmd_demo(args) -> None:
 
     run_experiment(
         "demo", args.out, scale="smoke" if args.quick else "default", seed=args.seed, progress=not args.quiet
+    )
+
+
+# Older names of two studies' commands, kept as aliases of `experiment run <study>`
+STUDY_ALIASES = {"compare-wildcat": "trainable_vs_posthoc", "compare-explainers": "explainers"}
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``experiment run`` and its aliases: scale, output folder, seed, settings."""
+    from monai_sal_app.experiments.runner import SCALES
+
+    p.add_argument("--scale", choices=SCALES, default="default")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--seed", type=int, default=None, help="default: the recipe's")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the recipe over its scale's, the value as JSON when it parses "
+        "(e.g. --set dataset=ct-lesions --set 'wildcat={\"kmax\": 0.02}'); repeatable",
     )
 
 
@@ -416,31 +397,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_trust)
 
     p = sub.add_parser(
-        "compare-wildcat",
-        help="train a plain and a WILDCAT classifier on built-in data; compare their maps against the masks",
-    )
-    p.add_argument(
-        "--data",
-        choices=("chest-xray", "ct-lesions"),
-        default="chest-xray",
-        help="the built-in model whose data and classifier to use",
-    )
-    p.add_argument("--methods", default="gradcam,guided_gradcam,gradient", help="post-hoc methods on the plain model")
-    p.add_argument("--epochs", type=int, default=None, help="override the built-in model's epochs")
-    p.add_argument("--input-size", type=int, default=None, help="override the built-in model's network input side (px)")
-    p.add_argument(
-        "--per-class", type=int, default=None, help="override the built-in model's training images per class"
-    )
-    p.add_argument(
-        "--test-per-class", type=int, default=None, help="override the built-in model's test images per class"
-    )
-    _add_wildcat_options(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", required=True, help="folder for the data, both checkpoints, maps and comparison.md")
-    p.set_defaults(func=cmd_compare_wildcat, head="wildcat")
-
-    p = sub.add_parser(
         "train-explainer",
         help="train an explainer network for a classifier checkpoint; writes a state_dict, its card and loss curves",
     )
@@ -460,38 +416,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train_explainer)
 
-    p = sub.add_parser(
-        "compare-explainers",
-        help="train a classifier and its mask generator on built-in data; compare with post-hoc methods",
-    )
-    p.add_argument(
-        "--data",
-        choices=("chest-xray", "ct-lesions"),
-        default="chest-xray",
-        help="the built-in model whose data and classifier to use",
-    )
-    p.add_argument("--methods", default="gradient,gradcam,meaningful_perturbation", help="post-hoc methods")
-    p.add_argument("--explainer-epochs", type=int, default=20)
-    p.add_argument("--epochs", type=int, default=None, help="override the built-in model's classifier epochs")
-    p.add_argument(
-        "--per-class", type=int, default=None, help="override the built-in model's training images per class"
-    )
-    p.add_argument(
-        "--test-per-class", type=int, default=None, help="override the built-in model's test images per class"
-    )
-    p.add_argument(
-        "--explainer-per-class",
-        type=int,
-        default=None,
-        help="train the explainers on N more generated images per class (default: the classifier's training images)",
-    )
-    p.add_argument("--max-images", type=int, default=None, help="explain the first N test images with a mask")
-    p.add_argument("--mp-steps", type=int, default=None, help="meaningful perturbation's steps (default 300)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", required=True, help="folder for the data, checkpoints, maps and explainers.md")
-    p.set_defaults(func=cmd_compare_explainers)
-
     p = sub.add_parser("methods", help="list the saliency methods and their default parameters")
     p.set_defaults(func=cmd_methods)
 
@@ -507,14 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "recipe", metavar="NAME|CONFIG", help="a study recipe's name (monai-sal experiment list) or a recipe YAML file"
     )
-    q.add_argument("--scale", choices=("smoke", "default", "paper"), default="default")
-    q.add_argument("--out", required=True, metavar="DIR")
+    _add_run_options(q)
     q.add_argument(
         "--data", default=None, metavar="MANIFEST", help="your data instead of the built-in (if the recipe allows)"
     )
     q.add_argument("--model", action="append", metavar="M.pt", help="your checkpoint(s) (if the recipe allows); repeat")
-    q.add_argument("--seed", type=int, default=None, help="default: the recipe's")
     q.set_defaults(func=cmd_experiment_run)
+    for alias, recipe in STUDY_ALIASES.items():
+        p = sub.add_parser(alias, help=f"the same as `experiment run {recipe}` (its settings: --set KEY=VALUE)")
+        _add_run_options(p)
+        p.set_defaults(func=cmd_experiment_run, recipe=recipe)
 
     p = sub.add_parser(
         "demo", help="a tour on built-in data: classifier, every fast method, localization, trust checks, subtypes"

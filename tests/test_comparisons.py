@@ -1,24 +1,26 @@
-"""The comparison commands: WILDCAT against post-hoc maps (``compare-wildcat``) and trained
-explainers against post-hoc methods (``compare-explainers``): their scoring on hand-made maps, and
-each command end to end on a few real-anatomy chest X-rays (the bases of scripts/install_data.sh)."""
+"""The scoring of the two learned-against-post-hoc studies on hand-made maps (``trainable_vs_posthoc``:
+AUPRC, pointwise hits and detection AP; ``explainers``: AUC_loc, partial AUC_loc, IoU), and their
+older command names, ``compare-wildcat`` and ``compare-explainers``, as aliases of ``experiment run``:
+end to end on real-anatomy CT lesions (the bases of scripts/install_data.sh), which also runs both
+studies in 3D."""
 
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import base_or_skip
 
 from monai_sal_app.cli import main
 from monai_sal_app.data import bases
 from monai_sal_app.data.io import write_nifti
 from monai_sal_app.experiments.builtin_models import scaled_augmentations
-from monai_sal_app.experiments.explainers import localization_table
-from monai_sal_app.experiments.wildcat import score_maps
-from monai_sal_app.metrics.localization import localization_metrics, pointwise_average_precision
+from monai_sal_app.experiments.studies.explainers import localization_rows
+from monai_sal_app.experiments.studies.trainable_vs_posthoc import image_scores, pointwise_ap
+from monai_sal_app.metrics.localization import localization_metrics, partial_auprc
 from monai_sal_app.metrics.stats import write_csv
 
 
@@ -54,46 +56,53 @@ def hand_made_maps(folder: Path) -> Path:
     return write_csv(rows, folder / "maps.csv")
 
 
-def test_score_maps_by_hand(tmp_path):
-    per_image, summary = score_maps(hand_made_maps(tmp_path))
-    peak, off = summary
-    assert (peak["method"], peak["n_images"], peak["n_masks"]) == ("peak", 3, 2)
-    assert peak["pointwise_hit_rate"] == 1.0 and off["pointwise_hit_rate"] == 0.0
-    # ranked by probability: a (0.9, hit), c (0.8, no mask), b (0.6, hit): AP = (1/1 + 2/3) / 2
-    assert peak["pointwise_ap"] == pytest.approx((1 + 2 / 3) / 2)
-    assert peak["pointwise_ap"] == pointwise_average_precision([0.9, 0.6, 0.8], [True, True, False], [1, 1, 0])
-    assert off["pointwise_ap"] == 0.0
-    a = next(row for row in per_image if row["id"] == "a" and row["method"] == "peak")
+def _peak_map() -> tuple[np.ndarray, np.ndarray]:
+    """The ``peak`` map of hand-made image ``a`` and its mask, as :func:`hand_made_maps` writes them."""
     saliency = np.arange(64, dtype=np.float32).reshape(8, 8) / 64
     saliency[1, 1] = 2.0
     mask = np.zeros((8, 8), bool)
     mask[1:3, 1:3] = True
-    assert a["auprc"] == pytest.approx(localization_metrics(saliency, mask)["auprc"])
-    assert next(row for row in per_image if row["id"] == "c")["auprc"] is None  # no mask, no AUPRC
-    assert peak["seconds_per_map"] == pytest.approx(0.01)
+    return saliency, mask
 
 
-def test_score_maps_refuses_maps_of_another_class(tmp_path):
+def test_image_scores_and_pointwise_ap_by_hand(tmp_path):
+    rows = image_scores(hand_made_maps(tmp_path))
+    assert [(row["id"], row["method"]) for row in rows] == [(i, m) for m in ("peak", "off") for i in "abc"]
+    peak = [row for row in rows if row["method"] == "peak"]
+    off = [row for row in rows if row["method"] == "off"]
+    assert [row["pointwise_hit"] for row in peak] == [True, True, False]  # c has no mask: never a hit
+    assert [row["pointwise_hit"] for row in off] == [False, False, False]
+    # ranked by probability: a (0.9, hit), c (0.8, no mask), b (0.6, hit): AP = (1/1 + 2/3) / 2
+    assert pointwise_ap(peak) == pytest.approx((1 + 2 / 3) / 2)
+    assert pointwise_ap(off) == 0.0
+    saliency, mask = _peak_map()
+    assert peak[0]["auprc"] == pytest.approx(localization_metrics(saliency, mask)["auprc"])
+    assert peak[2]["auprc"] is None  # no mask, no AUPRC
+    assert peak[0]["seconds_per_map"] == pytest.approx(0.01)
+
+
+def test_image_scores_refuse_maps_of_another_class(tmp_path):
     maps_csv = hand_made_maps(tmp_path)
     rows = list(csv.DictReader(maps_csv.read_text().splitlines()))
     rows[0]["target"] = 0
     write_csv(rows, maps_csv)
     with pytest.raises(ValueError, match="explains class 0, not 1"):
-        score_maps(maps_csv)
+        image_scores(maps_csv)
 
 
-def test_localization_table_by_hand(tmp_path):
-    rows, summary = localization_table(hand_made_maps(tmp_path))
-    assert len(rows) == 4  # the two images with a mask, two methods
-    peak = summary[0]
-    assert peak["n"] == 2 and peak["auprc_ci_low"] <= peak["auprc_mean"] <= peak["auprc_ci_high"]
-    assert peak["auprc_mean"] == pytest.approx(np.mean([r["auprc"] for r in rows if r["method"] == "peak"]))
-    assert {"partial_auprc_mean", "iou_p80_mean", "iou_p98_mean"} <= set(peak)
+def test_localization_rows_by_hand(tmp_path):
+    rows = localization_rows(hand_made_maps(tmp_path), percentiles=(80, 90))
+    assert [(row["id"], row["method"]) for row in rows] == [("a", "peak"), ("b", "peak"), ("a", "off"), ("b", "off")]
+    saliency, mask = _peak_map()
+    assert rows[0]["auprc"] == pytest.approx(localization_metrics(saliency, mask)["auprc"])
+    assert rows[0]["partial_auprc"] == pytest.approx(partial_auprc(saliency, mask, 0.5))
+    assert rows[0]["iou_p90"] == pytest.approx(localization_metrics(saliency, mask, (90,))["iou_p90"])
+    assert set(rows[0]) == {"id", "method", "auprc", "partial_auprc", "iou_p80", "iou_p90", "seconds_per_map"}
 
 
 @pytest.fixture(scope="module")
-def chest_base():
-    return base_or_skip(bases.chest_radiograph_file)
+def lung_ct():
+    return base_or_skip(bases.lung_ct_files)
 
 
 def test_scaled_augmentations_keep_the_shift_a_fraction_of_the_side():
@@ -103,51 +112,70 @@ def test_scaled_augmentations_keep_the_shift_a_fraction_of_the_side():
     assert scaled_augmentations(("croppad",), 4) == ("croppad",)  # the augmentation's own default shift
 
 
+def _config(out) -> dict:
+    return yaml.safe_load((out / "config.yaml").read_text())
+
+
 @pytest.mark.e2e
-def test_compare_wildcat_end_to_end(chest_base, tmp_path):
+def test_compare_wildcat_runs_the_trainable_vs_posthoc_study_on_ct_lesions(lung_ct, tmp_path):
     out = tmp_path / "wildcat"
-    options = ["--per-class", "6", "--test-per-class", "3", "--epochs", "1", "--maps", "2"]
-    assert main(["--quiet", "compare-wildcat", "--data", "chest-xray", *options, "--out", str(out)]) == 0
-    table = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
-    assert [(row["model"], row["method"]) for row in table] == [
-        ("plain", "gradcam"),
-        ("plain", "guided_gradcam"),
-        ("plain", "gradient"),
-        ("wildcat", "wildcat"),
-        ("wildcat", "wildcat (contrast)"),
-    ]
-    assert all(row["n_images"] == "6" and row["n_masks"] == "3" for row in table)
-    assert (out / "maps" / "wildcat" / "wildcat_contrast" / "maps.csv").is_file()
-    assert (out / "wildcat.json").is_file() and "| wildcat | " in (out / "comparison.md").read_text()
+    settings = ["dataset=ct-lesions", "image_size=null", "input_size=16", 'backbones=["conv5fc3"]', "arch_kwargs={}"]
+    assert (
+        main(["--quiet", "compare-wildcat", "--scale", "smoke", *(f"--set={s}" for s in settings), "--out", str(out)])
+        == 0
+    )
+    config = _config(out)
+    assert config["recipe"] == "trainable_vs_posthoc" and config["settings"]["dataset"] == "ct-lesions"
+    assert config["settings"]["backbones"] == ["conv5fc3"] and config["settings"]["input_size"] == 16
+    rows = list(csv.DictReader((out / "results" / "detection.csv").read_text().splitlines()))
+    methods = ["gradcam", "guided_gradcam", "gradient", "integrated_gradients"]  # the smoke scale's, as written
+    expected = methods + ["wildcat", "wildcat (contrast)", "baseline_mean_mask"]
+    assert [row["method"] for row in rows] == expected
+    assert all(row["n_pathology"] == "2" for row in rows)  # 2 lesion volumes among the 4 test volumes
+    volume = out / "work" / "data" / "test"
+    assert next(volume.glob("**/*.nii.gz"))  # the 3D data the study generated
+    assert "lesion" in (out / "report.html").read_text()
 
 
 @pytest.mark.e2e
-def test_compare_explainers_end_to_end(chest_base, tmp_path):
+def test_compare_explainers_runs_the_explainers_study_on_ct_lesions(lung_ct, tmp_path):
     out = tmp_path / "explainers"
-    options = ["--per-class", "6", "--test-per-class", "3", "--epochs", "1", "--explainer-epochs", "1"]
-    work = ["--max-images", "2", "--mp-steps", "2", "--methods", "gradient,meaningful_perturbation"]
-    work += ["--explainer-per-class", "5"]
-    assert main(["--quiet", "compare-explainers", *options, *work, "--out", str(out)]) == 0
-    table = list(csv.DictReader((out / "explainers.csv").read_text().splitlines()))
-    assert [row["method"] for row in table] == [
-        "gradient",
-        "meaningful_perturbation",
-        "mask_generator",
-        "similarity_adversarial",
-        "similarity_adversarial (tta)",
+    assert (
+        main(
+            [
+                "--quiet",
+                "compare-explainers",
+                "--scale",
+                "smoke",
+                "--set",
+                "dataset=ct-lesions",
+                "--set",
+                "input_size=null",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert _config(out)["recipe"] == "explainers"
+    rows = list(csv.DictReader((out / "results" / "explainers_summary.csv").read_text().splitlines()))
+    expected = ["gradient", "gradcam", "meaningful_perturbation", "mask_generator", "similarity_adversarial"]
+    assert [(row["method"], row["tta"]) for row in rows] == [(m, "False") for m in expected] + [
+        ("similarity_adversarial", "True")
     ]
-    assert all(row["n"] == "2" for row in table)
-    flip_rates = [row["flip_rate"] for row in table]
-    assert flip_rates[:3] == ["", "", ""] and flip_rates[3] == flip_rates[4] and 0 <= float(flip_rates[3]) <= 1
-    for kind in ("mask_generator", "similarity_adversarial"):
-        assert (out / f"classifier.{kind}.pt").is_file() and (out / f"classifier.{kind}.history.csv").is_file()
-        data = json.loads((out / f"classifier.{kind}.json").read_text())["data"]  # the extra images, not the 12
-        assert data["manifest"] == str((out / "data" / "explainer" / "manifest.csv").resolve())
-        assert data["n_train"] + data["n_val"] == 10
 
 
-def test_compare_explainers_refuses_a_bad_explainer_image_count_before_any_work(tmp_path, capsys):
-    out = tmp_path / "explainers"
-    assert main(["compare-explainers", "--explainer-per-class", "0", "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: explainer_per_class must be an integer >= 1, got 0"]
+@pytest.mark.parametrize(
+    "command, setting, message",
+    [
+        ("compare-explainers", "explainer_per_class=0", "explainer_per_class must be an integer >= 2, got 0"),
+        ("compare-wildcat", "dataset=shepp-logan", "no built-in model for 'shepp-logan'"),
+        ("compare-wildcat", "kmax=0.02", "unknown key(s) ['kmax']"),
+    ],
+)
+def test_the_aliases_refuse_a_bad_setting_before_any_work(tmp_path, capsys, command, setting, message):
+    out = tmp_path / "run"
+    assert main([command, "--set", setting, "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ") and message in error[0]
     assert not out.exists()

@@ -45,6 +45,12 @@ def test_every_builtin_recipe_resolves_at_every_scale():
             assert set(config["settings"]) == set(RECIPES[config["recipe"]].settings)
 
 
+def test_settings_given_with_set_replace_the_scales_and_keep_the_rest():
+    smoke = resolve_config("subtypes", "smoke")["settings"]
+    changed = resolve_config("subtypes", "smoke", overrides={"losses": ["ce"], "replicates": 1})["settings"]
+    assert changed == {**smoke, "losses": ["ce"], "replicates": 1}
+
+
 def test_experiment_list_prints_every_recipe(capsys):
     assert main(["experiment", "list"]) == 0
     printed = capsys.readouterr().out
@@ -144,6 +150,9 @@ def test_a_bad_recipe_file_is_one_clear_error_before_any_work(tmp_path, capsys, 
         (["missing.yaml"], "no recipe file missing.yaml"),
         (["subtypes", "--data", "manifest.csv"], "recipe subtypes makes its own data and takes no --data"),
         (["subtypes", "--model", "model.pt"], "recipe subtypes trains its own models and takes no --model"),
+        (["subtypes", "--set", "colour=red"], "subtypes: --set: unknown key(s) ['colour']"),
+        (["subtypes", "--set", "losses"], "--set takes key=value, got 'losses'"),
+        (["subtypes", "--set", 'losses=["hinge"]'], "(smoke, --set losses): unknown loss 'hinge'"),
     ],
 )
 def test_unknown_recipes_and_inputs_a_recipe_does_not_take_are_refused(tmp_path, capsys, argv, message):

@@ -1,8 +1,9 @@
 """The built-in models: which data to generate and how to train a classifier on it (a study's recipe
 is something else: ``experiments.studies``).
 
-``monai-sal serve`` trains its default models with them, and ``monai-sal compare-wildcat`` trains a
-plain classifier and a WILDCAT one from the same built-in model. A built-in model names a generator of
+``monai-sal serve`` trains its default models with them, and the studies that need a classifier
+with pathology masks (``trainable_vs_posthoc``, ``explainers``, ``ct_importance``) train theirs
+from one. A built-in model names a generator of
 ``data.generators`` with its train and test presets and sizes, the network's input side, and the
 training settings (conv5-fc3 backbone, Adam, patience = epochs so that the best validation epoch
 of the whole run is kept).

@@ -104,10 +104,13 @@ def _unknown(keys: Iterable[str], allowed: Iterable[str], where: str) -> None:
         raise ExperimentError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
 
 
-def resolve_config(source: str | os.PathLike, scale: str = "default", seed: int | None = None) -> dict:
+def resolve_config(
+    source: str | os.PathLike, scale: str = "default", seed: int | None = None, overrides: dict | None = None
+) -> dict:
     """The settings a run uses: the recipe's defaults, then the file's ``settings``, then its
-    ``scales[scale]``. ``source``: a built-in name or a YAML path. ExperimentError for anything
-    unknown or malformed (every scale of the file is checked, not only the one asked for)."""
+    ``scales[scale]``, then ``overrides`` (``experiment run --set KEY=VALUE``). ``source``: a built-in
+    name or a YAML path. ExperimentError for anything unknown or malformed (every scale of the file
+    is checked, not only the one asked for)."""
     import yaml
 
     if scale not in SCALES:
@@ -126,14 +129,17 @@ def resolve_config(source: str | os.PathLike, scale: str = "default", seed: int 
     _unknown(settings, recipe.settings, f"{path}: settings")
     scales = _mapping(raw.get("scales"), f"{path}: scales")
     _unknown(scales, SCALES, f"{path}: scales")
-    for name, overrides in scales.items():
-        _unknown(_mapping(overrides, f"{path}: scales.{name}"), recipe.settings, f"{path}: scales.{name}")
-    resolved = {**recipe.settings, **settings, **_mapping(scales.get(scale), "")}
+    for name, changes in scales.items():
+        _unknown(_mapping(changes, f"{path}: scales.{name}"), recipe.settings, f"{path}: scales.{name}")
+    overrides = _mapping(overrides, "--set")
+    _unknown(overrides, recipe.settings, f"{recipe.name}: --set")
+    resolved = {**recipe.settings, **settings, **_mapping(scales.get(scale), ""), **overrides}
     if recipe.validate is not None:
         try:
             recipe.validate(resolved)
         except ValueError as err:
-            raise ExperimentError(f"{path} ({scale}): {err}") from err
+            where = f"{scale}, --set {', '.join(overrides)}" if overrides else scale
+            raise ExperimentError(f"{path} ({where}): {err}") from err
     run_seed = raw.get("seed", 0) if seed is None else seed
     if not isinstance(run_seed, int) or isinstance(run_seed, bool):
         raise ExperimentError(f"{path}: seed must be an integer, got {run_seed!r}")
@@ -211,13 +217,15 @@ def run_experiment(
     data: str | os.PathLike | None = None,
     models: Sequence[str | os.PathLike] = (),
     seed: int | None = None,
+    overrides: dict | None = None,
     progress: bool = True,
     log: Callable[[str], object] = print,
 ) -> Path:
     """Run a recipe (a built-in name or a YAML path) at ``scale`` into ``out``; returns the report's
-    path. Everything that can be checked is checked first (ExperimentError); a rerun into the same
-    ``out`` resumes from the steps already on disk, and must use the same settings."""
-    config = resolve_config(source, scale, seed)
+    path. ``overrides``: settings that replace the scale's (setting -> value). Everything that can be
+    checked is checked first (ExperimentError); a rerun into the same ``out`` resumes from the steps
+    already on disk, and must use the same settings."""
+    config = resolve_config(source, scale, seed, overrides)
     recipe = RECIPES[config["recipe"]]
     manifest = Path(data).resolve() if data is not None else None
     if manifest is not None:

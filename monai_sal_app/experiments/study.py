@@ -27,10 +27,10 @@ class ExperimentError(ValueError):
     """A recipe, a config, a manifest or a checkpoint that cannot be run; raised before any work."""
 
 
-def check_integer(settings: dict, key: str, minimum: int = 1) -> None:
-    """For a recipe's ``validate``: ValueError unless ``settings[key]`` is an integer (not a bool)
-    of at least ``minimum``."""
-    arguments.check_integer(settings[key], key, minimum)
+def check_integer(settings: dict, key: str, minimum: int = 1) -> int:
+    """For a recipe's ``validate``: ``settings[key]`` as an int, or ValueError unless it is an
+    integer (not a bool) of at least ``minimum``."""
+    return arguments.check_integer(settings[key], key, minimum)
 
 
 def check_names(settings: dict, key: str) -> list:

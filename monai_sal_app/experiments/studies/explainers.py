@@ -1,19 +1,21 @@
-"""``explainers``: do trained explainers find the opacities better than post-hoc maps, and how fast?
+"""``explainers``: do trained explainers find the pathology better than post-hoc maps, and how fast?
 
-The similarity-adversarial explainer study (Charachon et al. 2020, docs/METHODS.md) on the built-in
-chest X-ray recipe (``experiments.builtin_models``: simulated opacities with exact masks on a real
-radiograph). Rank 0 generates the classifier's training and test images and the explainers'
-training images (``explainer_per_class`` more per class; ``None``: the classifier's own), trains the
-recipe's conv5-fc3 classifier at ``input_size`` pixels and each trained explainer among ``methods``
-for it (``experiments.explainer_training``). Every test image with a mask is then explained for the
-opacity class by every method, one image at a time, and the similarity-adversarial explainer again
-with test-time averaging over flips and rotations (``experiments.explainers.explain_with_tta``), in
-blocks of :data:`BLOCK_SIZE` images dealt to the ranks (meaningful perturbation's random shifts drawn
-from the seed + the block's index, so a rerun gives the same maps).
+The similarity-adversarial explainer study (Charachon et al. 2020, docs/METHODS.md) on a built-in
+model (``experiments.builtin_models``, the ``dataset`` setting: ``chest-xray``, simulated opacities
+with exact masks on a real radiograph, or ``ct-lesions``, lung lesions in 3D CT crops). Rank 0
+generates the classifier's training and test images and the explainers' training images
+(``explainer_per_class`` more per class; ``None``: the classifier's own), trains the built-in
+model's conv5-fc3 classifier at ``input_size`` pixels (None: the built-in model's) and each trained
+explainer among ``methods`` for it (``experiments.explainer_training``). Every test image with a
+mask is then explained for the pathology class by every method, one image at a time, and the
+similarity-adversarial explainer again with test-time averaging over flips and rotations
+(:func:`explain_with_tta`), in blocks of :data:`BLOCK_SIZE` images dealt to the ranks (meaningful
+perturbation's random shifts drawn from the seed + the block's index, so a rerun gives the same
+maps).
 
 Rows (``results/explainers.csv``): one per test image x method x ``tta``: ``auprc`` (AUC_loc total,
 in [0, 1]), ``partial_auprc`` (AUC_loc up to recall 0.5, in [0, 0.5]) and ``iou_p<p>`` for each of
-``percentiles`` (IoU of the map's top 100 - p % with the mask), on the images' own grid (256 px).
+``percentiles`` (IoU of the map's top 100 - p % with the mask), on the images' own grid.
 ``results/timing.csv``: the same rows' ``seconds_per_map`` (wall time of one map), apart because
 timings differ between runs and the metric CSVs do not. The similarity-adversarial explainer's flip
 rate (share of all test images whose x_adv the classifier assigns to another class) is in the
@@ -24,34 +26,43 @@ method, and the IoU against the percentile per method.
 from __future__ import annotations
 
 import csv
+import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+import torch
 
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
-from monai_sal_app.experiments.builtin_models import builtin_model_for, train_builtin_model
-from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
-from monai_sal_app.experiments.explainers import (
-    explain_with_tta,
-    flip_rate,
-    generate_study_data,
-    localization_rows,
-    with_explainers,
+from monai_sal_app.experiments.builtin_models import (
+    DefaultModel,
+    builtin_model_for,
+    generate_explainer_data,
+    generate_model_data,
+    train_builtin_model,
 )
+from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
 from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer
-from monai_sal_app.metrics.localization import DEFAULT_PERCENTILES
+from monai_sal_app.experiments.workflows import explain_items
+from monai_sal_app.explainers import load_explainer
+from monai_sal_app.metrics.localization import DEFAULT_PERCENTILES, localization_metrics, partial_auprc
 from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.models.inputs import load_inputs
 from monai_sal_app.saliency import get_method
+from monai_sal_app.saliency.core import model_device
 
-DATA = "chest-xray"  # the built-in model (experiments.builtin_models.builtin_model_for)
+PATHOLOGY_CLASS = 1  # the class whose evidence the masks outline (opacity, lesion)
+TTA_METHODS = ("similarity_adversarial",)  # the methods that take tta=True (test-time averaging)
 BLOCK_SIZE = 4  # test images per block of work: fixed, so results do not depend on the number of ranks
 FIGURE_CASES = 3  # test images shown in the overlay figure
 
 SETTINGS = {
+    "dataset": "chest-xray",  # the built-in model whose data to generate: chest-xray (2D) or ct-lesions (3D)
     "per_class": 150,  # classifier training images per class (None: the recipe's 300)
-    "test_per_class": 20,  # test images per class; the opacity class's (those with a mask) are explained
+    "test_per_class": 20,  # test images per class; the pathology class's (those with a mask) are explained
     "explainer_per_class": None,  # explainer training images per class (None: the classifier's training images)
-    "input_size": 64,  # the classifier's and explainers' input side in pixels
+    "input_size": 64,  # the classifier's and explainers' input side in pixels (None: the built-in model's)
     "epochs": 60,  # classifier epochs
     "explainer_epochs": 20,
     "methods": ["gradient", "gradcam", "meaningful_perturbation", "mask_generator", "similarity_adversarial"],
@@ -62,16 +73,15 @@ SETTINGS = {
 
 def _validate(settings: dict) -> None:
 
+    spec = builtin_model_for(settings["dataset"])
     for key in ("test_per_class", "epochs", "explainer_epochs", "mp_steps"):
         check_integer(settings, key)
     for key in ("per_class", "explainer_per_class"):  # training holds out a validation share of each class
         if settings[key] is not None:
             check_integer(settings, key, 2)
-    check_integer(settings, "input_size", 16)
-    if settings["input_size"] % 16:
-        raise ValueError(
-            f"input_size must be a multiple of 16 (the explainers' encoders), got {settings['input_size']}"
-        )
+    side = spec.input_size if settings["input_size"] is None else check_integer(settings, "input_size", 16)
+    if side % 16:
+        raise ValueError(f"input_size must be a multiple of 16 (the explainers' encoders), got {side}")
     methods = settings["methods"]
     if not isinstance(methods, list) or not methods or len(set(methods)) != len(methods):
         raise ValueError(f"methods must be a non-empty list of distinct saliency methods, got {methods!r}")
@@ -96,11 +106,114 @@ def label(method: str, tta: bool) -> str:
     return method.replace("_", " ") + (" + TTA" if tta else "")
 
 
+def _builtin(run: Run) -> DefaultModel:
+    return builtin_model_for(run.settings["dataset"])
+
+
+def localization_rows(maps_csv: str | os.PathLike, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> list[dict]:
+    """One row per map of a ``maps.csv`` (``workflows.explain_items``) whose image has a mask, in the
+    file's order: ``id``, ``method``, ``auprc`` (AUC_loc, in [0, 1]), ``partial_auprc`` (the AUPRC up
+    to recall 0.5, in [0, 0.5]), ``iou_p<p>`` (IoU of the map's top ``100 - p`` % with the mask) for
+    each of ``percentiles``, and ``seconds_per_map`` (wall time of one map, in seconds)."""
+    with open(maps_csv, newline="") as handle:
+        entries = [entry for entry in csv.DictReader(handle) if entry["mask"]]
+    if not entries:
+        raise ValueError(f"{maps_csv}: no map with a mask")
+    rows = []
+    for entry in entries:
+        saliency, _ = read_image(entry["map"], allow_constant=True)
+        mask = read_image(entry["mask"], allow_constant=True)[0] > 0.5
+        metrics = localization_metrics(saliency, mask, percentiles)
+        rows.append(
+            {
+                "id": entry["id"],
+                "method": entry["method"],
+                "auprc": metrics["auprc"],
+                "partial_auprc": partial_auprc(saliency, mask, 0.5),
+                **{f"iou_p{p:g}": metrics[f"iou_p{p:g}"] for p in percentiles},
+                "seconds_per_map": float(entry["seconds_per_image"]),
+            }
+        )
+    return rows
+
+
+def flip_rate(model, card, generator, items: list[dict]) -> dict:
+    """How often the classifier's prediction for x_adv differs from its prediction for the image, over
+    ``items`` (preprocessed as the classifier sees them): ``{"rate", "n"}``."""
+    x, _ = load_inputs(items, card.input_size, progress=False)
+    device = model_device(model)
+    flipped = 0
+    with torch.no_grad():
+        for start in range(0, len(x), 32):
+            batch = x[start : start + 32].to(device)
+            predicted = card.predict(model(batch).softmax(1).cpu().numpy())
+            _, adversarial = generator(batch)
+            flipped += int((card.predict(model(adversarial).softmax(1).cpu().numpy()) != predicted).sum())
+    return {"rate": flipped / len(x), "n": len(x)}
+
+
+def generate_study_data(
+    spec: DefaultModel,
+    folder: str | os.PathLike,
+    per_class: int | None = None,
+    test_per_class: int | None = None,
+    explainer_per_class: int | None = None,
+    seed: int = 0,
+    *,
+    progress: bool = True,
+    log: Callable[[str], object] = print,
+) -> tuple[Path, Path, Path]:
+    """The manifests (train, test, explainer) under ``folder``: the built-in model's training and
+    test data (``builtin_models.generate_model_data``; ``None``: its sizes) and, with
+    ``explainer_per_class``, that many more generated images per class to train the explainers on
+    (``builtin_models.generate_explainer_data``); without it the explainers train on the training
+    images."""
+    train, test = generate_model_data(spec, folder, per_class, test_per_class, seed, progress=progress, log=log)
+    if explainer_per_class is None:
+        return train, test, train
+    return train, test, generate_explainer_data(spec, folder, explainer_per_class, seed, progress=progress, log=log)
+
+
+def with_explainers(params: dict, model, checkpoints: Mapping[str, str | os.PathLike]) -> dict:
+    """``params`` (method -> its parameters) with each trained explainer of ``checkpoints`` (kind ->
+    its checkpoint) loaded on the model's device as that method's ``explainer``: loaded once, each
+    map is then one forward pass of the explainer."""
+    params = {name: dict(values) for name, values in params.items()}
+    for kind, checkpoint in checkpoints.items():
+        params.setdefault(kind, {})["explainer"] = load_explainer(checkpoint, model_device(model))[0]
+    return params
+
+
+def explain_with_tta(
+    model, card, items: list[dict], out: str | os.PathLike, methods: Sequence[str], params: dict
+) -> tuple[Path, Path | None]:
+    """Explain ``items`` for the pathology class with every method into ``out/maps``, then with the
+    methods of :data:`TTA_METHODS` among them again with test-time averaging (``tta``) into
+    ``out/maps_tta``. One image at a time, so that each map's time (``seconds_per_image``) is that of
+    one image, as an interactive user sees it. ``params``: method -> its parameters (a trained
+    explainer's module under ``explainer``, see :func:`with_explainers`). Returns the two
+    ``maps.csv`` (the second None when no method averages)."""
+    out = Path(out)
+    maps_csv = explain_items(
+        model, card, items, out / "maps", methods=methods, params=params, target=PATHOLOGY_CLASS, batch_size=1,
+        overlays=0, progress=False,
+    )  # fmt: skip
+    averaged = [method for method in methods if method in TTA_METHODS]
+    if not averaged:
+        return maps_csv, None
+    tta_params = {method: {**params.get(method, {}), "tta": True} for method in averaged}
+    tta_csv = explain_items(
+        model, card, items, out / "maps_tta", methods=averaged, params=tta_params, target=PATHOLOGY_CLASS,
+        batch_size=1, overlays=0, progress=False,
+    )  # fmt: skip
+    return maps_csv, tta_csv
+
+
 def _generate(run: Run) -> dict:
 
     s = run.settings
     manifests = generate_study_data(
-        builtin_model_for(DATA), run.work / "data", s["per_class"], s["test_per_class"], s["explainer_per_class"],
+        _builtin(run), run.work / "data", s["per_class"], s["test_per_class"], s["explainer_per_class"],
         run.seed, progress=run.progress, log=run.log,
     )  # fmt: skip
     return dict(zip(("train", "test", "explainer"), map(str, manifests)))
@@ -111,7 +224,7 @@ def _train_classifier(run: Run) -> dict:
     s = run.settings
     checkpoint = run.work / "classifier.pt"
     _, card = train_builtin_model(
-        builtin_model_for(DATA), run.work / "data", checkpoint, epochs=s["epochs"], input_size=s["input_size"],
+        _builtin(run), run.work / "data", checkpoint, epochs=s["epochs"], input_size=s["input_size"],
         seed=run.seed, device=str(run.device), progress=run.progress, log=run.log,
     )  # fmt: skip
     return {"checkpoint": str(checkpoint), **card.metrics}
@@ -142,9 +255,7 @@ def _explain_block(run: Run, model, card, params: dict, indices: list[int], item
 
     block = indices[0] // BLOCK_SIZE
     params = {**params, "meaningful_perturbation": {"steps": run.settings["mp_steps"], "seed": run.seed + block}}
-    maps_csv, tta_csv = explain_with_tta(
-        model, card, items, _block_folder(run, block), run.settings["methods"], params, overlays=0, progress=False
-    )
+    maps_csv, tta_csv = explain_with_tta(model, card, items, _block_folder(run, block), run.settings["methods"], params)
     rows = []
     for tta, path in ((False, maps_csv), (True, tta_csv)):
         if path is not None:
@@ -179,7 +290,8 @@ def _overlay_figure(run: Run, items: list[dict]) -> Path:
         }
         for item in shown
     ]
-    title = "Maps for the opacity class; cyan: the opacity mask"
+    pathology = _builtin(run).labels[PATHOLOGY_CLASS]
+    title = f"Maps for the {pathology} class; cyan: the {pathology} mask"
     return save_overlay_grid(cases, list(cases[0]["maps"]), run.figure("maps"), title)
 
 
@@ -196,7 +308,7 @@ def _iou_figure(run: Run, summary: list[dict]) -> Path:
         ax.fill_between(percentiles, low, high, color=line.get_color(), alpha=0.12, lw=0)
         line.set_label(label(row["method"], row["tta"]))
     ax.set_xlabel("percentile p (the map's top 100 - p % of pixels)")
-    ax.set_ylabel("IoU with the opacity mask")
+    ax.set_ylabel(f"IoU with the {_builtin(run).labels[PATHOLOGY_CLASS]} mask")
     ax.legend(fontsize=7, frameon=False)
     ax.grid(alpha=0.3)
     return save_figure(fig, run.figure("iou_by_percentile"))
@@ -205,6 +317,8 @@ def _iou_figure(run: Run, summary: list[dict]) -> Path:
 def run_explainers(run: Run) -> None:
 
     s = run.settings
+    spec = _builtin(run)
+    pathology = spec.labels[PATHOLOGY_CLASS]
     manifests = run.step("data", lambda: _generate(run))
     for name in ("train", "test", "explainer"):
         if name != "explainer" or manifests["explainer"] != manifests["train"]:
@@ -239,14 +353,15 @@ def run_explainers(run: Run) -> None:
     run.section(
         Section(
             "Localization and time per map",
-            "Which method's map of the opacity class finds the simulated opacities best (AUC_loc total and "
+            f"Which method's map of the {pathology} class finds it best (AUC_loc total and "
             "partial, IoU of the map's top pixels with the mask), and how long does one map take?",
             [
                 {**row, **{k: v for k, v in time.items() if k.startswith("seconds")}}
                 for row, time in zip(summary, seconds)
             ],
             figures,
-            note=f"{len(items)} test images with an opacity mask, explained one at a time at {s['input_size']} px and "
+            note=f"{len(items)} test images with a {pathology} mask, explained one at a time at "
+            f"{s['input_size'] or spec.input_size} px and "
             "scored on their own grid. auprc: AUC_loc, the area under the pixel precision-recall curve of "
             "the map against the mask (chance: the mask's area fraction); partial_auprc: the same area up to recall "
             "0.5 (at most 0.5); iou_pXX: IoU of the pixels above the map's XXth percentile with the mask. tta: the "

@@ -1,36 +1,39 @@
-"""``trainable_vs_posthoc``: do trainable class maps (WILDCAT) find opacities better than post-hoc maps?
+"""``trainable_vs_posthoc``: do trainable class maps (WILDCAT) find the pathology better than post-hoc maps?
 
 The WILDCAT study (Durand et al. 2017: a classifier's own class maps against post-hoc maps, on
-pneumonia opacities in chest X-rays) on the built-in chest X-ray model (``experiments.builtin_models``:
-simulated opacities with exact masks on a real radiograph). Rank 0 generates the training and test
-images (``image_size`` px) and trains, for each of ``backbones`` (with its ``arch_kwargs``), the
-recipe's classifier twice from the image labels alone (``input_size`` px, ``epochs``, up to
-``attempts`` seeds): with the backbone's own head ("plain") and with a WILDCAT head (``wildcat``:
-its options, ``models.wildcat``). Every test image is then explained for the opacity class, in
-blocks of :data:`BLOCK_SIZE` images dealt to the ranks: the plain model by each post-hoc method of
-``methods`` (parameters ``method_params``), the WILDCAT model by its class map as it is
-(``wildcat``) and against the other class (``wildcat (contrast)``); the mean training mask
-(``baseline_mean_mask``) is the map that knows where opacities tend to lie but not where this
-image's are.
+pneumonia opacities in chest X-rays) on a built-in model (``experiments.builtin_models``, the
+``dataset`` setting: ``chest-xray``, simulated opacities with exact masks on a real radiograph, or
+``ct-lesions``, lung lesions in 3D CT crops). Rank 0 generates the training and test images
+(``image_size`` px per side; None: the generator's own) and trains, for each of ``backbones`` (with
+its ``arch_kwargs``), the classifier twice from the image labels alone (``input_size`` px, None:
+the built-in model's; ``epochs``, up to ``attempts`` seeds): with the backbone's own head ("plain")
+and with a WILDCAT head (``wildcat``: its options, ``models.wildcat``). Every test image is then
+explained for the pathology class (class :data:`PATHOLOGY_CLASS`), in blocks of :data:`BLOCK_SIZE`
+images dealt to the ranks: the plain model by each post-hoc method of ``methods`` (parameters
+``method_params``), the WILDCAT model by its class map as it is (``wildcat``) and against the other
+class (``wildcat (contrast)``); the mean training mask (``baseline_mean_mask``) is the map that
+knows where the pathology tends to lie but not where this image's is.
 
 Rows (``results/localization.csv``): one per test image x method x backbone: ``head`` (the model
-explained: plain, wildcat, none for the baseline), ``label`` (1: opacity), ``probability`` (that
-model's probability of opacity; the plain model's for the baseline), ``auprc`` (AUC_loc: area under
-the pixel precision-recall curve of the map against the opacity mask, in [0, 1]) and
-``pointwise_hit`` (the map's maximum lies in the mask), both empty for an image without opacity and
-scored on the images' own grid; ``results/localization_summary.csv``: their mean and 95% CI per
-backbone x method over the opacity images (``n``). ``results/detection.csv``: per backbone x method the pointwise
-detection AP (Oquab et al. 2015, WILDCAT: all test images ranked by ``probability``, a hit on an
-opacity image is a true positive) and the test ROC AUC of the model explained;
-``results/classification.csv``: each model's test and validation scores. Figures: the first
-``figure_cases`` opacity images' maps by every method and backbone, and AUPRC and pointwise AP per
-method and backbone.
+explained: plain, wildcat, none for the baseline), ``label`` (1: pathology), ``probability`` (that
+model's probability of the pathology; the plain model's for the baseline), ``auprc`` (AUC_loc: area
+under the pixel precision-recall curve of the map against the pathology mask, in [0, 1]) and
+``pointwise_hit`` (the map's maximum lies in the mask), both empty for an image without pathology
+and scored on the images' own grid; ``results/localization_summary.csv``: their mean and 95% CI per
+backbone x method over the pathology images (``n``). ``results/detection.csv``: per backbone x
+method the pointwise detection AP (Oquab et al. 2015, WILDCAT: all test images ranked by
+``probability``, a hit on a pathology image is a true positive) and the test ROC AUC of the model
+explained; ``results/classification.csv``: each model's test and validation scores. Figures: the
+first ``figure_cases`` pathology images' maps by every method and backbone, and AUPRC and pointwise
+AP per method and backbone.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,23 +41,34 @@ import numpy as np
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.evaluation.inputs import mean_training_mask
-from monai_sal_app.experiments.builtin_models import builtin_model_for, generate_model_data, train_builtin_model
+from monai_sal_app.experiments.builtin_models import (
+    DefaultModel,
+    builtin_model_for,
+    generate_model_data,
+    train_builtin_model,
+)
 from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer, check_names
-from monai_sal_app.experiments.wildcat import PATHOLOGY_CLASS, WILDCAT_MAPS, image_scores, pointwise_ap, score_map
 from monai_sal_app.experiments.workflows import explain_items
+from monai_sal_app.metrics.localization import auprc, pointwise_average_precision, pointwise_hit
 from monai_sal_app.metrics.stats import summarize
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.factory import ARCHITECTURES, check_arch_kwargs, head_options
 from monai_sal_app.saliency import get_method
 
-DATA = "chest-xray"  # the built-in model (experiments.builtin_models.builtin_model_for)
+PATHOLOGY_CLASS = 1  # the class whose evidence the masks outline (opacity, lesion)
+# How a WILDCAT model is explained: (folder of its maps, explain_items' params, suffix of the rows' method)
+WILDCAT_MAPS = (
+    ("wildcat", {}, ""),
+    ("wildcat_contrast", {"wildcat": {"contrast": True}}, " (contrast)"),
+)
 BLOCK_SIZE = 8  # test images per block of work: fixed, so results do not depend on the number of ranks
 BASELINE = "baseline_mean_mask"
 HEADS = ("plain", "wildcat")
 CLASSIFICATION = ("test_auc", "test_balanced_accuracy", "val_auc", "best_epoch", "n_test")
 
 SETTINGS = {
+    "dataset": "chest-xray",  # the built-in model whose data to generate: chest-xray (2D) or ct-lesions (3D)
     "backbones": ["conv5fc3", "resnet18"],  # models.factory.ARCHITECTURES, each trained plain and with WILDCAT
     "arch_kwargs": {"resnet18": {"block_inplanes": [32, 64, 128, 256]}},  # backbone -> its network's options
     "methods": [  # post-hoc methods run on each plain model
@@ -74,13 +88,62 @@ SETTINGS = {
     },
     "wildcat": {},  # WILDCAT head options kmax, kmin, alpha, maps (not given: models.wildcat.WILDCAT_DEFAULTS)
     "per_class": 100,  # training images per class (a fifth of them held out for validation)
-    "test_per_class": 25,  # test images per class (the opacity class's have a mask)
-    "image_size": 64,  # side of the generated images and masks in pixels: maps are scored on this grid
-    "input_size": 64,  # the networks' input side in pixels
+    "test_per_class": 25,  # test images per class (the pathology class's have a mask)
+    "image_size": 64,  # side of the generated images and masks (None: the generator's); maps are scored on them
+    "input_size": 64,  # the networks' input side (None: the built-in model's)
     "epochs": 20,
     "attempts": 1,  # trainings per model, the next seed while validation AUC < recipes.MIN_VAL_AUC
-    "figure_cases": 2,  # opacity test images shown in the maps figure
+    "figure_cases": 2,  # pathology test images shown in the maps figure
 }
+
+
+def score_map(saliency: np.ndarray, mask: np.ndarray | None) -> dict:
+    """Localization of one map: ``auprc`` (``metrics.localization.auprc``, in [0, 1]; None without a
+    mask or with an empty one) and ``pointwise_hit`` (the map's maximum in the mask; False without
+    one). ``saliency``: (H, W) or (D, H, W), any unit; ``mask``: boolean, the same grid, or None."""
+    return {
+        "auprc": auprc(saliency, mask) if mask is not None and mask.any() else None,
+        "pointwise_hit": bool(pointwise_hit(saliency, mask)) if mask is not None else False,
+    }
+
+
+def image_scores(maps_csv: str | os.PathLike) -> list[dict]:
+    """One row per map of a ``maps.csv`` (``workflows.explain_items``' output), in the file's order:
+    ``id``, ``method``, ``label``, ``probability`` (the classifier's probability of
+    :data:`PATHOLOGY_CLASS`), the :func:`score_map` of the map against its mask and
+    ``seconds_per_map`` (wall time, seconds). ValueError when a map explains another class
+    (``target`` column)."""
+    with open(maps_csv, newline="") as handle:
+        entries = list(csv.DictReader(handle))
+    if not entries:
+        raise ValueError(f"{maps_csv}: no maps listed")
+    rows = []
+    for entry in entries:
+        if int(entry["target"]) != PATHOLOGY_CLASS:
+            raise ValueError(f"{maps_csv}: {entry['id']} explains class {entry['target']}, not {PATHOLOGY_CLASS}")
+        saliency, _ = read_image(entry["map"], allow_constant=True)
+        rows.append(
+            {
+                "id": entry["id"],
+                "method": entry["method"],
+                "label": int(entry["label"]),
+                "probability": float(entry["probability"]),
+                **score_map(saliency, _read_mask(entry)),
+                "seconds_per_map": float(entry["seconds_per_image"]),
+            }
+        )
+    return rows
+
+
+def pointwise_ap(rows: Sequence[dict]) -> float:
+    """Pointwise detection AP (``metrics.localization.pointwise_average_precision``, in [0, 1]) of
+    one method's rows of :func:`image_scores`: the images ranked by ``probability``, the positives
+    those labelled :data:`PATHOLOGY_CLASS`. ValueError when no image is."""
+    return pointwise_average_precision(
+        [row["probability"] for row in rows],
+        [row["pointwise_hit"] for row in rows],
+        [int(row["label"] == PATHOLOGY_CLASS) for row in rows],
+    )
 
 
 def _posthoc(method: str) -> None:
@@ -93,6 +156,7 @@ def _posthoc(method: str) -> None:
 
 def _validate(settings: dict) -> None:
 
+    builtin_model_for(settings["dataset"])
     for backbone in check_names(settings, "backbones"):
         if backbone not in ARCHITECTURES:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(ARCHITECTURES)}")
@@ -116,7 +180,8 @@ def _validate(settings: dict) -> None:
     for key in ("test_per_class", "epochs", "attempts", "figure_cases"):
         check_integer(settings, key)
     for key in ("image_size", "input_size"):
-        check_integer(settings, key, 16)  # conv5-fc3 pools its input four times
+        if settings[key] is not None:
+            check_integer(settings, key, 16)  # conv5-fc3 pools its input four times
     if settings["figure_cases"] > settings["test_per_class"]:
         raise ValueError(
             f"figure_cases ({settings['figure_cases']}) must not exceed test_per_class ({settings['test_per_class']})"
@@ -137,11 +202,15 @@ def explanations(settings: dict, seed: int = 0) -> list[tuple[str, str, tuple[st
     return maps + [("wildcat", folder, ("wildcat",), values, suffix) for folder, values, suffix in WILDCAT_MAPS]
 
 
+def _builtin(run: Run) -> DefaultModel:
+    return builtin_model_for(run.settings["dataset"])
+
+
 def _generate(run: Run) -> dict:
 
     s = run.settings
     train, test = generate_model_data(
-        builtin_model_for(DATA), run.work / "data", s["per_class"], s["test_per_class"], run.seed, size=s["image_size"],
+        _builtin(run), run.work / "data", s["per_class"], s["test_per_class"], run.seed, size=s["image_size"],
         progress=run.progress, log=run.log,
     )  # fmt: skip
     return {"train": str(train), "test": str(test)}
@@ -152,7 +221,7 @@ def _train(run: Run, backbone: str, head: str) -> dict:
     s = run.settings
     checkpoint = run.work / "models" / f"{backbone}_{head}.pt"
     _, card = train_builtin_model(
-        builtin_model_for(DATA), run.work / "data", checkpoint, arch=backbone, arch_kwargs=s["arch_kwargs"].get(backbone),
+        _builtin(run), run.work / "data", checkpoint, arch=backbone, arch_kwargs=s["arch_kwargs"].get(backbone),
         head={"name": "wildcat", **s["wildcat"]} if head == "wildcat" else None, epochs=s["epochs"],
         input_size=s["input_size"], attempts=s["attempts"], seed=run.seed, device=str(run.device),
         progress=run.progress, log=run.log,
@@ -165,7 +234,7 @@ def _maps_folder(run: Run, backbone: str, folder: str, block: int) -> Path:
 
 
 def _read_mask(item: dict) -> np.ndarray | None:
-
+    """The boolean mask of a manifest's or a ``maps.csv``'s row, or None when it has none."""
     return read_image(item["mask"], allow_constant=True)[0] > 0.5 if item.get("mask") else None
 
 
@@ -214,7 +283,7 @@ def _ordered(rows: list[dict], backbones: list[str]) -> list[dict]:
 
 def _detection(rows: list[dict], trained: dict) -> list[dict]:
     """Per backbone x method: the test AUC of the model explained (the plain one for the baseline),
-    the number of images and of opacity images, the pointwise detection AP."""
+    the number of images and of pathology images, the pointwise detection AP."""
 
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -226,7 +295,7 @@ def _detection(rows: list[dict], trained: dict) -> list[dict]:
             "method": method,
             "test_auc": trained[backbone, "plain" if head == "none" else head]["test_auc"],
             "n_images": len(group),
-            "n_opacity": sum(row["label"] == PATHOLOGY_CLASS for row in group),
+            "n_pathology": sum(row["label"] == PATHOLOGY_CLASS for row in group),
             "pointwise_ap": pointwise_ap(group),
         }
         for (backbone, head, method), group in groups.items()
@@ -234,7 +303,7 @@ def _detection(rows: list[dict], trained: dict) -> list[dict]:
 
 
 def _maps_figure(run: Run, test_items: list[dict], baseline: np.ndarray) -> Path:
-    """The first ``figure_cases`` opacity test images, each backbone's maps by every method over them."""
+    """The first ``figure_cases`` pathology test images, each backbone's maps by every method over them."""
 
     s = run.settings
     shown = [(index, item) for index, item in enumerate(test_items) if item.get("mask")][: s["figure_cases"]]
@@ -256,7 +325,8 @@ def _maps_figure(run: Run, test_items: list[dict], baseline: np.ndarray) -> Path
                     "maps": {**maps[item["id"]], BASELINE: baseline},
                 }
             )
-    title = "Maps of the opacity class (post-hoc on the plain model, WILDCAT's own, the baseline); cyan: the mask"
+    pathology = _builtin(run).labels[PATHOLOGY_CLASS]
+    title = f"Maps of the {pathology} class (post-hoc on the plain model, WILDCAT's own, the baseline); cyan: the mask"
     return save_overlay_grid(cases, list(cases[0]["maps"]), run.figure("maps"), title)
 
 
@@ -280,7 +350,7 @@ def _bars_figure(run: Run, summary: list[dict], detection: list[dict]) -> Path:
         axes[1].barh(y, [ap[m] for m in methods], height, label=backbone)
     axes[0].set_yticks(range(len(methods)), methods, fontsize=7)
     axes[0].invert_yaxis()
-    axes[0].set_xlabel("AUPRC against the opacity mask (mean, 95% CI)")
+    axes[0].set_xlabel(f"AUPRC against the {_builtin(run).labels[PATHOLOGY_CLASS]} mask (mean, 95% CI)")
     axes[1].set_xlabel("pointwise detection AP")
     axes[1].legend(fontsize=7, frameon=False)
     for ax in axes:
@@ -292,6 +362,8 @@ def _bars_figure(run: Run, summary: list[dict], detection: list[dict]) -> Path:
 def run_trainable_vs_posthoc(run: Run) -> None:
 
     s = run.settings
+    spec = _builtin(run)
+    normal, pathology = spec.labels[0], spec.labels[PATHOLOGY_CLASS]
     manifests = run.step("data", lambda: _generate(run))
     for name, manifest in manifests.items():
         run.record_data(name, manifest)
@@ -318,11 +390,11 @@ def run_trainable_vs_posthoc(run: Run) -> None:
         for row in rows
     ]
     run.table("localization", scores)
-    # Summarised over the opacity images only (a normal image has no mask to score), so n counts them.
-    opacity = [row for row in scores if row["auprc"] is not None]
+    # Summarised over the pathology images only (the others have no mask to score), so n counts them.
+    masked = [row for row in scores if row["auprc"] is not None]
     summary = run.table(
         "localization_summary",
-        summarize(opacity, group_by=("backbone", "head", "method"), metrics=("auprc", "pointwise_hit")),
+        summarize(masked, group_by=("backbone", "head", "method"), metrics=("auprc", "pointwise_hit")),
     )
     detection = run.table("detection", _detection(rows, trained))
     classification = run.table(
@@ -339,14 +411,16 @@ def run_trainable_vs_posthoc(run: Run) -> None:
     )
     figures = [_maps_figure(run, test_items, baseline), _bars_figure(run, summary, detection)] if run.is_main else []
 
-    n_opacity = sum(int(item["label"]) == 1 for item in test_items)
+    n_pathology = sum(int(item["label"]) == PATHOLOGY_CLASS for item in test_items)
+    image_side = f"{s['image_size']} px" if s["image_size"] else "the generator's size"
+    input_side = s["input_size"] or spec.input_size
     run.section(
         Section(
             "Classification",
-            "Does the WILDCAT head classify opacity against normal as well as each backbone's own head?",
+            f"Does the WILDCAT head classify {pathology} against {normal} as well as each backbone's own head?",
             classification,
             note=f"Each model trained from the image labels alone on {2 * s['per_class']} generated images (a fifth "
-            f"held out for validation) at {s['input_size']} px for {s['epochs']} epochs, and scored on "
+            f"held out for validation) at {input_side} px for {s['epochs']} epochs, and scored on "
             f"{len(test_items)} test images: ROC AUC, and balanced accuracy at the validation-chosen threshold. "
             "arch_kwargs: the network's options (block_inplanes: the widths of a ResNet's four stages, "
             "64, 128, 256, 512 by default).",
@@ -355,14 +429,14 @@ def run_trainable_vs_posthoc(run: Run) -> None:
     run.section(
         Section(
             "Localization",
-            "Which maps outline the opacities best, WILDCAT's own class maps or the post-hoc maps of the plain "
+            f"Which maps outline the {pathology} best, WILDCAT's own class maps or the post-hoc maps of the plain "
             "classifier, and which do better than the mean training mask?",
             summary,
             figures,
-            note=f"auprc: area under the pixel precision-recall curve of the map against the opacity mask, on the "
-            f"{n_opacity} opacity test images at {s['image_size']} px (chance: the mask's area fraction); "
-            "pointwise_hit: share of them whose map has its maximum inside the mask; n: those opacity images. "
-            "wildcat (contrast): the opacity class map minus the normal one. "
+            note=f"auprc: area under the pixel precision-recall curve of the map against the {pathology} mask, on "
+            f"the {n_pathology} {pathology} test images at {image_side} (chance: the mask's area fraction); "
+            f"pointwise_hit: share of them whose map has its maximum inside the mask; n: those {pathology} images. "
+            f"wildcat (contrast): the {pathology} class map minus the {normal} one. "
             f"{BASELINE}: the fraction of training masks covering each pixel, the same map for every image.",
         )
     )
@@ -374,12 +448,12 @@ def run_trainable_vs_posthoc(run: Run) -> None:
     run.section(
         Section(
             "Pointwise detection",
-            "Ranked by the classifier's probability of opacity, how many test images are opacities whose map "
-            "peaks inside an opacity (pointwise AP)?",
+            f"Ranked by the classifier's probability of {pathology}, how many test images show {pathology} whose "
+            "map peaks inside it (pointwise AP)?",
             [{**row, "seconds_per_map": timing.get((row["backbone"], row["method"]))} for row in detection],
             note="pointwise_ap: average precision over all test images ranked by probability, an image counting as "
-            "a true positive when it has an opacity and its map's maximum lies in it (Oquab et al. 2015, as WILDCAT "
-            f"reports it); {BASELINE} is ranked by the plain model's probability. test_auc: of the model explained. "
+            f"a true positive when it shows {pathology} and its map's maximum lies in it (Oquab et al. 2015, as "
+            f"WILDCAT reports it); {BASELINE} is ranked by the plain model's probability. test_auc: of the model explained. "
             f"seconds_per_map: wall time of one map on {run.device} (it varies from run to run and is not in the "
             "CSVs).",
         )
