@@ -99,7 +99,7 @@ QUICK_WORK = {
     "xrai": {"steps": 2},
     "meaningful_perturbation": {"steps": 2},
 }
-# --trimmed: the work that makes the full run feasible (~20 min on 2 idle CPU cores). 2d224b1 keeps
+# --trimmed: the work that makes the full run feasible on a CPU. 2d224b1 keeps
 # the library's defaults (the reference numbers); the batch of 8 and the volumes do less.
 TRIMMED_WORK = {
     "2d224b8": {
