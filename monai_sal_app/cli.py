@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from monai_sal_app.data.generators import GENERATORS, get_generator
+
 
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -35,11 +37,9 @@ def _method_params(pairs: list[str]) -> dict:
 
 
 def cmd_data(args) -> None:
-    from monai_sal_app.data.generators import GENERATORS
-
     # options not given keep the generator's own defaults (preset, dim, size, per_class)
     given = {k: getattr(args, k) for k in ("preset", "dim", "size", "per_class") if getattr(args, k) is not None}
-    manifest = GENERATORS[args.generator](args.out, seed=args.seed, progress=not args.quiet, **given)
+    manifest = get_generator(args.generator).generate(args.out, seed=args.seed, progress=not args.quiet, **given)
     print(f"wrote {manifest}")
 
 
@@ -293,24 +293,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from monai_sal_app.data.generators import DEFAULT_DIM, GENERATORS, PRESETS
-
     p = sub.add_parser("data", help="generate a dataset with known ground truth")
     p.add_argument("generator", choices=sorted(GENERATORS))
     p.add_argument(
         "--preset",
         default=None,
-        help="; ".join(f"{g}: {', '.join(v)}" for g, v in PRESETS.items()) + " (default: the first)",
+        help="; ".join(f"{g}: {', '.join(s.presets)} (default {s.default_preset})" for g, s in GENERATORS.items()),
     )
     p.add_argument(
         "--dim",
         type=int,
         default=None,
         choices=[2, 3],
-        help="; ".join(f"{g}: {d}D" for g, d in DEFAULT_DIM.items()) + " when not given",
+        help="; ".join(f"{g}: {s.default_dim}D" for g, s in GENERATORS.items()) + " when not given",
     )
     p.add_argument(
-        "--size", type=int, default=None, help="pixels per side (generator default, e.g. 128 in 2D, 64 in 3D)"
+        "--size",
+        type=int,
+        default=None,
+        help="pixels per side (default: "
+        + "; ".join(
+            f"{g}: " + ", ".join(f"{side} in {dim}D" for dim, side in sorted(s.default_size.items()))
+            for g, s in GENERATORS.items()
+        )
+        + ")",
     )
     p.add_argument("--per-class", type=int, default=None, help="override the preset's images per class")
     p.add_argument("--seed", type=int, default=0)
