@@ -94,17 +94,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--studies", default=None, help="datastore folder (default <workdir>/studies, filled with held-out test images)"
     )
     p.add_argument("--model-dir", default=None, help="checkpoint folder (default <workdir>/model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000)
     p.add_argument(
-        "--epochs",
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface; default %(default)s)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="(default %(default)s)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help=f"epochs for the default models (default: {_per_model('epochs')})"
+    )
+    p.add_argument(
+        "--per-class", type=int, default=None, help=f"training images per class (default: {_per_model('per_class')})"
+    )
+    p.add_argument(
+        "--test-per-class",
         type=int,
         default=None,
-        help="epochs for the default models (default: per model, 25 real, 10 shepp-logan)",
-    )
-    p.add_argument("--per-class", type=int, default=None, help="training images per class (default: per model)")
-    p.add_argument(
-        "--test-per-class", type=int, default=None, help="held-out test images per class (default: per model, 50)"
+        help=f"held-out test images per class (default: {_per_model('test_per_class')})",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: CUDA when available)")
@@ -112,6 +116,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prepare-only", action="store_true", help="prepare data and models, do not start the server")
     p.set_defaults(func=run)
     return p
+
+
+def _per_model(field: str) -> str:
+    """Each default model's ``field``, for the help: "real: chest_xray_2d 40, ct_lesion_3d 30; ..."."""
+    return "; ".join(
+        f"{data}: " + ", ".join(f"{name} {getattr(spec, field)}" for name, spec in models.items())
+        for data, models in DEFAULT_MODELS.items()
+    )
 
 
 def prepare(

@@ -13,11 +13,11 @@ The real-anatomy generators (``brain-atrophy``, ``chest-xray``, ``ct-lesions``) 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from monai_sal_app.arguments import keyword_defaults
 from monai_sal_app.data import brain_atrophy, chest_xray, ct_lesions, shepp_logan
 from monai_sal_app.data.dataset_writer import DatasetSpec
 
@@ -43,11 +43,11 @@ class GeneratorSpec:
 
     @property
     def default_preset(self) -> str:
-        return inspect.signature(self.generate).parameters["preset"].default
+        return keyword_defaults(self.generate)["preset"]
 
     @property
     def default_dim(self) -> int:
-        return inspect.signature(self.generate).parameters["dim"].default
+        return keyword_defaults(self.generate)["dim"]
 
     @property
     def default_size(self) -> Mapping[int, int]:
