@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -37,14 +38,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import torch
+
+from monai_sal_app.data.bases import BaseNotInstalled, chest_radiograph_file, lung_ct_files
+from monai_sal_app.data.manifest import read_manifest
+from monai_sal_app.evaluation.trust import read_trust_card, trust_card_path
 from monai_sal_app.experiments.builtin_models import (
     DEFAULT_MODELS,
     DefaultModel,
     generate_model_data,
     train_builtin_model,
 )
+from monai_sal_app.experiments.trust_report import run_trust
 
 __all__ = [
     "APP_MAIN_PY",
@@ -177,8 +185,6 @@ def prepare(
         for task in tasks:
             _prepare_model(*task, progress=progress)
         return studies
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: the parent may already run torch's thread pools
     context = multiprocessing.get_context("spawn")
@@ -190,8 +196,6 @@ def prepare(
 
 def _share_cores(threads: int) -> None:
     """Worker initializer: this process's share of the cores for torch."""
-    import torch
-
     torch.set_num_threads(max(1, threads))
 
 
@@ -210,9 +214,6 @@ def _prepare_model(
     progress: bool,
 ) -> None:
     """Data, datastore studies and checkpoint of one default model (see :func:`prepare`)."""
-    from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.evaluation.trust import read_trust_card, trust_card_path
-    from monai_sal_app.experiments.trust_report import run_trust
 
     def log(message: str) -> None:
         print(f"{name}: {message}", flush=True)
@@ -264,8 +265,6 @@ def _copy_studies(name: str, items: list[dict], studies: Path) -> None:
 
 def _check_real_bases() -> None:
     """Raise ``BaseNotInstalled`` (with the install command) if the chest or CT base is missing."""
-    from monai_sal_app.data.bases import BaseNotInstalled, chest_radiograph_file, lung_ct_files
-
     try:
         chest_radiograph_file()
         lung_ct_files()
@@ -276,7 +275,7 @@ def _check_real_bases() -> None:
 def require_server_extra() -> None:
     """Raise :class:`ServerExtraMissing` (naming the install command) if MONAI Label is not installed."""
     try:
-        import monailabel  # noqa: F401
+        import monailabel  # noqa: F401  (the optional server extra: imported here to see whether it is installed)
     except ImportError:
         raise ServerExtraMissing(f"serving needs MONAI Label, which is not installed: {SERVER_EXTRA}") from None
 
@@ -311,7 +310,7 @@ def start_server(
     app_dir: str | os.PathLike, studies: str | os.PathLike, host: str, port: int, conf: dict[str, str]
 ) -> None:
     """Run MONAI Label's ``start_server`` (blocks until the server stops)."""
-    from monailabel.main import Main
+    from monailabel.main import Main  # the optional server extra: require_server_extra has checked it
 
     main = Main()
     parser = argparse.ArgumentParser()
