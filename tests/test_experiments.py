@@ -35,6 +35,11 @@ from monai_sal_app.experiments.studies.subtypes import conditions
 RECIPE = "subtypes"  # conftest's smoke_run
 
 
+def test_every_study_module_is_registered_under_its_name():
+    modules = sorted(module.name for module in pkgutil.iter_modules(studies.__path__))
+    assert list(RECIPES) == modules
+
+
 def test_every_builtin_recipe_resolves_at_every_scale():
     assert config_folder() == REPO / "configs" / "experiments"
     names = experiment_names()
@@ -45,11 +50,6 @@ def test_every_builtin_recipe_resolves_at_every_scale():
             config = resolve_config(name, scale)
             assert config["scale"] == scale and config["title"] and config["question"]
             assert set(config["settings"]) == set(RECIPES[config["recipe"]].settings)
-
-
-def test_every_study_module_is_registered_under_its_name():
-    modules = sorted(module.name for module in pkgutil.iter_modules(studies.__path__))
-    assert list(RECIPES) == modules
 
 
 def test_experiment_list_prints_every_recipe(capsys):
