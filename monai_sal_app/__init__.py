@@ -10,7 +10,8 @@ __all__ = ["__version__", "available_methods", "explain"]
 
 
 def __getattr__(name):
-    # Lazy: ``import monai_sal_app.metrics`` must not pull torch in (the Slicer module uses it).
+    # Here, not at the top: ``import monai_sal_app`` (and so ``import monai_sal_app.metrics`` or
+    # ``.data``) does not import torch and MONAI, which the methods need (about 5 s at start-up).
     if name in ("explain", "available_methods"):
         from monai_sal_app import saliency
 

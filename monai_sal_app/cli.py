@@ -16,6 +16,25 @@ import json
 import sys
 from pathlib import Path
 
+from monai_sal_app import distributed, serve
+from monai_sal_app.arguments import keyword_defaults
+from monai_sal_app.data.generators import GENERATORS, get_generator
+from monai_sal_app.evaluation.fidelity import BASELINES
+from monai_sal_app.evaluation.trust import CHECKS, DEFAULT_TRUST_METHODS
+from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
+from monai_sal_app.experiments.trust_report import run_trust, summary_rows
+from monai_sal_app.experiments.workflows import evaluate_maps, explain_items
+from monai_sal_app.explainers.kinds import EXPLAINER_KINDS
+from monai_sal_app.metrics.stats import to_markdown
+from monai_sal_app.models.augment import AUGMENTATIONS
+from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.models.factory import HEADS, get_head
+from monai_sal_app.models.inputs import read_items
+from monai_sal_app.models.manifest_training import train_from_manifest
+from monai_sal_app.saliency import available_methods, get_method
+from monai_sal_app.saliency.core import check_request
+from monai_sal_app.saliency.postprocess import POSTPROCESSING
+
 
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -36,17 +55,13 @@ def _method_params(pairs: list[str], flag: str = "--param") -> dict:
 
 
 def cmd_data(args) -> None:
-    from monai_sal_app.data.generators import GENERATORS
-
     # options not given keep the generator's own defaults (preset, dim, size, per_class)
     given = {k: getattr(args, k) for k in ("preset", "dim", "size", "per_class") if getattr(args, k) is not None}
-    manifest = GENERATORS[args.generator](args.out, seed=args.seed, progress=not args.quiet, **given)
+    manifest = get_generator(args.generator).generate(args.out, seed=args.seed, progress=not args.quiet, **given)
     print(f"wrote {manifest}")
 
 
 def cmd_train(args) -> None:
-    from monai_sal_app.models.manifest_training import train_from_manifest
-
     train_from_manifest(
         args.data,
         args.out,
@@ -68,7 +83,8 @@ def cmd_train(args) -> None:
     )
 
 
-WILDCAT_OPTIONS = ("kmax", "kmin", "alpha", "maps")
+WILDCAT = get_head("wildcat")
+WILDCAT_OPTIONS = tuple(WILDCAT.defaults)
 _UNSET = object()  # a WILDCAT option not given on the command line (its default is the library's)
 
 
@@ -84,12 +100,38 @@ def _k(text: str) -> float | int | None:
 
 
 def _add_wildcat_options(p: argparse.ArgumentParser) -> None:
+    default = WILDCAT.defaults
     p.add_argument(
-        "--kmax", type=_k, default=_UNSET, help="WILDCAT top positions: fraction (0.2) or count (default 0.2)"
+        "--kmax",
+        type=_k,
+        default=_UNSET,
+        help=f"WILDCAT top positions: fraction (e.g. 0.2) or count (default {default['kmax']})",
     )
-    p.add_argument("--kmin", type=_k, default=_UNSET, help="WILDCAT bottom positions, 0 for none (default: as kmax)")
-    p.add_argument("--alpha", type=float, default=_UNSET, help="WILDCAT weight of the bottom term (default 0.7)")
-    p.add_argument("--maps", type=int, default=_UNSET, help="WILDCAT maps per class, M (default 8)")
+    kmin = "as kmax" if default["kmin"] is None else default["kmin"]
+    p.add_argument("--kmin", type=_k, default=_UNSET, help=f"WILDCAT bottom positions, 0 for none (default: {kmin})")
+    p.add_argument(
+        "--alpha", type=float, default=_UNSET, help=f"WILDCAT weight of the bottom term (default {default['alpha']})"
+    )
+    p.add_argument("--maps", type=int, default=_UNSET, help=f"WILDCAT maps per class, M (default {default['maps']})")
+
+
+def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """--epochs, --batch-size, --lr, --patience, --val-fraction with the training function's ``defaults``."""
+    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="(default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="(default %(default)s)")
+    p.add_argument("--lr", type=float, default=defaults["lr"], help="Adam's learning rate (default %(default)s)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=defaults["patience"],
+        help="epochs without a better validation score before stopping (default %(default)s)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=defaults["val_fraction"],
+        help="share of the manifest held out for validation (default %(default)s)",
+    )
 
 
 def _head(args) -> dict | None:
@@ -114,12 +156,6 @@ def _input_size(text: str | None) -> int | tuple[int, ...] | None:
 
 
 def cmd_explain(args) -> None:
-    from monai_sal_app import distributed
-    from monai_sal_app.experiments.workflows import explain_items
-    from monai_sal_app.models.checkpoint import load_classifier
-    from monai_sal_app.models.inputs import read_items
-    from monai_sal_app.saliency import get_method
-
     methods = _split(args.method)
     for m in methods:
         get_method(m)  # unknown names fail before any work
@@ -127,8 +163,6 @@ def cmd_explain(args) -> None:
     distributed.setup()
     model, card = load_classifier(args.model, device=args.device or distributed.device())
     if args.max_cost is not None:  # the server's bounds and budget, only when asked
-        from monai_sal_app.saliency.core import check_request
-
         for m in methods:
             check_request(m, params, tuple(card.input_size), args.max_cost, budget_name="--max-cost")
     source = args.images[0] if len(args.images) == 1 and args.images[0].endswith(".csv") else args.images
@@ -151,10 +185,6 @@ def cmd_explain(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from monai_sal_app import distributed
-    from monai_sal_app.experiments.workflows import evaluate_maps
-    from monai_sal_app.metrics.stats import to_markdown
-
     distributed.setup()
     maps = Path(args.maps)
     _, summary = evaluate_maps(maps / "maps.csv" if maps.is_dir() else maps, args.out)
@@ -163,10 +193,6 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_trust(args) -> None:
-    from monai_sal_app import distributed
-    from monai_sal_app.experiments.trust_report import run_trust, summary_rows
-    from monai_sal_app.metrics.stats import to_markdown
-
     distributed.setup()
     source = args.data[0] if len(args.data) == 1 and args.data[0].endswith(".csv") else args.data
     card = run_trust(
@@ -191,8 +217,6 @@ def cmd_trust(args) -> None:
 
 
 def cmd_train_explainer(args) -> None:
-    from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
-
     train_explainer_from_manifest(
         args.kind.replace("-", "_"),
         args.classifier,
@@ -211,8 +235,6 @@ def cmd_train_explainer(args) -> None:
 
 
 def cmd_methods(args) -> None:
-    from monai_sal_app.saliency import available_methods
-
     print(json.dumps(available_methods(), indent=2, default=str))
 
 
@@ -274,46 +296,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from monai_sal_app.data.generators import DEFAULT_DIM, GENERATORS, PRESETS
-
     p = sub.add_parser("data", help="generate a dataset with known ground truth")
     p.add_argument("generator", choices=sorted(GENERATORS))
     p.add_argument(
         "--preset",
         default=None,
-        help="; ".join(f"{g}: {', '.join(v)}" for g, v in PRESETS.items()) + " (default: the first)",
+        help="; ".join(f"{g}: {', '.join(s.presets)} (default {s.default_preset})" for g, s in GENERATORS.items()),
     )
     p.add_argument(
         "--dim",
         type=int,
         default=None,
         choices=[2, 3],
-        help="; ".join(f"{g}: {d}D" for g, d in DEFAULT_DIM.items()) + " when not given",
+        help="; ".join(f"{g}: {s.default_dim}D" for g, s in GENERATORS.items()) + " when not given",
     )
     p.add_argument(
-        "--size", type=int, default=None, help="pixels per side (generator default, e.g. 128 in 2D, 64 in 3D)"
+        "--size",
+        type=int,
+        default=None,
+        help="pixels per side (default: "
+        + "; ".join(
+            f"{g}: " + ", ".join(f"{side} in {dim}D" for dim, side in sorted(s.default_size.items()))
+            for g, s in GENERATORS.items()
+        )
+        + ")",
     )
     p.add_argument("--per-class", type=int, default=None, help="override the preset's images per class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_data)
 
+    train = keyword_defaults(train_from_manifest)
     p = sub.add_parser("train", help="train a classifier on a manifest; writes a state_dict and a model card")
     p.add_argument("--data", required=True, help="manifest.csv")
     p.add_argument("--test", default=None, help="optional test manifest.csv scored at the end")
     p.add_argument("--out", required=True, help="checkpoint path, e.g. model.pt (card written as model.json)")
-    p.add_argument("--arch", default="conv5fc3")
-    p.add_argument("--loss", default="ce")
+    p.add_argument("--arch", default=train["arch"], help="network (default %(default)s)")
+    p.add_argument("--loss", default=train["loss"], help="training loss (default %(default)s)")
     p.add_argument(
         "--aug",
-        default="",
-        help="comma list of noise,erasing,croppad,smoothing,flip; name:value sets its parameter, e.g. croppad:3",
+        default=",".join(train["augmentations"]),
+        help=f"comma list of {','.join(AUGMENTATIONS)}; name:value sets its parameter, e.g. croppad:3",
     )
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    _add_training_options(p, train)
     p.add_argument("--labels", default=None, help="comma list of class names, e.g. control,patient")
     p.add_argument(
         "--input-size",
@@ -322,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--head",
-        choices=("none", "wildcat"),
+        choices=("none", *HEADS),
         default="none",
         help="none: the network's own classifier; wildcat: a WILDCAT head on its last feature block, "
         "whose class maps are the saliency maps of method wildcat",
@@ -335,14 +360,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="saliency maps (NIfTI on the input grid) and overlay PNGs")
     p.add_argument("--model", required=True, help="checkpoint .pt with its .json card")
     p.add_argument("images", nargs="+", help="a manifest.csv, or image files (NIfTI, NRRD, PNG, DICOM)")
-    p.add_argument("--method", default="gradcam", help="method name or comma list (see `monai-sal methods`)")
+    p.add_argument(
+        "--method",
+        default=",".join(keyword_defaults(explain_items)["methods"]),
+        help="method name or comma list (see `monai-sal methods`; default %(default)s)",
+    )
     p.add_argument("--param", action="append", default=[], help="method parameter key=value (repeatable)")
     p.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
+    explain = keyword_defaults(explain_items)
     p.add_argument(
-        "--postprocess", default="", help="comma list of steps applied before writing: abs,minmax,clip,grayscale"
+        "--postprocess",
+        default=",".join(explain["postprocess_steps"]),
+        help=f"comma list of steps applied before writing: {','.join(POSTPROCESSING)}",
     )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--overlays", type=int, default=8, help="overlay PNGs per method")
+    p.add_argument("--batch-size", type=int, default=explain["batch_size"], help="(default %(default)s)")
+    p.add_argument(
+        "--overlays", type=int, default=explain["overlays"], help="overlay PNGs per method (default %(default)s)"
+    )
     p.add_argument(
         "--max-cost",
         type=float,
@@ -359,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_evaluate)
 
+    trust = keyword_defaults(run_trust)
     p = sub.add_parser(
         "trust", help="trust checks of a model's saliency methods; writes <model>.trust.json beside it and a report"
     )
@@ -367,19 +402,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="",
-        help="comma list (default: gradient,gradient_x_input,guided_backprop,gradcam,guided_gradcam)",
+        help=f"comma list (default: {','.join(DEFAULT_TRUST_METHODS)})",
     )
     p.add_argument(
         "--checks",
-        default="randomization,fidelity,localization",
-        help="comma list of randomization,fidelity,localization,repeatability",
+        default=",".join(trust["checks"]),
+        help=f"comma list of {','.join(CHECKS)} (default %(default)s)",
     )
     p.add_argument(
         "--compare-with",
         default="",
         help="comma list of other checkpoints (same labels and input size) for repeatability",
     )
-    p.add_argument("--max-images", type=int, default=32, help="the first N images of the data (default 32)")
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=trust["max_images"],
+        help="the first N images of the data (default %(default)s)",
+    )
     p.add_argument(
         "--train-manifest",
         default=None,
@@ -387,9 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--fidelity-replacement",
-        default="zero",
-        choices=("zero", "mean", "blur", "road"),
-        help="what replaces the pixels the fidelity check removes (road: noisy linear imputation; default zero)",
+        default=trust["fidelity_replacement"],
+        choices=BASELINES,
+        help="what replaces the pixels the fidelity check removes (road: noisy linear imputation; default %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -400,15 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train-explainer",
         help="train an explainer network for a classifier checkpoint; writes a state_dict, its card and loss curves",
     )
-    p.add_argument("kind", choices=("mask-generator", "similarity-adversarial"), help="which explainer")
+    p.add_argument("kind", choices=[kind.replace("_", "-") for kind in EXPLAINER_KINDS], help="which explainer")
     p.add_argument("--classifier", required=True, help="the classifier checkpoint .pt (with its .json card)")
     p.add_argument("--data", required=True, help="manifest.csv of the training images")
     p.add_argument("--out", required=True, help="explainer checkpoint, e.g. model.mask_generator.pt")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    _add_training_options(p, keyword_defaults(train_explainer_from_manifest))
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="an explainer setting, e.g. area_weight=8"
     )
@@ -418,8 +454,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the saliency methods and their default parameters")
     p.set_defaults(func=cmd_methods)
-
-    from monai_sal_app import serve
 
     serve.add_parser(sub)
 

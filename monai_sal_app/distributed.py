@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 __all__ = [
     "all_gather",
@@ -128,8 +129,6 @@ def gather_blocks(
     """Results of ``compute(start, stop)`` over the items ``[start, stop)`` of every block of
     ``block_size`` consecutive items: each rank computes its blocks (:func:`shard`, a progress bar
     on rank 0 when ``progress``), and every rank gets every block's results, in item order."""
-    from tqdm.auto import tqdm
-
     n_blocks = (n_items + block_size - 1) // block_size
     mine = {}
     for block in tqdm(shard(n_blocks), desc=desc, disable=not progress or not is_main(), leave=False):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -37,14 +38,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import torch
+
+from monai_sal_app.data.bases import BaseNotInstalled, chest_radiograph_file, lung_ct_files
+from monai_sal_app.data.manifest import read_manifest
+from monai_sal_app.evaluation.trust import read_trust_card, trust_card_path
 from monai_sal_app.experiments.builtin_models import (
     DEFAULT_MODELS,
     DefaultModel,
     generate_model_data,
     train_builtin_model,
 )
+from monai_sal_app.experiments.trust_report import run_trust
 
 __all__ = [
     "APP_MAIN_PY",
@@ -94,17 +102,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--studies", default=None, help="datastore folder (default <workdir>/studies, filled with held-out test images)"
     )
     p.add_argument("--model-dir", default=None, help="checkpoint folder (default <workdir>/model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000)
     p.add_argument(
-        "--epochs",
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface; default %(default)s)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="(default %(default)s)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help=f"epochs for the default models (default: {_per_model('epochs')})"
+    )
+    p.add_argument(
+        "--per-class", type=int, default=None, help=f"training images per class (default: {_per_model('per_class')})"
+    )
+    p.add_argument(
+        "--test-per-class",
         type=int,
         default=None,
-        help="epochs for the default models (default: per model, 25 real, 10 shepp-logan)",
-    )
-    p.add_argument("--per-class", type=int, default=None, help="training images per class (default: per model)")
-    p.add_argument(
-        "--test-per-class", type=int, default=None, help="held-out test images per class (default: per model, 50)"
+        help=f"held-out test images per class (default: {_per_model('test_per_class')})",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: CUDA when available)")
@@ -112,6 +124,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prepare-only", action="store_true", help="prepare data and models, do not start the server")
     p.set_defaults(func=run)
     return p
+
+
+def _per_model(field: str) -> str:
+    """Each default model's ``field``, for the help: "real: chest_xray_2d 40, ct_lesion_3d 30; ..."."""
+    return "; ".join(
+        f"{data}: " + ", ".join(f"{name} {getattr(spec, field)}" for name, spec in models.items())
+        for data, models in DEFAULT_MODELS.items()
+    )
 
 
 def prepare(
@@ -165,8 +185,6 @@ def prepare(
         for task in tasks:
             _prepare_model(*task, progress=progress)
         return studies
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: the parent may already run torch's thread pools
     context = multiprocessing.get_context("spawn")
@@ -178,8 +196,6 @@ def prepare(
 
 def _share_cores(threads: int) -> None:
     """Worker initializer: this process's share of the cores for torch."""
-    import torch
-
     torch.set_num_threads(max(1, threads))
 
 
@@ -198,9 +214,6 @@ def _prepare_model(
     progress: bool,
 ) -> None:
     """Data, datastore studies and checkpoint of one default model (see :func:`prepare`)."""
-    from monai_sal_app.data.manifest import read_manifest
-    from monai_sal_app.evaluation.trust import read_trust_card, trust_card_path
-    from monai_sal_app.experiments.trust_report import run_trust
 
     def log(message: str) -> None:
         print(f"{name}: {message}", flush=True)
@@ -252,8 +265,6 @@ def _copy_studies(name: str, items: list[dict], studies: Path) -> None:
 
 def _check_real_bases() -> None:
     """Raise ``BaseNotInstalled`` (with the install command) if the chest or CT base is missing."""
-    from monai_sal_app.data.bases import BaseNotInstalled, chest_radiograph_file, lung_ct_files
-
     try:
         chest_radiograph_file()
         lung_ct_files()
@@ -264,7 +275,7 @@ def _check_real_bases() -> None:
 def require_server_extra() -> None:
     """Raise :class:`ServerExtraMissing` (naming the install command) if MONAI Label is not installed."""
     try:
-        import monailabel  # noqa: F401
+        import monailabel  # noqa: F401  (the optional server extra: imported here to see whether it is installed)
     except ImportError:
         raise ServerExtraMissing(f"serving needs MONAI Label, which is not installed: {SERVER_EXTRA}") from None
 
@@ -299,7 +310,7 @@ def start_server(
     app_dir: str | os.PathLike, studies: str | os.PathLike, host: str, port: int, conf: dict[str, str]
 ) -> None:
     """Run MONAI Label's ``start_server`` (blocks until the server stops)."""
-    from monailabel.main import Main
+    from monailabel.main import Main  # the optional server extra: require_server_extra has checked it
 
     main = Main()
     parser = argparse.ArgumentParser()

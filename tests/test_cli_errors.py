@@ -64,7 +64,7 @@ def files(tmp_path_factory):
     paths["constant"] = nifti("constant.nii.gz", np.ones((32, 32)))
     (root / "garbage.nii.gz").write_text("this is not a NIfTI file")
     paths["garbage"] = str(root / "garbage.nii.gz")
-    generate = GENERATORS["shepp-logan"]
+    generate = GENERATORS["shepp-logan"].generate
     paths["manifest"] = str(generate(root / "data", dim=2, size=32, per_class=4, progress=False))
     one_class = root / "one_class.csv"
     lines = Path(paths["manifest"]).read_text().splitlines()

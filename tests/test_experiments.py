@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from conftest import REPO, open_in_chromium, read_rows, results_text, screenshot
 from PIL import Image
 
 from monai_sal_app.cli import main
+from monai_sal_app.experiments import studies
 from monai_sal_app.experiments.runner import (
     SCALES,
     ExperimentError,
@@ -31,6 +33,11 @@ from monai_sal_app.experiments.studies import RECIPES
 from monai_sal_app.experiments.studies.subtypes import conditions
 
 RECIPE = "subtypes"  # conftest's smoke_run
+
+
+def test_every_study_module_is_registered_under_its_name():
+    modules = sorted(module.name for module in pkgutil.iter_modules(studies.__path__))
+    assert list(RECIPES) == modules
 
 
 def test_every_builtin_recipe_resolves_at_every_scale():

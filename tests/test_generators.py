@@ -12,18 +12,17 @@ and skip without them, except under CI (``CI`` set) where a missing base fails, 
 
 import gzip
 import hashlib
-import inspect
 from importlib import import_module
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import base_or_skip, modules_loaded_by
+from conftest import base_or_skip
 
 from monai_sal_app.cli import main
 from monai_sal_app.data import bases
 from monai_sal_app.data.dataset_writer import DatasetSpec, Subject, write_dataset
-from monai_sal_app.data.generators import DEFAULT_DIM, GENERATORS, PRESETS
+from monai_sal_app.data.generators import GENERATORS, get_generator
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
 
@@ -114,7 +113,7 @@ def test_generated_files_are_those_written_before_the_skeleton(config, tmp_path)
     generator, arguments, locate_base = CONFIGS[config]
     if locate_base is not None:
         base_or_skip(locate_base)
-    manifest = GENERATORS[generator](tmp_path, progress=False, **arguments)
+    manifest = get_generator(generator).generate(tmp_path, progress=False, **arguments)
     assert manifest == tmp_path / "manifest.csv"
     digests = _group_digests(tmp_path)
     changed = sorted(
@@ -130,12 +129,11 @@ def test_generated_files_are_those_written_before_the_skeleton(config, tmp_path)
 def test_registry_defaults_are_the_generators_own(name):
     module_name, function_name = GENERATOR_MODULES[name]
     module = import_module(module_name)
-    for generate in (GENERATORS[name], getattr(module, function_name)):
-        parameters = inspect.signature(generate).parameters
-        assert parameters["dim"].default == DEFAULT_DIM[name], generate
-        assert parameters["preset"].default == PRESETS[name][0], generate
-    assert PRESETS[name] == tuple(module.PRESETS)
-    assert DEFAULT_DIM[name] in module.DATASET_SPEC.dims
+    spec = get_generator(name)
+    assert spec.name == name
+    assert spec.generate is getattr(module, function_name) and spec.dataset is module.DATASET_SPEC
+    assert spec.presets == tuple(module.PRESETS) and spec.default_preset in spec.presets
+    assert spec.default_dim in module.DATASET_SPEC.dims
 
 
 @pytest.mark.e2e
@@ -144,13 +142,12 @@ def test_cli_data_uses_the_generators_own_dim_when_not_given(tmp_path):
     argv = ["--quiet", "data", "ct-lesions", "--size", "16", "--per-class", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     items = read_manifest(tmp_path / "manifest.csv")
-    assert {read_image(item["image"])[0].ndim for item in items} == {DEFAULT_DIM["ct-lesions"]} == {3}
+    assert {read_image(item["image"])[0].ndim for item in items} == {GENERATORS["ct-lesions"].default_dim} == {3}
 
 
-def test_registry_imports_without_the_real_anatomy_modules():
-    real_modules = [module for name, (module, _) in GENERATOR_MODULES.items() if name != "shepp-logan"]
-    assert real_modules and modules_loaded_by("monai_sal_app.data.generators", real_modules) == []
-    assert sorted(DEFAULT_DIM) == sorted(GENERATORS) == sorted(PRESETS)
+def test_an_unknown_generator_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match="unknown data generator 'phantom'; one of shepp-logan, brain-atrophy"):
+        get_generator("phantom")
 
 
 # --- the skeleton on a toy generator ------------------------------------------------------------------

@@ -155,7 +155,7 @@ def test_explain_array_predicts_and_explains_by_the_cards_threshold(tmp_path, th
 
 
 def test_training_records_the_validation_threshold_and_test_numbers(tmp_path):
-    generate = GENERATORS["shepp-logan"]
+    generate = GENERATORS["shepp-logan"].generate
     train = generate(tmp_path / "train", preset="homogeneous", dim=2, size=32, per_class=12, seed=0, progress=False)
     test = generate(tmp_path / "test", preset="test", dim=2, size=32, per_class=6, seed=1, progress=False)
     model, card = train_from_manifest(

@@ -87,10 +87,10 @@ def test_brain_generator_writes_a_deterministic_manifest(brain, tmp_path):
     from monai_sal_app.data.generators import GENERATORS
 
     preset = AtrophyPreset(4, 0.5, 0.5, 0.0)
-    first = GENERATORS["brain-atrophy"](
+    first = GENERATORS["brain-atrophy"].generate(
         tmp_path / "a", preset="test", dim=2, size=48, per_class=3, seed=7, progress=False
     )
-    again = GENERATORS["brain-atrophy"](
+    again = GENERATORS["brain-atrophy"].generate(
         tmp_path / "b", preset="test", dim=2, size=48, per_class=3, seed=7, progress=False
     )
     items, items_again = read_manifest(first), read_manifest(again)
@@ -290,7 +290,7 @@ def test_ct_generator_manifest(lung_cases, tmp_path):
     from monai_sal_app.data.generators import GENERATORS
 
     items = read_manifest(
-        GENERATORS["ct-lesions"](tmp_path, preset="test", dim=2, size=32, per_class=3, seed=1, progress=False)
+        GENERATORS["ct-lesions"].generate(tmp_path, preset="test", dim=2, size=32, per_class=3, seed=1, progress=False)
     )
     assert len(items) == 6 and sorted(i["label"] for i in items) == [0, 0, 0, 1, 1, 1]
     assert {i["subtype"] for i in items if i["label"] == 1} <= {"real", "synthetic"}

@@ -45,6 +45,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -253,8 +254,6 @@ def _ellipsoid(shape, affine, centre, semi_axes, directions) -> np.ndarray:
 
 @lru_cache(maxsize=2)
 def _load_base(name: str) -> BrainBase:
-    import nibabel as nib
-
     if name == "colin27":
         files = colin27_files()
         t1_image = nib.load(str(files["t1"]))
@@ -276,6 +275,7 @@ def _load_base(name: str) -> BrainBase:
     elif name == "mni152":
         if not mni152_available():
             raise BaseNotInstalled("nilearn (MNI152 fallback) is not installed; run: bash scripts/install_data.sh")
+        # optional (scripts/install_data.sh installs it for this fallback), and over a second to import
         from nilearn.datasets import load_mni152_brain_mask, load_mni152_gm_mask, load_mni152_template
 
         template = load_mni152_template(resolution=1)

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from skimage import filters, measure, morphology, segmentation
+from skimage.transform import resize
 
 from monai_sal_app.arguments import check_integer
 from monai_sal_app.data.bases import chest_radiograph_file, deterministic_uuid, smooth_random_field
@@ -139,9 +141,6 @@ def segment_lungs(image: np.ndarray) -> np.ndarray:
     strongly smoothed image: mediastinum, diaphragm, shoulders); opening, closing and hole filling.
     Checked against a hand-drawn reference on the base radiograph (tests/test_real_data.py).
     """
-    from skimage import filters, measure, morphology, segmentation
-    from skimage.transform import resize
-
     image = np.asarray(image, dtype=np.float64)
     if image.ndim != 2:
         raise ValueError(f"segment_lungs needs a 2D image, got shape {image.shape}")
@@ -177,8 +176,6 @@ def segment_lungs(image: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=1)
 def chest_base() -> tuple[np.ndarray, np.ndarray]:
     """The base radiograph and its lung fields at 1024x1024: ``(image float32 in [0, 1], lungs bool)``."""
-    from skimage.transform import resize
-
     array, _ = read_image(chest_radiograph_file())  # MONOCHROME1 already inverted by read_image
     low, high = np.percentile(array, [0.5, 99.5])
     array = np.clip((array - low) / (high - low), 0, 1)
@@ -317,8 +314,6 @@ def chest_xray_subject(
 
 
 def _downsample(array: np.ndarray, size: int) -> np.ndarray:
-    from skimage.transform import resize
-
     return resize(array.astype(np.float32), (size, size), order=1, anti_aliasing=True).astype(np.float32)
 
 

@@ -31,7 +31,12 @@ import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
+import itk
+import nibabel as nib
 import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.pixel_data_handlers.util import apply_modality_lut
 
 from monai_sal_app.files import atomic_path
 
@@ -137,8 +142,6 @@ def declared_shape(path: str | os.PathLike) -> tuple[int, ...]:
     fmt = _format_of(path)
     try:
         if fmt == "nifti":
-            import nibabel as nib
-
             return tuple(int(s) for s in nib.load(str(path)).shape)
         if fmt == "nrrd":
             header, _ = _nrrd_header(path)
@@ -147,12 +150,9 @@ def declared_shape(path: str | os.PathLike) -> tuple[int, ...]:
                 raise ImageError(f"{path}: cannot read the nrrd header (no 'sizes' field)")
             return tuple(int(s) for s in sizes.group(1).split())[::-1]  # numpy order
         if fmt in ("png", "jpeg"):
-            from PIL import Image
-
             with Image.open(path) as image:  # reads the header only
                 bands = len(image.getbands())
                 return (image.height, image.width) + ((bands,) if bands > 1 else ())
-        import pydicom
 
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -187,8 +187,6 @@ def _inflate_at_most(path: Path, expected: int, stream) -> bytes:
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
     image = nib.load(str(path))
     if path.name.lower().endswith(".gz"):  # inflate only what the header declares (one byte more is an error)
         header = image.header  # the data start: the proxy's offset (the header's vox_offset may say 0)
@@ -203,8 +201,6 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import itk
-
     header, offset = _nrrd_header(path)
     encoding = _NRRD_ENCODING.search(header)
     if encoding is not None and encoding.group(1).lower() in (b"gzip", b"gz"):
@@ -251,8 +247,6 @@ def _itk_plane_affine(path: Path) -> np.ndarray:
     class, e.g. ImagerPixelSpacing for digital X-ray; for PNG/JPEG 1 mm pixels at the origin unless
     the file records its resolution). A file ITK has no reader for gets ITK's defaults: 1 mm pixels,
     origin 0, identity direction, i.e. RAS (-c, -r, 0)."""
-    import itk
-
     io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
     try:
         io.SetFileName(str(path))
@@ -266,8 +260,6 @@ def _itk_plane_affine(path: Path) -> np.ndarray:
 
 
 def _read_pil(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
-
     with Image.open(path) as image:
         image.load()
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -278,9 +270,6 @@ def _read_pil(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import pydicom
-    from pydicom.pixel_data_handlers.util import apply_modality_lut
-
     ds = pydicom.dcmread(str(path))
     if "PixelData" not in ds:
         raise ImageError(f"{path}: DICOM file has no pixel data")
@@ -337,8 +326,6 @@ def write_nifti(array: np.ndarray, path: str | os.PathLike, affine: np.ndarray |
     is written under a temporary name in the same folder and renamed, so a failed write never
     leaves a partial file under ``path`` (nor the temporary file). Parent folders are created.
     """
-    import nibabel as nib
-
     path = Path(path)
     name = path.name
     if name.lower().endswith(".nii.gz"):

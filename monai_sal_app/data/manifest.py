@@ -180,7 +180,7 @@ def load_images(items: list[dict], key: str = "image") -> torch.Tensor:
     All arrays must have the same shape (``ValueError`` naming the first mismatching id). Images
     (``key="image"``) must not be constant; masks (any other key) may be empty.
     """
-    import torch
+    import torch  # here, not at the top: the data package imports without torch (its docstring)
 
     if not items:
         raise ValueError("load_images: no items")

@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.pixel_data_handlers.util import apply_modality_lut
 from tqdm.auto import tqdm
 
 from monai_sal_app.data.io import ImageError, check_image, read_image, write_nifti
@@ -181,7 +183,7 @@ def image_folder_dataset(
     root, labels=None, mask_dir=None, class_names=None, transform=None, mask_suffixes=MASK_SUFFIXES
 ):
     """A ``monai.data.Dataset`` of :func:`image_folder_items` with an optional MONAI ``transform``."""
-    from monai.data import Dataset
+    from monai.data import Dataset  # here, not at the top: the data package imports without MONAI (its docstring)
 
     return Dataset(data=image_folder_items(root, labels, mask_dir, class_names, mask_suffixes), transform=transform)
 
@@ -195,8 +197,6 @@ def find_dicom_series(root: str | os.PathLike) -> dict[str, list[Path]]:
     Files that are not DICOM (no preamble ``DICM`` and not parseable) or have no pixel data are skipped.
     Raises ``FileNotFoundError`` when there is none.
     """
-    import pydicom
-
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
@@ -237,9 +237,6 @@ def read_dicom_series(
     mixed sizes or orientations, duplicate positions, slice spacing varying by more than ``max_gap_ratio``
     (missing slices); :class:`~.io.ImageError` for NaN/constant volumes.
     """
-    import pydicom
-    from pydicom.pixel_data_handlers.util import apply_modality_lut
-
     if isinstance(source, (str, os.PathLike)):
         groups = find_dicom_series(source)
         if series_uid is None:

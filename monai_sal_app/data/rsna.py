@@ -29,6 +29,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from skimage.transform import resize
 from tqdm.auto import tqdm
 
 from monai_sal_app.data.io import ImageError, read_image, write_nifti
@@ -82,11 +88,6 @@ def write_rsna_dicom(
     little endian instead of JPEG (lossless, for exact round trips). UIDs derive from ``patient_id`` so the
     same call always writes the same file. Returns the path.
     """
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
-
     pixels = np.asarray(pixels)
     if pixels.dtype != np.uint8 or pixels.ndim != 2:
         raise ValueError(f"{path}: pixels must be a 2D uint8 array, got {pixels.dtype} {pixels.shape}")
@@ -131,8 +132,6 @@ def write_rsna_dicom(
     ds.PixelSpacing = [pixel_spacing_mm, pixel_spacing_mm]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     if compress:
-        from PIL import Image
-
         buffer = io.BytesIO()
         Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=95)
         ds.LossyImageCompression = "01"
@@ -345,7 +344,7 @@ def rsna_dataset(
     With ``mask_dir``, box-union masks are written there (uint8 NIfTI at ``mask_size`` (rows, cols) or each
     image's own size) and ``item["mask"]`` points at them. ``paths``: ``image_dir``, ``labels_csv``, ``class_csv``.
     """
-    from monai.data import Dataset
+    from monai.data import Dataset  # here, not at the top: the data package imports without MONAI (its docstring)
 
     items = rsna_items(root, classes, **paths)
     if mask_dir is not None:
@@ -354,8 +353,6 @@ def rsna_dataset(
 
 
 def _resize(array: np.ndarray, size: int) -> np.ndarray:
-    from skimage.transform import resize
-
     return resize(array, (size, size), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
 
 

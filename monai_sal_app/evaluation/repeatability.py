@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from monai_sal_app.evaluation.randomization import RETENTION_CUT, retention_interval, retention_verdict
@@ -136,8 +137,6 @@ def _probabilities(model: nn.Module, images: torch.Tensor) -> np.ndarray:
 def _auc(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC of ``probabilities`` (N, K) against ``labels`` (N,): of class 1 for two classes,
     macro one-vs-rest otherwise (scikit-learn); NaN when a class present in the labels is missing."""
-    from sklearn.metrics import roc_auc_score
-
     if len(np.unique(labels)) < 2:
         return float("nan")
     if probabilities.shape[1] == 2:

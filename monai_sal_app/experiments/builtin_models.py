@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from monai_sal_app.data.generators import GENERATORS
+from monai_sal_app.data.generators import get_generator
 from monai_sal_app.models.manifest_training import train_from_manifest
 
 __all__ = [
@@ -143,7 +143,7 @@ def _generate_split(
     manifest = folder / split / "manifest.csv"
     if not manifest.is_file():
         log(f"generating {spec.dim}D {spec.generator} {split} data ({per_class} per class) in {folder / split}")
-        GENERATORS[spec.generator](
+        get_generator(spec.generator).generate(
             folder / split, preset=preset, dim=spec.dim, size=size, per_class=per_class, seed=seed, progress=progress
         )
     return manifest

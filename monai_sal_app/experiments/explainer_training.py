@@ -15,7 +15,7 @@ import numpy as np
 from torch import nn
 
 from monai_sal_app.data.manifest import read_manifest
-from monai_sal_app.experiments.report import save_figure
+from monai_sal_app.experiments.report import pyplot, save_figure
 from monai_sal_app.explainers.card import ExplainerCard, save_explainer
 from monai_sal_app.explainers.train import train_explainer
 from monai_sal_app.metrics.stats import write_csv
@@ -77,11 +77,7 @@ def train_explainer_from_manifest(
 
 def _history_figure(history: list[dict], kind: str):
     """One panel per loss term: train and validation by epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     terms = [key.removeprefix("train_") for key in history[0] if key.startswith("train_")]
     figure, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 2.8), squeeze=False)
     epochs = [row["epoch"] for row in history]

@@ -18,6 +18,8 @@ import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import yaml
+
 from monai_sal_app.files import write_text
 
 __all__ = ["render_report", "table_html", "write_report"]
@@ -126,8 +128,6 @@ def render_report(
 ) -> str:
     """The page's HTML. ``sections``: objects with ``title``, ``question``, ``rows``, ``figures``,
     ``verdict`` and ``note`` (``runner.Section``)."""
-    import yaml
-
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

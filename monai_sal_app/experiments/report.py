@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 
 from monai_sal_app.files import atomic_path, write_text
@@ -47,8 +48,6 @@ def overlay_layer(saliency: np.ndarray, percentile: float = CLIP_PERCENTILE) -> 
     image shows through where the map is weak, and one hot pixel cannot wash out the rest.
     A map that is zero everywhere is fully transparent (``vmax`` 0).
     """
-    import matplotlib
-
     magnitude = np.abs(np.asarray(saliency, dtype=np.float64))
     vmax = float(np.percentile(magnitude, percentile)) if magnitude.size else 0.0
     if not vmax > 0:
@@ -63,8 +62,6 @@ def draw_overlay(ax, image: np.ndarray, saliency: np.ndarray, mask: np.ndarray |
     """Draw one overlay on a matplotlib axis: the image in grey, the heat layer of
     :func:`overlay_layer` and the mask's contour in cyan. 3D arrays are cut at
     :func:`representative_slice`. Returns a ScalarMappable for a colour bar (0 to ``vmax``)."""
-    import matplotlib
-
     image, saliency = np.asarray(image, dtype=np.float32), np.asarray(saliency, dtype=np.float32)
     if image.ndim == 3:
         k = representative_slice(image, mask)
@@ -83,9 +80,9 @@ def draw_overlay(ax, image: np.ndarray, saliency: np.ndarray, mask: np.ndarray |
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
     matplotlib.use("Agg")
+    # here, not at the top: the backend is chosen when a figure is drawn, so that importing the
+    # package leaves the matplotlib backend of a user's session alone
     import matplotlib.pyplot as plt
 
     return plt

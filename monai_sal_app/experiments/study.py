@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from monai_sal_app import arguments, distributed
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.files import json_safe, write_text
@@ -187,8 +189,6 @@ class Run:
         todo = [b for b in distributed.shard(n_blocks) if b not in done]
         start = time.perf_counter()
         if todo:
-            from tqdm.auto import tqdm
-
             part = folder / f"rank{distributed.rank()}.jsonl"
             with open(part, "a+", encoding="utf-8") as f:
                 if f.tell() > 0:  # a line cut short by an interruption is ended, then ignored on reading

@@ -19,8 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from scipy.ndimage import uniform_filter
+from skimage.feature import hog
 
 from monai_sal_app.arguments import check_integer
+from monai_sal_app.metrics.stats import mean_ci
 
 __all__ = [
     "DISPLAYS",
@@ -129,8 +132,6 @@ def ssim(a, b, win_size: int = 7) -> np.ndarray:
     over the image without a border of ``(win_size - 1) // 2``), for the whole batch at once.
     A pair with a constant map scores 0. Every spatial side must be at least ``win_size``.
     """
-    from scipy.ndimage import uniform_filter
-
     a, b = _pair(a, b)
     spatial = a.shape[1:]
     if win_size < 3 or win_size % 2 == 0:
@@ -166,8 +167,6 @@ def hog_spearman(a, b, orientations: int = 9, pixels_per_cell: int = 8, cells_pe
     described slice by slice along its first axis (D), the slices' features concatenated. Every
     (slice) side must hold at least ``cells_per_block`` cells of ``pixels_per_cell`` pixels.
     """
-    from skimage.feature import hog
-
     a, b = _pair(a, b)
     height, width = a.shape[-2:]
     if min(height, width) < pixels_per_cell * cells_per_block:
@@ -221,8 +220,6 @@ def random_pair_baseline(maps, metric: str = "spearman_abs", n_pairs: int = 50, 
     group, j uniformly among i's partners. Returns ``{"metric", "mean", "ci_low", "ci_high",
     "n_pairs", "values"}`` with the Student-t 95% CI of the mean (``metrics.stats.mean_ci``).
     """
-    from monai_sal_app.metrics.stats import mean_ci
-
     maps = _batch(maps)
     if len(maps) < 2:
         raise ValueError(f"a random-pair baseline needs maps of at least 2 images, got {len(maps)}")

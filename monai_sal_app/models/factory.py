@@ -12,7 +12,8 @@ convolution to the class maps).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from monai.networks.nets import DenseNet121, DenseNet169, ResNet
@@ -20,7 +21,7 @@ from monai.networks.nets.resnet import get_inplanes
 from torch import nn
 
 from monai_sal_app.models.conv5fc3 import Conv5FC3
-from monai_sal_app.models.wildcat import WildcatClassifier, wildcat_settings
+from monai_sal_app.models.wildcat import WILDCAT_DEFAULTS, WildcatClassifier, wildcat_settings
 
 ARCHITECTURES = (
     "densenet121",
@@ -32,8 +33,40 @@ ARCHITECTURES = (
     "resnet152",
     "conv5fc3",
 )
-# The classifier on top of the feature blocks: the network's own (None), or a WILDCAT head.
-HEADS = ("wildcat",)
+
+
+@dataclass(frozen=True)
+class Head:
+    """A classifier head put on a network's last feature block instead of its own classifier.
+
+    ``defaults``: every option with its default; ``settings(options) -> options``: the options
+    validated, defaults filled in (ValueError naming an unknown or invalid one); ``build(network,
+    num_classes, options) -> nn.Module``: the network with the head, returning logits (N, num_classes).
+    """
+
+    name: str
+    defaults: Mapping[str, Any]
+    settings: Callable[[Mapping[str, Any]], dict[str, Any]]
+    build: Callable[[nn.Module, int, dict[str, Any]], nn.Module]
+
+
+# The classifier on top of the feature blocks: the network's own (no head), or one of these.
+HEADS: dict[str, Head] = {
+    "wildcat": Head(
+        "wildcat",
+        WILDCAT_DEFAULTS,
+        wildcat_settings,
+        lambda network, num_classes, options: WildcatClassifier(network, num_classes, **options),
+    ),
+}
+
+
+def get_head(name: Any) -> Head:
+    """The registered head called ``name``; ValueError naming the known heads otherwise."""
+    if not isinstance(name, str) or name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; one of {', '.join(HEADS)} (or none for the network's own)")
+    return HEADS[name]
+
 
 # arch -> (block type, blocks per stage), as in monai.networks.nets.resnet18 ... resnet152.
 _RESNET_LAYOUTS = {
@@ -56,9 +89,10 @@ def build_classifier(
 ) -> nn.Module:
     """Build an untrained classifier returning logits (N, num_classes).
 
-    ``head``: None for the network's own classifier, or ``{"name": "wildcat", **options}`` to put a
-    :class:`~monai_sal_app.models.wildcat.WildcatClassifier` head (options ``kmax``, ``kmin``,
-    ``alpha``, ``maps``; defaults filled in) on the network's last feature block.
+    ``head``: None for the network's own classifier, or ``{"name": <a key of HEADS>, **options}`` to
+    put that head on the network's last feature block (``"wildcat"``: a
+    :class:`~monai_sal_app.models.wildcat.WildcatClassifier`, options ``kmax``, ``kmin``, ``alpha``,
+    ``maps``; defaults filled in).
     ``arch`` is one of :data:`ARCHITECTURES`; ``kwargs`` go to the network: for the DenseNets
     e.g. ``init_features``, ``growth_rate``, ``block_config``, ``dropout_prob``; for the ResNets
     ``block_inplanes`` (4 widths) and any ``monai.networks.nets.ResNet`` option
@@ -73,21 +107,21 @@ def build_classifier(
     if head is None:
         return _build_network(arch, spatial_dims, in_channels, num_classes, **kwargs)
     options = head_options(head)
-    options.pop("name")
     network = _build_network(arch, spatial_dims, in_channels, num_classes, **kwargs)
-    return WildcatClassifier(network, num_classes, **options)
+    return get_head(options.pop("name")).build(network, num_classes, options)
 
 
 def head_options(head: Mapping[str, Any]) -> dict[str, Any]:
-    """A head description validated, defaults filled in: ``{"name": "wildcat", "kmax", "kmin", "alpha", "maps"}``.
+    """A head description validated, defaults filled in: ``{"name": <head>, **its options}`` (for
+    ``"wildcat"``: ``kmax``, ``kmin``, ``alpha``, ``maps``).
 
     Raises ValueError naming an unknown head or an invalid option.
     """
-    if not isinstance(head, Mapping) or head.get("name") not in HEADS:
-        name = head.get("name") if isinstance(head, Mapping) else head
-        raise ValueError(f"unknown head {name!r}; one of {', '.join(HEADS)} (or none for the network's own)")
+    if not isinstance(head, Mapping):
+        raise ValueError(f"a head is a mapping {{'name': <head>, **options}}, got {head!r}")
+    spec = get_head(head.get("name"))
     options = {key: value for key, value in head.items() if key != "name"}
-    return {"name": head["name"], **wildcat_settings(options)}
+    return {"name": spec.name, **spec.settings(options)}
 
 
 def _build_network(arch: str, spatial_dims: int, in_channels: int, num_classes: int, **kwargs) -> nn.Module:

@@ -1,26 +1,32 @@
 """The studies a recipe file can name (``recipe: <name>``), one module each.
 
-Each module of this package defines ``RECIPE`` (``experiments.runner.Recipe``): its settings with
-their defaults, what ``--data`` and ``--model`` it accepts, and the function that runs it. The
-registry is every module's ``RECIPE``, by name.
+Each module of this package defines ``RECIPE`` (``experiments.study.Recipe``): its settings with
+their defaults, what ``--data`` and ``--model`` it accepts, and the function that runs it.
+:data:`RECIPES` is the registry: every module's ``RECIPE``, by name; a new study is added to it here.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from monai_sal_app.experiments.studies import (
+    ct_importance,
+    demo,
+    explainers,
+    subtypes,
+    trainable_vs_posthoc,
+    trust,
+)
 from monai_sal_app.experiments.study import Recipe
 
 __all__ = ["RECIPES"]
 
-
-def _recipes() -> dict[str, Recipe]:
-    recipes = {}
-    for module in pkgutil.iter_modules(__path__):
-        recipe = importlib.import_module(f"{__name__}.{module.name}").RECIPE
-        recipes[recipe.name] = recipe
-    return dict(sorted(recipes.items()))
-
-
-RECIPES: dict[str, Recipe] = _recipes()
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        ct_importance.RECIPE,
+        demo.RECIPE,
+        explainers.RECIPE,
+        subtypes.RECIPE,
+        trainable_vs_posthoc.RECIPE,
+        trust.RECIPE,
+    )
+}

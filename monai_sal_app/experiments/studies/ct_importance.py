@@ -43,9 +43,12 @@ localization.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
+from scipy import stats
 
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.evaluation.fidelity import BASELINES, ORDERS, SCORES, fidelity
@@ -250,8 +253,6 @@ def fractions(settings: dict) -> np.ndarray:
 
 def _score_block(run: Run, model, card, indices: list[int], cases: list[dict]) -> list[dict]:
     """Rows of one block of crops: every method's map of each crop, scored (module docstring)."""
-    import torch
-
     s = run.settings
     seed = run.seed + indices[0] // BLOCK_SIZE
     images, labels, masks = load_trust_inputs(cases, card)
@@ -319,10 +320,6 @@ def rank_tables(summary: list[dict]) -> tuple[list[dict], list[dict]]:
     Kendall's tau-b between the two rankings with their two-sided p-values (NaN with fewer than
     three methods or a constant score), and whether both put the same method first.
     """
-    import warnings
-
-    from scipy import stats
-
     means = {score: np.array([row[f"{score}_mean"] for row in summary], dtype=np.float64) for score in RANKED}
     ranks = {score: stats.rankdata(-values) for score, values in means.items()}
     rank_rows = []

@@ -52,6 +52,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
+from matplotlib.patches import Patch
 
 from monai_sal_app.data.manifest import read_manifest, write_manifest
 from monai_sal_app.evaluation.inputs import mask_on_grid
@@ -336,8 +338,6 @@ def _retrained_figure(run: Run, verdicts: list[dict], rows: list[dict]) -> Path:
     """Per comparison with retrained models, each method's mean similarity to the reference model's
     maps (95% CI over images and models) over its random-pair band, coloured by the trust card's
     answer (green yes, red no, grey otherwise)."""
-    from matplotlib.patches import Patch
-
     metric, methods = run.settings["metric"], run.settings["methods"]
     checks = [check for check in RETRAINED if any(v["check"] == check for v in verdicts)]
     plt = pyplot()
@@ -374,8 +374,6 @@ def _load_test(manifests: dict, card, count: int):
 
 
 def run_trust(run: Run) -> None:
-    import torch
-
     s = run.settings
     manifests = run.step("data", lambda: _generate(run))
     for name, manifest in manifests.items():

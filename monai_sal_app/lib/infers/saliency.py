@@ -26,6 +26,7 @@ import tempfile
 import time
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
@@ -51,8 +52,6 @@ INPUT_FORMATS = {2: ["nifti", "nrrd", "png", "jpeg", "dicom"], 3: ["nifti", "nrr
 
 def nifti_array_shape(path: str, spatial_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The array shape stored in the NIfTI file ``path`` (``read_image`` drops trailing singleton axes)."""
-    import nibabel as nib
-
     shape = tuple(int(s) for s in nib.load(path).shape)
     return shape if int(np.prod(shape)) == int(np.prod(spatial_shape)) else spatial_shape
 
