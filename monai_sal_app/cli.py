@@ -22,6 +22,7 @@ from monai_sal_app.data.generators import GENERATORS, get_generator
 from monai_sal_app.evaluation.fidelity import BASELINES
 from monai_sal_app.evaluation.trust import CHECKS, DEFAULT_TRUST_METHODS
 from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
+from monai_sal_app.experiments.runner import SCALES, config_folder, experiment_names, resolve_config, run_experiment
 from monai_sal_app.experiments.trust_report import run_trust, summary_rows
 from monai_sal_app.experiments.workflows import evaluate_maps, explain_items
 from monai_sal_app.explainers.kinds import EXPLAINER_KINDS
@@ -239,8 +240,6 @@ def cmd_methods(args) -> None:
 
 
 def cmd_experiment_list(args) -> None:
-    from monai_sal_app.experiments.runner import config_folder, experiment_names, resolve_config
-
     for name in experiment_names():
         config = resolve_config(name, "smoke")
         print(f"{name:22s} {config['title']}")
@@ -248,8 +247,6 @@ def cmd_experiment_list(args) -> None:
 
 
 def cmd_experiment_run(args) -> None:
-    from monai_sal_app.experiments.runner import run_experiment
-
     run_experiment(
         args.recipe,
         args.out,
@@ -263,8 +260,6 @@ def cmd_experiment_run(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from monai_sal_app.experiments.runner import run_experiment
-
     run_experiment(
         "demo", args.out, scale="smoke" if args.quick else "default", seed=args.seed, progress=not args.quiet
     )
@@ -276,8 +271,6 @@ STUDY_ALIASES = {"compare-wildcat": "trainable_vs_posthoc", "compare-explainers"
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """The options of ``experiment run`` and its aliases: scale, output folder, seed, settings."""
-    from monai_sal_app.experiments.runner import SCALES
-
     p.add_argument("--scale", choices=SCALES, default="default")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=None, help="default: the recipe's")

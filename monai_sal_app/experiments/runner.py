@@ -30,22 +30,25 @@ rank 0 writes the tables, the figures and the report.
 
 from __future__ import annotations
 
+import csv
 import importlib.resources
 import json
 import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from monai_sal_app import distributed
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.experiments.html_report import write_report
-from monai_sal_app.experiments.studies import RECIPES
+from monai_sal_app.experiments.studies import get_recipe
 from monai_sal_app.experiments.study import ExperimentError, Run
 from monai_sal_app.files import write_text
 from monai_sal_app.models.checkpoint import read_card
@@ -111,8 +114,6 @@ def resolve_config(
     ``scales[scale]``, then ``overrides`` (``experiment run --set KEY=VALUE``). ``source``: a built-in
     name or a YAML path. ExperimentError for anything unknown or malformed (every scale of the file
     is checked, not only the one asked for)."""
-    import yaml
-
     if scale not in SCALES:
         raise ExperimentError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
     path = _config_path(source)
@@ -122,9 +123,10 @@ def resolve_config(
         raise ExperimentError(f"{path}: not a readable YAML file ({err})") from err
     raw = _mapping(raw, str(path))
     _unknown(raw, CONFIG_KEYS, str(path))
-    if raw.get("recipe") not in RECIPES:
-        raise ExperimentError(f"{path}: unknown recipe {raw.get('recipe')!r}; choose one of {', '.join(RECIPES)}")
-    recipe = RECIPES[raw["recipe"]]
+    try:
+        recipe = get_recipe(raw.get("recipe"))
+    except ValueError as err:
+        raise ExperimentError(f"{path}: {err}") from err
     settings = _mapping(raw.get("settings"), f"{path}: settings")
     _unknown(settings, recipe.settings, f"{path}: settings")
     scales = _mapping(raw.get("scales"), f"{path}: scales")
@@ -155,8 +157,6 @@ def resolve_config(
 
 
 def _check_manifest(manifest: Path, columns: Sequence[str]) -> None:
-    import csv
-
     if not manifest.is_file():
         raise ExperimentError(f"no manifest {manifest}")
     with open(manifest, newline="") as f:
@@ -191,8 +191,6 @@ def _check_models(models: Sequence[Path], manifest: Path | None) -> None:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     packages = {}
     for name in ("monai-sal", "torch", "monai", "numpy", "scipy", "scikit-learn", "scikit-image", "captum"):
         try:
@@ -226,7 +224,7 @@ def run_experiment(
     checked is checked first (ExperimentError); a rerun into the same ``out`` resumes from the steps
     already on disk, and must use the same settings."""
     config = resolve_config(source, scale, seed, overrides)
-    recipe = RECIPES[config["recipe"]]
+    recipe = get_recipe(config["recipe"])
     manifest = Path(data).resolve() if data is not None else None
     if manifest is not None:
         if not recipe.data_columns:
@@ -243,8 +241,6 @@ def run_experiment(
             raise ExperimentError(str(err)) from err
 
     distributed.setup()
-    import yaml
-
     out = Path(out)
     resolved = {
         **config,

@@ -17,7 +17,7 @@ from monai_sal_app.experiments.studies import (
 )
 from monai_sal_app.experiments.study import Recipe
 
-__all__ = ["RECIPES"]
+__all__ = ["RECIPES", "get_recipe"]
 
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
@@ -30,3 +30,10 @@ RECIPES: dict[str, Recipe] = {
         trust.RECIPE,
     )
 }
+
+
+def get_recipe(name) -> Recipe:
+    """The registered study called ``name``; ValueError naming the studies otherwise."""
+    if not isinstance(name, str) or name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
