@@ -365,7 +365,8 @@ def run_explainers(run: Run) -> None:
             "scored on their own grid. auprc: AUC_loc, the area under the pixel precision-recall curve of "
             "the map against the mask (chance: the mask's area fraction); partial_auprc: the same area up to recall "
             "0.5 (at most 0.5); iou_pXX: IoU of the pixels above the map's XXth percentile with the mask. tta: the "
-            "similarity-adversarial map averaged over the 8 flips and rotations of the image. seconds_per_map: wall "
+            "similarity-adversarial map averaged over the flips and rotations of the image (8 in 2D, 16 in 3D). "
+            "seconds_per_map: wall "
             f"time of one map on {run.device} (results/timing.csv; it varies from run to run).",
         )
     )
