@@ -188,7 +188,7 @@ def _data(run: Run) -> dict:
 
 
 def _model(run: Run) -> dict:
-    """The checkpoint explained (``--model``, or the recipe's classifier trained here) and its card's scores."""
+    """The checkpoint explained (``--model``, or the built-in model's classifier trained here) and its card's scores."""
 
     s = run.settings
     if run.models:

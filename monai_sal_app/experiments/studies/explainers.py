@@ -59,7 +59,7 @@ FIGURE_CASES = 3  # test images shown in the overlay figure
 
 SETTINGS = {
     "dataset": "chest-xray",  # the built-in model whose data to generate: chest-xray (2D) or ct-lesions (3D)
-    "per_class": 150,  # classifier training images per class (None: the recipe's 300)
+    "per_class": 150,  # classifier training images per class (None: the built-in model's)
     "test_per_class": 20,  # test images per class; the pathology class's (those with a mask) are explained
     "explainer_per_class": None,  # explainer training images per class (None: the classifier's training images)
     "input_size": 64,  # the classifier's and explainers' input side in pixels (None: the built-in model's)

@@ -92,7 +92,7 @@ SETTINGS = {
     "image_size": 64,  # side of the generated images and masks (None: the generator's); maps are scored on them
     "input_size": 64,  # the networks' input side (None: the built-in model's)
     "epochs": 20,
-    "attempts": 1,  # trainings per model, the next seed while validation AUC < recipes.MIN_VAL_AUC
+    "attempts": 1,  # trainings per model, the next seed while validation AUC < builtin_models.MIN_VAL_AUC
     "figure_cases": 2,  # pathology test images shown in the maps figure
 }
 
