@@ -19,7 +19,16 @@ Settings (``--conf key value``):
 - ``models``: comma list of model names to serve (default: every checkpoint in ``model_dir``);
 - ``device``: e.g. ``cpu`` or ``cuda:1`` (default: CUDA when available, else CPU);
 - ``max_request_cost``, ``max_upload_mb``, ``max_pixels``, ``max_voxels``, ``request_timeout_s``:
-  what one request may cost (:mod:`monai_sal_app.lib.limits`; shown in ``/info``).
+  what one request may cost (:mod:`monai_sal_app.lib.limits`; shown in ``/info``);
+- ``tokens_file``: the access tokens of the reader and the operator (:mod:`monai_sal_app.access`;
+  or ``MONAI_SAL_READER_TOKEN`` / ``MONAI_SAL_OPERATOR_TOKEN`` in the environment). Without
+  tokens the server answers on loopback only, and does not start on another address.
+
+Running as the server, the app also puts on MONAI Label's FastAPI app: its 4xx messages
+(``lib.errors``), the request limits (``lib.limits``), pages that load nothing from the network
+(``lib.pages``) and the access control (``lib.access_control``); its background train and scoring
+processes end with it (``lib.background``), and the trust cards are recomputed at the start only
+when a checkpoint or the datastore changed since they were made.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import ctypes.util
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 import torch
 from monailabel.config import settings
@@ -37,10 +47,14 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
+from monai_sal_app.access import AccessTokens, check_listen_address
+from monai_sal_app.lib.access_control import install_access_control, launcher_listen_host
+from monai_sal_app.lib.background import end_background_work_with_the_server, end_with_parent
 from monai_sal_app.lib.configs.classifier import ClassifierConfig
 from monai_sal_app.lib.errors import RequestError, install_http_errors
 from monai_sal_app.lib.inputs import IMAGE_NAME_KEY, CheckedSessions, remove_uploads, resolve_image, resolve_label
-from monai_sal_app.lib.limits import ServerLimits, install_limits, stop_requests_on_shutdown
+from monai_sal_app.lib.limits import SHUTTING_DOWN, ServerLimits, install_limits, stop_requests_on_shutdown
+from monai_sal_app.lib.pages import install_pages
 from monai_sal_app.lib.scoring.trust import TrustScoring
 from monai_sal_app.lib.served_model import find_checkpoints
 from monai_sal_app.models.device import default_device
@@ -92,6 +106,11 @@ class MonaiSalApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         conf = conf or {}
+        server = sys.modules.get("monailabel.app")
+        if server is None:  # a train or scoring task process started by the server
+            end_with_parent()
+        else:
+            self.tokens = _tokens_or_exit(conf)
         self.limits = ServerLimits.from_conf(conf)  # a bad setting stops the start with its name
         self.model_dir = os.path.realpath(conf.get("model_dir") or os.path.join(app_dir, "model"))
         self.device = torch.device(conf["device"]) if conf.get("device") else default_device()
@@ -125,12 +144,46 @@ class MonaiSalApp(MONAILabelApp):
             description="Saliency maps for medical image classifiers (2D and 3D)",
             version=__version__,
         )
-        server = sys.modules.get("monailabel.app")
         if server is not None:  # running inside the MONAI Label server (not a train subprocess)
             install_http_errors(server.app)
             install_limits(server.app, self.limits)
+            install_pages(server.app, self.info)
+            install_access_control(server.app, self.tokens)  # last: the outermost middleware
             stop_requests_on_shutdown()
+            end_background_work_with_the_server()
             use_one_malloc_arena()
+
+    def on_init_complete(self):
+        """MONAI Label's start, except that the trust cards are recomputed only when a checkpoint
+        or the datastore changed since they were made (``TrustScoring.reasons_to_score``)."""
+        automatic, self._auto_update_scoring = self._auto_update_scoring, False
+        try:
+            super().on_init_complete()
+        finally:
+            self._auto_update_scoring = automatic
+        if not automatic or "trust" not in self._scoring_methods:
+            return
+        remote = self.studies.startswith(("http://", "https://"))
+        reasons = self._scoring_methods["trust"].reasons_to_score(None if remote else self.datastore())
+        if reasons:
+            logger.info("trust scoring at start: %s", "; ".join(f"{n}: {r}" for n, r in reasons.items()))
+            self.async_scoring("trust")
+        else:
+            logger.info(
+                "trust scoring at start skipped: every trust card is newer than its checkpoint and the datastore"
+            )
+
+    def async_scoring(self, method, params=None):
+        """MONAI Label's, except that nothing new starts once the server is stopping."""
+        if SHUTTING_DOWN.is_set():
+            return {}
+        return super().async_scoring(method, params)
+
+    def async_training(self, model, params=None, enqueue=False):
+        """MONAI Label's, except that nothing new starts once the server is stopping."""
+        if SHUTTING_DOWN.is_set():
+            return {}
+        return super().async_training(model, params, enqueue)
 
     def init_datastore(self) -> Datastore:
         """The stock local datastore, also listing single-file DICOM X-rays (``*.dcm``)."""
@@ -201,3 +254,19 @@ class MonaiSalApp(MONAILabelApp):
             raise
         finally:
             release_free_memory()
+
+
+def _tokens_or_exit(conf: Mapping[str, str]) -> AccessTokens:
+    """The server's access tokens, after checking where its launcher makes it listen; a bad tokens
+    setting, or a reachable address without tokens, ends the start with one line on stderr (raised
+    from here, uvicorn would print a traceback around it)."""
+    try:
+        tokens = AccessTokens.from_settings(conf)
+        host = launcher_listen_host(sys.argv)
+        if host is not None:
+            check_listen_address(host, tokens)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(2)  # before the server has started anything
+    return tokens

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from monai_sal_app.access import HOW_TO_SET, OPERATOR, READER, TOKEN_ENVIRONMENT, AccessTokens, check_listen_address
 from monai_sal_app.data.bases import BaseNotInstalled, chest_radiograph_file, lung_ct_files
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.evaluation.trust import read_trust_card, trust_card_path
@@ -103,7 +104,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model-dir", default=None, help="checkpoint folder (default <workdir>/model)")
     p.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface; default %(default)s)"
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default %(default)s: this machine only); any other address, e.g. 0.0.0.0 for "
+        f"every interface, needs the access tokens: {HOW_TO_SET}",
+    )
+    p.add_argument(
+        "--tokens-file",
+        default=None,
+        help="file with the lines reader=<token> and operator=<token>, readable by its owner only "
+        f"(instead of {TOKEN_ENVIRONMENT[READER]} and {TOKEN_ENVIRONMENT[OPERATOR]})",
     )
     p.add_argument("--port", type=int, default=8000, help="(default %(default)s)")
     p.add_argument(
@@ -296,13 +306,18 @@ def write_app_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def app_conf(app_dir: Path, model_dir: Path, device: str | None) -> dict[str, str]:
-    """The ``--conf`` settings of the app: ``model_dir`` when it is not ``<app>/model``, ``device``."""
+def app_conf(
+    app_dir: Path, model_dir: Path, device: str | None, tokens_file: str | os.PathLike | None = None
+) -> dict[str, str]:
+    """The ``--conf`` settings of the app: ``model_dir`` when it is not ``<app>/model``, ``device``,
+    ``tokens_file``."""
     conf = {}
     if model_dir.resolve() != (app_dir / "model").resolve():
         conf["model_dir"] = str(model_dir.resolve())
     if device:
         conf["device"] = device
+    if tokens_file:
+        conf["tokens_file"] = str(Path(tokens_file).resolve())
     return conf
 
 
@@ -324,6 +339,8 @@ def start_server(
 def run(args) -> None:
     """The ``serve`` sub-command."""
     require_server_extra()
+    tokens_conf = {"tokens_file": args.tokens_file} if args.tokens_file else {}
+    check_listen_address(args.host, AccessTokens.from_settings(tokens_conf))  # before any work
     app_dir = Path(args.workdir).resolve()
     model_dir = Path(args.model_dir).resolve() if args.model_dir else app_dir / "model"
     if args.data == "none":
@@ -345,7 +362,7 @@ def run(args) -> None:
             progress=not getattr(args, "quiet", False),
         )
     write_app_folder(app_dir)
-    conf = app_conf(app_dir, model_dir, args.device)
+    conf = app_conf(app_dir, model_dir, args.device, args.tokens_file)
     if args.prepare_only:
         print(
             f"ready: monailabel start_server --app {app_dir} --studies {studies}"
@@ -407,7 +424,8 @@ def start_background_server(
     timeout: float = 120.0,
     extra_env: dict[str, str] | None = None,
 ) -> BackgroundServer:
-    """Start ``uvicorn monailabel.app:app`` serving this app and wait until ``/info/`` answers.
+    """Start ``uvicorn monailabel.app:app`` serving this app and wait until ``/info/`` answers
+    (200, or 401/403 from a server that wants a token).
 
     ``workdir`` becomes the app folder (:func:`write_app_folder`). Settings go through the
     environment as ``monailabel start_server`` passes them (so MONAI Label's train subprocesses see
@@ -458,6 +476,10 @@ def start_background_server(
             with urllib.request.urlopen(f"{server.url}/info/", timeout=5) as response:
                 if response.status == 200:
                     return server
+        except urllib.error.HTTPError as error:
+            if error.code in (401, 403):  # up, and asking for a token
+                return server
+            time.sleep(0.25)
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.25)
     server.stop()

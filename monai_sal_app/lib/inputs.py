@@ -13,11 +13,13 @@ client could read any file the server can (``?image=../../etc/passwd`` or ``para
 and :func:`resolve_label` only the endpoint's own save of the ``label`` upload.
 :class:`CheckedSessions` refuses session ids that are not plain names: the stock ``Sessions``
 joins the id to its folder, reads ``<id>/meta.info`` and deletes ``<id>`` if its image is gone.
-:func:`parse_explain_request` reads ``method``, ``target`` and the method's options.
+:func:`parse_explain_request` reads ``method``, ``target`` and the method's options;
+:func:`read_infer_params` reads the parameters from either form MONAI Label's endpoint is sent.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from monailabel.utils.sessions import Sessions
+from starlette.requests import Request
 
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.saliency import available_methods, get_method
@@ -36,6 +39,7 @@ __all__ = [
     "CheckedSessions",
     "parse_explain_request",
     "parse_target",
+    "read_infer_params",
     "remove_uploads",
     "resolve_image",
     "resolve_label",
@@ -90,6 +94,49 @@ class CheckedSessions(Sessions):
     def remove_session(self, session_id: str):
         if isinstance(session_id, str) and _SESSION_ID.match(session_id):
             super().remove_session(session_id)
+
+
+INFER_QUERY = ("image", "session_id", "output")  # what POST /infer/{model} reads from its query
+INFER_FORM = ("params", "file", "label")  # ... and from its form
+_FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
+_EXPECTED = (
+    "send the parameters as the form field 'params' (multipart/form-data, with the optional files "
+    "'file' and 'label') or as a JSON object body (application/json)"
+)
+
+
+async def read_infer_params(request: Request, params_field: str) -> str:
+    """The JSON text of an infer request's parameters: the form field ``params`` (MONAI Label's
+    contract, ``params_field`` as FastAPI read it) or, for ``Content-Type: application/json``, the
+    body, which must be a JSON object. :class:`RequestError` naming what was expected for an
+    unknown query parameter or form field (400), a JSON body that is not an object (400) and a
+    body of any other type (415): nothing a client sends is silently ignored."""
+    unknown = sorted(set(request.query_params) - set(INFER_QUERY))
+    if unknown:
+        raise RequestError(
+            400,
+            f"unknown query parameter(s) {unknown}: the query takes {', '.join(INFER_QUERY)}; "
+            f"the method's parameters go in the body: {_EXPECTED}",
+        )
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        try:
+            value = json.loads(await request.body() or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(400, f"the JSON body is not valid JSON ({error})") from None
+        if not isinstance(value, dict):
+            raise RequestError(
+                400, f'the JSON body must be an object such as {{"method": "gradient"}}, got {value!r:.60}'
+            )
+        return json.dumps(value)
+    if content_type in _FORMS:
+        unknown = sorted(set((await request.form()).keys()) - set(INFER_FORM))
+        if unknown:
+            raise RequestError(400, f"unknown form field(s) {unknown}: {_EXPECTED}")
+        return params_field
+    if not content_type and not await request.body():
+        return params_field  # no body: the query names the image, the defaults apply
+    raise RequestError(415, f"cannot read a body of type {content_type or 'unknown'!r}: {_EXPECTED}")
 
 
 def remove_uploads(request: dict) -> None:

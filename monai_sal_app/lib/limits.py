@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -38,6 +37,8 @@ from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
 from starlette.concurrency import run_in_threadpool
 
+from monai_sal_app.lib.background import on_shutdown_signal
+from monai_sal_app.lib.inputs import read_infer_params
 from monai_sal_app.saliency.core import stop_when
 
 __all__ = ["DEFAULT_LIMITS", "SHUTTING_DOWN", "ServerLimits", "install_limits", "stop_requests_on_shutdown"]
@@ -160,7 +161,8 @@ async def _infer_off_the_loop(
     output: ResultType | None = None,
     user: User = _USER,
 ):
-    """MONAI Label's infer endpoint, run in a worker thread under a stop check (module docstring)."""
+    """MONAI Label's infer endpoint, run in a worker thread under a stop check (module docstring),
+    its parameters read from the form field ``params`` or a JSON body (``inputs.read_infer_params``)."""
     limits: ServerLimits = request.app.state.monai_sal_limits
     deadline = time.monotonic() + limits.request_timeout_s
     disconnected = threading.Event()
@@ -176,6 +178,8 @@ async def _infer_off_the_loop(
                 "(request_timeout_s); ask for less work (fewer steps or samples, or a cheaper method)"
             )
         return None
+
+    params = await read_infer_params(request, params)
 
     def run():
         with stop_when(stop_reason):
@@ -216,22 +220,5 @@ def install_limits(app: FastAPI, limits: ServerLimits) -> None:
 
 def stop_requests_on_shutdown() -> None:
     """On SIGTERM or SIGINT, set :data:`SHUTTING_DOWN` (running requests stop at their next chunk),
-    then call the handler that was there (uvicorn's, which stops the server). Only from the main
-    thread (signal handlers cannot be set elsewhere); a no-op otherwise."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.getsignal(signum)
-        if getattr(previous, "monai_sal_stop", False):
-            continue
-
-        def handler(number, frame, previous=previous):
-            SHUTTING_DOWN.set()
-            if callable(previous):
-                previous(number, frame)
-            else:  # the default action (or none): restore it and deliver the signal again
-                signal.signal(number, previous if previous is not None else signal.SIG_DFL)
-                signal.raise_signal(number)
-
-        handler.monai_sal_stop = True
-        signal.signal(signum, handler)
+    then let the server stop (``background.on_shutdown_signal``)."""
+    on_shutdown_signal(SHUTTING_DOWN.set)

@@ -22,6 +22,8 @@ why. Request parameters (all optional): ``model`` (one served model; default all
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any
 
 import torch
@@ -35,6 +37,7 @@ from monai_sal_app.evaluation.trust import (
     DEFAULT_TRUST_METHODS,
     read_trust_card,
     trust_card,
+    trust_card_path,
     write_trust_card,
 )
 from monai_sal_app.lib.errors import RequestError
@@ -99,6 +102,28 @@ class TrustScoring(ScoringMethod):
             )
         return ""
 
+    def reasons_to_score(self, datastore: Datastore | None) -> dict[str, str]:
+        """Per served model, why its card should be recomputed at the server's start: none, corrupt
+        or of another schema, older than its weights, or older than a datastore image or label
+        (``datastore`` None: a remote datastore, whose changes are not seen here). Empty when every
+        card is current."""
+        newest = _newest_datastore_file(datastore) if datastore is not None else None
+        reasons = {}
+        for name, served in self.served.items():
+            path = trust_card_path(served.path)
+            try:
+                card = read_trust_card(served.path)
+            except ValueError as error:
+                reasons[name] = str(error)
+                continue
+            if card is None:
+                reasons[name] = "no trust card"
+            elif os.stat(served.path).st_mtime_ns > os.stat(path).st_mtime_ns:
+                reasons[name] = "the weights are newer than the trust card"
+            elif newest is not None and newest[0] > os.stat(path).st_mtime_ns:
+                reasons[name] = f"the datastore changed since the trust card ({newest[1]})"
+        return reasons
+
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
         options = {**DEFAULTS, **{k: request[k] for k in DEFAULTS if k in request}}
         names = [request["model"]] if request.get("model") else list(self.served)
@@ -117,8 +142,10 @@ class TrustScoring(ScoringMethod):
                     }
                     continue
                 ids = [item["id"] for item in chosen]
+                checked = time.time_ns()  # weights written after this still make the card stale
                 kept = self._keep_reason(served, ids, bool(options["replace"]))
                 if kept:
+                    os.utime(trust_card_path(served.path), ns=(checked, checked))  # module docstring
                     result[name] = {"kept": kept}
                     logger.info("trust card of %s kept: %s", name, kept)
                     continue
@@ -148,3 +175,21 @@ class TrustScoring(ScoringMethod):
             }
             logger.info("trust card of %s recomputed on %d datastore images", name, len(chosen))
         return result
+
+
+def _newest_datastore_file(datastore: Datastore) -> tuple[int, str] | None:
+    """(modification time in ns, id) of the datastore's newest image or label file; None for an
+    empty datastore."""
+    newest = None
+    for image_id in datastore.list_images():
+        paths = [datastore.get_image_uri(image_id)]
+        for tag, label_id in datastore.get_labels_by_image_id(image_id).items():
+            paths.append(datastore.get_label_uri(label_id, tag))
+        for path in paths:
+            try:
+                stamp = os.stat(path).st_mtime_ns
+            except OSError:
+                continue
+            if newest is None or stamp > newest[0]:
+                newest = (stamp, image_id)
+    return newest
