@@ -38,6 +38,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -414,6 +415,17 @@ class BackgroundServer:
         self.stop()
 
 
+def _answers_info(server: BackgroundServer) -> bool:
+    """Whether ``/info/`` answers 200, or 401/403 (a server that wants a token)."""
+    try:
+        with urllib.request.urlopen(f"{server.url}/info/", timeout=5) as response:
+            return response.status == 200
+    except urllib.error.HTTPError as error:
+        return error.code in (401, 403)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
 def start_background_server(
     studies: str | os.PathLike,
     *,
@@ -423,6 +435,8 @@ def start_background_server(
     port: int | None = None,
     timeout: float = 120.0,
     extra_env: dict[str, str] | None = None,
+    wrapper: Sequence[str] = (),
+    answers: Callable[[BackgroundServer], bool] | None = None,
 ) -> BackgroundServer:
     """Start ``uvicorn monailabel.app:app`` serving this app and wait until ``/info/`` answers
     (200, or 401/403 from a server that wants a token).
@@ -451,6 +465,7 @@ def start_background_server(
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [
+                *wrapper,
                 sys.executable,
                 "-m",
                 "uvicorn",
@@ -472,15 +487,8 @@ def start_background_server(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with code {process.returncode}:\n{server.log()}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/info/", timeout=5) as response:
-                if response.status == 200:
-                    return server
-        except urllib.error.HTTPError as error:
-            if error.code in (401, 403):  # up, and asking for a token
-                return server
-            time.sleep(0.25)
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.25)
+        if (answers or _answers_info)(server):
+            return server
+        time.sleep(0.25)
     server.stop()
     raise RuntimeError(f"server did not answer within {timeout} s:\n{server.log()}")

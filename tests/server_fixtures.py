@@ -274,6 +274,7 @@ def post_infer(
     label: Path | tuple | None = None,
     output: str | None = "all",
     timeout: float = 120,
+    headers: dict | None = None,
 ):
     """Raw-HTTP infer. Returns ``(status, json or None, heatmap NIfTI bytes or None, response)``.
 
@@ -289,7 +290,9 @@ def post_infer(
         if value is not None:
             files[field] = (value.name, value.read_bytes()) if isinstance(value, Path) else value
     data = {"params": params if isinstance(params, str) else json.dumps(params or {})}
-    response = requests.post(f"{url}/infer/{model}", params=query, data=data, files=files or None, timeout=timeout)
+    response = requests.post(
+        f"{url}/infer/{model}", params=query, data=data, files=files or None, timeout=timeout, headers=headers
+    )
     if response.status_code != 200:
         return response.status_code, None, None, response
     content_type = response.headers.get("content-type", "")
@@ -304,6 +307,73 @@ def post_infer(
                 heatmap = part.content
         return response.status_code, result, heatmap, response
     return response.status_code, response.json(), None, response
+
+
+# ----------------------------------------------------------------------------- bad requests
+
+
+def _bad_file(env: dict, name: str, content: bytes | None = None, array: np.ndarray | None = None) -> Path:
+    """A file for a bad request in ``env["bad"]``: ``content`` as is, or ``array`` as NIfTI."""
+    path = env["bad"] / name
+    if array is not None:
+        write_nifti(array, path)
+    else:
+        path.write_bytes(content)
+    return path
+
+
+# Infer requests every server must answer 4xx with a message, the one that serves the shared
+# folders (``env``: its "items", and "bad", a folder for the files of these requests).
+BAD_REQUESTS = {
+    # name: (post_infer kwargs built from env, expected status, words the message must contain)
+    "3d volume to the 2d model": (lambda e: dict(model="classifier_2d", image="volume_nii"), 400, "2D"),
+    "2d image to the 3d model": (lambda e: dict(model="classifier_3d", image="xray_png"), 400, "3D"),
+    "unreadable nifti": (
+        lambda e: dict(file=_bad_file(e, "garbage.nii.gz", b"this is not a nifti file")),
+        400,
+        "cannot read",
+    ),
+    "unsupported file type": (lambda e: dict(file=_bad_file(e, "notes.txt", b"hello")), 400, "unsupported"),
+    "empty file": (lambda e: dict(file=_bad_file(e, "empty.png", b"")), 400, "cannot read"),
+    "nan image": (
+        lambda e: dict(file=_bad_file(e, "nan.nii.gz", array=np.where(np.eye(32) > 0, np.nan, 1.0).astype(np.float32))),
+        400,
+        "NaN",
+    ),
+    "constant image": (
+        lambda e: dict(file=_bad_file(e, "constant.nii.gz", array=np.full((32, 32), 7.0, np.float32))),
+        400,
+        "constant",
+    ),
+    "unknown model": (lambda e: dict(model="no_such_model", image="xray_png"), 404, "unknown model"),
+    "broken model": (lambda e: dict(model="broken", image="xray_png"), 404, "unknown model"),
+    "unknown method": (lambda e: dict(params={"method": "no_such_method"}), 400, "unknown saliency method"),
+    "target out of range": (lambda e: dict(params={"target": 2}), 400, "out of range"),
+    "negative target": (lambda e: dict(params={"target": -1}), 400, "out of range"),
+    "target not a class": (lambda e: dict(params={"target": "tumour"}), 400, "neither"),
+    "float target": (lambda e: dict(params={"target": 1.5}), 400, "class index"),
+    "unknown parameter": (lambda e: dict(params={"method": "gradcam", "stpes": 5}), 400, "stpes"),
+    "bad method option": (lambda e: dict(params={"method": "gradcam", "layer": "no.such.layer"}), 400, "layer"),
+    "params not json": (lambda e: dict(params="{method: gradcam"), 400, "not valid JSON"),
+    "no input at all": (lambda e: dict(image=""), 400, "no input image"),
+    "relative path as id": (lambda e: dict(image="../../etc/passwd"), 400, "not a datastore id"),
+    "absolute path as id": (lambda e: dict(image="/etc/passwd"), 400, "not a datastore id"),
+    "path injected in params": (lambda e: dict(params={"image": "/etc/passwd"}), 400, "not a datastore id"),
+    "label path injected in params": (lambda e: dict(params={"label": "/etc/passwd"}), 400, "'label' form field"),
+    "unknown image id": (lambda e: dict(image="no_such_image"), 404, "not found"),
+    "unknown session": (lambda e: dict(image="", session_id="../../etc"), 404, "session"),
+    "mask on another grid": (
+        lambda e: dict(image="slice_nii", label=e["items"]["volume_nii"]["mask"]),
+        400,
+        "mask shape",
+    ),
+    "empty mask": (
+        lambda e: dict(image="slice_nii", label=_bad_file(e, "empty_mask.nii.gz", array=np.zeros((36, 40), np.uint8))),
+        400,
+        "foreground",
+    ),
+    "unreadable mask": (lambda e: dict(image="slice_nii", label=_bad_file(e, "bad_mask.nii.gz", b"nope")), 400, "mask"),
+}
 
 
 def load_nifti_bytes(data: bytes):

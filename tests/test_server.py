@@ -24,9 +24,9 @@ import requests
 from conftest import LABELS, images_for
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
-from server_fixtures import CARD_2D, SERVED, load_nifti_bytes, post_infer
+from server_fixtures import BAD_REQUESTS, CARD_2D, SERVED, load_nifti_bytes, post_infer
 
-from monai_sal_app.data.io import read_image, write_nifti
+from monai_sal_app.data.io import read_image
 from monai_sal_app.evaluation.trust import trust_card, write_trust_card
 from monai_sal_app.experiments.workflows import evaluate_maps
 from monai_sal_app.inference import explain_array
@@ -394,67 +394,6 @@ def test_mask_with_monailabel_client(env, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # bad input: 4xx with a message, and the server keeps answering
 # ------------------------------------------------------------------------------------------------
-
-
-def _bad_file(env, name: str, content: bytes | None = None, array: np.ndarray | None = None) -> Path:
-    path = env["bad"] / name
-    if array is not None:
-        write_nifti(array, path)
-    else:
-        path.write_bytes(content)
-    return path
-
-
-BAD_REQUESTS = {
-    # name: (request kwargs built from env, expected status, words the message must contain)
-    "3d volume to the 2d model": (lambda e: dict(model="classifier_2d", image="volume_nii"), 400, "2D"),
-    "2d image to the 3d model": (lambda e: dict(model="classifier_3d", image="xray_png"), 400, "3D"),
-    "unreadable nifti": (
-        lambda e: dict(file=_bad_file(e, "garbage.nii.gz", b"this is not a nifti file")),
-        400,
-        "cannot read",
-    ),
-    "unsupported file type": (lambda e: dict(file=_bad_file(e, "notes.txt", b"hello")), 400, "unsupported"),
-    "empty file": (lambda e: dict(file=_bad_file(e, "empty.png", b"")), 400, "cannot read"),
-    "nan image": (
-        lambda e: dict(file=_bad_file(e, "nan.nii.gz", array=np.where(np.eye(32) > 0, np.nan, 1.0).astype(np.float32))),
-        400,
-        "NaN",
-    ),
-    "constant image": (
-        lambda e: dict(file=_bad_file(e, "constant.nii.gz", array=np.full((32, 32), 7.0, np.float32))),
-        400,
-        "constant",
-    ),
-    "unknown model": (lambda e: dict(model="no_such_model", image="xray_png"), 404, "unknown model"),
-    "broken model": (lambda e: dict(model="broken", image="xray_png"), 404, "unknown model"),
-    "unknown method": (lambda e: dict(params={"method": "no_such_method"}), 400, "unknown saliency method"),
-    "target out of range": (lambda e: dict(params={"target": 2}), 400, "out of range"),
-    "negative target": (lambda e: dict(params={"target": -1}), 400, "out of range"),
-    "target not a class": (lambda e: dict(params={"target": "tumour"}), 400, "neither"),
-    "float target": (lambda e: dict(params={"target": 1.5}), 400, "class index"),
-    "unknown parameter": (lambda e: dict(params={"method": "gradcam", "stpes": 5}), 400, "stpes"),
-    "bad method option": (lambda e: dict(params={"method": "gradcam", "layer": "no.such.layer"}), 400, "layer"),
-    "params not json": (lambda e: dict(params="{method: gradcam"), 400, "not valid JSON"),
-    "no input at all": (lambda e: dict(image=""), 400, "no input image"),
-    "relative path as id": (lambda e: dict(image="../../etc/passwd"), 400, "not a datastore id"),
-    "absolute path as id": (lambda e: dict(image="/etc/passwd"), 400, "not a datastore id"),
-    "path injected in params": (lambda e: dict(params={"image": "/etc/passwd"}), 400, "not a datastore id"),
-    "label path injected in params": (lambda e: dict(params={"label": "/etc/passwd"}), 400, "'label' form field"),
-    "unknown image id": (lambda e: dict(image="no_such_image"), 404, "not found"),
-    "unknown session": (lambda e: dict(image="", session_id="../../etc"), 404, "session"),
-    "mask on another grid": (
-        lambda e: dict(image="slice_nii", label=e["items"]["volume_nii"]["mask"]),
-        400,
-        "mask shape",
-    ),
-    "empty mask": (
-        lambda e: dict(image="slice_nii", label=_bad_file(e, "empty_mask.nii.gz", array=np.zeros((36, 40), np.uint8))),
-        400,
-        "foreground",
-    ),
-    "unreadable mask": (lambda e: dict(image="slice_nii", label=_bad_file(e, "bad_mask.nii.gz", b"nope")), 400, "mask"),
-}
 
 
 def uploads_left_with(content: bytes) -> list[Path]:
