@@ -118,6 +118,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8000, help="(default %(default)s)")
     p.add_argument(
+        "--conf",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="an app setting, as MONAI Label's start_server takes it, e.g. --conf request_timeout_s 120 "
+        "(the settings: docs/SERVER.md)",
+    )
+    p.add_argument(
         "--epochs", type=int, default=None, help=f"epochs for the default models (default: {_per_model('epochs')})"
     )
     p.add_argument(
@@ -340,8 +349,10 @@ def start_server(
 def run(args) -> None:
     """The ``serve`` sub-command."""
     require_server_extra()
-    tokens_conf = {"tokens_file": args.tokens_file} if args.tokens_file else {}
-    check_listen_address(args.host, AccessTokens.from_settings(tokens_conf))  # before any work
+    settings = dict(args.conf)
+    if args.tokens_file:
+        settings["tokens_file"] = args.tokens_file
+    check_listen_address(args.host, AccessTokens.from_settings(settings))  # before any work
     app_dir = Path(args.workdir).resolve()
     model_dir = Path(args.model_dir).resolve() if args.model_dir else app_dir / "model"
     if args.data == "none":
@@ -363,7 +374,7 @@ def run(args) -> None:
             progress=not getattr(args, "quiet", False),
         )
     write_app_folder(app_dir)
-    conf = app_conf(app_dir, model_dir, args.device, args.tokens_file)
+    conf = {**settings, **app_conf(app_dir, model_dir, args.device, settings.get("tokens_file"))}
     if args.prepare_only:
         print(
             f"ready: monailabel start_server --app {app_dir} --studies {studies}"

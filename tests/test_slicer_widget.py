@@ -23,8 +23,10 @@ import slicer
 from conftest import LONG_REQUEST, SLICER_MODULE, box_segmentation, free_port, ijk_to_ras, load_volume, save_scene
 from SaliencyMapsLib import scene as scene_logic
 from SaliencyMapsLib.trust import trust_lines
-from server_fixtures import SERVED
+from server_fixtures import SERVED, make_studies, save_tiny_checkpoint
 from slicer_standins import QFileDialog, QSettings, SlicerStandIns, module_panel
+
+from monai_sal_app.serve import start_background_server
 
 pytestmark = pytest.mark.server  # every test here drives the panel against the real server
 
@@ -261,6 +263,34 @@ def test_errors_are_shown_with_their_details_and_the_panel_goes_on(panel, served
     ui.explainButton.click()
     assert "is not JSON" in app.errors[-1][0] and panel.widget.job is None
     assert "Traceback" not in "".join(text + details for text, details in app.errors)
+
+
+def test_a_server_with_tokens_is_used_with_the_token_typed_in_the_panel(panel, tmp_path):
+    """A server of its own on 127.0.0.1 with the reader and operator tokens set: without the
+    token the panel says what the server wants, with it the panel connects and explains; the token
+    is kept neither in the scene's parameter node nor in the settings."""
+    reader, operator = "reader-" + "r" * 24, "operator-" + "o" * 24
+    save_tiny_checkpoint(tmp_path / "model" / "classifier_3d.pt", 3, seed=1)
+    items = make_studies(tmp_path / "studies")
+    server = start_background_server(
+        tmp_path / "studies",
+        conf={"model_dir": str(tmp_path / "model")},
+        workdir=tmp_path / "run",
+        extra_env={"MONAI_SAL_READER_TOKEN": reader, "MONAI_SAL_OPERATOR_TOKEN": operator, "OMP_NUM_THREADS": "1"},
+    )
+    ui, app = panel.ui, panel.app
+    try:
+        connect(panel, server.url)
+        assert "(401)" in ui.statusLabel.text and "Bearer" in ui.statusLabel.text
+        ui.tokenLineEdit.text = reader
+        connect(panel, server.url)
+        assert "Connected to" in ui.statusLabel.text and ui.modelComboBox.count == 1
+        explain(panel, load_volume(panel.scene, items["volume_nii"]["path"]), "classifier_3d", "gradient")
+        assert ui.heatmapComboBox.count == 1, app.errors[-1:]
+    finally:
+        server.stop()
+    saved = save_scene(panel.scene, tmp_path).read_text()
+    assert reader not in saved and reader not in str(QSettings.store)
 
 
 def test_the_modules_self_test_passes_against_the_real_server(panel, served, monkeypatch):

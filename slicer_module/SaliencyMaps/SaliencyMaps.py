@@ -250,8 +250,9 @@ class SaliencyMapsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def on_connect(self):
         self._parameterNode.serverUrl = url = self.ui.serverUrlLineEdit.text.strip()
         self._parameterNode.timeout = timeout = int(self.ui.timeoutSpinBox.value)
+        token = self.ui.tokenLineEdit.text  # never put in the parameter node or the settings
         self.start_job(
-            jobs.BackgroundJob([self.workflow.connect_step(url, timeout)]), _("Connecting"), self.on_connected
+            jobs.BackgroundJob([self.workflow.connect_step(url, timeout, token)]), _("Connecting"), self.on_connected
         )
 
     def on_connected(self, report):

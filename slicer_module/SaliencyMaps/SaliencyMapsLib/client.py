@@ -128,9 +128,11 @@ def saliency_models(info: dict) -> dict[str, dict]:
 
 
 class ServerClient:
-    """``ServerClient("http://127.0.0.1:8000", timeout=60)``; ``timeout`` in seconds per request."""
+    """``ServerClient("http://127.0.0.1:8000", timeout=60, token="")``; ``timeout`` in seconds per
+    request; ``token``: the server's reader (or operator) token, sent as ``Authorization: Bearer``
+    with every request, for a server that asks for one (never stored by the client)."""
 
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, timeout: float = 60.0, token: str = "") -> None:
         url = (url or "").strip().rstrip("/")
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -139,6 +141,7 @@ class ServerClient:
             raise ServerError(f"timeout must be positive, got {timeout}")
         self.url = url
         self.timeout = float(timeout)
+        self._headers = {"Authorization": f"Bearer {token.strip()}"} if token and token.strip() else {}
 
     def info(self, cancellation: Cancellation | None = None) -> dict:
         """``GET /info/``: the app's models (labels, dimension, methods with defaults and bounds,
@@ -182,7 +185,8 @@ class ServerClient:
         cancellation: Cancellation | None = None,
     ):
         cancellation = cancellation or Cancellation()
-        request = urllib.request.Request(self.url + path, data=body, method=verb, headers=headers or {})
+        headers = {**self._headers, **(headers or {})}
+        request = urllib.request.Request(self.url + path, data=body, method=verb, headers=headers)
         try:
             with cancellation.opener().open(request, timeout=self.timeout) as response:
                 answer = response.headers, response.read()

@@ -40,12 +40,13 @@ class SaliencyMapsWorkflow:
 
     # ---------------------------------------------------------------- server
 
-    def connect_step(self, url: str, timeout: float = 120.0) -> Step:
-        """Read ``/info`` of the server at ``url``; the step's result is its saliency models
-        (name -> entry). ServerError when it cannot be reached or serves no saliency model."""
+    def connect_step(self, url: str, timeout: float = 120.0, token: str = "") -> Step:
+        """Read ``/info`` of the server at ``url`` (with ``token`` for a server that asks for one);
+        the step's result is its saliency models (name -> entry). ServerError when it cannot be
+        reached, refuses the token or serves no saliency model."""
 
         def start():
-            client = ServerClient(url, timeout)
+            client = ServerClient(url, timeout, token)
             return lambda cancellation: (client, client.info(cancellation))
 
         def finish(answer) -> dict[str, dict]:
@@ -58,9 +59,9 @@ class SaliencyMapsWorkflow:
 
         return Step(f"connect to {url}", start, finish)
 
-    def connect(self, url: str, timeout: float = 120.0) -> dict[str, dict]:
+    def connect(self, url: str, timeout: float = 120.0, token: str = "") -> dict[str, dict]:
         """:meth:`connect_step` run to its end."""
-        return _run_one(self.connect_step(url, timeout))
+        return _run_one(self.connect_step(url, timeout, token))
 
     def model(self, name: str) -> dict:
         if self.client is None:
