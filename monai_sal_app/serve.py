@@ -377,7 +377,7 @@ def run(args) -> None:
     conf = {**settings, **app_conf(app_dir, model_dir, args.device, settings.get("tokens_file"))}
     if args.prepare_only:
         print(
-            f"ready: monailabel start_server --app {app_dir} --studies {studies}"
+            f"ready: monailabel start_server --app {app_dir} --studies {studies} --host {args.host} --port {args.port}"
             + "".join(f" --conf {k} {v}" for k, v in conf.items())
         )
         return

@@ -101,7 +101,11 @@ def test_serve_data_none_serves_the_checkpoints_there_on_your_studies(tmp_path, 
     args = parser.parse_args(argv.split())
     args.func(args)
     printed = capsys.readouterr().out
-    assert f"--app {tmp_path / 'work'} --studies {studies} --conf model_dir {checkpoints}" in printed
+    # the launcher listens on 0.0.0.0 unless told: the command names the address serve would use
+    assert (
+        f"--app {tmp_path / 'work'} --studies {studies} --host 127.0.0.1 --port 8000 --conf model_dir {checkpoints}"
+        in printed
+    )
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["main.py"]  # nothing generated or trained
     assert sorted(p.name for p in checkpoints.iterdir()) == ["mine.json", "mine.pt"]
 
