@@ -23,7 +23,7 @@ import numpy as np
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 UI_FILE = REPOSITORY / "slicer_module" / "SaliencyMaps" / "Resources" / "UI" / "SaliencyMaps.ui"
-PANEL_SIZE = (440, 920)  # pixels, about a Slicer module panel
+PANEL_SIZE = (440, 950)  # pixels, about a Slicer module panel
 sys.path.insert(0, str(UI_FILE.parents[2]))  # SaliencyMapsLib, as Slicer finds it beside the module
 
 
