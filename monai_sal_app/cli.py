@@ -28,10 +28,10 @@ from monai_sal_app.experiments.workflows import evaluate_maps, explain_items
 from monai_sal_app.explainers.kinds import EXPLAINER_KINDS
 from monai_sal_app.metrics.stats import to_markdown
 from monai_sal_app.models.augment import AUGMENTATIONS
-from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.factory import HEADS, get_head
 from monai_sal_app.models.inputs import read_items
 from monai_sal_app.models.manifest_training import train_from_manifest
+from monai_sal_app.models.sources import load_model_source
 from monai_sal_app.saliency import available_methods, get_method
 from monai_sal_app.saliency.core import check_request
 from monai_sal_app.saliency.postprocess import POSTPROCESSING
@@ -162,15 +162,17 @@ def cmd_explain(args) -> None:
         get_method(m)  # unknown names fail before any work
     params = _method_params(args.param)
     distributed.setup()
-    model, card = load_classifier(args.model, device=args.device or distributed.device())
-    if args.max_cost is not None:  # the server's bounds and budget, only when asked
-        for m in methods:
-            check_request(m, params, tuple(card.input_size), args.max_cost, budget_name="--max-cost")
+    model = load_model_source(args.model, device=args.device or distributed.device())
+    for m in methods:
+        spec = get_method(m)
+        if not spec.applies_to(model.network):
+            raise ValueError(f"method {m!r} cannot explain {args.model}: {spec.needs(model.network)}")
+        if args.max_cost is not None:  # the server's bounds and budget, only when asked
+            check_request(m, params, tuple(model.card.input_size), args.max_cost, budget_name="--max-cost")
     source = args.images[0] if len(args.images) == 1 and args.images[0].endswith(".csv") else args.images
     items = read_items(source)
     maps_csv = explain_items(
         model,
-        card,
         items,
         args.out,
         methods=methods,
@@ -351,7 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("explain", help="saliency maps (NIfTI on the input grid) and overlay PNGs")
-    p.add_argument("--model", required=True, help="checkpoint .pt with its .json card")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the classifier: a checkpoint .pt with its .json card, a MONAI bundle folder, a TorchScript file "
+        "with its .json, or a .pt with a .json naming its factory (docs/CLI.md, 'Your own model')",
+    )
     p.add_argument("images", nargs="+", help="a manifest.csv, or image files (NIfTI, NRRD, PNG, DICOM)")
     p.add_argument(
         "--method",

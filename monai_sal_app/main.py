@@ -56,7 +56,7 @@ from monai_sal_app.lib.inputs import IMAGE_NAME_KEY, CheckedSessions, remove_upl
 from monai_sal_app.lib.limits import SHUTTING_DOWN, ServerLimits, install_limits, stop_requests_on_shutdown
 from monai_sal_app.lib.pages import install_pages
 from monai_sal_app.lib.scoring.trust import TrustScoring
-from monai_sal_app.lib.served_model import find_checkpoints
+from monai_sal_app.lib.served_model import find_model_sources
 from monai_sal_app.models.device import default_device
 from monai_sal_app.saliency.core import Stopped
 from monai_sal_app.version import __version__
@@ -115,11 +115,13 @@ class MonaiSalApp(MONAILabelApp):
         self.model_dir = os.path.realpath(conf.get("model_dir") or os.path.join(app_dir, "model"))
         self.device = torch.device(conf["device"]) if conf.get("device") else default_device()
         names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or None
-        found, skipped = find_checkpoints(self.model_dir, names)
+        found, skipped = find_model_sources(self.model_dir, names)
         self.task_configs: dict[str, ClassifierConfig] = {}
-        for name, _path in found.items():
+        for name, path in found.items():
             config = ClassifierConfig()
-            config.init(name, self.model_dir, conf, None, device=self.device, studies=studies, limits=self.limits)
+            config.init(
+                name, self.model_dir, conf, None, path=path, device=self.device, studies=studies, limits=self.limits
+            )
             problem = config.problem()
             if problem:
                 skipped[name] = problem
@@ -209,7 +211,11 @@ class MonaiSalApp(MONAILabelApp):
         return {name: config.infer() for name, config in self.task_configs.items()}
 
     def init_trainers(self):
-        return {name: config.trainer() for name, config in self.task_configs.items()}
+        """A train task for each served checkpoint of ours (a bundle, TorchScript or factory model
+        is trained where it was made)."""
+        return {
+            name: config.trainer() for name, config in self.task_configs.items() if config.served.kind == "checkpoint"
+        }
 
     def init_scoring_methods(self):
         """``trust``: the trust cards of the served models, recomputed on the datastore images."""

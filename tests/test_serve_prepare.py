@@ -14,7 +14,7 @@ import pytest
 from server_fixtures import save_tiny_checkpoint
 
 import monai_sal_app
-from monai_sal_app.lib.served_model import find_checkpoints
+from monai_sal_app.lib.served_model import find_model_sources
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.serve import APP_MAIN_PY, add_parser
 
@@ -56,7 +56,7 @@ def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, cap
     assert f"monailabel start_server --app {work} --studies {work / 'studies'}" in printed
     assert (f"--conf model_dir {model_dir}" in printed) == (data != "shepp-logan")
     assert (work / "main.py").read_text() == APP_MAIN_PY
-    found, skipped = find_checkpoints(model_dir)
+    found, skipped = find_model_sources(model_dir)
     assert set(found) == set(models) and not skipped
     for name, (dim, size, labels) in models.items():
         _, card = load_classifier(found[name], device="cpu")

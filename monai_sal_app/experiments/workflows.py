@@ -20,8 +20,7 @@ from monai_sal_app.evaluation.inputs import mean_training_mask
 from monai_sal_app.experiments.report import save_overlay, write_table
 from monai_sal_app.metrics.localization import localization_metrics
 from monai_sal_app.metrics.stats import summarize, write_csv
-from monai_sal_app.models.card import ModelCard
-from monai_sal_app.models.inputs import preprocess, resize_to
+from monai_sal_app.models.sources import LoadedModel
 from monai_sal_app.models.train import (
     predict_probabilities,
 )
@@ -51,8 +50,7 @@ MAPS_COLUMNS = [
 
 
 def explain_items(
-    model: torch.nn.Module,
-    card: ModelCard,
+    source: LoadedModel,
     items: list[dict],
     out: str | Path,
     *,
@@ -65,6 +63,11 @@ def explain_items(
     progress: bool = True,
 ) -> Path:
     """Explain every item with every method; write maps, overlays and ``maps.csv`` under ``out``.
+
+    ``source``: the classifier (``models.sources.load_model_source`` for any source, ``in_memory``
+    for a network at hand); each image becomes its input as the source takes it
+    (``LoadedModel.prepare``: a bundle's own preprocessing, or min-max and resize) and each map
+    returns to the image's grid the same way.
 
     ``postprocess_steps`` (e.g. ``("abs",)``, see ``saliency.postprocess``) are applied to the raw
     maps before they are written, and recorded in the ``postprocess`` column.
@@ -82,14 +85,11 @@ def explain_items(
     def explain_block(start: int, stop: int) -> list[dict]:
         rows: list[dict] = []
         chunk = items[start:stop]
-        arrays, metas = [], []
-        for item in chunk:
-            array, meta = read_image(item["image"])
-            arrays.append(array)
-            metas.append(meta)
-        x = torch.cat([preprocess(a, card.input_size) for a in arrays])
+        prepared = [source.prepare(item["image"]) for item in chunk]
+        x = torch.cat([p.input for p in prepared])
+        model = source.network
         probabilities = predict_probabilities(model, x)
-        predicted = torch.from_numpy(card.predict(probabilities))
+        predicted = torch.from_numpy(source.card.predict(probabilities))
         targets = predicted if target is None else torch.full_like(predicted, int(target))
         for method in methods:
             t0 = time.perf_counter()
@@ -98,9 +98,9 @@ def explain_items(
             ).cpu()
             per_image = (time.perf_counter() - t0) / len(chunk)
             for k, item in enumerate(chunk):
-                saliency = resize_to(maps[k : k + 1], arrays[k].shape)[0, 0].numpy()
+                saliency = prepared[k].restore(maps[k : k + 1])
                 map_path = write_nifti(
-                    saliency, out / "maps" / method / f"{item['id']}.nii.gz", affine=metas[k]["affine"]
+                    saliency, out / "maps" / method / f"{item['id']}.nii.gz", affine=prepared[k].affine
                 )
                 overlay = ""
                 if start + k < overlays:
@@ -108,8 +108,9 @@ def explain_items(
                     title = (
                         f"{item['id']} {method} target={int(targets[k])} p={float(probabilities[k, targets[k]]):.2f}"
                     )
+                    image = read_image(item["image"])[0]
                     overlay = str(
-                        save_overlay(arrays[k], saliency, out / "overlays" / method / f"{item['id']}.png", mask, title)
+                        save_overlay(image, saliency, out / "overlays" / method / f"{item['id']}.png", mask, title)
                     )
                 rows.append(
                     {

@@ -30,10 +30,11 @@ from monai_sal_app.evaluation.trust import OutdatedTrustCard, read_trust_card, t
 from monai_sal_app.explainers import EXPLAINER_KINDS, check_explainer_for, load_explainer
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.models.card import ModelCard
-from monai_sal_app.models.checkpoint import card_path, load_classifier, weights_fingerprint
+from monai_sal_app.models.checkpoint import card_path, weights_fingerprint
+from monai_sal_app.models.sources import BUNDLE_METADATA, LoadedModel, load_model_source, source_files, source_kind
 from monai_sal_app.saliency import available_methods, get_method
 
-__all__ = ["MODEL_NAME", "ServedModel", "find_checkpoints"]
+__all__ = ["MODEL_NAME", "ServedModel", "find_model_sources"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,33 +42,45 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # usable in a URL path
 _RELOAD_ATTEMPTS = 3  # a checkpoint replaced while it is being read is read again
 
 
-def find_checkpoints(
+def find_model_sources(
     model_dir: str | os.PathLike, names: list[str] | None = None
 ) -> tuple[dict[str, Path], dict[str, str]]:
-    """Checkpoints in ``model_dir``: ``({name: weights path}, {name: why it is not served})``.
+    """Model sources in ``model_dir``: ``({name: path}, {name: why it is not served})``.
 
-    ``names`` None takes every ``<name>.pt`` that has a ``<name>.json`` card, except the trained
-    explainers (``<name>.<kind>.pt``, served with their model); otherwise exactly those names.
-    Names must match :data:`MODEL_NAME`. Nothing is loaded here.
+    A source (``models.sources``) is ``<name>.pt`` with ``<name>.json`` (our checkpoint and card,
+    or a factory's sidecar), ``<name>.ts`` with ``<name>.json`` (TorchScript), or a bundle folder
+    ``<name>/`` with ``configs/metadata.json``; trained explainers (``<name>.<kind>.pt``) are served
+    with their model. ``names`` None takes every one; otherwise exactly those names. Names must
+    match :data:`MODEL_NAME`. Nothing is loaded here.
     """
     model_dir = Path(model_dir)
     found: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     if names is None:
-        stems = sorted(p.stem for p in model_dir.glob("*.pt")) if model_dir.is_dir() else []
-        candidates = [stem for stem in stems if not stem.endswith(tuple(f".{kind}" for kind in EXPLAINER_KINDS))]
+        entries = sorted(model_dir.iterdir()) if model_dir.is_dir() else []
+        stems = {p.stem for p in entries if p.suffix in (".pt", ".ts")} | {p.name for p in entries if p.is_dir()}
+        explainers = tuple(f".{kind}" for kind in EXPLAINER_KINDS)
+        candidates = sorted(s for s in stems if not s.endswith(explainers) and not s.startswith("."))
     else:
         candidates = list(names)
     for name in candidates:
-        weights = model_dir / f"{name}.pt"
+        folder, weights = model_dir / name, model_dir / f"{name}.pt"
+        path = (
+            folder if folder.is_dir() else model_dir / f"{name}.ts" if (model_dir / f"{name}.ts").is_file() else weights
+        )
         if not MODEL_NAME.match(name):
             skipped[name] = f"invalid model name {name!r} (letters, digits, '_', '-', '.' only)"
-        elif not weights.is_file():
+        elif path.is_dir():
+            if source_kind(path) is None:
+                skipped[name] = f"not a model: a folder without {BUNDLE_METADATA}"
+            else:
+                found[name] = path
+        elif not path.is_file():
             skipped[name] = f"weights missing: {weights}"
-        elif not card_path(weights).is_file():
-            skipped[name] = f"model card missing: {card_path(weights)}"
+        elif not path.with_suffix(".json").is_file():
+            skipped[name] = f"model card missing: {path.with_suffix('.json')}"
         else:
-            found[name] = weights
+            found[name] = path
     return found, skipped
 
 
@@ -91,6 +104,7 @@ class ServedModel:
         self._stamp: tuple | None = None
         self._model: nn.Module | None = None
         self._card: ModelCard | None = None
+        self._loaded: LoadedModel | None = None
         self._error: str | None = None
         self._trust: dict | None = None
         self._trust_stamp: tuple | None = None
@@ -99,9 +113,15 @@ class ServedModel:
         self._explainers: dict[str, tuple[tuple, nn.Module | None]] = {}  # kind -> (stamps, module or None)
 
     def _file_stamp(self) -> tuple:
-        """(mtime_ns, size) of the weights and of the card; FileNotFoundError if either is missing."""
-        weights, card = os.stat(self.path), os.stat(card_path(self.path))
-        return (weights.st_mtime_ns, weights.st_size, card.st_mtime_ns, card.st_size)
+        """(name, mtime_ns, size) of each file of the source (``models.sources.source_files``: the
+        weights and the card, or a bundle's configs and models); FileNotFoundError if one is missing."""
+        stamps = []
+        for path in source_files(self.path):
+            stat = os.stat(path)
+            stamps.append((str(path), stat.st_mtime_ns, stat.st_size))
+        if not stamps:
+            raise FileNotFoundError(2, "no model files", str(self.path))
+        return tuple(stamps)
 
     def _refresh(self) -> None:
         """Load the checkpoint if it changed since the last load (caller holds the lock)."""
@@ -114,16 +134,17 @@ class ServedModel:
             return
         for _ in range(_RELOAD_ATTEMPTS):
             try:
-                model, card = load_classifier(self.path, device=self.device)
+                loaded = load_model_source(self.path, device=self.device)
                 after = self._file_stamp()
-            except (FileNotFoundError, ValueError) as error:  # CheckpointError is a ValueError
+            except (FileNotFoundError, ValueError) as error:  # SourceError and CheckpointError are ValueErrors
                 self._forget(str(error))
                 return
             if after == stamp:
                 if self._stamp is not None:
                     logger.info("model %s: reloaded %s (changed on disk)", self.name, self.path)
-                self._model, self._card, self._stamp, self._error = model, card, stamp, None
-                self._fingerprint = weights_fingerprint(model)
+                self._loaded, self._stamp, self._error = loaded, stamp, None
+                self._model, self._card = loaded.network, loaded.card
+                self._fingerprint = weights_fingerprint(loaded.network)
                 return
             stamp = after  # replaced while loading: read the new files
         self._forget(f"checkpoint kept changing while being read ({self.path})")
@@ -131,7 +152,7 @@ class ServedModel:
     def _forget(self, reason: str) -> None:
         if self._error != reason:
             logger.warning("model %s is not served: %s", self.name, reason)
-        self._model, self._card, self._stamp, self._error = None, None, None, reason
+        self._model, self._card, self._loaded, self._stamp, self._error = None, None, None, None, reason
 
     def problem(self) -> str | None:
         """Why the model cannot be served now (None when it can); loads or reloads it if needed."""
@@ -227,8 +248,19 @@ class ServedModel:
                 if get_method(name).explainer is None or get_method(name).explainer in explainers
             }
 
+    @property
+    def kind(self) -> str:
+        """ "checkpoint", "bundle", "torchscript" or "factory" (``models.sources``); 503 if unavailable."""
+        with self._lock:
+            self._current()
+            return self._loaded.kind
+
     @contextlib.contextmanager
-    def use(self) -> Iterator[tuple[nn.Module, ModelCard]]:
-        """Hold the model's run lock and yield the up-to-date ``(model, card)``; 503 if unavailable."""
+    def use(self) -> Iterator[LoadedModel]:
+        """Hold the model's run lock and yield the up-to-date source (``models.sources.LoadedModel``:
+        network, card, ``prepare``); 503 if unavailable."""
         with self._run_lock:
-            yield self._current()
+            with self._lock:
+                self._current()
+                loaded = self._loaded
+            yield loaded

@@ -29,9 +29,11 @@ from monai_sal_app.arguments import check_integer
 from monai_sal_app.models.factory import ARCHITECTURES, head_options
 from monai_sal_app.version import __version__
 
-__all__ = ["PREPROCESSING", "CardError", "ModelCard", "predict_classes"]
+__all__ = ["PREPROCESSING", "SOURCE_ARCHITECTURES", "CardError", "ModelCard", "predict_classes"]
 
 PREPROCESSING = "per-image min-max to [0, 1], bi/trilinear resize to input_size"
+# The "architecture" of a network that its source builds, not models.factory (models.sources).
+SOURCE_ARCHITECTURES = ("bundle", "torchscript", "factory")
 
 
 class CardError(ValueError):
@@ -73,7 +75,9 @@ def _mapping(field: str, value: Any) -> dict:
 class ModelCard:
     """A classifier checkpoint's description (see the module docstring for the JSON form).
 
-    - ``architecture``: a name of ``models.factory.ARCHITECTURES``; ``arch_kwargs``: the keyword
+    - ``architecture``: a name of ``models.factory.ARCHITECTURES``, or of
+      :data:`SOURCE_ARCHITECTURES` for a network its source builds (``models.sources``: a MONAI
+      bundle, a TorchScript file, a factory function); ``arch_kwargs``: the keyword
       arguments it was built with; ``spatial_dims``: 2 or 3; ``in_channels``: image channels.
     - ``head``: None for the network's own classifier, or a WILDCAT head on its last feature block,
       ``{"name": "wildcat", "kmax", "kmin", "alpha", "maps"}`` (see ``models.wildcat``).
@@ -110,7 +114,7 @@ class ModelCard:
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        if self.architecture not in ARCHITECTURES:
+        if self.architecture not in (*ARCHITECTURES, *SOURCE_ARCHITECTURES):
             raise CardError("architecture", f"unknown {self.architecture!r}; one of {', '.join(ARCHITECTURES)}")
         if self.spatial_dims not in (2, 3) or not _is_int(self.spatial_dims):
             raise CardError("spatial_dims", f"must be 2 or 3, got {self.spatial_dims!r}")

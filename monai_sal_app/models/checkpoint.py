@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from monai_sal_app.files import atomic_write
-from monai_sal_app.models.card import CardError, ModelCard
+from monai_sal_app.models.card import SOURCE_ARCHITECTURES, CardError, ModelCard
 from monai_sal_app.models.device import default_device
 from monai_sal_app.models.factory import build_classifier
 
@@ -38,7 +38,10 @@ def card_path(weights_path: str | os.PathLike) -> Path:
 
 
 def build_network(card: ModelCard) -> nn.Module:
-    """The untrained network ``card`` describes (logits (N, num_classes))."""
+    """The untrained network ``card`` describes (logits (N, num_classes)); ``ValueError`` for a
+    network that its source builds (a bundle, TorchScript, a factory: ``models.sources``)."""
+    if card.architecture in SOURCE_ARCHITECTURES:
+        raise ValueError(f"a {card.architecture} network is built by its source (models.sources), not from a card")
     return build_classifier(
         card.architecture, card.spatial_dims, card.in_channels, card.num_classes, head=card.head, **card.arch_kwargs
     )

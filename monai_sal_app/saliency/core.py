@@ -83,9 +83,21 @@ class MethodSpec:
     passes: Callable[[dict[str, Any], tuple[int, ...]], int] | None = None
     cheaper: str = ""
     signed: bool = False
+    hooks: bool = False
 
     def applies_to(self, model: nn.Module) -> bool:
+        if self.hooks and isinstance(model, torch.jit.ScriptModule):
+            return False
         return self.requires is None or bool(self.requires[0](model))
+
+    def needs(self, model: nn.Module) -> str:
+        """What the method needs that ``model`` lacks (for the error when it does not apply)."""
+        if self.hooks and isinstance(model, torch.jit.ScriptModule):
+            return (
+                "it hooks into the network's layers, and a TorchScript module takes no hooks; the gradient "
+                "methods, integrated gradients, XRAI and occlusion explain it"
+            )
+        return self.requires[1] if self.requires is not None else ""
 
     def passes_per_image(self, params: dict[str, Any], spatial_shape: tuple[int, ...]) -> int:
         """Network passes (a forward, with its backward when the method differentiates) per image
@@ -112,6 +124,7 @@ def register(
     passes: Callable[[dict[str, Any], tuple[int, ...]], int] | None = None,
     cheaper: str = "",
     signed: bool = False,
+    hooks: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register ``fn(model, images, target, **params)`` under ``name``.
 
@@ -123,7 +136,8 @@ def register(
     all methods by :data:`MAX_BATCH_SIZE`; the key ``passes`` bounds the network passes per image),
     see :func:`check_request`; ``passes(params, spatial_shape)``: network passes per image
     (default 1), for the request's cost; ``cheaper``: how to lower it (e.g. "lower steps");
-    ``signed``: the map's sign says for or against the target (:class:`MethodSpec`).
+    ``signed``: the map's sign says for or against the target, ``hooks``: the method hooks into
+    the network's modules (:class:`MethodSpec`).
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -136,7 +150,7 @@ def register(
         summary_line = summary or (fn.__doc__ or "").strip().split("\n")[0]
         limits = {**({"batch_size": MAX_BATCH_SIZE} if "batch_size" in defaults else {}), **(bounds or {})}
         _REGISTRY[name] = MethodSpec(
-            name, fn, defaults, summary_line, requires, explainer, limits, passes, cheaper, signed
+            name, fn, defaults, summary_line, requires, explainer, limits, passes, cheaper, signed, hooks
         )
         return fn
 
@@ -213,10 +227,14 @@ def get_method(name: str) -> MethodSpec:
 
 
 def model_input_spec(model: nn.Module) -> tuple[int, int]:
-    """(spatial_dims, in_channels) read from the model's first convolution."""
+    """(spatial_dims, in_channels) read from the model's first convolution (in a TorchScript
+    module, the first submodule compiled from a ``Conv2d``/``Conv3d``, channels from its weight)."""
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Conv3d)):
             return (2 if isinstance(module, nn.Conv2d) else 3), module.in_channels
+        kind = getattr(module, "original_name", None) if isinstance(module, torch.jit.ScriptModule) else None
+        if kind in ("Conv2d", "Conv3d") and hasattr(module, "weight"):
+            return (2 if kind == "Conv2d" else 3), int(module.weight.shape[1])
     raise ValueError("cannot explain a model without a Conv2d/Conv3d layer (spatial dims unknown)")
 
 
@@ -445,7 +463,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam", tar
             f"unknown parameter(s) {sorted(unknown)} for method {method!r}; it takes {sorted(spec.defaults)}"
         )
     if not spec.applies_to(model):
-        raise ValueError(f"method {method!r} cannot explain this {type(model).__name__}: {spec.requires[1]}")
+        raise ValueError(f"method {method!r} cannot explain this {type(model).__name__}: {spec.needs(model)}")
     validate_images(model, images)
     device = model_device(model)
     x = images.detach().to(device=device, dtype=torch.float32)

@@ -91,7 +91,7 @@ def upsample_to(maps: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     return F.interpolate(maps, size=tuple(spatial), mode=mode, align_corners=False)
 
 
-@register("gradcam", "Grad-CAM on the last convolutional feature block, upsampled to the input grid")
+@register("gradcam", "Grad-CAM on the last convolutional feature block, upsampled to the input grid", hooks=True)
 def gradcam(
     model: nn.Module,
     images: torch.Tensor,

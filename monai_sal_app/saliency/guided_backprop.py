@@ -141,6 +141,7 @@ def guided_input_gradients(
     "guided_backprop",
     "input gradient with every ReLU passing back only positive gradients (modules and functional)",
     signed=True,
+    hooks=True,
 )
 def guided_backprop(
     model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int | None = None

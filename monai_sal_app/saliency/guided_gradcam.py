@@ -28,6 +28,7 @@ from monai_sal_app.saliency.guided_backprop import guided_relus, require_relu_ca
     "guided backprop times Grad-CAM (upsampled to the input grid)",
     passes=lambda p, shape: 2,
     signed=True,
+    hooks=True,
 )
 def guided_gradcam(
     model: nn.Module,

@@ -49,6 +49,7 @@ from monai_sal_app.explainers import load_explainer
 from monai_sal_app.metrics.localization import DEFAULT_PERCENTILES, localization_metrics, partial_auprc
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.inputs import load_inputs
+from monai_sal_app.models.sources import in_memory
 from monai_sal_app.saliency import get_method
 from monai_sal_app.saliency.core import model_device
 
@@ -194,8 +195,9 @@ def explain_with_tta(
     explainer's module under ``explainer``, see :func:`with_explainers`). Returns the two
     ``maps.csv`` (the second None when no method averages)."""
     out = Path(out)
+    source = in_memory(model, card)
     maps_csv = explain_items(
-        model, card, items, out / "maps", methods=methods, params=params, target=PATHOLOGY_CLASS, batch_size=1,
+        source, items, out / "maps", methods=methods, params=params, target=PATHOLOGY_CLASS, batch_size=1,
         overlays=0, progress=False,
     )  # fmt: skip
     averaged = [method for method in methods if method in TTA_METHODS]
@@ -203,7 +205,7 @@ def explain_with_tta(
         return maps_csv, None
     tta_params = {method: {**params.get(method, {}), "tta": True} for method in averaged}
     tta_csv = explain_items(
-        model, card, items, out / "maps_tta", methods=averaged, params=tta_params, target=PATHOLOGY_CLASS,
+        source, items, out / "maps_tta", methods=averaged, params=tta_params, target=PATHOLOGY_CLASS,
         batch_size=1, overlays=0, progress=False,
     )  # fmt: skip
     return maps_csv, tta_csv

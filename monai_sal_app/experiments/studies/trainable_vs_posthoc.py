@@ -54,6 +54,7 @@ from monai_sal_app.metrics.localization import auprc, pointwise_average_precisio
 from monai_sal_app.metrics.stats import summarize
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.factory import ARCHITECTURES, check_arch_kwargs, head_options
+from monai_sal_app.models.sources import in_memory
 from monai_sal_app.saliency import get_method
 
 PATHOLOGY_CLASS = 1  # the class whose evidence the masks outline (opacity, lesion)
@@ -250,8 +251,8 @@ def _score_block(run: Run, models: dict, baseline: np.ndarray, indices: list[int
         for head, folder, methods, params, suffix in explanations(run.settings, run.seed + block):
             model, card = models[backbone, head]
             maps_csv = explain_items(
-                model, card, items, _maps_folder(run, backbone, folder, block), methods=methods, params=params,
-                target=PATHOLOGY_CLASS, overlays=0, progress=False,
+                in_memory(model, card), items, _maps_folder(run, backbone, folder, block), methods=methods,
+                params=params, target=PATHOLOGY_CLASS, overlays=0, progress=False,
             )  # fmt: skip
             mine += [
                 {"backbone": backbone, "head": head, **row, "method": row["method"] + suffix}

@@ -1,9 +1,10 @@
-"""TaskConfig of one served classifier: whatever checkpoint + model card sits in the model folder.
+"""TaskConfig of one served classifier: whatever model source sits in the model folder.
 
-The app makes one :class:`ClassifierConfig` per ``<model_dir>/<name>.pt`` (with ``<name>.json``),
-so serving another model (an X-ray classifier, a 3D CT one) is only a matter of putting its
-checkpoint there. Everything about the network (architecture, dimension, labels, input size)
-comes from the card; nothing is hard-coded per model.
+The app makes one :class:`ClassifierConfig` per source found there (``served_model.find_model_sources``:
+our checkpoint and card, a MONAI bundle, TorchScript, a factory), so serving another model is
+only a matter of putting it there. Everything about the network (dimension, labels, input size)
+comes from its card or metadata; nothing is hard-coded per model. Only our own checkpoints have
+a train task (the others are trained where they were made).
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ __all__ = ["ClassifierConfig"]
 class ClassifierConfig(TaskConfig):
     """Infer task (:class:`SaliencyInfer`) and train task (:class:`ClassifierTrainer`) of ``<name>.pt``.
 
-    ``init(name, model_dir, conf, planner, device=torch.device, studies=str, limits=ServerLimits)``
-    (``limits`` read from ``conf`` when not given); check
+    ``init(name, model_dir, conf, planner, path=source, device=torch.device, studies=str,
+    limits=ServerLimits)`` (``path``: the model source, default ``<model_dir>/<name>.pt``; ``limits``
+    read from ``conf`` when not given); check
     :meth:`problem` before serving: a model whose checkpoint is missing or unloadable is not served.
     """
 
     def init(self, name: str, model_dir: str, conf: dict[str, Any], planner: Any, **kwargs) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
-        self.path = os.path.join(model_dir, f"{name}.pt")
+        self.path = str(kwargs.get("path") or os.path.join(model_dir, f"{name}.pt"))
         self.served = ServedModel(name, self.path, kwargs.get("device") or torch.device("cpu"))
         self.studies = kwargs.get("studies", "")
         self.limits = kwargs.get("limits") or ServerLimits.from_conf(conf or {})

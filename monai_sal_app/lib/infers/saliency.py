@@ -1,7 +1,8 @@
 """The infer task of one served classifier: class probabilities plus a saliency heatmap.
 
 It implements MONAI Label's ``InferTask`` interface directly rather than ``BasicInferTask``:
-the whole path is ``data.io.read_image`` -> ``inference.explain_array`` (the path shared with the
+the whole path is ``data.io.read_image`` -> the model source's ``prepare`` (min-max and resize,
+or a bundle's own preprocessing) -> ``inference.explain_prepared`` (the path shared with the
 CLI) -> a NIfTI written with the input's own affine, so none of BasicInferTask's transform chain,
 writer or network loader would be used. Consequences:
 
@@ -34,7 +35,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monai_sal_app.data.io import ImageError, ImageTooLarge, read_image, write_nifti
 from monai_sal_app.evaluation.trust import trust_summary
 from monai_sal_app.files import json_safe
-from monai_sal_app.inference import explain_array
+from monai_sal_app.inference import explain_prepared
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.lib.inputs import DEFAULT_METHOD, IMAGE_NAME_KEY, parse_explain_request
 from monai_sal_app.lib.limits import DEFAULT_LIMITS, ServerLimits
@@ -135,7 +136,8 @@ class SaliencyInfer(InferTask):
                 )
         read_seconds = time.perf_counter() - start
 
-        with self.served.use() as (model, card):
+        with self.served.use() as loaded:
+            model, card = loaded.network, loaded.card
             current = self.served.methods()
             if list(card.labels) != labels or current != methods:  # replaced meanwhile
                 labels, methods = list(card.labels), current
@@ -145,8 +147,9 @@ class SaliencyInfer(InferTask):
             if kind is not None:  # the trained explainer beside the checkpoint, never one named by the client
                 options = {**options, "explainer": self.served.explainers()[kind]}
             try:
+                prepared = loaded.prepare(image_path, array, meta)
                 with torch.enable_grad():
-                    explanation = explain_array(model, card, array, method, target=target, params=options)
+                    explanation = explain_prepared(model, card, prepared, method, target=target, params=options)
             except (ValueError, TypeError) as error:
                 raise RequestError(400, f"{shown}: {error}") from error
             checkpoint = {"file": self.served.path.name, "modified": self.served.modified()}

@@ -134,7 +134,8 @@ class TrustScoring(ScoringMethod):
         result: dict[str, Any] = {}
         for name in names:
             served = self.served[name]
-            with served.use() as (model, card):
+            with served.use() as loaded:
+                model, card = loaded.network, loaded.card
                 chosen = [item for item, dims in items if dims == card.spatial_dims][: int(options["max_images"])]
                 if len(chosen) < 2:
                     result[name] = {
