@@ -136,15 +136,16 @@ def make_bundle(
     return folder
 
 
-def oblique_image(path: Path, dims: int) -> tuple[Path, np.ndarray]:
-    """An oblique (rotated 20 degrees), anisotropic NIfTI: 3D (20, 18, 17) at 1.5 x 1.2 x 2.5 mm, or 2D (44, 36) at 0.8 x 0.6 mm."""
+def oblique_image(path: Path, dims: int, seed: int | None = None) -> tuple[Path, np.ndarray]:
+    """An oblique (rotated 20 degrees), anisotropic NIfTI of a smooth random field (``seed``): 3D
+    (20, 18, 17) at 1.5 x 1.2 x 2.5 mm, or 2D (44, 36) at 0.8 x 0.6 mm."""
     if dims == 3:
         array, affine = (
-            smooth_field((20, 18, 17), seed=4),
+            smooth_field((20, 18, 17), seed=4 if seed is None else seed),
             oblique_affine((1.5, 1.2, 2.5), (12.0, -30.0, 7.5), degrees=20),
         )
     else:
-        array, affine = smooth_field((44, 36), seed=3), np.diag([0.8, 0.6, 1.0, 1.0])
+        array, affine = smooth_field((44, 36), seed=3 if seed is None else seed), np.diag([0.8, 0.6, 1.0, 1.0])
     nib.save(nib.Nifti1Image(array, affine), str(path))
     return path, affine
 

@@ -235,3 +235,46 @@ def test_the_command_line_says_in_one_line_what_a_source_lacks(tmp_path, capsys)
         errors = capsys.readouterr().err.strip().splitlines()
         assert len(errors) == 1 and errors[0].startswith("error:") and says in errors[0], errors
         assert not out.exists()  # nothing half-written
+
+
+def test_trust_on_your_own_images_takes_a_bundle_and_a_torchscript_model(tmp_path, capsys):
+    """``monai-sal trust --model SOURCE FOLDER``: randomization and fidelity need no masks."""
+    bundle = make_bundle(tmp_path / "bundle", 3)
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in range(4):
+        oblique_image(images / f"volume_{seed}.nii.gz", 3, seed=seed)
+    out = tmp_path / "trust"
+    assert (
+        main(["--quiet", "trust", "--model", str(bundle), str(images), "--out", str(out), "--methods", "gradient"]) == 0
+    )
+    card = json.loads((tmp_path / "bundle.trust.json").read_text())
+    assert card["data"]["n_images"] == 4 and set(card["methods"]["gradient"]["verdicts"]) == {
+        "randomization",
+        "fidelity",
+    }
+
+    eager = tiny_conv5fc3(2).eval()
+    torch.jit.save(torch.jit.trace(eager, torch.zeros((1, 1, *INPUT_SIZE[2]))), str(tmp_path / "net.ts"))
+    sidecar(tmp_path / "net.json", 2)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for seed in range(4):
+        nib.save(nib.Nifti1Image(smooth_field((40, 36), seed=seed), np.eye(4)), str(flat / f"image_{seed}.nii.gz"))
+    argv = [
+        "--quiet",
+        "trust",
+        "--model",
+        str(tmp_path / "net.ts"),
+        str(flat),
+        "--out",
+        str(out),
+        "--methods",
+        "gradient",
+    ]
+    capsys.readouterr()
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error:") and "TorchScript module does not expose" in line
+    assert main([*argv, "--checks", "fidelity"]) == 0
+    assert set(json.loads((tmp_path / "net.trust.json").read_text())["methods"]["gradient"]["verdicts"]) == {"fidelity"}

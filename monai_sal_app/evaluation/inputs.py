@@ -13,20 +13,34 @@ from monai_sal_app.data.io import read_image
 from monai_sal_app.metrics.localization import mean_mask_baseline
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.inputs import load_inputs, resize_to
+from monai_sal_app.models.sources import LoadedModel
 
 __all__ = ["load_trust_inputs", "mask_on_grid", "mean_mask_on_grid", "mean_training_mask"]
 
 
 def load_trust_inputs(
-    items: list[dict], card: ModelCard, max_images: int | None = None, progress: bool = False
+    items: list[dict],
+    card: ModelCard,
+    max_images: int | None = None,
+    progress: bool = False,
+    source: LoadedModel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[np.ndarray | None] | None]:
-    """Images (N, 1, *input_size), labels (N,) when every item has one, and masks on the input grid.
+    """Images (N, C, *input_size), labels (N,) when every item has one, and masks on the input grid.
 
-    The first ``max_images`` items in manifest order are used. A mask is resized to the input grid
-    (bi/trilinear, then ``> 0.5``); items without a mask get None; None when no item has one.
+    The first ``max_images`` items in manifest order are used. Images are min-max scaled and
+    resized, or prepared by ``source`` (``models.sources``: a bundle's own preprocessing, a
+    sidecar's intensity window). A mask is resized to the input grid (bi/trilinear, then ``> 0.5``);
+    items without a mask get None; None when no item has one, and for a bundle, whose spatial
+    transforms a mask would have to follow (its localization check is not made).
     """
     items = items[:max_images] if max_images else items
-    images, _ = load_inputs(items, card.input_size, progress=progress)
+    if source is not None and source.kind != "checkpoint":
+        images = torch.cat([source.prepare(item["image"]).input for item in items])
+        if source.kind == "bundle":
+            has_label = all(item.get("label") not in (None, "") for item in items)
+            return images, torch.tensor([int(item["label"]) for item in items]) if has_label else None, None
+    else:
+        images, _ = load_inputs(items, card.input_size, progress=progress)
     has_label = all(item.get("label") not in (None, "") for item in items)
     labels = torch.tensor([int(item["label"]) for item in items]) if has_label else None
     masks = [mask_on_grid(item, card.input_size) for item in items]

@@ -31,8 +31,8 @@ from monai_sal_app.evaluation.trust import (
 from monai_sal_app.experiments.report import pyplot, save_figure
 from monai_sal_app.metrics.stats import to_markdown
 from monai_sal_app.models.card import ModelCard
-from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.models.inputs import read_items
+from monai_sal_app.models.sources import load_model_source
 from monai_sal_app.models.train import predict_probabilities
 from monai_sal_app.saliency import explain
 
@@ -70,9 +70,11 @@ def run_trust(
     train_data: str | Path | None = None,
     fidelity_replacement: str = "zero",
 ) -> dict:
-    """Trust card of the checkpoint ``model_path`` on ``data`` (a manifest or image files); returns it.
+    """Trust card of the model at ``model_path`` (any ``models.sources`` source: our checkpoint, a
+    bundle folder, TorchScript, a factory) on ``data`` (a manifest, image files or a folder of
+    them); returns it.
 
-    Writes ``<model>.trust.json`` beside the checkpoint and the report under ``out``
+    Writes ``<model>.trust.json`` beside the model and the report under ``out``
     (:func:`write_trust_report`). ``compare_with``: checkpoints of other trained models of the same
     labels and input size (repeatability; compared by their cards' test ROC AUCs when every card has
     one). ``train_data``: the training manifest; its masks'
@@ -81,20 +83,25 @@ def run_trust(
     ``torchrun`` the methods are shared out among the ranks and rank 0 writes the card and the
     report.
     """
-    model, card = load_classifier(model_path, device=device)
+    source = load_model_source(model_path, device=device)
+    model, card = source.network, source.card
+    if isinstance(model, torch.jit.ScriptModule) and "randomization" in checks:
+        raise ValueError(
+            "the randomization check re-initialises the network's layers, which a TorchScript module does not "
+            "expose: run it on the eager model, or choose --checks fidelity,localization"
+        )
     others, aucs = {}, {"model": card.metrics.get("test_auc")}
     for path in compare_with:
-        other, other_card = load_classifier(path, device=device)
-        _check_comparable(card, other_card, str(path))
-        others[Path(path).stem] = other
-        aucs[Path(path).stem] = other_card.metrics.get("test_auc")
+        other = load_model_source(path, device=device)
+        _check_comparable(card, other.card, str(path))
+        others[Path(path).stem] = other.network
+        aucs[Path(path).stem] = other.card.metrics.get("test_auc")
     items = read_items(data)
-    images, labels, masks = load_trust_inputs(items, card, max_images, progress=progress)
+    images, labels, masks = load_trust_inputs(items, card, max_images, progress=progress, source=source)
     prior = None if train_data is None else mean_mask_on_grid(read_items(train_data), card.input_size)
     targets = torch.from_numpy(card.predict(predict_probabilities(model, images)))
-    source = str(Path(data).resolve()) if isinstance(data, (str, Path)) else f"{len(items)} image files"
     described = {
-        "source": source,
+        "source": str(Path(data).resolve()) if isinstance(data, (str, Path)) else f"{len(items)} image files",
         "first_images": len(images),
         "images": [str(item.get("id") or Path(item["image"]).name) for item in items[: len(images)]],
         "checkpoint": Path(model_path).name,

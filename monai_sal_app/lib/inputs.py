@@ -31,12 +31,15 @@ from starlette.requests import Request
 
 from monai_sal_app.lib.errors import RequestError
 from monai_sal_app.saliency import available_methods, get_method
+from monai_sal_app.saliency.core import NO_HOOKS
 
 __all__ = [
     "DEFAULT_METHOD",
+    "FALLBACK_METHOD",
     "IMAGE_NAME_KEY",
     "MONAILABEL_REQUEST_KEYS",
     "CheckedSessions",
+    "default_method",
     "parse_explain_request",
     "parse_target",
     "read_infer_params",
@@ -46,6 +49,14 @@ __all__ = [
 ]
 
 DEFAULT_METHOD = "gradcam"
+FALLBACK_METHOD = "gradient"  # the default for a model Grad-CAM cannot explain (TorchScript)
+
+
+def default_method(methods: dict) -> str:
+    """The method a request without one gets: :data:`DEFAULT_METHOD` where the model offers it,
+    else :data:`FALLBACK_METHOD`."""
+    return DEFAULT_METHOD if DEFAULT_METHOD in methods else FALLBACK_METHOD
+
 
 # Keys MONAI Label itself (endpoint, app, client, Slicer plugin) puts into an infer request.
 MONAILABEL_REQUEST_KEYS = frozenset(
@@ -236,14 +247,17 @@ def parse_explain_request(
     any other key that is neither ours (``method``, ``target``), MONAI Label's
     (:data:`MONAILABEL_REQUEST_KEYS`) nor the task's config gives a 400 naming it.
     """
-    method = request.get("method", DEFAULT_METHOD)
+    method = request.get("method", default_method(methods))
     if not isinstance(method, str) or method not in methods:
         available = f"available for this model: {', '.join(methods)}"
         if isinstance(method, str) and method in available_methods():
             spec = get_method(method)
-            needs = (
-                spec.requires[1] if spec.requires else f"it needs a {spec.explainer} trained for its weights beside it"
-            )
+            if spec.requires:
+                needs = spec.requires[1]
+            elif spec.explainer:
+                needs = f"it needs a {spec.explainer} trained for its weights beside it"
+            else:  # the one other reason a method is not offered
+                needs = NO_HOOKS
             raise RequestError(400, f"saliency method {method!r} cannot explain this model: {needs}; {available}")
         raise RequestError(400, f"unknown saliency method {method!r}; {available}")
     takes = methods[method]["defaults"]

@@ -173,8 +173,8 @@ class ServedModel:
             return self._model, self._card
 
     def modified(self) -> str:
-        """Modification time of the weights now served, ISO 8601 UTC."""
-        seconds = self._stamp[0] / 1e9 if self._stamp else os.stat(self.path).st_mtime
+        """Modification time of the newest file of the source now served, ISO 8601 UTC."""
+        seconds = max(m for _, m, _ in self._stamp) / 1e9 if self._stamp else os.stat(self.path).st_mtime
         return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="milliseconds")
 
     def trust(self) -> dict:

@@ -50,16 +50,25 @@ def preprocess(array: np.ndarray, input_size: tuple[int, ...] | list[int]) -> to
     return resize_to(x, input_size)
 
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm")
+
+
 def read_items(source: str | Path | Sequence[str | Path]) -> list[dict]:
-    """Items from a manifest CSV, or from image files given one by one (no labels, no masks)."""
+    """Items from a manifest CSV, from image files given one by one, or from every image file in a
+    folder (sorted by name; no labels, no masks). ``ValueError`` for a folder without images."""
     if isinstance(source, (str, Path)) and str(source).endswith(".csv"):
         return read_manifest(source)
     paths = [source] if isinstance(source, (str, Path)) else list(source)
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        folder = Path(paths[0])
+        paths = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+        if not paths:
+            raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     items = []
     for p in paths:
         p = Path(p)
         name = p.name
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm"):
+        for suffix in IMAGE_SUFFIXES:
             if name.lower().endswith(suffix):
                 name = name[: -len(suffix)]
                 break

@@ -352,11 +352,12 @@ def _load_weights(network: nn.Module, weights: Path, described_by: str) -> None:
     expected = set(network.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise SourceError(
-            f"{weights}: the weights do not match {described_by}: "
-            f"{len(missing)} missing (first {missing[:_SHOWN_KEYS]}), "
-            f"{len(unexpected)} unexpected (first {unexpected[:_SHOWN_KEYS]})"
-        )
+        differences = [
+            f"{len(keys)} {what} (first {keys[:_SHOWN_KEYS]})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
+        raise SourceError(f"{weights}: the weights do not match {described_by}: {', '.join(differences)}")
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:

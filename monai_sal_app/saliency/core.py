@@ -93,10 +93,7 @@ class MethodSpec:
     def needs(self, model: nn.Module) -> str:
         """What the method needs that ``model`` lacks (for the error when it does not apply)."""
         if self.hooks and isinstance(model, torch.jit.ScriptModule):
-            return (
-                "it hooks into the network's layers, and a TorchScript module takes no hooks; the gradient "
-                "methods, integrated gradients, XRAI and occlusion explain it"
-            )
+            return NO_HOOKS
         return self.requires[1] if self.requires is not None else ""
 
     def passes_per_image(self, params: dict[str, Any], spatial_shape: tuple[int, ...]) -> int:
@@ -112,6 +109,10 @@ class MethodSpec:
 
 _REGISTRY: dict[str, MethodSpec] = {}
 MAX_BATCH_SIZE = 1024  # rows per network pass a server accepts (memory, not work)
+NO_HOOKS = (
+    "it hooks into the network's layers, and a TorchScript module takes no hooks; the gradient methods, "
+    "integrated gradients, XRAI and occlusion explain it"
+)
 MAX_LIST_ITEMS = 16  # values in a list parameter (e.g. XRAI's segmentation scales) a server accepts
 
 

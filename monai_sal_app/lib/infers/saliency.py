@@ -37,7 +37,7 @@ from monai_sal_app.evaluation.trust import trust_summary
 from monai_sal_app.files import json_safe
 from monai_sal_app.inference import explain_prepared
 from monai_sal_app.lib.errors import RequestError
-from monai_sal_app.lib.inputs import DEFAULT_METHOD, IMAGE_NAME_KEY, parse_explain_request
+from monai_sal_app.lib.inputs import IMAGE_NAME_KEY, default_method, parse_explain_request
 from monai_sal_app.lib.limits import DEFAULT_LIMITS, ServerLimits
 from monai_sal_app.lib.served_model import ServedModel
 from monai_sal_app.metrics.localization import mask_metrics
@@ -69,7 +69,7 @@ class SaliencyInfer(InferTask):
             labels=list(card.labels),
             dimension=card.spatial_dims,
             description=description or f"{card.architecture} {card.spatial_dims}D classifier with saliency maps",
-            config={"method": DEFAULT_METHOD, "target": None},
+            config={"method": default_method(served.methods()), "target": None},
         )
         self.name = name
         self.served = served
@@ -89,13 +89,14 @@ class SaliencyInfer(InferTask):
                 "dimension": spatial_dims,
                 "description": self.description,
                 "config": self.config(),
+                "source": self.served.kind,
                 "architecture": card.architecture,
                 "input_size": card.input_size,
                 "decision_threshold": card.decision_threshold,
                 "input_formats": INPUT_FORMATS[spatial_dims],
                 "preprocessing": card.preprocessing,
                 "methods": self.served.methods(),
-                "default_method": DEFAULT_METHOD,
+                "default_method": default_method(self.served.methods()),
                 "device": str(self.served.device),
                 "checkpoint": {
                     "file": self.served.path.name,
