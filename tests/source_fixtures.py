@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+import yaml
 from conftest import INPUT_SIZE, LABELS
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import init_bundle
@@ -102,11 +103,17 @@ def hand_built_explanation(
 
 
 def make_bundle(
-    folder: Path, dims: int, network_def: dict | None = None, weights_of: dict | None = None, **metadata_changes
+    folder: Path,
+    dims: int,
+    network_def: dict | None = None,
+    weights_of: dict | None = None,
+    config_format: str = "json",
+    **metadata_changes,
 ) -> Path:
     """A bundle made with ``monai.bundle.init_bundle``: the network of ``network_def`` (default
     :func:`classifier_def`) with seeded weights (of ``weights_of``'s network when given: a mismatch),
-    the preprocessing of :func:`preprocessing_def`, metadata naming the classes and input."""
+    the preprocessing of :func:`preprocessing_def`, metadata naming the classes and input;
+    ``config_format`` "yaml": ``configs/inference.yaml`` instead of ``inference.json``."""
     size, _ = BUNDLE_GRID[dims]
     network_def = network_def or classifier_def(dims)
     inference = {
@@ -133,6 +140,9 @@ def make_bundle(
     torch.manual_seed(dims)
     network = ConfigParser({"network_def": weights_of or network_def}).get_parsed_content("network_def")
     init_bundle(str(folder), network=network, metadata_str=json.dumps(metadata), inference_str=json.dumps(inference))
+    if config_format == "yaml":
+        (folder / "configs" / "inference.json").unlink()
+        (folder / "configs" / "inference.yaml").write_text(yaml.safe_dump(inference))
     return folder
 
 

@@ -29,9 +29,12 @@ from monai_sal_app.models.sources import SourceError, load_model_source, source_
 from monai_sal_app.saliency import explain
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_a_bundle_map_equals_explain_on_the_hand_built_network_inverted_to_the_input_grid(tmp_path, dims):
-    bundle = make_bundle(tmp_path / "bundle", dims)
+@pytest.mark.parametrize(("dims", "config_format"), [(2, "yaml"), (3, "json")])
+def test_a_bundle_map_equals_explain_on_the_hand_built_network_inverted_to_the_input_grid(
+    tmp_path, dims, config_format
+):
+    bundle = make_bundle(tmp_path / "bundle", dims, config_format=config_format)
+    assert (bundle / "configs" / f"inference.{config_format}").is_file()
     image, affine = oblique_image(tmp_path / "image.nii.gz", dims)
     loaded = load_model_source(bundle, device="cpu")
     assert (loaded.kind, list(loaded.card.labels), loaded.card.spatial_dims) == ("bundle", BUNDLE_LABELS, dims)

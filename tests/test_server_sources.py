@@ -83,7 +83,9 @@ def test_info_lists_each_source_with_its_labels_dims_and_methods(sources_server)
     )
     assert (models["scripted"]["source"], models["scripted"]["labels"]) == ("torchscript", LABELS)
     assert models["site_model"]["source"] == "factory"
-    assert not HOOK_METHODS & set(models["scripted"]["methods"])  # no hooks on TorchScript
+    assert not HOOK_METHODS & set(models["scripted"]["methods"])  # no hooks on TorchScript, and /info says so
+    assert all("takes no hooks" in models["scripted"]["methods_unavailable"][m] for m in HOOK_METHODS)
+    assert "WILDCAT head" in models["scripted"]["methods_unavailable"]["wildcat"]
     assert {"gradient", "integrated_gradients", "xrai", "occlusion"} <= set(models["scripted"]["methods"])
     assert set(models["ct_bundle"]["methods"]) >= HOOK_METHODS
     assert set(info["trainers"]) == set()  # only our own checkpoints are retrained over the API

@@ -248,6 +248,23 @@ class ServedModel:
                 if get_method(name).explainer is None or get_method(name).explainer in explainers
             }
 
+    def unavailable_methods(self) -> dict[str, str]:
+        """The registered methods not offered for the model now served, each with why (a WILDCAT
+        head or a trained explainer it lacks, hooks a TorchScript module does not take)."""
+        with self._lock:
+            model, _ = self._current()
+            offered = self.methods()
+            reasons = {}
+            for name in available_methods():
+                spec = get_method(name)
+                if name in offered:
+                    continue
+                if not spec.applies_to(model):
+                    reasons[name] = spec.needs(model)
+                else:
+                    reasons[name] = f"it needs a {spec.explainer} trained for these weights beside the model"
+            return reasons
+
     @property
     def kind(self) -> str:
         """ "checkpoint", "bundle", "torchscript" or "factory" (``models.sources``); 503 if unavailable."""

@@ -96,6 +96,7 @@ class SaliencyInfer(InferTask):
                 "input_formats": INPUT_FORMATS[spatial_dims],
                 "preprocessing": card.preprocessing,
                 "methods": self.served.methods(),
+                "methods_unavailable": self.served.unavailable_methods(),
                 "default_method": default_method(self.served.methods()),
                 "device": str(self.served.device),
                 "checkpoint": {
