@@ -36,6 +36,11 @@ from monai_sal_app.saliency import available_methods, get_method
 from monai_sal_app.saliency.core import check_request
 from monai_sal_app.saliency.postprocess import POSTPROCESSING
 
+MODEL_SOURCE_HELP = (
+    "the classifier: a checkpoint .pt with its .json card, a MONAI bundle folder, a TorchScript file with its "
+    ".json, or a .pt with a .json naming its factory (README, 'Your own model')"
+)
+
 
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -356,10 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        help="the classifier: a checkpoint .pt with its .json card, a MONAI bundle folder, a TorchScript file "
-        "with its .json, or a .pt with a .json naming its factory (docs/CLI.md, 'Your own model')",
+        help=MODEL_SOURCE_HELP,
     )
-    p.add_argument("images", nargs="+", help="a manifest.csv, or image files (NIfTI, NRRD, PNG, DICOM)")
+    p.add_argument(
+        "images", nargs="+", help="a manifest.csv, image files (NIfTI, NRRD, PNG, DICOM) or a folder of them"
+    )
     p.add_argument(
         "--method",
         default=",".join(keyword_defaults(explain_items)["methods"]),
@@ -397,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "trust", help="trust checks of a model's saliency methods; writes <model>.trust.json beside it and a report"
     )
-    p.add_argument("--model", required=True, help="checkpoint .pt with its .json card")
-    p.add_argument("data", nargs="+", help="a manifest.csv (labels and masks used), or image files")
+    p.add_argument("--model", required=True, help=MODEL_SOURCE_HELP)
+    p.add_argument("data", nargs="+", help="a manifest.csv (labels and masks used), image files or a folder of them")
     p.add_argument(
         "--methods",
         default="",
