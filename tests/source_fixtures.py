@@ -45,7 +45,8 @@ def classifier_def(dims: int, channels=(4, 8)) -> dict:
         "in_shape": [1, *size],
         "classes": 2,
         "channels": list(channels),
-        "strides": [2, 2],
+        "strides": [2] * len(channels),
+        "act": "RELU",  # guided backprop needs ReLUs (MONAI's default is PReLU)
     }
 
 

@@ -13,7 +13,7 @@ from monai_sal_app.data.io import read_image
 from monai_sal_app.metrics.localization import mean_mask_baseline
 from monai_sal_app.models.card import ModelCard
 from monai_sal_app.models.inputs import load_inputs, resize_to
-from monai_sal_app.models.sources import LoadedModel
+from monai_sal_app.models.sources import LoadedModel, mask_on_input_grid
 
 __all__ = ["load_trust_inputs", "mask_on_grid", "mean_mask_on_grid", "mean_training_mask"]
 
@@ -29,21 +29,19 @@ def load_trust_inputs(
 
     The first ``max_images`` items in manifest order are used. Images are min-max scaled and
     resized, or prepared by ``source`` (``models.sources``: a bundle's own preprocessing, a
-    sidecar's intensity window). A mask is resized to the input grid (bi/trilinear, then ``> 0.5``);
-    items without a mask get None; None when no item has one, and for a bundle, whose spatial
-    transforms a mask would have to follow (its localization check is not made).
+    sidecar's intensity window). A mask is resized to the input grid (bi/trilinear, then ``> 0.5``;
+    for a bundle, through its Orientation, Spacing and Resize steps: ``LoadedModel.prepare_mask``);
+    items without a mask get None; None when no item has one.
     """
     items = items[:max_images] if max_images else items
     if source is not None and source.kind != "checkpoint":
         images = torch.cat([source.prepare(item["image"]).input for item in items])
-        if source.kind == "bundle":
-            has_label = all(item.get("label") not in (None, "") for item in items)
-            return images, torch.tensor([int(item["label"]) for item in items]) if has_label else None, None
+        masks = [source.prepare_mask(item["mask"]) if item.get("mask") else None for item in items]
     else:
         images, _ = load_inputs(items, card.input_size, progress=progress)
+        masks = [mask_on_grid(item, card.input_size) for item in items]
     has_label = all(item.get("label") not in (None, "") for item in items)
     labels = torch.tensor([int(item["label"]) for item in items]) if has_label else None
-    masks = [mask_on_grid(item, card.input_size) for item in items]
     return images, labels, (masks if any(m is not None for m in masks) else None)
 
 
@@ -52,9 +50,7 @@ def mask_on_grid(item: dict, input_size: Sequence[int]) -> np.ndarray | None:
     ``> 0.5``; None when the item has no mask."""
     if not item.get("mask"):
         return None
-    mask = read_image(item["mask"], allow_constant=True)[0] > 0.5
-    resized = resize_to(torch.from_numpy(mask.astype(np.float32))[None, None], input_size)
-    return resized[0, 0].numpy() > 0.5
+    return mask_on_input_grid(read_image(item["mask"], allow_constant=True)[0] > 0.5, input_size)
 
 
 def mean_mask_on_grid(items: list[dict], input_size: Sequence[int]) -> np.ndarray | None:

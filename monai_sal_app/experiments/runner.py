@@ -52,6 +52,7 @@ from monai_sal_app.experiments.studies import get_recipe
 from monai_sal_app.experiments.study import ExperimentError, Run
 from monai_sal_app.files import write_text
 from monai_sal_app.models.checkpoint import read_card
+from monai_sal_app.models.sources import load_model_source, source_kind
 
 __all__ = [
     "SCALES",
@@ -173,10 +174,10 @@ def _check_models(models: Sequence[Path], manifest: Path | None) -> None:
     items = read_manifest(manifest) if manifest is not None else []
     labels = sorted({int(i["label"]) for i in items if i.get("label") is not None})
     for model in models:
-        if not model.is_file():
+        if not model.exists():
             raise ExperimentError(f"no checkpoint {model}")
-        try:
-            card = read_card(model)
+        try:  # any model source (models.sources): a checkpoint's card is read without its network
+            card = read_card(model) if source_kind(model) == "checkpoint" else load_model_source(model, "cpu").card
         except (OSError, ValueError) as err:
             raise ExperimentError(f"{model}: {err}") from err
         if labels and labels[-1] >= card.num_classes:

@@ -64,6 +64,7 @@ __all__ = [
     "in_memory",
     "intensity_scaling",
     "load_model_source",
+    "mask_on_input_grid",
     "source_files",
     "source_kind",
 ]
@@ -98,6 +99,7 @@ class LoadedModel:
     kind: str
     path: Path
     _prepare: Callable[[Path, np.ndarray | None, dict | None], PreparedImage]
+    _prepare_mask: Callable[[Path], np.ndarray | None] | None = None
 
     def prepare(self, image: str | Path, array: np.ndarray | None = None, meta: dict | None = None) -> PreparedImage:
         """The image file ``image`` as this network's input (:class:`PreparedImage`). ``array`` and
@@ -105,6 +107,15 @@ class LoadedModel:
         source takes arrays; a bundle reads the file with its own transforms, and its map is
         returned in ``array``'s shape)."""
         return self._prepare(Path(image), array, meta)
+
+    def prepare_mask(self, mask: str | Path) -> np.ndarray | None:
+        """The mask file ``mask`` on the network's input grid, bool (*input_size): through the same
+        spatial steps as an image (resize; a bundle's Orientation, Spacing and Resize), then
+        ``> 0.5``. None where the source cannot say (a bundle with other spatial transforms, which
+        depend on the image's content)."""
+        if self._prepare_mask is None:
+            return mask_on_input_grid(read_image(mask, allow_constant=True)[0] > 0.5, self.card.input_size)
+        return self._prepare_mask(Path(mask))
 
 
 def in_memory(network: nn.Module, card: ModelCard) -> LoadedModel:
@@ -190,6 +201,12 @@ def intensity_scaling(spec: Any) -> Callable[[np.ndarray], np.ndarray] | None:
     return scale
 
 
+def mask_on_input_grid(mask: np.ndarray, input_size) -> np.ndarray:
+    """A bool mask (*spatial) on the input grid: bi/trilinear resize, then ``> 0.5``."""
+    resized = resize_to(torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None], input_size)
+    return resized[0, 0].numpy() > 0.5
+
+
 def array_input(
     card: ModelCard,
     array: np.ndarray,
@@ -221,6 +238,37 @@ def _array_pipeline(card: ModelCard, scale: Callable[[np.ndarray], np.ndarray] |
         return array_input(card, array, meta["affine"], scale)
 
     return prepare
+
+
+def _bundle_mask_pipeline(preprocessing, card: ModelCard) -> Callable[[Path], np.ndarray | None]:
+    """A mask through the bundle's loading and its Orientation, Spacing and Resize steps (its
+    intensity steps left out), then ``> 0.5``; None for a bundle with other spatial steps."""
+    from monai.transforms import (
+        EnsureChannelFirstd,
+        InvertibleTransform,
+        LoadImaged,
+        Orientationd,
+        Resized,
+        Spacingd,
+    )
+
+    steps, other = [], []
+    for step in getattr(preprocessing, "transforms", ()):
+        if isinstance(step, (LoadImaged, EnsureChannelFirstd, Orientationd, Spacingd, Resized)):
+            steps.append(step)
+        elif isinstance(step, InvertibleTransform):
+            other.append(type(step).__name__)
+
+    def prepare_mask(path: Path) -> np.ndarray | None:
+        if other:
+            return None
+        mask = {"image": str(path)}
+        for step in steps:
+            mask = step(mask)
+        grid = np.asarray(mask["image"].detach().cpu())[0] > 0.5
+        return grid if grid.shape == tuple(card.input_size) else None
+
+    return prepare_mask
 
 
 def _bundle_pipeline(preprocessing, card: ModelCard) -> Callable[[Path], PreparedImage]:
@@ -469,7 +517,14 @@ def _load_bundle(folder: Path, device: torch.device) -> LoadedModel:
     weights = folder / "models" / "model.pt"
     if not weights.is_file() and torchscript.is_file():
         loaded = _load_torchscript(torchscript, device, card)
-        return LoadedModel(loaded.network, card, "bundle", folder, _bundle_pipeline(preprocessing, card))
+        return LoadedModel(
+            loaded.network,
+            card,
+            "bundle",
+            folder,
+            _bundle_pipeline(preprocessing, card),
+            _bundle_mask_pipeline(preprocessing, card),
+        )
     try:
         network = parser.get_parsed_content("network_def", instantiate=True)
     except Exception as error:  # anything the bundle's code raises
@@ -479,4 +534,11 @@ def _load_bundle(folder: Path, device: torch.device) -> LoadedModel:
     _load_weights(network, weights, f"the bundle's network_def ({type(network).__name__})")
     network = network.to(device).eval()
     _check_logits(network, card, folder, device)
-    return LoadedModel(network, card, "bundle", folder, _bundle_pipeline(preprocessing, card))
+    return LoadedModel(
+        network,
+        card,
+        "bundle",
+        folder,
+        _bundle_pipeline(preprocessing, card),
+        _bundle_mask_pipeline(preprocessing, card),
+    )

@@ -52,13 +52,13 @@ from scipy import stats
 
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.evaluation.fidelity import BASELINES, ORDERS, SCORES, fidelity
-from monai_sal_app.evaluation.inputs import load_trust_inputs, mask_on_grid
+from monai_sal_app.evaluation.inputs import load_trust_inputs
 from monai_sal_app.experiments.builtin_models import builtin_model_for, generate_model_data, train_builtin_model
 from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import ExperimentError, Recipe, Run, Section, check_integer
 from monai_sal_app.experiments.trust_report import fidelity_figure
 from monai_sal_app.metrics.localization import roc_auc, xrai_region_dice
-from monai_sal_app.models.checkpoint import load_classifier, read_card
+from monai_sal_app.models.sources import LoadedModel, load_model_source
 from monai_sal_app.saliency import explain, get_method
 from monai_sal_app.saliency.xrai import attribution_regions, xrai_regions, xrai_segments
 
@@ -152,7 +152,7 @@ def _check_inputs(data: Path | None, models: list[Path]) -> None:
             "another data set; give the checkpoint of a 3D classifier of that data"
         )
     if models:
-        card = read_card(models[0])
+        card = load_model_source(models[0], device="cpu").card
         if card.spatial_dims != 3:
             raise ValueError(f"{models[0]}: a {card.spatial_dims}D model; ct_importance needs a 3D one")
         if data is None and card.num_classes != 2:
@@ -193,7 +193,7 @@ def _model(run: Run) -> dict:
     s = run.settings
     if run.models:
         checkpoint, source = run.models[0], "--model"
-        card = read_card(checkpoint)
+        card = load_model_source(checkpoint, device="cpu").card
     else:
         checkpoint, source = run.work / "model.pt", "trained here"
         _, card = train_builtin_model(
@@ -218,16 +218,17 @@ def _model(run: Run) -> dict:
     }
 
 
-def _cases(manifest: str, input_size, max_images: int | None) -> dict:
+def _cases(manifest: str, source: LoadedModel, max_images: int | None) -> dict:
     """The test items scored: those with a label and a mask that is neither empty nor everything on
-    the input grid (voxel ROC AUC needs both classes), in manifest order, at most ``max_images``."""
+    the input grid (voxel ROC AUC needs both classes; ``source.prepare_mask``), in manifest order,
+    at most ``max_images``."""
 
     cases, unusable = [], 0
     for item in read_manifest(manifest):
         if not item.get("mask") or item.get("label") is None:
             continue
-        mask = mask_on_grid(item, input_size)
-        if not mask.any() or mask.all():
+        mask = source.prepare_mask(item["mask"])
+        if mask is None or not mask.any() or mask.all():
             unusable += 1
             continue
         cases.append({key: item.get(key) for key in ("id", "image", "mask", "label", "subtype")})
@@ -251,11 +252,12 @@ def fractions(settings: dict) -> np.ndarray:
     return np.arange(0.0, 1.0, settings["fraction_step"])
 
 
-def _score_block(run: Run, model, card, indices: list[int], cases: list[dict]) -> list[dict]:
+def _score_block(run: Run, source: LoadedModel, indices: list[int], cases: list[dict]) -> list[dict]:
     """Rows of one block of crops: every method's map of each crop, scored (module docstring)."""
     s = run.settings
     seed = run.seed + indices[0] // BLOCK_SIZE
-    images, labels, masks = load_trust_inputs(cases, card)
+    model, card = source.network, source.card
+    images, labels, masks = load_trust_inputs(cases, card, source=source)
     images = images.to(run.device)
     xrai_params = s["params"].get("xrai", {})
     selection = {
@@ -350,12 +352,13 @@ def rank_tables(summary: list[dict]) -> tuple[list[dict], list[dict]]:
     return rank_rows, agreement
 
 
-def _figures(run: Run, card, cases: list[dict], rows: list[dict], summary: list[dict]) -> list[Path]:
+def _figures(run: Run, source: LoadedModel, cases: list[dict], rows: list[dict], summary: list[dict]) -> list[Path]:
 
     s = run.settings
     methods = s["methods"]
     shown = cases[:FIGURE_CASES]
-    images, _, masks = load_trust_inputs(shown, card)
+    card = source.card
+    images, _, masks = load_trust_inputs(shown, card, source=source)
     grid = [
         {
             "id": case["id"],
@@ -406,11 +409,11 @@ def run_ct_importance(run: Run) -> None:
         if manifest is not None:
             run.record_data(name, manifest)
     model_row = run.step("model", lambda: _model(run))
-    model, card = load_classifier(model_row["checkpoint"], device=run.device)
-    found = run.step("cases", lambda: _cases(manifests["test"], card.input_size, s["max_images"]))
+    source = load_model_source(model_row["checkpoint"], device=run.device)
+    found = run.step("cases", lambda: _cases(manifests["test"], source, s["max_images"]))
     cases = found["cases"]
     rows = run.map_blocks(
-        "scores", cases, lambda indices, block: _score_block(run, model, card, indices, block), block_size=BLOCK_SIZE
+        "scores", cases, lambda indices, block: _score_block(run, source, indices, block), block_size=BLOCK_SIZE
     )
     table = [{key: value for key, value in row.items() if key not in CURVES} for row in rows]
     metrics = [key for key in table[0] if key not in ("id", "subtype", "method")]
@@ -418,7 +421,7 @@ def run_ct_importance(run: Run) -> None:
     rank_rows, agreement = rank_tables(summary)
     run.table("ranks", rank_rows)
     run.table("rank_agreement", agreement)
-    figures = _figures(run, card, cases, rows, summary) if run.is_main else []
+    figures = _figures(run, source, cases, rows, summary) if run.is_main else []
 
     skipped = (
         f"; {found['unusable_masks']} crop(s) with a mask empty or full on that grid were left out"
