@@ -201,8 +201,11 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_trust(args) -> None:
+    if bool(args.data) == bool(args.images):
+        raise ValueError("give the images either as DATA (a manifest, files or a folder) or as --images DIR")
+    data = args.data or [args.images]
     distributed.setup()
-    source = args.data[0] if len(args.data) == 1 and args.data[0].endswith(".csv") else args.data
+    source = data[0] if len(data) == 1 and (data[0].endswith(".csv") or Path(data[0]).is_dir()) else data
     card = run_trust(
         args.model,
         source,
@@ -404,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
         "trust", help="trust checks of a model's saliency methods; writes <model>.trust.json beside it and a report"
     )
     p.add_argument("--model", required=True, help=MODEL_SOURCE_HELP)
-    p.add_argument("data", nargs="+", help="a manifest.csv (labels and masks used), image files or a folder of them")
+    p.add_argument("data", nargs="*", help="a manifest.csv (labels and masks used), image files or a folder of them")
+    p.add_argument("--images", metavar="DIR", default=None, help="a folder of your images, instead of DATA")
     p.add_argument(
         "--methods",
         default="",

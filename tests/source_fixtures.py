@@ -34,6 +34,7 @@ from monai_sal_app.saliency import explain
 
 BUNDLE_LABELS = ["no lesion", "lesion"]
 # (input size, target spacing in mm) of the bundles' networks
+AXCODES = {2: "LA", 3: "RAS"}  # the bundles' Orientationd
 BUNDLE_GRID = {2: ([32, 32], [1.0, 1.0]), 3: ([16, 16, 16], [2.0, 2.0, 2.0])}
 
 
@@ -51,11 +52,14 @@ def classifier_def(dims: int, channels=(4, 8)) -> dict:
 
 
 def preprocessing_def(dims: int) -> list[dict]:
-    """The bundle's ``preprocessing``: load, channel first, (3D: RAS), resample, window, resize."""
+    """The bundle's ``preprocessing``: load, channel first, RAS (2D: LA, which flips both axes of
+    the test's 2D images), resample, window, resize."""
     size, spacing = BUNDLE_GRID[dims]
-    steps = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"}]
-    if dims == 3:
-        steps.append({"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"})
+    steps = [
+        {"_target_": "LoadImaged", "keys": "image"},
+        {"_target_": "EnsureChannelFirstd", "keys": "image"},
+        {"_target_": "Orientationd", "keys": "image", "axcodes": AXCODES[dims]},
+    ]
     steps += [
         {"_target_": "Spacingd", "keys": "image", "pixdim": spacing, "mode": "bilinear"},
         {
@@ -75,9 +79,11 @@ def preprocessing_def(dims: int) -> list[dict]:
 def hand_built_preprocessing(dims: int) -> Compose:
     """The same steps written out with MONAI's classes, not read from a bundle."""
     size, spacing = BUNDLE_GRID[dims]
-    steps = [LoadImaged(keys="image"), EnsureChannelFirstd(keys="image")]
-    if dims == 3:
-        steps.append(Orientationd(keys="image", axcodes="RAS"))
+    steps = [
+        LoadImaged(keys="image"),
+        EnsureChannelFirstd(keys="image"),
+        Orientationd(keys="image", axcodes=AXCODES[dims]),
+    ]
     steps += [
         Spacingd(keys="image", pixdim=spacing, mode="bilinear"),
         ScaleIntensityRanged(keys="image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),

@@ -248,9 +248,8 @@ def test_trust_on_your_own_images_takes_a_bundle_and_a_torchscript_model(tmp_pat
     for seed in range(4):
         oblique_image(images / f"volume_{seed}.nii.gz", 3, seed=seed)
     out = tmp_path / "trust"
-    assert (
-        main(["--quiet", "trust", "--model", str(bundle), str(images), "--out", str(out), "--methods", "gradient"]) == 0
-    )
+    argv = ["--quiet", "trust", "--model", str(bundle), "--images", str(images), "--out", str(out)]
+    assert main([*argv, "--methods", "gradient"]) == 0
     card = json.loads((tmp_path / "bundle.trust.json").read_text())
     assert card["data"]["n_images"] == 4 and set(card["methods"]["gradient"]["verdicts"]) == {
         "randomization",
