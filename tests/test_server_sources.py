@@ -35,11 +35,13 @@ HOOK_METHODS = {"gradcam", "guided_backprop", "guided_gradcam"}
 def sources_server(tmp_path_factory):
     """The server on a model folder with ``ct_bundle`` (3D bundle), ``scripted`` (TorchScript of a
     tiny 2D conv5-fc3), ``site_model`` (a factory in ``site_models.py``) and ``mismatched`` (a
-    bundle whose weights belong to another network: not served)."""
+    bundle whose weights belong to another network: not served), and a folder ``runs`` that is
+    not a model."""
     root = tmp_path_factory.mktemp("sources")
     models = root / "model"
     models.mkdir()
     make_bundle(models / "ct_bundle", 3)
+    (models / "runs").mkdir()  # a folder that is not a bundle: not a model, nothing to report
     make_bundle(models / "mismatched", 3, weights_of=classifier_def(3, channels=(4, 8, 16)))
     eager = tiny_conv5fc3(2, seed=3).eval()
     torch.jit.save(torch.jit.trace(eager, torch.zeros((1, 1, *INPUT_SIZE[2]))), str(models / "scripted.ts"))
@@ -91,6 +93,7 @@ def test_info_lists_each_source_with_its_labels_dims_and_methods(sources_server)
     assert set(info["trainers"]) == set()  # only our own checkpoints are retrained over the API
     log = sources_server["server"].log()
     assert "model mismatched is not served" in log and "do not match" in log
+    assert "model runs" not in log
 
 
 def test_a_bundle_heatmap_equals_explain_on_the_hand_built_network_on_the_oblique_input_grid(sources_server, tmp_path):

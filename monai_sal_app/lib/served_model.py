@@ -58,7 +58,8 @@ def find_model_sources(
     skipped: dict[str, str] = {}
     if names is None:
         entries = sorted(model_dir.iterdir()) if model_dir.is_dir() else []
-        stems = {p.stem for p in entries if p.suffix in (".pt", ".ts")} | {p.name for p in entries if p.is_dir()}
+        bundles = {p.name for p in entries if p.is_dir() and source_kind(p) == "bundle"}  # other folders: not models
+        stems = {p.stem for p in entries if p.suffix in (".pt", ".ts")} | bundles
         explainers = tuple(f".{kind}" for kind in EXPLAINER_KINDS)
         candidates = sorted(s for s in stems if not s.endswith(explainers) and not s.startswith("."))
     else:
