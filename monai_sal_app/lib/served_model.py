@@ -173,6 +173,11 @@ class ServedModel:
                 raise RequestError(503, f"model {self.name!r} is unavailable: {self._error}")
             return self._model, self._card
 
+    def files_modified_ns(self) -> int:
+        """Modification time (ns) of the newest file of the source on disk (weights, card, a
+        bundle's configs and models); FileNotFoundError if one is missing."""
+        return max(os.stat(path).st_mtime_ns for path in source_files(self.path))
+
     def modified(self) -> str:
         """Modification time of the newest file of the source now served, ISO 8601 UTC."""
         seconds = max(m for _, m, _ in self._stamp) / 1e9 if self._stamp else os.stat(self.path).st_mtime
@@ -205,7 +210,7 @@ class ServedModel:
                 self._trust_stamp = stamp
             if self._trust is None:
                 return {"available": False, "why": self._trust_problem}
-            stale = os.stat(self.path).st_mtime_ns > stat.st_mtime_ns
+            stale = self.files_modified_ns() > stat.st_mtime_ns
             return {"available": True, "stale": stale, "card": self._trust}
 
     def explainer_path(self, kind: str) -> Path:

@@ -118,7 +118,7 @@ class TrustScoring(ScoringMethod):
                 continue
             if card is None:
                 reasons[name] = "no trust card"
-            elif os.stat(served.path).st_mtime_ns > os.stat(path).st_mtime_ns:
+            elif served.files_modified_ns() > os.stat(path).st_mtime_ns:
                 reasons[name] = "the weights are newer than the trust card"
             elif newest is not None and newest[0] > os.stat(path).st_mtime_ns:
                 reasons[name] = f"the datastore changed since the trust card ({newest[1]})"
