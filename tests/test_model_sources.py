@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import INPUT_SIZE, LABELS, read_rows, tiny_conv5fc3
-from server_fixtures import smooth_field
+from server_fixtures import oblique_affine, smooth_field, write_nrrd, write_png
 from source_fixtures import (
     BUNDLE_LABELS,
     FACTORY_MODULE,
@@ -25,7 +25,8 @@ from source_fixtures import (
 )
 
 from monai_sal_app.cli import main
-from monai_sal_app.models.sources import SourceError, load_model_source, source_kind
+from monai_sal_app.data.io import read_image
+from monai_sal_app.models.sources import SourceError, load_model_source, onto_grid, source_kind
 from monai_sal_app.saliency import explain
 
 
@@ -280,3 +281,37 @@ def test_trust_on_your_own_images_takes_a_bundle_and_a_torchscript_model(tmp_pat
     assert line.startswith("error:") and "TorchScript module does not expose" in line
     assert main([*argv, "--checks", "fidelity"]) == 0
     assert set(json.loads((tmp_path / "net.trust.json").read_text())["methods"]["gradient"]["verdicts"]) == {"fidelity"}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_bundle_map_returns_onto_the_grid_monai_sal_reads_for_nrrd_and_png(tmp_path, dims):
+    """MONAI reads NRRD and PNG in another array order than ``data.io.read_image``: the map is put
+    on read_image's grid (the network input taken back is the image read there)."""
+    bundle = make_bundle(tmp_path / "bundle", dims)
+    if dims == 3:
+        direction = oblique_affine((1, 1, 1), (0, 0, 0), degrees=-15)[:3, :3]
+        image = write_nrrd(
+            smooth_field((17, 19, 21), seed=5), tmp_path / "v.nrrd", (0.9, 1.1, 2.0), (-5.0, 8.0, 40.0), direction
+        )
+    else:
+        # pixel values 0 and 1, inside the bundle's intensity window [0, 1]
+        image = write_png((smooth_field((48, 40), seed=1) > 0.5) / 255.0, tmp_path / "x.png")
+    array, meta = read_image(image)
+    prepared = load_model_source(bundle, device="cpu").prepare(image)
+    back = prepared.restore(prepared.input)
+    assert back.shape == array.shape
+    np.testing.assert_allclose(prepared.affine, meta["affine"])
+    # the 3D volume is resampled, and Invertd pads what the resampled grid did not cover
+    inside = np.abs(back) > 1e-6 if dims == 3 else np.ones(back.shape, bool)
+    assert inside.mean() > 0.8 and np.corrcoef(back[inside], array[inside])[0, 1] > 0.9  # resized there and back
+
+
+def test_onto_grid_reorders_axes_and_refuses_other_grids():
+    array = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    flip_first = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip_first[0, 3] = 1.0  # voxel i of the flipped grid is voxel 1 - i of the other
+    np.testing.assert_array_equal(onto_grid(array[::-1], flip_first, (2, 3, 4), np.eye(4)), array)
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    np.testing.assert_array_equal(onto_grid(array.transpose(1, 0, 2), swap, (2, 3, 4), np.eye(4)), array)
+    with pytest.raises(ValueError, match="send it as NIfTI"):
+        onto_grid(array, np.diag([2.0, 1.0, 1.0, 1.0]), (2, 3, 4), np.eye(4))

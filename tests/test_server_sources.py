@@ -148,3 +148,24 @@ def test_a_factory_model_is_served_and_a_broken_source_leaves_the_others_serving
     finally:
         shutil.copyfile(backup, scripted)
     assert post_infer(url, "scripted", image="xray_png", output="json")[0] == 200
+
+
+def test_a_bundle_map_of_an_nrrd_volume_lies_on_the_volume_as_monai_sal_reads_it(sources_server):
+    """MONAI reads NRRD in another axis order than the server: the map is put back on the server's grid."""
+    from monai_sal_app.data.io import read_image
+    from monai_sal_app.models.sources import load_model_source
+    from monai_sal_app.saliency import explain
+
+    path = sources_server["items"]["volume_nrrd"]["path"]
+    status, _, heatmap, response = post_infer(
+        sources_server["url"], "ct_bundle", image="volume_nrrd", params={"method": "gradient", "target": 1}
+    )
+    assert status == 200, response.text
+    array, meta = read_image(path)
+    served = load_nifti_bytes(heatmap)
+    np.testing.assert_allclose(served.affine, meta["affine"], atol=1e-5)
+    loaded = load_model_source(sources_server["models"] / "ct_bundle", device="cpu")
+    prepared = loaded.prepare(path)
+    expected = prepared.restore(explain(loaded.network, prepared.input, "gradient", target=1))
+    assert expected.shape == array.shape
+    np.testing.assert_allclose(np.asarray(served.dataobj).reshape(array.shape), expected, rtol=1e-4, atol=1e-6)

@@ -65,6 +65,7 @@ __all__ = [
     "intensity_scaling",
     "load_model_source",
     "mask_on_input_grid",
+    "onto_grid",
     "source_files",
     "source_kind",
 ]
@@ -72,6 +73,7 @@ __all__ = [
 BUNDLE_METADATA = Path("configs") / "metadata.json"
 _BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
 _SHOWN_KEYS = 3  # weight keys named in a mismatch message
+PIXEL_FORMATS = ("png", "jpeg")  # files without geometry: MONAI's PIL reader puts their axes the other way round
 
 
 class SourceError(CheckpointError):
@@ -271,15 +273,40 @@ def _bundle_mask_pipeline(preprocessing, card: ModelCard) -> Callable[[Path], np
     return prepare_mask
 
 
+def onto_grid(array: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], target_affine: np.ndarray) -> np.ndarray:
+    """``array`` (on a grid with the 4x4 voxel-to-world ``affine``) on the grid of ``shape`` and
+    ``target_affine`` when both index the same voxels in another axis order or direction (MONAI
+    reads NRRD, PNG and DICOM files in another array order than ``data.io.read_image``); a
+    trailing axis of size 1 on either side is ignored. ``ValueError`` for grids that differ
+    otherwise."""
+    source = np.squeeze(array, axis=tuple(range(len(shape), array.ndim))) if array.ndim > len(shape) else array
+    n = len(shape)
+    if source.ndim != n:
+        raise ValueError(f"the map has {source.ndim} axes, the image {n}")
+    voxel_to_voxel = np.linalg.inv(np.asarray(target_affine, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64)
+    rotation, shift = voxel_to_voxel[:n, :n], voxel_to_voxel[:n, 3]
+    signed = np.round(rotation)
+    axes = [int(np.argmax(np.abs(row))) for row in signed]
+    if not np.allclose(rotation, signed, atol=1e-3) or sorted(axes) != list(range(n)) or np.abs(signed).sum() != n:
+        raise ValueError("the bundle reads this file on another grid than monai-sal does; send it as NIfTI")
+    out = np.transpose(source, axes)
+    for axis in range(n):
+        if signed[axis, axes[axis]] < 0:
+            out = np.flip(out, axis)
+    expected = np.where(np.diag(signed[:, axes]) < 0, np.asarray(out.shape) - 1, 0)
+    if out.shape != tuple(shape) or not np.allclose(shift, expected, atol=1e-3):
+        raise ValueError("the bundle reads this file on another grid than monai-sal does; send it as NIfTI")
+    return np.ascontiguousarray(out)
+
+
 def _bundle_pipeline(preprocessing, card: ModelCard) -> Callable[[Path], PreparedImage]:
     """The bundle's ``preprocessing`` on ``{"image": path}``; back by ``Invertd`` of it."""
     from monai.data import MetaTensor
     from monai.transforms import Invertd
 
     def prepare(path: Path, array: np.ndarray | None, meta: dict | None) -> PreparedImage:
-        if array is None:
-            array, _ = read_image(path)  # the same checks as every other input: readable, 2D/3D, finite, not constant
-        shape = array.shape
+        if array is None or meta is None:
+            array, meta = read_image(path)  # the same checks as every other input, and the grid maps return to
         data = preprocessing({"image": str(path)})
         image = data["image"]
         if not isinstance(image, MetaTensor) or tuple(image.shape) != (card.in_channels, *card.input_size):
@@ -287,7 +314,7 @@ def _bundle_pipeline(preprocessing, card: ModelCard) -> Callable[[Path], Prepare
                 f"the bundle's preprocessing gives an image of shape {tuple(image.shape)}, not the "
                 f"{(card.in_channels, *card.input_size)} its metadata declares"
             )
-        original_affine = np.asarray(image.meta.get("original_affine", image.affine), dtype=np.float64)
+        read_affine = np.asarray(image.meta.get("original_affine", image.affine), dtype=np.float64)
         inverse = Invertd(keys="saliency", transform=preprocessing, orig_keys="image", nearest_interp=False)
 
         def restore(saliency: torch.Tensor) -> np.ndarray:
@@ -295,11 +322,14 @@ def _bundle_pipeline(preprocessing, card: ModelCard) -> Callable[[Path], Prepare
                 saliency.detach().cpu().float()[0], meta=dict(image.meta), applied_operations=image.applied_operations
             )
             restored = np.asarray(inverse({**data, "saliency": mapped})["saliency"].detach().cpu())[0]
-            if restored.size != int(np.prod(shape)):
-                raise ValueError(f"the map returns on a grid of {restored.shape}, not the image's {shape}")
-            return restored.reshape(shape).astype(np.float32)
+            if meta.get("format") in PIXEL_FORMATS:  # no geometry: MONAI's array is read_image's transposed
+                restored = np.squeeze(restored).T
+                if restored.shape != tuple(array.shape):
+                    raise ValueError(f"the map returns on a grid of {restored.shape}, not the image's {array.shape}")
+                return restored.astype(np.float32)
+            return onto_grid(restored, read_affine, array.shape, meta["affine"]).astype(np.float32)
 
-        return PreparedImage(image.as_tensor()[None].float().contiguous(), original_affine, restore)
+        return PreparedImage(image.as_tensor()[None].float().contiguous(), meta["affine"], restore)
 
     return prepare
 
