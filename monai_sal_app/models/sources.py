@@ -444,6 +444,19 @@ def _load_weights(network: nn.Module, weights: Path, described_by: str) -> None:
         ) from None
 
 
+def _weighted(
+    network: Any, weights: Path, described_by: str, card: ModelCard, where: Path, device: torch.device
+) -> nn.Module:
+    """The ``network`` a factory or a bundle built, with ``weights`` loaded strictly, in eval mode on
+    ``device``, checked to give logits (:func:`_check_logits`); ``SourceError`` otherwise."""
+    if not isinstance(network, nn.Module):
+        raise SourceError(f"{where}: {described_by} is a {type(network).__name__}, not a torch module")
+    _load_weights(network, weights, described_by)
+    network = network.to(device).eval()
+    _check_logits(network, card, where, device)
+    return network
+
+
 def _load_torchscript(path: Path, device: torch.device, card: ModelCard | None = None) -> LoadedModel:
     sidecar = path.with_suffix(".json")
     if card is None:
@@ -475,11 +488,7 @@ def _load_factory(weights: Path, device: torch.device) -> LoadedModel:
         network = factory(**kwargs)
     except Exception as error:  # the factory is the user's code
         raise SourceError(f"{sidecar}: the factory {spec!r} failed ({type(error).__name__}: {error})") from None
-    if not isinstance(network, nn.Module):
-        raise SourceError(f"{sidecar}: the factory {spec!r} returned a {type(network).__name__}, not a torch module")
-    _load_weights(network, weights, f"the network of {spec}")
-    network = network.to(device).eval()
-    _check_logits(network, card, sidecar, device)
+    network = _weighted(network, weights, f"the network of {spec}", card, sidecar, device)
     scale = intensity_scaling(data.get("intensity"))
     return LoadedModel(network, card, "factory", weights, _array_pipeline(card, scale))
 
@@ -559,11 +568,7 @@ def _load_bundle(folder: Path, device: torch.device) -> LoadedModel:
         network = parser.get_parsed_content("network_def", instantiate=True)
     except Exception as error:  # anything the bundle's code raises
         raise SourceError(f"{configs[0]}: 'network_def' cannot be built ({type(error).__name__}: {error})") from None
-    if not isinstance(network, nn.Module):
-        raise SourceError(f"{configs[0]}: 'network_def' builds a {type(network).__name__}, not a torch module")
-    _load_weights(network, weights, f"the bundle's network_def ({type(network).__name__})")
-    network = network.to(device).eval()
-    _check_logits(network, card, folder, device)
+    network = _weighted(network, weights, f"the bundle's network_def ({type(network).__name__})", card, folder, device)
     return LoadedModel(
         network,
         card,
