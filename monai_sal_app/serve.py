@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from monai_sal_app.access import HOW_TO_SET, OPERATOR, READER, TOKEN_ENVIRONMENT, AccessTokens, check_listen_address
+from monai_sal_app.allocator import batch_allocator_for_children, without_batch_allocator
 from monai_sal_app.data.bases import BaseNotInstalled, chest_radiograph_file, lung_ct_files
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.evaluation.trust import read_trust_card, trust_card_path
@@ -179,7 +180,8 @@ def prepare(
     class copied into the datastore, and the checkpoint (``experiments.builtin_models.train_builtin_model``: trained
     again with the next seed while its validation AUC stays too low).
     ``jobs`` models are prepared at once in separate processes sharing the CPU cores (default:
-    as many as there are models to prepare and cores); progress goes to stdout, one line per step.
+    as many as there are models to prepare and cores), which run with the batch memory allocator
+    (``allocator``; the server that follows does not); progress goes to stdout, one line per step.
     A missing base (``--data real`` without ``scripts/install_data.sh``) raises
     ``BaseNotInstalled`` naming the install command, before anything is written.
     """
@@ -208,7 +210,10 @@ def prepare(
 
     # spawn, not fork: the parent may already run torch's thread pools
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_share_cores, initargs=(cores // jobs,)) as pool:
+    with (
+        batch_allocator_for_children(),
+        ProcessPoolExecutor(jobs, mp_context=context, initializer=_share_cores, initargs=(cores // jobs,)) as pool,
+    ):
         for future in [pool.submit(_prepare_model, *task, progress=False) for task in tasks]:
             future.result()
     return studies
@@ -461,7 +466,7 @@ def start_background_server(
     workdir = write_app_folder(workdir)
     port = port or free_port(host)
     env = {
-        **os.environ,
+        **without_batch_allocator(os.environ),
         "MONAI_LABEL_APP_DIR": str(workdir),
         "MONAI_LABEL_STUDIES": str(Path(studies).resolve()),
         "MONAI_LABEL_APP_CONF": json.dumps(conf or {}),

@@ -75,6 +75,7 @@ import torch
 from monai.networks.nets import DenseNet121
 from torch import nn
 
+from monai_sal_app.allocator import restart_with_batch_allocator
 from monai_sal_app.saliency import available_methods, explain, get_method, model_guard
 from monai_sal_app.saliency.core import auto_batch_size, max_rows_in_memory
 from monai_sal_app.saliency.occlusion import occlusion_geometry
@@ -1198,4 +1199,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    restart_with_batch_allocator()  # the memory allocator of batch work, as `monai-sal` uses it
     main()

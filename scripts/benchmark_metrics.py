@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from monai_sal_app.allocator import restart_with_batch_allocator
 from monai_sal_app.metrics import localization_metrics
 
 
@@ -63,4 +64,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restart_with_batch_allocator()  # the memory allocator of batch work, as `monai-sal` uses it
     main()

@@ -75,6 +75,7 @@ import torch
 from monai.networks.nets import DenseNet121
 from torch import nn
 
+from monai_sal_app.allocator import restart_with_batch_allocator
 from monai_sal_app.evaluation.fidelity import fidelity
 from monai_sal_app.evaluation.randomization import (
     model_randomization,
@@ -722,4 +723,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    restart_with_batch_allocator()  # the memory allocator of batch work, as `monai-sal` uses it
     main()

@@ -97,14 +97,19 @@ def modules_loaded_by(module: str, candidates: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------- real-anatomy bases
 
 
-def missing_base(reason: str) -> None:
-    """Skip a test whose real-anatomy base is not installed; under CI (``CI`` set) fail instead, so
-    that a broken install cannot turn into a green run of skips."""
+def not_installed(what: str) -> None:
+    """Skip a test that needs ``what``, which the install scripts provide and is missing; under CI
+    (``CI`` set) fail instead, so that a broken install cannot turn into a green run of skips."""
     import os
 
     if os.environ.get("CI"):
-        pytest.fail(f"base not installed under CI: {reason}")
-    pytest.skip(f"base not installed: {reason}")
+        pytest.fail(f"not installed under CI: {what}")
+    pytest.skip(f"not installed: {what}")
+
+
+def missing_base(reason: str) -> None:
+    """:func:`not_installed` for a real-anatomy base."""
+    not_installed(f"real-anatomy base: {reason}")
 
 
 def base_or_skip(locate):

@@ -19,6 +19,7 @@ import yaml
 from conftest import REPO, open_in_chromium, read_rows, results_text, screenshot
 from PIL import Image
 
+from monai_sal_app.allocator import jemalloc_library, without_batch_allocator
 from monai_sal_app.cli import main
 from monai_sal_app.experiments import studies
 from monai_sal_app.experiments.runner import (
@@ -171,21 +172,27 @@ def test_unknown_recipes_and_inputs_a_recipe_does_not_take_are_refused(tmp_path,
 
 
 def run_cli(arguments: str, processes: int) -> subprocess.CompletedProcess:
-    """``python -m monai_sal_app.cli --quiet <arguments>`` in one process, or under torchrun in
-    ``processes`` of one thread each (``arguments`` split at spaces); it must succeed."""
+    """``python -m monai_sal_app --quiet <arguments>`` (the ``monai-sal`` command: with the batch
+    memory allocator) in one process, or under torchrun in ``processes`` of one thread each
+    (``arguments`` split at spaces); it must succeed."""
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    command = [*launcher, "-m", "monai_sal_app.cli", "--quiet", *arguments.split()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [*launcher, "-m", "monai_sal_app", "--quiet", *arguments.split()]
+    env = {**without_batch_allocator(os.environ), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, (arguments, result.stderr[-3000:])
     return result
 
 
 def run_on_two_ranks(recipe: str, out: Path) -> None:
+    """The smoke run of ``recipe`` under torchrun on two ranks, each with the batch allocator (the
+    runs it is compared with ran inside pytest, on glibc's defaults)."""
     run_cli(f"experiment run {recipe} --scale smoke --out {out}", 2)
-    assert json.loads((out / "environment.json").read_text())["world_size"] == 2
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["world_size"] == 2
+    assert environment["allocator"] == ("jemalloc" if jemalloc_library() else "glibc-tunables")
+    assert 100 < environment["peak_resident_memory_mb"] < 8192
 
 
 @pytest.mark.e2e

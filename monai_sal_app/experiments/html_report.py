@@ -142,6 +142,11 @@ def render_report(
         f"{environment.get('world_size', 1)} process(es) on {html.escape(str(environment.get('device', '')))}"
         + (f", {environment['torch_threads']} thread(s) each" if "torch_threads" in environment else "")
         + (f", {seconds:.0f} s" if isinstance(seconds, (int, float)) else "")
+        + (
+            f", peak memory {environment['peak_resident_memory_mb'] / 1024:.1f} GiB ({html.escape(str(environment.get('allocator')))})"
+            if isinstance(environment.get("peak_resident_memory_mb"), (int, float))
+            else ""
+        )
         + (" in this invocation (resumed: earlier steps were read back)" if environment.get("resumed") else "")
         + "</p>"
     )

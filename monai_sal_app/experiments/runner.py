@@ -18,7 +18,8 @@ dimensions against the data). :func:`run_experiment` then writes under ``out``:
 
 - ``config.yaml``: the resolved settings; ``environment.json``: package versions, device, ranks,
   torch's threads per process (the numbers depend on it: see ``docs/EXPERIMENTS.md``), the wall
-  time of this invocation and of each step it computed (``resumed``: some were read back);
+  time of this invocation and of each step it computed (``resumed``: some were read back), the
+  memory allocator and the peak resident memory of (rank 0's) process in MiB;
   ``data.json``: SHA-256 of every manifest and of the files it lists;
 - ``steps/``: each finished step's result, so that an interrupted run resumes where it stopped;
 - ``results/*.csv`` (one row per image x method x condition) and ``results/*_summary.csv`` (mean
@@ -45,6 +46,7 @@ import torch
 import yaml
 
 from monai_sal_app import distributed
+from monai_sal_app.allocator import allocator_in_use, peak_resident_memory_mb
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
 from monai_sal_app.experiments.html_report import write_report
@@ -265,7 +267,14 @@ def run_experiment(
     seconds = time.perf_counter() - start
     report = out / "report.html"
     if distributed.is_main():
-        environment = {**_versions(), "seconds": seconds, "resumed": run.resumed, "step_seconds": run.step_seconds}
+        environment = {
+            **_versions(),
+            "seconds": seconds,
+            "resumed": run.resumed,
+            "step_seconds": run.step_seconds,
+            "allocator": allocator_in_use(),
+            "peak_resident_memory_mb": round(peak_resident_memory_mb(), 1),
+        }
         write_text(out / "environment.json", json.dumps(environment, indent=2))
         write_text(out / "data.json", json.dumps(run.data_hashes, indent=2))
         write_report(run, report, resolved, environment)
