@@ -254,7 +254,15 @@ def _prepare_model(
         log(f"using {checkpoint}")
     else:
         train_builtin_model(
-            spec, folder, checkpoint, epochs=epochs, seed=seed, device=device, progress=progress, log=log
+            spec,
+            folder,
+            checkpoint,
+            arch_kwargs=dict(spec.arch_kwargs),
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            progress=progress,
+            log=log,
         )
     try:
         current = read_trust_card(checkpoint) is not None

@@ -137,6 +137,23 @@ def test_conv5fc3_rejects_inputs_below_16_px():
         model(random_images((1, 1, 15, 32)))
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_conv5fc3_with_three_pools_keeps_the_last_two_blocks_on_an_eighth_of_the_input(dims):
+    # The default CT model's backbone: Grad-CAM's grid (the features' output) is 8 per axis at 64.
+    side = 64 if dims == 2 else 32
+    for pools, grid in ((4, side // 16), (3, side // 8)):
+        model = Conv5FC3(dims, channels=TINY_CHANNELS, pools=pools).eval()
+        assert sum(isinstance(m, (nn.MaxPool2d, nn.MaxPool3d)) for m in model.features) == pools
+        assert model.features(random_images((1, 1, *(side,) * dims))).shape[2:] == (grid,) * dims
+        assert isinstance(model.features[-1], nn.Sequential)  # the last module is a conv block
+        assert model(random_images((2, 1, *(side,) * dims))).shape == (2, 2)
+    with pytest.raises(ValueError, match="8 px"):
+        Conv5FC3(dims, channels=TINY_CHANNELS, pools=3).eval()(random_images((1, 1, *(7,) * dims)))
+    for pools in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="pools must be an int from 1 to 4"):
+            Conv5FC3(dims, pools=pools)
+
+
 def test_factory_rejects_bad_arguments():
     with pytest.raises(ValueError, match="densenet121.*resnet18.*conv5fc3"):
         build_classifier("vgg16", 2)

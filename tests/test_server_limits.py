@@ -10,6 +10,7 @@ stopped it).
 from __future__ import annotations
 
 import gzip
+import json
 import signal
 import threading
 import time
@@ -218,24 +219,29 @@ def test_sigterm_mid_request_ends_the_server_within_seconds(tmp_path):
     assert outcome["status"] == 503 or isinstance(outcome["status"], Exception)
 
 
-def test_infers_keep_answering_while_the_model_is_retrained_then_switch_once(server):
-    """On ``retrained_2d``, a copy of classifier_2d that no other test uses."""
+def test_infers_keep_answering_while_the_model_is_retrained_then_switch_once(server, served):
+    """On ``retrained_2d``, a copy of classifier_2d that no other test uses; the retrained network
+    keeps the served one's options (its channels)."""
+    card_path = served["model_dir"] / "retrained_2d.json"
+    arch_kwargs = json.loads(card_path.read_text())["arch_kwargs"]
+    assert arch_kwargs  # the tiny conv5-fc3's channels: not the defaults
     before = post_infer(server.url, "retrained_2d", image="xray_png", output="json")[1]["checkpoint"]["modified"]
     params = {"manifest": "train2d/manifest.csv", "epochs": 3, "batch_size": 4, "patience": 3}
     response = requests.post(f"{server.url}/train/retrained_2d", json=params, timeout=60)
     assert response.status_code == 200, response.text
-    served, deadline = [], time.monotonic() + 180
+    seen, deadline = [], time.monotonic() + 180
     while time.monotonic() < deadline:
         status, result, _, response = post_infer(server.url, "retrained_2d", image="xray_png", output="json")
         assert status == 200, response.text  # no failed request while the checkpoint is replaced
-        served.append(result["checkpoint"]["modified"])
+        seen.append(result["checkpoint"]["modified"])
         if requests.get(f"{server.url}/train/", timeout=30).json()["status"] in ("DONE", "ERROR"):
             break
-    served.append(post_infer(server.url, "retrained_2d", image="xray_png", output="json")[1]["checkpoint"]["modified"])
+    seen.append(post_infer(server.url, "retrained_2d", image="xray_png", output="json")[1]["checkpoint"]["modified"])
     assert requests.get(f"{server.url}/train/", timeout=30).json()["status"] == "DONE"
-    assert served[0] == before and served[-1] != before and len(served) > 3
-    switches = [i for i in range(1, len(served)) if served[i] != served[i - 1]]
-    assert len(switches) == 1, served  # old weights until the new checkpoint is written, then the new ones
+    assert seen[0] == before and seen[-1] != before and len(seen) > 3
+    switches = [i for i in range(1, len(seen)) if seen[i] != seen[i - 1]]
+    assert len(switches) == 1, seen  # old weights until the new checkpoint is written, then the new ones
+    assert json.loads(card_path.read_text())["arch_kwargs"] == arch_kwargs
 
 
 def test_limits_in_conf_must_be_positive_numbers():

@@ -12,9 +12,10 @@ of the whole run is kept).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from monai_sal_app.data.generators import get_generator
 from monai_sal_app.models.manifest_training import train_from_manifest
@@ -43,7 +44,9 @@ class DefaultModel:
     ``per_class``/``test_per_class``: training and held-out test images per class;
     ``input_size``: the network's input side in pixels/voxels (images are resized to it);
     ``epochs``/``lr``/``augmentations``: training (patience = epochs: the best validation epoch of
-    the whole run is kept); ``labels``: class names served in ``/info``.
+    the whole run is kept); ``labels``: class names served in ``/info``; ``arch_kwargs``: the
+    conv5-fc3 network's options for the served model (``models.factory.build_classifier``; the
+    studies that train from a built-in model choose their own).
     """
 
     generator: str
@@ -57,6 +60,7 @@ class DefaultModel:
     epochs: int
     lr: float
     augmentations: tuple[str, ...] = ()
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
 # name -> model, per `monai-sal serve --data` choice. Real: a PA chest radiograph classifier

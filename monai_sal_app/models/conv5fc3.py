@@ -21,11 +21,13 @@ class Conv5FC3(nn.Module):
     """The ARAMIS "conv5-fc3" CNN, 2D or 3D.
 
     ``features``: 5 conv blocks (conv k3 -> BN -> ReLU) with ``channels`` output channels and a
-    max-pool (kernel 2) between consecutive blocks, so that its last module is a conv block;
+    max-pool (kernel 2) before each of the blocks 2 to ``pools + 1`` (``pools`` 4: between every two
+    consecutive blocks; 3: the last two blocks work on the same grid), so that its last module is a
+    conv block, on a grid of the input's side / 2**pools (Grad-CAM's grid);
     ``pool``: adaptive average pool to 2 voxels per spatial dim; ``classifier``: Flatten, Dropout,
     Linear(-> 1300), ReLU, Linear(1300 -> 50), ReLU, Linear(50 -> num_classes).
 
-    Input (N, in_channels, *spatial) with every spatial side >= 16 px; output logits (N, num_classes).
+    Input (N, in_channels, *spatial) with every spatial side >= 2**pools px; output logits (N, num_classes).
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class Conv5FC3(nn.Module):
         num_classes: int = 2,
         channels: Sequence[int] = (8, 16, 32, 64, 128),
         dropout: float = 0.5,
+        pools: int = 4,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -42,6 +45,8 @@ class Conv5FC3(nn.Module):
         channels = tuple(int(c) for c in channels)
         if len(channels) != 5 or min(channels) < 1:
             raise ValueError(f"channels must be 5 positive ints, got {channels!r}")
+        if isinstance(pools, bool) or not isinstance(pools, int) or not 1 <= pools <= 4:
+            raise ValueError(f"pools must be an int from 1 to 4, got {pools!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         max_pool = nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d
@@ -50,11 +55,12 @@ class Conv5FC3(nn.Module):
         layers: list[nn.Module] = []
         previous = in_channels
         for index, width in enumerate(channels):
-            if index > 0:
+            if 0 < index <= pools:
                 layers.append(max_pool(2))
             layers.append(_conv_block(spatial_dims, previous, width))
             previous = width
         self.features = nn.Sequential(*layers)
+        self.min_side = 2**pools
         self.pool = adaptive_pool(2)
         self.classifier = nn.Sequential(
             nn.Flatten(),
@@ -67,6 +73,6 @@ class Conv5FC3(nn.Module):
         )
 
     def forward(self, x):
-        if min(x.shape[2:]) < 16:
-            raise ValueError(f"Conv5FC3 needs every spatial side >= 16 px, got {tuple(x.shape[2:])}")
+        if min(x.shape[2:]) < self.min_side:
+            raise ValueError(f"Conv5FC3 needs every spatial side >= {self.min_side} px, got {tuple(x.shape[2:])}")
         return self.classifier(self.pool(self.features(x)))

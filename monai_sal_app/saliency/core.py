@@ -138,7 +138,8 @@ def register(
     see :func:`check_request`; ``passes(params, spatial_shape)``: network passes per image
     (default 1), for the request's cost; ``cheaper``: how to lower it (e.g. "lower steps");
     ``signed``: the map's sign says for or against the target, ``hooks``: the method hooks into
-    the network's modules (:class:`MethodSpec`).
+    the network's modules or captures their outputs (:class:`MethodSpec`; the others run with the
+    network's in-place activations left on, see ``models.guard.model_guard``).
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -468,7 +469,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam", tar
     validate_images(model, images)
     device = model_device(model)
     x = images.detach().to(device=device, dtype=torch.float32)
-    with model_guard(model), torch.enable_grad():
+    with model_guard(model, keep_in_place=not spec.hooks), torch.enable_grad():
         t = resolve_target(model, x, target)
         maps = spec.fn(model, x, t, **params)
     expected = (x.shape[0], 1, *x.shape[2:])

@@ -11,6 +11,8 @@ Definition and reference: docs/METHODS.md#grad-cam.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,32 +23,60 @@ from monai_sal_app.saliency.core import chunks, register, target_scores
 _POOLING = (_AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd)
 
 
-def _capture_layer(model: nn.Module, layer: str | None, spatial_dims: int, x: torch.Tensor):
+# model -> {spatial dims: the name of its Grad-CAM layer}, found by the first pass that watched every
+# module; weak, so that a model's entry goes with it.
+_CAM_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
+def _is_feature_map(module: nn.Module, output, spatial_dims: int) -> bool:
+    return isinstance(output, torch.Tensor) and output.ndim == spatial_dims + 2 and not isinstance(module, _POOLING)
+
+
+def _known_layer(model: nn.Module, layer: str | None, spatial_dims: int) -> str | None:
+    """The Grad-CAM layer's name when it is known without a pass: ``layer``, the model's
+    ``cam_layer``, or the one an earlier pass of this model found; else None."""
+    if layer is not None:
+        return layer
+    if isinstance(getattr(model, "cam_layer", None), str):
+        return model.cam_layer
+    return _CAM_LAYERS.get(model, {}).get(spatial_dims)
+
+
+def _capture_layer(
+    model: nn.Module, layer: str | None, spatial_dims: int, x: torch.Tensor, graph_from_layer: bool = False
+):
     """Forward ``x`` and capture the activation of ``layer`` (or of the last feature block).
 
     With ``layer=None`` the layer is the last module, in order of completion, whose output is a
     (N, K, *spatial) tensor and that is not a pooling layer: the last convolutional feature block
     (``class_layers.relu`` in MONAI's DenseNet, ``layer4`` in its ResNet, ``features`` in conv5-fc3),
-    unless the model names its own with a ``cam_layer`` attribute (a WILDCAT head does).
+    unless the model names its own with a ``cam_layer`` attribute (a WILDCAT head does). The first
+    pass of a model watches every module to find it; later passes watch that one module only.
+
+    ``graph_from_layer`` (only when the layer is known, see :func:`_known_layer`): the activation
+    is taken out of the autograd graph and made to require gradients, so that the graph starts at
+    the layer: nothing before it is recorded or kept, for gradients with respect to the activation
+    only (``x`` and the parameters must not require gradients).
     Returns (logits, name, activation). All hooks are removed before returning.
     """
-    if layer is None and isinstance(getattr(model, "cam_layer", None), str):
-        layer = model.cam_layer
+    known = _known_layer(model, layer, spatial_dims)
     modules = dict(model.named_modules())
-    if layer is not None and layer not in modules:
-        raise ValueError(f"layer {layer!r} is not a module of {type(model).__name__}")
-    watched = {layer: modules[layer]} if layer is not None else {n: m for n, m in modules.items() if n}
+    if known is not None and known not in modules:
+        raise ValueError(f"layer {known!r} is not a module of {type(model).__name__}")
+    if graph_from_layer and known is None:
+        raise ValueError("graph_from_layer needs a known layer")
+    watched = {known: modules[known]} if known is not None else {n: m for n, m in modules.items() if n}
     seen: list[tuple[str, torch.Tensor]] = []
     handles = []
 
     def hook_for(name):
         def hook(module, inputs, output):
-            if (
-                isinstance(output, torch.Tensor)
-                and output.ndim == spatial_dims + 2
-                and not isinstance(module, _POOLING)
-            ):
-                seen.append((name, output))
+            if not _is_feature_map(module, output, spatial_dims):
+                return None
+            if graph_from_layer:
+                output = output.detach().requires_grad_(True)
+            seen.append((name, output))
+            return output
 
         return hook
 
@@ -60,18 +90,26 @@ def _capture_layer(model: nn.Module, layer: str | None, spatial_dims: int, x: to
     if not seen:
         raise ValueError(f"no {spatial_dims}D feature map found in {type(model).__name__} for Grad-CAM; pass layer=")
     name, activation = seen[-1]
+    if known is None:
+        _CAM_LAYERS.setdefault(model, {})[spatial_dims] = name
     return logits, name, activation
 
 
 def gradcam_layer_maps(
     model: nn.Module, images: torch.Tensor, target: torch.Tensor, layer: str | None, batch_size: int | None
 ) -> torch.Tensor:
-    """ReLU(sum_k alpha_k A_k) on the layer's own grid, (N, 1, *layer_spatial)."""
+    """ReLU(sum_k alpha_k A_k) on the layer's own grid, (N, 1, *layer_spatial).
+
+    Only the activation's gradient is needed: once the layer is known the autograd graph starts at
+    it (``_capture_layer``'s ``graph_from_layer``), so the layers before it run as in inference;
+    the first pass of a model that names no layer records the whole graph while it finds it.
+    """
     spatial_dims = images.ndim - 2
     maps = []
     for sl in chunks(images.shape[0], batch_size):
-        x = images[sl].detach().clone().requires_grad_(True)
-        logits, _, activation = _capture_layer(model, layer, spatial_dims, x)
+        known = _known_layer(model, layer, spatial_dims) is not None
+        x = images[sl].detach() if known else images[sl].detach().clone().requires_grad_(True)
+        logits, _, activation = _capture_layer(model, layer, spatial_dims, x, graph_from_layer=known)
         (grad,) = torch.autograd.grad(target_scores(logits, target[sl]).sum(), activation)
         maps.append(cam_from_gradient(activation, grad))
     return torch.cat(maps)

@@ -182,6 +182,8 @@ class ClassifierTrainer(TrainTask):
                 p["manifest"],
                 self.served.path,
                 arch=p["architecture"],
+                # the served network's own options (channels, pools...) when it keeps its architecture
+                arch_kwargs=card.arch_kwargs if p["architecture"] == card.architecture else None,
                 head=p["head"],
                 loss=p["loss"],
                 augmentations=p["augmentations"],
