@@ -154,6 +154,23 @@ def test_conv5fc3_with_three_pools_keeps_the_last_two_blocks_on_an_eighth_of_the
             Conv5FC3(dims, pools=pools)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_conv5fc3_with_a_strided_first_block_halves_a_large_input_at_once(dims):
+    # The default CT model's backbone: 64^3 in, the first convolution at stride 2, two pools: 8^3.
+    side = 64 if dims == 2 else 32
+    model = Conv5FC3(dims, channels=TINY_CHANNELS, pools=2, first_stride=2).eval()
+    first = model.features[0][0]
+    assert first.stride == (2,) * dims and first.kernel_size == (3,) * dims
+    assert all(block[0].stride == (1,) * dims for block in model.features[1:] if isinstance(block, nn.Sequential))
+    assert model.features(random_images((1, 1, *(side,) * dims))).shape[2:] == (side // 8,) * dims
+    assert model(random_images((2, 1, *(side,) * dims))).shape == (2, 2)
+    with pytest.raises(ValueError, match="8 px"):
+        model(random_images((1, 1, *(7,) * dims)))
+    for stride in (0, 3, True):
+        with pytest.raises(ValueError, match="first_stride must be 1 or 2"):
+            Conv5FC3(dims, first_stride=stride)
+
+
 def test_factory_rejects_bad_arguments():
     with pytest.raises(ValueError, match="densenet121.*resnet18.*conv5fc3"):
         build_classifier("vgg16", 2)

@@ -96,7 +96,7 @@ def build_classifier(
     ``arch`` is one of :data:`ARCHITECTURES`; ``kwargs`` go to the network: for the DenseNets
     e.g. ``init_features``, ``growth_rate``, ``block_config``, ``dropout_prob``; for the ResNets
     ``block_inplanes`` (4 widths) and any ``monai.networks.nets.ResNet`` option
-    (``conv1_t_stride``, ``no_max_pool``, ...); for conv5fc3 ``channels``, ``dropout`` and ``pools``.
+    (``conv1_t_stride``, ``no_max_pool``, ...); for conv5fc3 ``channels``, ``dropout``, ``pools`` and ``first_stride``.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
