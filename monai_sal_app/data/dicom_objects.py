@@ -198,6 +198,8 @@ def _parametric_map(hd, sources, planes, meta, description):
         **geometry,
     )
     parametric_map.Laterality = None  # type 2C: unknown (the source's body part is not copied)
+    # a map's range is often far below 1: a linear window narrower than 1 needs LINEAR_EXACT
+    parametric_map.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0].VOILUTFunction = "LINEAR_EXACT"
     return parametric_map
 
 
