@@ -177,6 +177,7 @@ def _dataset(path: Path, modality: str, patient: str, study_uid: str, series_uid
         "",
     )
     ds.Modality, ds.SeriesNumber, ds.Manufacturer = modality, 1, "monai-sal tests"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -247,9 +248,7 @@ def start_pacs_server(root: Path):
         "mr": write_volume_series(root / "images" / "mr", "MR", "PAT-MR", shape=(10, 18, 16), seed=2),
         "cr": write_projection(root / "images" / "cr" / "cr.dcm", "CR", "PAT-CR", seed=3),
         "dx": write_projection(root / "images" / "dx" / "dx.dcm", "DX", "PAT-DX", seed=4),
-        "refused_ct": write_volume_series(
-            root / "images" / "refused", "CT", "PAT-REFUSED", shape=(8, 16, 16), seed=5
-        ),
+        "refused_ct": write_volume_series(root / "images" / "refused", "CT", "PAT-REFUSED", shape=(8, 16, 16), seed=5),
     }
     orthanc = Orthanc(root / "orthanc", refused_study=images["refused_ct"]["study"])
     try:

@@ -51,7 +51,7 @@ def test_the_store_lists_ct_mr_cr_and_dx_series(pacs):
     assert info["datastore"]["total"] == len(pacs["images"])  # MONAI Label alone lists only CT
     assert set(info["dicomweb"]["modalities"]) == {"CT", "MR", "CR", "DX"}
     for name, image in pacs["images"].items():
-        status, result, heatmap, response = post_infer(
+        status, result, _heatmap, response = post_infer(
             pacs["url"], MODEL_OF.get(name, "classifier_3d"), image=image["series"], params={"method": "gradient"}
         )
         assert status == 200, (name, response.text)
@@ -80,7 +80,10 @@ def test_a_map_goes_back_into_its_study(pacs, name, tmp_path):
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in image["files"]]
     assert parametric_map.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     assert parametric_map.StudyInstanceUID == image["study"]
-    assert "gradcam" in parametric_map.ContentDescription and result["target"]["label"] in parametric_map.ContentDescription
+    assert (
+        "gradcam" in parametric_map.ContentDescription
+        and result["target"]["label"] in parametric_map.ContentDescription
+    )
     mapping = parametric_map.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert mapping.LUTLabel == "gradcam" and result["target"]["label"] in mapping.LUTExplanation
     assert parametric_map.BitsAllocated == 32 and "FloatPixelData" in parametric_map

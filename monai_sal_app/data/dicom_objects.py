@@ -24,6 +24,7 @@ It is imported when a map is written, so that the rest of the package does not n
 from __future__ import annotations
 
 import copy
+import csv
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,10 +34,17 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from monai_sal_app.data.io import read_image
 from monai_sal_app.files import atomic_path
 from monai_sal_app.version import __version__
 
-__all__ = ["SaliencyDescription", "saliency_objects", "write_dicom_objects"]
+__all__ = [
+    "SaliencyDescription",
+    "is_dicom_image",
+    "saliency_objects",
+    "write_dicom_objects",
+    "write_maps_as_dicom",
+]
 
 MANUFACTURER = "monai-sal"
 PARAMETRIC_MAP_SERIES_NUMBER = 9701
@@ -295,3 +303,42 @@ def write_dicom_objects(objects: Sequence[Dataset], folder: str | os.PathLike) -
             ds.save_as(str(temporary), write_like_original=False)
         paths.append(path)
     return paths
+
+
+def write_maps_as_dicom(
+    maps_csv: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    labels: Sequence[str],
+    model: str,
+    overlay: bool = False,
+) -> list[Path]:
+    """The DICOM objects of every map listed in ``maps_csv`` (as ``monai-sal explain`` writes it:
+    columns ``id``, ``image``, ``map``, ``method``, ``target``, ``probability``) whose image is DICOM,
+    written to ``out_dir/<id>/<method>/`` (:func:`write_dicom_objects`); ``labels``: the model's class
+    names (``target`` is an index); ``model``: its name. Returns the paths written."""
+    with open(maps_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    written = []
+    for row in rows:
+        image, meta = read_image(row["image"])
+        saliency, _ = read_image(row["map"], allow_constant=True)
+        description = SaliencyDescription(row["method"], labels[int(row["target"])], float(row["probability"]), model)
+        objects = saliency_objects(image, meta, saliency.reshape(image.shape), description, overlay=overlay)
+        written += write_dicom_objects(objects, Path(out_dir) / row["id"] / row["method"])
+    return written
+
+
+def is_dicom_image(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DICOM file or a folder of DICOM files (read from the headers)."""
+    path = Path(path)
+    if path.is_dir():
+        return any(_is_dicom_file(p) for p in path.iterdir() if p.is_file())
+    return _is_dicom_file(path)
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # not DICOM: every parser error means the same here
+        return False
+    return True
