@@ -173,3 +173,43 @@ def test_the_cache_of_downloaded_series_stays_bounded(pacs):
         if before is not None:  # the two do not fit together: the one used before is gone
             assert pacs["images"][before]["series"] not in folders
     assert sizes["ct"] + sizes["mr"] > PACS_CACHE_MB * 2**20
+
+
+def test_monai_sal_serve_with_a_dicomweb_url_lists_the_four_modalities(pacs, tmp_path):
+    """The command a user types, started as a process of its own on the same store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from monai_sal_app.serve import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "monai_sal_app.cli", "serve", "--data", "none", "--workdir", str(tmp_path)]
+    command += ["--model-dir", str(pacs["model_dir"]), "--studies", pacs["orthanc"].dicomweb, "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    with open(tmp_path / "serve.log", "wb") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, info = time.monotonic() + 240, None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                info = requests.get(f"http://127.0.0.1:{port}/info/", timeout=30).json()
+                break
+            except requests.RequestException:
+                time.sleep(0.5)
+        assert info is not None, (tmp_path / "serve.log").read_text()[-3000:]
+        assert info["datastore"]["total"] == len(pacs["images"]) and set(info["models"]) == set(MODEL_OF.values())
+        # MONAI Label's clients pick the next image from the listed series (active learning)
+        picked = requests.post(f"http://127.0.0.1:{port}/activelearning/random", json={}, timeout=60)
+        assert picked.status_code == 200, picked.text
+        assert picked.json()["id"] in {image["series"] for image in pacs["images"].values()}
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
