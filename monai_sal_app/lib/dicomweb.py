@@ -251,10 +251,6 @@ class DicomWebStudies(DICOMWebDatastore):
                 self._held[image_id] -= 1
             self.trim_cache()
 
-    def cache_size(self) -> int:
-        """Bytes of the downloaded series in the cache."""
-        return sum(f.stat().st_size for f in self.series_dir.rglob("*") if f.is_file())
-
     def trim_cache(self) -> list[str]:
         """Remove the least recently used series until the cache is within ``cache_mb`` (a series a
         request holds stays); returns the removed series."""
@@ -274,14 +270,6 @@ class DicomWebStudies(DICOMWebDatastore):
         if removed:
             logger.info("DICOMweb cache: removed %d series to stay within %d bytes", len(removed), self.cache_bytes)
         return removed
-
-    def series_of(self, image_id: str) -> dict[str, str]:
-        """``{"study", "series"}`` UIDs of a listed series (one search)."""
-        found = self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
-        if not found:
-            return {}
-        ds = Dataset.from_json(found[0])
-        return {"study": str(ds.StudyInstanceUID), "series": str(ds.SeriesInstanceUID)}
 
 
 def store_saliency_objects(client: _Client, objects: Sequence[Dataset]) -> dict[str, Any]:
