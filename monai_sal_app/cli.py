@@ -18,6 +18,7 @@ from pathlib import Path
 
 from monai_sal_app import distributed, serve
 from monai_sal_app.arguments import keyword_defaults
+from monai_sal_app.data.dicom_objects import is_dicom_image, write_maps_as_dicom
 from monai_sal_app.data.generators import GENERATORS, get_generator
 from monai_sal_app.evaluation.fidelity import BASELINES
 from monai_sal_app.evaluation.trust import CHECKS, DEFAULT_TRUST_METHODS
@@ -176,6 +177,12 @@ def cmd_explain(args) -> None:
             check_request(m, params, tuple(model.card.input_size), args.max_cost, budget_name="--max-cost")
     source = args.images[0] if len(args.images) == 1 and args.images[0].endswith(".csv") else args.images
     items = read_items(source)
+    if args.dicom_out:
+        not_dicom = [item["id"] for item in items if not is_dicom_image(item["image"])]
+        if not_dicom:
+            raise ValueError(
+                f"--dicom-out writes DICOM objects for DICOM images only; not DICOM: {', '.join(not_dicom)}"
+            )
     maps_csv = explain_items(
         model,
         items,
@@ -190,6 +197,11 @@ def cmd_explain(args) -> None:
     )
     if distributed.is_main():
         print(f"wrote {maps_csv}")
+        if args.dicom_out:
+            written = write_maps_as_dicom(
+                maps_csv, args.dicom_out, model.card.labels, Path(args.model).stem, overlay=args.dicom_overlays
+            )
+            print(f"wrote {len(written)} DICOM objects under {args.dicom_out}")
 
 
 def cmd_evaluate(args) -> None:
@@ -395,6 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--dicom-out",
+        default=None,
+        help="also write each map of a DICOM image (a file, or a folder holding one series) as a DICOM "
+        "Parametric Map in the image's study, into DIR/<id>/<method>/",
+    )
+    p.add_argument(
+        "--dicom-overlays",
+        action="store_true",
+        help="with --dicom-out, also an RGB Secondary Capture overlay per slice",
+    )
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("evaluate", help="localization metrics of maps against masks, with mean and 95%% CI")

@@ -20,6 +20,10 @@ Settings (``--conf key value``):
 - ``device``: e.g. ``cpu`` or ``cuda:1`` (default: CUDA when available, else CPU);
 - ``max_request_cost``, ``max_upload_mb``, ``max_pixels``, ``max_voxels``, ``request_timeout_s``:
   what one request may cost (:mod:`monai_sal_app.lib.limits`; shown in ``/info``);
+- ``store_heatmaps``, ``store_overlays``, ``dicomweb_timeout_s``, ``dicomweb_cache_mb``,
+  ``dicomweb_modalities``: with ``--studies http://.../dicom-web``, a DICOMweb store such as Orthanc
+  (:mod:`monai_sal_app.lib.dicomweb`): maps stored back into the study, time limits, the cache bound
+  and the modalities listed;
 - ``tokens_file``: the access tokens of the reader and the operator (:mod:`monai_sal_app.access`;
   or ``MONAI_SAL_READER_TOKEN`` / ``MONAI_SAL_OPERATOR_TOKEN`` in the environment). Without
   tokens the server answers on loopback only, and does not start on another address.
@@ -33,6 +37,7 @@ when a checkpoint or the datastore changed since they were made.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -48,11 +53,21 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
 from monai_sal_app.access import AccessTokens, check_listen_address
+from monai_sal_app.data.dicom_objects import SaliencyDescription, saliency_objects
+from monai_sal_app.data.io import read_image
 from monai_sal_app.lib.access_control import install_access_control, launcher_listen_host
 from monai_sal_app.lib.background import end_background_work_with_the_server, end_with_parent
 from monai_sal_app.lib.configs.classifier import ClassifierConfig
+from monai_sal_app.lib.dicomweb import DicomWebSettings, DicomWebStudies, store_saliency_objects
 from monai_sal_app.lib.errors import RequestError, install_http_errors
-from monai_sal_app.lib.inputs import IMAGE_NAME_KEY, CheckedSessions, remove_uploads, resolve_image, resolve_label
+from monai_sal_app.lib.inputs import (
+    IMAGE_NAME_KEY,
+    STORE_KEY,
+    CheckedSessions,
+    remove_uploads,
+    resolve_image,
+    resolve_label,
+)
 from monai_sal_app.lib.limits import SHUTTING_DOWN, ServerLimits, install_limits, stop_requests_on_shutdown
 from monai_sal_app.lib.pages import install_pages
 from monai_sal_app.lib.scoring.trust import TrustScoring
@@ -112,6 +127,7 @@ class MonaiSalApp(MONAILabelApp):
         else:
             self.tokens = _tokens_or_exit(conf)
         self.limits = ServerLimits.from_conf(conf)  # a bad setting stops the start with its name
+        self.dicomweb = DicomWebSettings.from_conf(conf)
         self.model_dir = os.path.realpath(conf.get("model_dir") or os.path.join(app_dir, "model"))
         self.device = torch.device(conf["device"]) if conf.get("device") else default_device()
         names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or None
@@ -188,9 +204,19 @@ class MonaiSalApp(MONAILabelApp):
         return super().async_training(model, params, enqueue)
 
     def init_datastore(self) -> Datastore:
-        """The stock local datastore, also listing single-file DICOM X-rays (``*.dcm``)."""
+        """The stock local datastore, also listing single-file DICOM X-rays (``*.dcm``); for an
+        ``http(s)://`` studies URL, a DICOMweb store (:class:`~monai_sal_app.lib.dicomweb.DicomWebStudies`,
+        its downloads cached in ``MONAI_LABEL_DICOMWEB_CACHE_PATH`` or ``<app>/dicomweb-cache``)."""
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            self.studies = self.studies.rstrip("/").strip()
+            cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+            return DicomWebStudies(
+                self.studies,
+                cache_dir=cache or os.path.join(self.app_dir, "dicomweb-cache"),
+                cache_mb=self.dicomweb.dicomweb_cache_mb,
+                timeout_s=self.dicomweb.dicomweb_timeout_s,
+                modalities=self.dicomweb.dicomweb_modalities,
+            )
         extensions = list(settings.MONAI_LABEL_DATASTORE_FILE_EXT)
         if "*.dcm" not in extensions:
             extensions.append("*.dcm")
@@ -221,20 +247,65 @@ class MonaiSalApp(MONAILabelApp):
         """``trust``: the trust cards of the served models, recomputed on the datastore images."""
         return {"trust": TrustScoring({name: config.served for name, config in self.task_configs.items()})}
 
+    def _store_requested(self, request: dict, from_store: bool) -> bool:
+        """Whether the request's map is to be stored: its ``store`` (true or false; true only for a
+        series of the DICOMweb datastore), else ``--conf store_heatmaps``."""
+        store = request.get(STORE_KEY)
+        if store is None:
+            return self.dicomweb.store_heatmaps
+        if not isinstance(store, bool):
+            raise RequestError(400, f"'store' must be true or false, got {store!r}")
+        uploaded = request.get("image") is not None and not isinstance(request.get("image"), str)
+        if store and (not from_store or uploaded or "/" in str(request.get("image", ""))):
+            raise RequestError(
+                400,
+                "'store' needs an image of a DICOMweb datastore (the server runs with --studies http://.../dicom-web "
+                "and the request names a series by its id); this image has no study to go back to",
+            )
+        return store
+
+    def _store_heatmap(self, datastore: DicomWebStudies, image_path: str, result: dict) -> dict:
+        """Make the map's DICOM objects (a Parametric Map, with ``store_overlays`` RGB overlays) and
+        STOW them into the image's study; what happened, for the answer's ``dicom``."""
+        answer = result["params"]
+        try:
+            array, meta = read_image(image_path)
+            saliency, _ = read_image(result["file"], allow_constant=True)
+            description = SaliencyDescription(
+                answer["method"], answer["target"]["label"], answer["target"]["probability"], answer["model"]
+            )
+            objects = saliency_objects(
+                array, meta, saliency.reshape(array.shape), description, overlay=self.dicomweb.store_overlays
+            )
+        except (ValueError, RuntimeError) as error:
+            logger.warning("no DICOM objects made for %s: %s", answer.get("model"), error)
+            return {"stored": False, "why": f"no DICOM objects could be made: {error}", "objects": []}
+        return store_saliency_objects(datastore.client, objects)
+
     def info(self):
         meta = super().info()
         meta["device"] = str(self.device)
         meta["model_dir"] = self.model_dir
         meta["limits"] = self.limits.public()
+        if isinstance(self._datastore, DicomWebStudies):
+            meta["dicomweb"] = {
+                "store_heatmaps": self.dicomweb.store_heatmaps,
+                "store_overlays": self.dicomweb.store_overlays,
+                "timeout_s": self.dicomweb.dicomweb_timeout_s,
+                "cache_mb": self.dicomweb.dicomweb_cache_mb,
+                "modalities": list(self.dicomweb.dicomweb_modalities),
+            }
         return meta
 
     def infer(self, request, datastore=None):
         """Check the model and the image/label the request points at, then run MONAI Label's infer.
 
         Raises :class:`RequestError`: 404 for an unknown model or image id, 503 for a model whose
-        checkpoint is currently unavailable or a request stopped (time limit, disconnect,
-        shutdown), 400 for an image or label that is not a datastore id,
-        a session image or an upload (see :mod:`monai_sal_app.lib.inputs`).
+        checkpoint is currently unavailable, a request stopped (time limit, disconnect,
+        shutdown) or a DICOMweb store that does not answer, 400 for an image or label that is not
+        a datastore id, a session image or an upload (see :mod:`monai_sal_app.lib.inputs`), or a
+        ``store`` that cannot be done. With ``store`` (or ``--conf store_heatmaps true``), the map
+        of a DICOMweb series also goes into its study; the answer's ``dicom`` says what the store did.
         """
         try:
             model = request.get("model")
@@ -243,14 +314,21 @@ class MonaiSalApp(MONAILabelApp):
             problem = self._infers[model].served.problem()
             if problem:
                 raise RequestError(503, f"model {model!r} is unavailable: {problem}")
+            datastore = datastore or self.datastore()
+            from_store = isinstance(datastore, DicomWebStudies) and request.get("session") is None
+            store = self._store_requested(request, from_store)
             checked = copy.deepcopy(request)
-            checked["image"], checked[IMAGE_NAME_KEY] = resolve_image(
-                checked, datastore or self.datastore(), self.sessions()
-            )
-            label = resolve_label(checked)
-            if label is not None:
-                checked["label"] = label
-            return super().infer(checked, datastore)
+            series = checked["image"] if from_store and isinstance(checked.get("image"), str) else ""
+            with datastore.hold(series) if series else contextlib.nullcontext():
+                checked["image"], checked[IMAGE_NAME_KEY] = resolve_image(checked, datastore, self.sessions())
+                from_store = from_store and series != "" and checked[IMAGE_NAME_KEY] != "uploaded file"
+                label = resolve_label(checked)
+                if label is not None:
+                    checked["label"] = label
+                result = super().infer(checked, datastore)
+                if store and from_store:
+                    result["params"]["dicom"] = self._store_heatmap(datastore, checked["image"], result)
+            return result
         except Stopped as stopped:
             remove_uploads(request)
             logger.info("infer %s stopped: %s", request.get("model"), stopped)

@@ -102,7 +102,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="work folder: the app folder, the generated data, the datastore and the checkpoints (default %(default)s)",
     )
     p.add_argument(
-        "--studies", default=None, help="datastore folder (default <workdir>/studies, filled with held-out test images)"
+        "--studies",
+        default=None,
+        help="datastore folder (default <workdir>/studies, filled with held-out test images), or the URL of a "
+        "DICOMweb store such as http://127.0.0.1:8042/dicom-web (docs/SERVER.md, 'With your PACS')",
     )
     p.add_argument("--model-dir", default=None, help="checkpoint folder (default <workdir>/model)")
     p.add_argument(
@@ -344,6 +347,11 @@ def app_conf(
     return conf
 
 
+def is_store_url(studies: str | os.PathLike | None) -> bool:
+    """True when ``studies`` is the URL of a DICOMweb store (``http://`` or ``https://``), not a folder."""
+    return isinstance(studies, str) and studies.startswith(("http://", "https://"))
+
+
 def start_server(
     app_dir: str | os.PathLike, studies: str | os.PathLike, host: str, port: int, conf: dict[str, str]
 ) -> None:
@@ -368,16 +376,17 @@ def run(args) -> None:
     check_listen_address(args.host, AccessTokens.from_settings(settings))  # before any work
     app_dir = Path(args.workdir).resolve()
     model_dir = Path(args.model_dir).resolve() if args.model_dir else app_dir / "model"
+    remote = is_store_url(args.studies)
     if args.data == "none":
-        studies = Path(args.studies or app_dir / "studies").resolve()
-        if not studies.is_dir():
+        studies = args.studies if remote else Path(args.studies or app_dir / "studies").resolve()
+        if not remote and not studies.is_dir():
             raise FileNotFoundError(f"studies folder not found: {studies}")
     else:
         studies = prepare(
             app_dir,
             model_dir,
             data=args.data,
-            studies=args.studies,
+            studies=None if remote else args.studies,
             epochs=args.epochs,
             per_class=args.per_class,
             test_per_class=args.test_per_class,
@@ -386,6 +395,7 @@ def run(args) -> None:
             retrain=args.retrain,
             progress=not getattr(args, "quiet", False),
         )
+        studies = args.studies if remote else studies  # the models are ready; the store holds the images
     write_app_folder(app_dir)
     conf = {**settings, **app_conf(app_dir, model_dir, args.device, settings.get("tokens_file"))}
     if args.prepare_only:
@@ -465,7 +475,8 @@ def start_background_server(
     """Start ``uvicorn monailabel.app:app`` serving this app and wait until ``/info/`` answers
     (200, or 401/403 from a server that wants a token).
 
-    ``workdir`` becomes the app folder (:func:`write_app_folder`). Settings go through the
+    ``studies``: a folder or a DICOMweb store's URL. ``workdir`` becomes the app folder
+    (:func:`write_app_folder`). Settings go through the
     environment as ``monailabel start_server`` passes them (so MONAI Label's train subprocesses see
     them too); sessions are kept in ``<workdir>/sessions`` and the server's output goes to
     ``<workdir>/server.log``. Raises RuntimeError (with the log) if it does not start.
@@ -476,7 +487,7 @@ def start_background_server(
     env = {
         **without_batch_allocator(os.environ),
         "MONAI_LABEL_APP_DIR": str(workdir),
-        "MONAI_LABEL_STUDIES": str(Path(studies).resolve()),
+        "MONAI_LABEL_STUDIES": str(studies) if is_store_url(studies) else str(Path(studies).resolve()),
         "MONAI_LABEL_APP_CONF": json.dumps(conf or {}),
         "MONAI_LABEL_SERVER_PORT": str(port),
         "MONAI_LABEL_SESSION_PATH": str((workdir / "sessions").resolve()),

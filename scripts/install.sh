@@ -2,7 +2,8 @@
 # Create .venv (if missing) and install monai-sal into it with the MONAI Label server extra, on the
 # stack the tests run on (torch 2.14.1, monai 1.6.1), then the real-anatomy bases. Safe to re-run.
 #   bash scripts/install.sh          # the package + [server]
-#   bash scripts/install.sh --test   # also [test]: pytest, the reference implementations, ruff
+#   bash scripts/install.sh --test   # also [test]: pytest, the reference implementations, ruff, and the
+#                                    # DICOM tools the tests use (scripts/install_pacs.sh: Orthanc, dciodvfy)
 # pip is deliberately NOT upgraded: pip >= 26.2 ignores this machine's torch cap inside build
 # environments, and monailabel's sam2 dependency builds from source with torch in its build env.
 set -euo pipefail
@@ -33,4 +34,7 @@ elif command -v apt-get >/dev/null 2>&1 && (
   echo "install: jemalloc -> .data/jemalloc"
 else
   echo "install: warning: could not get Debian's libjemalloc2; batch work uses glibc's allocator" >&2
+fi
+if [ "$extras" = server,test ]; then
+  bash scripts/install_pacs.sh || echo "install: warning: the PACS tests' tools are missing (see above)" >&2
 fi

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "slicer_module" / "SaliencyMaps"))
 
 
 # Fixtures that make a test one of a kind: the real server, a whole recipe's run.
-MARKER_OF_FIXTURE = {"served": "server", "smoke_run": "e2e", "smoke_runs": "e2e"}
+MARKER_OF_FIXTURE = {"served": "server", "pacs": "server", "smoke_run": "e2e", "smoke_runs": "e2e"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -645,6 +645,21 @@ def served(tmp_path_factory):
         yield {"url": server.url, "server": server, **folders}
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pacs(tmp_path_factory):
+    """A real Orthanc holding DICOM images of four modalities, and the real server on 127.0.0.1
+    using it as its datastore (``pacs_fixtures.start_pacs_server`` says what and with which
+    settings); both stopped at the end. Yields {"orthanc", "server", "url", "images", "model_dir"}."""
+    from pacs_fixtures import start_pacs_server
+
+    orthanc, server, folders = start_pacs_server(tmp_path_factory.mktemp("pacs"))
+    try:
+        yield {"orthanc": orthanc, "server": server, "url": server.url, **folders}
+    finally:
+        server.stop()
+        orthanc.stop()
 
 
 # ----------------------------------------------------------------------------- the Slicer module

@@ -115,6 +115,10 @@ def test_core_dependencies_are_exactly_what_the_core_imports():
             dist = next((d for d in candidates if d in core), candidates[-1])
             imported.setdefault(dist, set()).add(module)
     imported.pop("nilearn", None)  # a real-anatomy base, installed by scripts/install_data.sh, imported lazily
+    # the `dicom` extra (also in `server`): imported only when a map is written as DICOM (data.dicom_objects)
+    for name in _requirement_names(project["optional-dependencies"]["dicom"]) - core:
+        assert imported.pop(name, None) in (None, {"monai_sal_app.data.dicom_objects"}), name
+        assert name in server, name
     assert set(imported) <= core, {d: sorted(m) for d, m in imported.items() if d not in core}
     assert core <= set(imported), f"declared but never imported by the core: {sorted(core - set(imported))}"
     assert not core & {"monailabel", "dicomweb-client", "pynetdicom"}

@@ -7,9 +7,13 @@ array indices to millimetres, "spatial_shape": tuple, "format": str}``. Array ax
   (H, W, 1) reads as (H, W)); the affine is the file's (RAS+, mm).
 - NRRD (through ITK): numpy order of ITK's buffer, i.e. (z, y, x) or (y, x); the affine maps those
   axes to RAS+ mm (ITK's LPS direction, spacing and origin converted).
-- PNG/JPEG and DICOM: (rows, cols); the affine puts each pixel where ITK's reader of the file's
-  header, and so 3D Slicer, puts it: pixel (row r, column c) at RAS (-c, -r, 0) for a PNG without a
-  recorded resolution; DICOM with its position, orientation and the spacing GDCM chooses.
+- PNG/JPEG and single-frame DICOM: (rows, cols); the affine puts each pixel where ITK's reader of
+  the file's header, and so 3D Slicer, puts it: pixel (row r, column c) at RAS (-c, -r, 0) for a PNG
+  without a recorded resolution; DICOM with its position, orientation and the spacing GDCM chooses
+  (ImagerPixelSpacing for CR and DX).
+- DICOM volumes, a folder holding one series of slices or one multi-frame (enhanced) CT or MR file:
+  (slices, rows, cols) sorted along the slice normal (:mod:`.dicom_volumes`); their ``meta`` also has
+  ``positions`` and ``sources``, which DICOM objects derived from the image reference.
 
 Anything wrong with an image (unknown type, corrupt file, NaN/inf, empty, constant) raises
 :class:`ImageError`, a ``ValueError`` whose message starts with the file's path.
@@ -38,6 +42,7 @@ import pydicom
 from PIL import Image
 from pydicom.pixel_data_handlers.util import apply_modality_lut
 
+from monai_sal_app.data.dicom_volumes import find_dicom_series, is_multiframe, read_dicom_volume
 from monai_sal_app.files import atomic_path
 
 __all__ = [
@@ -135,10 +140,17 @@ def declared_shape(path: str | os.PathLike) -> tuple[int, ...]:
     """The array shape an image file's header declares, read without decoding its pixels.
 
     NIfTI: the header's dimensions; NRRD: ``sizes``; PNG/JPEG: (rows, cols) (plus channels when
-    there are several); DICOM: (frames, rows, cols) for multi-frame files, else (rows, cols).
+    there are several); DICOM: (frames, rows, cols) for multi-frame files, else (rows, cols); a
+    folder of DICOM slices: (files, rows, cols).
     Raises :class:`ImageError` for an unsupported or unreadable header.
     """
     path = Path(path)
+    if path.is_dir():
+        files = _dicom_folder_files(path)
+        if len(files) == 1:
+            return declared_shape(files[0])
+        ds = pydicom.dcmread(str(files[0]), stop_before_pixels=True)
+        return (len(files), int(ds.Rows), int(ds.Columns))
     fmt = _format_of(path)
     try:
         if fmt == "nifti":
@@ -269,12 +281,30 @@ def _read_pil(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return array, _itk_plane_affine(path)
 
 
-def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _dicom_folder_files(path: Path) -> list[Path]:
+    """The files of the one DICOM series in the folder ``path`` (:class:`ImageError` for none or several)."""
+    try:
+        groups = find_dicom_series(path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: is a directory without DICOM images, expected an image file") from None
+    if len(groups) > 1:
+        raise ImageError(f"{path}: is a directory with {len(groups)} DICOM series; expected one series per folder")
+    return next(iter(groups.values()))
+
+
+def _read_dicom_volume(path: Path) -> tuple[np.ndarray, dict]:
+    try:
+        return read_dicom_volume(path)
+    except ValueError as error:
+        raise ImageError(str(error) if str(error).startswith(str(path)) else f"{path}: {error}") from error
+
+
+def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, dict]:
     ds = pydicom.dcmread(str(path))
     if "PixelData" not in ds:
         raise ImageError(f"{path}: DICOM file has no pixel data")
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        raise ImageError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames); expected a single 2D image")
+    if is_multiframe(ds):
+        return _read_dicom_volume(path)
     if int(getattr(ds, "SamplesPerPixel", 1)) != 1:
         raise ImageError(f"{path}: colour DICOM ({ds.SamplesPerPixel} samples per pixel); expected a grayscale image")
     array = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)  # RescaleSlope/Intercept
@@ -291,8 +321,10 @@ def read_image(
 ) -> tuple[np.ndarray, dict]:
     """Read a 2D or 3D image as float32.
 
+    ``path``: an image file, or a folder holding one DICOM series.
     Returns ``(array, meta)``, ``meta = {"affine": (4, 4) float64, "spatial_shape": tuple,
-    "format": "nifti" | "nrrd" | "png" | "jpeg" | "dicom"}`` (axes: see the module docstring).
+    "format": "nifti" | "nrrd" | "png" | "jpeg" | "dicom" | "dicom-series" | "dicom-multiframe"}``
+    (axes: see the module docstring; DICOM reads also give ``sources``, volumes ``positions``).
     ``max_voxels``: {2: pixels, 3: voxels} the caller accepts; an image whose header declares more
     raises :class:`ImageTooLarge` before any pixel is decoded.
     Raises :class:`ImageError` (missing file, unsupported type, corrupt file, not 2D/3D, NaN/inf,
@@ -301,21 +333,25 @@ def read_image(
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{path}: is a directory, expected an image file")
-    fmt = _format_of(path)
+    fmt = "dicom" if path.is_dir() else _format_of(path)
+    if path.is_dir() and len(files := _dicom_folder_files(path)) == 1:
+        path = files[0]  # a folder holding one file: that file
     if max_voxels is not None:
         _check_declared_size(path, max_voxels)
     try:
-        array, affine = _READERS[fmt](path)
+        read = _read_dicom_volume(path) if path.is_dir() else _READERS[fmt](path)
     except ImageError:
         raise
     except Exception as err:  # every library has its own exception types for corrupt files
         raise ImageError(f"{path}: cannot read {fmt} file ({type(err).__name__}: {err})") from err
+    array, found = read
+    meta = {**found} if isinstance(found, dict) else {"affine": found, "format": fmt}
+    if fmt == "dicom" and "sources" not in meta:
+        meta["sources"] = [(str(path), 0)]
     if array.ndim not in (2, 3):
         raise ImageError(f"{path}: {array.ndim}D image of shape {array.shape}; expected 2D or 3D")
     check_image(array, str(path), allow_constant=allow_constant)
-    return array, {"affine": affine, "spatial_shape": tuple(int(s) for s in array.shape), "format": fmt}
+    return array, {**meta, "spatial_shape": tuple(int(s) for s in array.shape)}
 
 
 def write_nifti(array: np.ndarray, path: str | os.PathLike, affine: np.ndarray | None = None) -> Path:

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import csv
 import os
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import pydicom
-from pydicom.pixel_data_handlers.util import apply_modality_lut
 from tqdm.auto import tqdm
 
+from monai_sal_app.data.dicom_volumes import find_dicom_series, read_dicom_volume
 from monai_sal_app.data.io import ImageError, check_image, read_image, write_nifti
 
 __all__ = [
@@ -191,112 +189,16 @@ def image_folder_dataset(
 # --- DICOM series ---------------------------------------------------------------------------------
 
 
-def find_dicom_series(root: str | os.PathLike) -> dict[str, list[Path]]:
-    """``{SeriesInstanceUID: [files]}`` of the single-frame DICOM images under ``root`` (any depth, any file name).
-
-    Files that are not DICOM (no preamble ``DICM`` and not parseable) or have no pixel data are skipped.
-    Raises ``FileNotFoundError`` when there is none.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder")
-    series: dict[str, list[Path]] = defaultdict(list)
-    for path in sorted(root.rglob("*")):
-        if not path.is_file():
-            continue
-        try:
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "Rows"])
-        except Exception:  # not DICOM: every parser error means the same here
-            continue
-        if "SeriesInstanceUID" in ds and "Rows" in ds:
-            series[str(ds.SeriesInstanceUID)].append(path)
-    if not series:
-        raise FileNotFoundError(f"{root}: no DICOM image series found")
-    return dict(series)
-
-
-def _slice_geometry(ds, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row direction, column direction (unit, LPS) and position (mm, LPS) of one slice."""
-    try:
-        orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=float)
-        position = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=float)
-    except AttributeError:
-        raise ValueError(f"{where}: missing ImageOrientationPatient/ImagePositionPatient; not a volume slice") from None
-    return orientation[:3], orientation[3:], position
-
-
 def read_dicom_series(
     source: str | os.PathLike | Sequence[str | os.PathLike], series_uid: str | None = None, max_gap_ratio: float = 0.05
 ) -> tuple[np.ndarray, dict]:
-    """Read a DICOM series as a float32 volume ``(slices, rows, cols)`` in modality units (e.g. HU).
-
-    ``source``: a folder (its only series, or ``series_uid``) or a list of files of one series. Slices are
-    sorted along the slice normal (row x column direction) by ImagePositionPatient. ``meta`` as
-    ``read_image``: ``{"affine": voxel (slice, row, col) -> RAS mm, "spatial_shape", "format": "dicom-series",
-    "series_uid", "files": sorted paths}``. Raises ``ValueError`` for: several series without ``series_uid``,
-    mixed sizes or orientations, duplicate positions, slice spacing varying by more than ``max_gap_ratio``
-    (missing slices); :class:`~.io.ImageError` for NaN/constant volumes.
-    """
-    if isinstance(source, (str, os.PathLike)):
-        groups = find_dicom_series(source)
-        if series_uid is None:
-            if len(groups) > 1:
-                raise ValueError(f"{source}: {len(groups)} series found ({', '.join(sorted(groups))}); pass series_uid")
-            series_uid = next(iter(groups))
-        if series_uid not in groups:
-            raise ValueError(f"{source}: no series {series_uid!r}; found {sorted(groups)}")
-        files = groups[series_uid]
-        where = str(source)
-    else:
-        files = [Path(f) for f in source]
-        where = str(files[0].parent) if files else "read_dicom_series"
-        if not files:
-            raise ValueError("read_dicom_series: no files given")
-    slices = []
-    for path in files:
-        ds = pydicom.dcmread(str(path))
-        if series_uid is not None and str(ds.SeriesInstanceUID) != series_uid:
-            raise ValueError(f"{path}: series {ds.SeriesInstanceUID} differs from {series_uid}")
-        series_uid = str(ds.SeriesInstanceUID)
-        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-            raise ValueError(f"{path}: multi-frame file; expected one slice per file")
-        row_dir, col_dir, position = _slice_geometry(ds, str(path))
-        slices.append((path, ds, row_dir, col_dir, position))
-    _, first, row_dir, col_dir, _ = slices[0]
-    for path, ds, r, c, _ in slices[1:]:
-        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
-            raise ValueError(
-                f"{path}: size {ds.Rows}x{ds.Columns} differs from {first.Rows}x{first.Columns} of the series"
-            )
-        if not (np.allclose(r, row_dir, atol=1e-4) and np.allclose(c, col_dir, atol=1e-4)):
-            raise ValueError(f"{path}: orientation differs from the rest of the series")
-    normal = np.cross(row_dir, col_dir)
-    slices.sort(key=lambda s: float(np.dot(s[4], normal)))
-    depths = np.array([float(np.dot(s[4], normal)) for s in slices])
-    gaps = np.diff(depths)
-    if len(gaps) and gaps.min() <= 1e-6:
-        raise ValueError(f"{where}: two slices share one position ({depths[np.argmin(gaps)]:.3f} mm along the normal)")
-    slice_spacing = float(np.median(gaps)) if len(gaps) else float(getattr(first, "SliceThickness", 1.0) or 1.0)
-    if len(gaps) and np.abs(gaps - slice_spacing).max() > max_gap_ratio * slice_spacing:
-        raise ValueError(
-            f"{where}: slice spacing varies from {gaps.min():.3f} to {gaps.max():.3f} mm (missing slices?)"
-        )
-    volume = np.stack([np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32) for _, ds, *_ in slices])
-    check_image(volume, where)
-    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
-    lps = np.eye(4)
-    lps[:3, 0] = normal * slice_spacing  # axis 0: slice
-    lps[:3, 1] = col_dir * row_spacing  # axis 1: row index moves along the column direction
-    lps[:3, 2] = row_dir * col_spacing  # axis 2: column index moves along the row direction
-    lps[:3, 3] = slices[0][4]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
-    return volume, {
-        "affine": affine,
-        "spatial_shape": tuple(volume.shape),
-        "format": "dicom-series",
-        "series_uid": series_uid,
-        "files": [str(s[0]) for s in slices],
-    }
+    """Read a DICOM series (or one multi-frame CT/MR file) as a float32 volume ``(slices, rows, cols)``
+    in modality units (e.g. HU), slices sorted along the slice normal: ``dicom_volumes.read_dicom_volume``,
+    whose docstring gives ``meta`` and the errors, plus ``meta["files"]`` (the files in slice order) and
+    :class:`~.io.ImageError` for NaN/constant volumes."""
+    volume, meta = read_dicom_volume(source, series_uid, max_gap_ratio)
+    check_image(volume, str(source) if isinstance(source, (str, os.PathLike)) else "read_dicom_series")
+    return volume, {**meta, "files": list(dict.fromkeys(file for file, _ in meta["sources"]))}
 
 
 def dicom_series_items(

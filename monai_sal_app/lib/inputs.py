@@ -38,6 +38,7 @@ __all__ = [
     "FALLBACK_METHOD",
     "IMAGE_NAME_KEY",
     "MONAILABEL_REQUEST_KEYS",
+    "STORE_KEY",
     "CheckedSessions",
     "default_method",
     "parse_explain_request",
@@ -86,6 +87,9 @@ MONAILABEL_REQUEST_KEYS = frozenset(
 
 # Set by MonaiSalApp.infer: how the image is named in messages (never a server path).
 IMAGE_NAME_KEY = "image_name"
+
+# Read by MonaiSalApp.infer: store the map into the image's study in the DICOMweb store (true/false).
+STORE_KEY = "store"
 
 # NamedTemporaryFile(suffix=...).name as used by MONAI Label's infer endpoint for uploads.
 _UPLOAD_NAME = re.compile(r"^tmp[a-z0-9_]{8}[^/\\]*$")
@@ -179,7 +183,8 @@ def _inside(path: str, folder: str) -> bool:
 def resolve_image(request: dict, datastore, sessions) -> tuple[str, str]:
     """``(absolute path, display name)`` of the request's image; :class:`RequestError` otherwise.
 
-    ``datastore``: MONAI Label datastore (``get_image_uri``); ``sessions``: its ``Sessions`` or None.
+    ``datastore``: MONAI Label datastore (``get_image_uri``: a file, or for a DICOMweb datastore the
+    folder of the downloaded series); ``sessions``: its ``Sessions`` or None.
     The display name (datastore id, ``session``, ``uploaded file``) replaces server paths in messages.
     """
     image = request.get("image")
@@ -204,9 +209,7 @@ def resolve_image(request: dict, datastore, sessions) -> tuple[str, str]:
     uri = datastore.get_image_uri(image)
     if not uri or not os.path.exists(uri):
         raise RequestError(404, f"image id {image!r} not found in the datastore")
-    if not os.path.isfile(uri):
-        raise RequestError(400, f"image {image!r} is a folder (DICOM series are not supported; send one file)")
-    return uri, f"image {image!r}"
+    return uri, f"image {image!r}"  # a file, or a folder holding one DICOM series
 
 
 def resolve_label(request: dict) -> str | None:
@@ -244,7 +247,7 @@ def parse_explain_request(
     ``methods``: the methods that can explain the model (``available_methods(model)``); a method
     the model cannot use is refused like an unknown one, naming the ones it can.
     The options are the keys named like the chosen method's parameters;
-    any other key that is neither ours (``method``, ``target``), MONAI Label's
+    any other key that is neither ours (``method``, ``target``, ``store``), MONAI Label's
     (:data:`MONAILABEL_REQUEST_KEYS`) nor the task's config gives a 400 naming it.
     """
     method = request.get("method", default_method(methods))
@@ -266,10 +269,16 @@ def parse_explain_request(
     target = parse_target(request.get("target"), labels)
     options = {key: value for key, value in request.items() if key in takes}
     unknown = sorted(
-        set(request) - set(takes) - {"method", "target", IMAGE_NAME_KEY} - MONAILABEL_REQUEST_KEYS - set(task_config)
+        set(request)
+        - set(takes)
+        - {"method", "target", STORE_KEY, IMAGE_NAME_KEY}
+        - MONAILABEL_REQUEST_KEYS
+        - set(task_config)
     )
     if unknown:
         raise RequestError(
-            400, f"unknown parameter(s) {unknown}: method {method!r} takes {sorted(takes)}, plus 'method' and 'target'"
+            400,
+            f"unknown parameter(s) {unknown}: method {method!r} takes {sorted(takes)}, plus 'method', 'target' "
+            "and 'store'",
         )
     return method, target, options

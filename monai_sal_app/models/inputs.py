@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from monai_sal_app.data.dicom_volumes import find_dicom_series
 from monai_sal_app.data.io import read_image
 from monai_sal_app.data.manifest import read_manifest
 
@@ -53,12 +54,29 @@ def preprocess(array: np.ndarray, input_size: tuple[int, ...] | list[int]) -> to
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm")
 
 
+def _dicom_series_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder whose files are the slices of one DICOM series (one volume)."""
+    try:
+        groups = find_dicom_series(path)
+    except FileNotFoundError:
+        return False
+    return len(groups) == 1 and len(next(iter(groups.values()))) > 1
+
+
 def read_items(source: str | Path | Sequence[str | Path]) -> list[dict]:
     """Items from a manifest CSV, from image files given one by one, or from every image file in a
-    folder (sorted by name; no labels, no masks). ``ValueError`` for a folder without images."""
+    folder (sorted by name; no labels, no masks). A folder holding the slices of one DICOM series
+    is one image (a volume), named by the folder. ``ValueError`` for a folder without images."""
     if isinstance(source, (str, Path)) and str(source).endswith(".csv"):
         return read_manifest(source)
     paths = [source] if isinstance(source, (str, Path)) else list(source)
+    if any(Path(p).is_dir() and _dicom_series_folder(Path(p)) for p in paths):
+        return [
+            {"id": Path(p).name, "image": str(Path(p).resolve()), "label": None, "subtype": "", "mask": None}
+            if Path(p).is_dir()
+            else read_items([p])[0]
+            for p in paths
+        ]
     if len(paths) == 1 and Path(paths[0]).is_dir():
         folder = Path(paths[0])
         paths = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))

@@ -48,7 +48,7 @@ __all__ = ["SaliencyInfer", "nifti_array_shape"]
 
 logger = logging.getLogger(__name__)
 
-INPUT_FORMATS = {2: ["nifti", "nrrd", "png", "jpeg", "dicom"], 3: ["nifti", "nrrd"]}
+INPUT_FORMATS = {2: ["nifti", "nrrd", "png", "jpeg", "dicom"], 3: ["nifti", "nrrd", "dicom"]}
 
 
 def nifti_array_shape(path: str, spatial_shape: tuple[int, ...]) -> tuple[int, ...]:
