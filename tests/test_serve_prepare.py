@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from server_fixtures import save_tiny_checkpoint
 
 import monai_sal_app
 from monai_sal_app.lib.served_model import find_model_sources
 from monai_sal_app.models.checkpoint import load_classifier
+from monai_sal_app.saliency.gradcam import gradcam_layer_maps
 from monai_sal_app.serve import APP_MAIN_PY, add_parser
 
 PACKAGE_DIR = Path(monai_sal_app.__file__).parent
@@ -28,7 +30,7 @@ PACKAGE_DIR = Path(monai_sal_app.__file__).parent
         # the defaults: a chest X-ray classifier and a 3D CT one, on the bases install_data.sh installs
         (
             "real",
-            {"chest_xray_2d": (2, 64, ["normal", "opacity"]), "ct_lesion_3d": (3, 32, ["no lesion", "lesion"])},
+            {"chest_xray_2d": (2, 128, ["normal", "opacity"]), "ct_lesion_3d": (3, 64, ["no lesion", "lesion"])},
             {"chest_xray_2d-00?.nii.gz": 8, "ct_lesion_3d-00?.nii.gz": 8},
         ),
         (
@@ -59,9 +61,12 @@ def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, cap
     found, skipped = find_model_sources(model_dir)
     assert set(found) == set(models) and not skipped
     for name, (dim, size, labels) in models.items():
-        _, card = load_classifier(found[name], device="cpu")
+        model, card = load_classifier(found[name], device="cpu")
         assert (card.spatial_dims, list(card.input_size), list(card.labels)) == (dim, [size] * dim, labels)
         assert card.metrics["n_test"] == 8 and "test_balanced_accuracy" in card.metrics  # 4 held out per class
+        if data == "real":  # maps worth looking at: Grad-CAM works on at least 8 cells per axis
+            cam = gradcam_layer_maps(model.eval(), torch.zeros(1, 1, *card.input_size), torch.tensor([1]), None, 1)
+            assert min(cam.shape[2:]) >= 8, (name, tuple(cam.shape))
     studies = work / "studies"
     assert {pattern: len(list(studies.glob(pattern))) for pattern in study_glob} == study_glob
     labels = list((studies / "labels" / "final").glob("*.nii.gz"))

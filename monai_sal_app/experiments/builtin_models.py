@@ -64,16 +64,28 @@ class DefaultModel:
 
 
 # name -> model, per `monai-sal serve --data` choice. Real: a PA chest radiograph classifier
-# (opacity vs normal, 256^2 images seen at 64^2) and a 3D CT classifier (lung lesion vs none, 64^3
-# crops at 1.5 mm seen at 32^3, i.e. 3 mm voxels). Translations of up to ~10 % of the input side
-# (croppad:6 at 64 px, croppad:3 at 32 voxels). The models and what they reach are in docs/SERVER.md, "Start it".
+# (opacity vs normal, 256^2 images seen at 128^2, Grad-CAM on 8^2) and a 3D CT classifier (lung
+# lesion vs none, 64^3 crops at 1.5 mm seen whole: the first convolution at stride 2 and two pools,
+# Grad-CAM on 8^3). Translations of up to ~10 % of the input side (croppad:12 at 128 px, croppad:6
+# at 64 voxels). The models and what they reach are in docs/SERVER.md, "Start it".
 DEFAULT_MODELS: dict[str, dict[str, DefaultModel]] = {
     "real": {
         "chest_xray_2d": DefaultModel(
-            "chest-xray", 2, "train", "test", 300, 50, 64, ("normal", "opacity"), 40, 1e-3, ("croppad:6", "noise")
+            "chest-xray", 2, "train", "test", 300, 50, 128, ("normal", "opacity"), 40, 1e-3, ("croppad:12", "noise")
         ),
         "ct_lesion_3d": DefaultModel(
-            "ct-lesions", 3, "train", "test", 200, 50, 32, ("no lesion", "lesion"), 30, 3e-4, ("flip", "croppad:3")
+            "ct-lesions",
+            3,
+            "train",
+            "test",
+            200,
+            50,
+            64,
+            ("no lesion", "lesion"),
+            30,
+            3e-4,
+            ("flip", "croppad:6"),
+            arch_kwargs={"first_stride": 2, "pools": 2},
         ),
     },
     "shepp-logan": {
