@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import base_or_skip
+from scipy import ndimage
 
 from monai_sal_app.cli import main
 from monai_sal_app.data import bases
@@ -239,3 +240,23 @@ def test_subject_refuses_unknown_columns_mismatched_masks_and_missing_evidence()
         Subject(1, "x", image, masks={"mask": mask[:8]})
     with pytest.raises(ValueError, match="evidence 'mask_top' is not one of the masks"):
         Subject(1, "x", image, masks={"mask": mask}, evidence="mask_top")
+
+
+@pytest.mark.parametrize("shape, control_points", [((64, 64, 64), 4), ((128, 96), 5), ((37, 41), 6), ((8, 9, 10), 3)])
+def test_smooth_random_fields_are_scipys_cubic_zoom_of_the_coarse_draws(shape, control_points):
+    # One matrix per axis instead of scipy's N-D spline: the same field to float64 rounding.
+    coarse = np.random.default_rng(5).normal(size=(2,) + (control_points,) * len(shape))
+    zoom = [side / control_points for side in shape]
+    direct = np.stack([ndimage.zoom(c, zoom, order=3, mode="nearest", grid_mode=True) for c in coarse])
+    field = bases.smooth_random_field(shape, control_points, np.random.default_rng(5), components=2)
+    assert field.shape == (2, *shape)
+    np.testing.assert_allclose(field, direct / direct.std(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("order, mode, grid_mode", [(1, "constant", False), (3, "nearest", True), (1, "nearest", True)])
+def test_separable_zoom_is_scipys_zoom(order, mode, grid_mode):
+    # The chest generator's 128^2 -> 1024^2 linear fields, at a smaller size, and other modes.
+    array = np.random.default_rng(3).normal(size=(16, 12))
+    direct = ndimage.zoom(array, (8, 5), order=order, mode=mode, grid_mode=grid_mode)
+    zoomed = bases.separable_zoom(array, (128, 60), order=order, mode=mode, grid_mode=grid_mode)
+    np.testing.assert_allclose(zoomed, direct, rtol=0, atol=1e-12)

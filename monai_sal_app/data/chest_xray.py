@@ -39,7 +39,7 @@ from skimage import filters, measure, morphology, segmentation
 from skimage.transform import resize
 
 from monai_sal_app.arguments import check_integer
-from monai_sal_app.data.bases import chest_radiograph_file, deterministic_uuid, smooth_random_field
+from monai_sal_app.data.bases import chest_radiograph_file, deterministic_uuid, separable_zoom, smooth_random_field
 from monai_sal_app.data.dataset_writer import DatasetSpec, Subject, write_dataset
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.data.rsna import IMAGE_DIR, RSNA_SIZE, write_rsna_dicom, write_rsna_tables
@@ -267,10 +267,10 @@ def chest_xray_subject(
     grid = np.stack(np.meshgrid(np.arange(n, dtype=np.float64), np.arange(n, dtype=np.float64), indexing="ij"))
     centred = grid - (n - 1) / 2.0
     points = np.tensordot(rotation, centred, axes=1) + (n - 1) / 2.0 + shift[:, None, None]
-    points += np.stack([ndimage.zoom(d, 8, order=1) for d in displacement])
+    points += np.stack([separable_zoom(d, shape, order=1) for d in displacement])
     image = ndimage.map_coordinates(base, points, order=1, mode="nearest")
     lungs = ndimage.map_coordinates(base_lungs.astype(np.float32), points, order=1, mode="constant") > 0.5
-    bias = np.exp(ndimage.zoom(log_bias, 8, order=1))
+    bias = np.exp(separable_zoom(log_bias, shape, order=1))
     clean = np.clip(gain * np.power(np.clip(image, 0, 1), gamma) * bias + offset, 0.0, 1.0)
 
     boxes: list[tuple[int, int, int, int]] = []

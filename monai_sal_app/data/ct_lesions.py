@@ -201,6 +201,13 @@ def load_lung_case(name: str) -> LungCase:
     return LungCase(name, image, tumour, lungs, depth, spacing, affine, np.argwhere(tumour).mean(0))
 
 
+@lru_cache(maxsize=8)
+def _nodule_centres(name: str, min_depth_mm: float) -> np.ndarray:
+    """(K, 3) native voxel indices of base ``name`` deeper than ``min_depth_mm`` inside the lungs: where a
+    nodule's centre may fall (cached per process: a search of the whole volume, the same for every crop)."""
+    return np.argwhere(load_lung_case(name).lung_depth > min_depth_mm)
+
+
 def _nodule(
     rng: np.random.Generator,
     case: LungCase,
@@ -295,7 +302,7 @@ def ct_lesion_subject(
         if subtype == "real":
             centre_mm = case.tumour_centre * case.spacing
         else:  # controls draw the same centre and nodule as a synthetic crop would, and insert nothing
-            candidates = np.argwhere(case.lung_depth > 2.0 + preset.radius_mm[1])
+            candidates = _nodule_centres(case.name, 2.0 + preset.radius_mm[1])
             centre_mm = candidates[int(rng.integers(len(candidates)))] * case.spacing
             nodule = (centre_mm, rng.uniform(*preset.radius_mm), rng.uniform(*preset.density_hu))
         points = (centre_mm + jitter).reshape((3,) + (1,) * dim) + offsets  # mm on the native grid
