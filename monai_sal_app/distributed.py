@@ -156,6 +156,8 @@ def read_ahead(
     data too (an exception in a worker ends the loop). Workers are forked, so ``read_block`` may
     be a closure over this process's objects; where fork is unavailable the blocks are read here."""
     workers = check_integer(workers, "workers", 0) if "fork" in multiprocessing.get_all_start_methods() else 0
+    if not blocks:  # no worker processes started for nothing
+        return
     loader = DataLoader(
         _Blocks(list(blocks), read_block),
         batch_size=None,

@@ -44,6 +44,7 @@ from monai_sal_app.saliency.postprocess import postprocess
 
 __all__ = [
     "BLOCKS_FOLDER",
+    "EVALUATE_BLOCK",
     "MAPS_COLUMNS",
     "TIMINGS_COLUMNS",
     "evaluate_maps",
