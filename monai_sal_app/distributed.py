@@ -12,6 +12,7 @@ rank's blocks are read by worker processes ahead of its computation (:func:`read
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -166,7 +167,14 @@ def read_ahead(
         prefetch_factor=prefetch if workers else None,
         multiprocessing_context="fork" if workers else None,
     )
-    yield from loader
+    # The workers start with iter(). Objects frozen then are left alone by the workers' garbage
+    # collections, so the pages they share with this process stay shared instead of being copied.
+    gc.freeze()
+    try:
+        batches = iter(loader)
+    finally:
+        gc.unfreeze()
+    yield from batches
 
 
 class _Blocks(Dataset):

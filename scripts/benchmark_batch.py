@@ -18,9 +18,12 @@ run minus it; the table gives each wall time against their sum and against their
 network computes on ``--threads`` (1) torch threads.
 
 **Memory.** ``--small`` (10,000) 16^3 volumes, each with a mask, through ``explain_items`` then
-``evaluate_maps`` with the default read-ahead. A thread samples the resident set size of this
-process and of its worker processes every 0.1 s; the table gives the peak so far when 1,000,
-5,000 and all images (or maps) are done, from the blocks written to ``<out>/blocks``.
+``evaluate_maps`` with the default read-ahead. A thread samples every 0.2 s the resident set size
+(RSS) of this process and of each worker process, and the sum of their proportional set sizes
+(PSS: the pages the forked workers share with this process counted once); the table gives the
+peak of each so far when 1,000, 5,000 and all images (or maps) are done, from the blocks written
+to ``<out>/blocks``. When the workers end, the pages they shared become this process's own: its
+PSS rises to its RSS at the very end without any new memory.
 """
 
 from __future__ import annotations
@@ -163,23 +166,30 @@ def overlap(args, work: Path) -> None:
 
 
 class MemorySampler:
-    """Resident set size of this process plus its children, sampled every ``period`` s in a
-    thread, with the number of items whose block is written (``count()``) at each sample."""
+    """Resident memory sampled every ``period`` s in a thread, with the number of items whose
+    block is written (``count()``): the RSS of this process, the largest RSS among its worker
+    processes, and the sum of the PSS of all of them (pages shared after the fork counted once)."""
 
-    def __init__(self, count, period: float = 0.1) -> None:
+    KINDS = ("this process's RSS", "a worker's RSS", "PSS of all")
+
+    def __init__(self, count, period: float = 0.2) -> None:
         self.count, self.period = count, period
-        self.samples: list[tuple[int, float]] = []  # (items done, RSS in MiB)
+        self.samples: list[tuple[int, tuple[float, float, float]]] = []  # (items done, MiB of each kind)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            rss = 0
-            for process in [me, *me.children(recursive=True)]:
+            done = self.count()
+            main = me.memory_full_info()
+            workers = []
+            for worker in me.children(recursive=True):
                 with contextlib.suppress(psutil.Error):  # a worker that ended meanwhile
-                    rss += process.memory_info().rss
-            self.samples.append((self.count(), rss / 2**20))
+                    workers.append(worker.memory_full_info())
+            worker_rss = max((w.rss for w in workers), default=0)
+            pss = main.pss + sum(w.pss for w in workers)
+            self.samples.append((done, (main.rss / 2**20, worker_rss / 2**20, pss / 2**20)))
             self._stop.wait(self.period)
 
     def __enter__(self) -> MemorySampler:
@@ -190,9 +200,10 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
 
-    def peak_until(self, done: int) -> float | None:
-        """The peak RSS (MiB) over the samples taken before more than ``done`` items were done."""
-        shown = [rss for count, rss in self.samples if count <= done]
+    def peak_until(self, done: int, kind: int) -> float | None:
+        """The peak (MiB) of the ``kind``-th measure (:data:`KINDS`) over the samples taken
+        before more than ``done`` items were done."""
+        shown = [values[kind] for count, values in self.samples if count <= done]
         return max(shown) if shown else None
 
 
@@ -213,13 +224,14 @@ def memory(args, work: Path) -> None:
     marks = [m for m in (1_000, 5_000, 10_000) if m < n] + [n]
     print(f"\n## Memory: {n} volumes of 16^3 end to end (explain Grad-CAM, then evaluate), 2 workers\n")
     print(f"explain: {explain_seconds:.0f} s; evaluate: {evaluate_seconds:.0f} s\n")
-    print("| step | " + " | ".join(f"peak RSS (MiB) up to {m:,}" for m in marks) + " | growth first to last mark |")
-    print("|---|" + "---|" * (len(marks) + 1))
+    print("| step | memory | " + " | ".join(f"peak up to {m:,} (MiB)" for m in marks) + " | first to last mark |")
+    print("|---|---|" + "---|" * (len(marks) + 1))
     for name, sampler in (("explain", explained), ("evaluate", evaluated)):
-        peaks = [sampler.peak_until(m) for m in marks]
-        cells = " | ".join("-" if p is None else f"{p:.0f}" for p in peaks)
-        growth = "-" if None in (peaks[0], peaks[-1]) else f"{peaks[-1] - peaks[0]:+.0f} MiB"
-        print(f"| {name} | {cells} | {growth} |")
+        for kind, measure in enumerate(MemorySampler.KINDS):
+            peaks = [sampler.peak_until(m, kind) for m in marks]
+            cells = " | ".join("-" if p is None else f"{p:.0f}" for p in peaks)
+            growth = "-" if None in (peaks[0], peaks[-1]) else f"{peaks[-1] - peaks[0]:+.0f} MiB"
+            print(f"| {name} | {measure} | {cells} | {growth} |")
 
 
 def main(argv=None) -> None:
