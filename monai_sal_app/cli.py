@@ -25,7 +25,7 @@ from monai_sal_app.evaluation.trust import CHECKS, DEFAULT_TRUST_METHODS
 from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
 from monai_sal_app.experiments.runner import SCALES, config_folder, experiment_names, resolve_config, run_experiment
 from monai_sal_app.experiments.trust_report import run_trust, summary_rows
-from monai_sal_app.experiments.workflows import evaluate_maps, explain_items
+from monai_sal_app.experiments.workflows import evaluate_maps, explain_items, failures
 from monai_sal_app.explainers.kinds import EXPLAINER_KINDS
 from monai_sal_app.metrics.stats import to_markdown
 from monai_sal_app.models.augment import AUGMENTATIONS
@@ -193,7 +193,9 @@ def cmd_explain(args) -> None:
         postprocess_steps=_split(args.postprocess),
         batch_size=args.batch_size,
         overlays=args.overlays,
+        workers=args.workers,
         progress=not args.quiet,
+        log=print,
     )
     if distributed.is_main():
         print(f"wrote {maps_csv}")
@@ -202,14 +204,25 @@ def cmd_explain(args) -> None:
                 maps_csv, args.dicom_out, model.card.labels, Path(args.model).stem, overlay=args.dicom_overlays
             )
             print(f"wrote {len(written)} DICOM objects under {args.dicom_out}")
+        _report_failures(maps_csv, len(items), "images could not be explained")
 
 
 def cmd_evaluate(args) -> None:
     distributed.setup()
     maps = Path(args.maps)
-    _, summary = evaluate_maps(maps / "maps.csv" if maps.is_dir() else maps, args.out)
+    rows, summary = evaluate_maps(maps / "maps.csv" if maps.is_dir() else maps, args.out, workers=args.workers)
     if distributed.is_main():
         print(to_markdown(summary))
+        _report_failures(Path(args.out) / "per_image.csv", len(rows), "maps could not be scored")
+
+
+def _report_failures(table: Path, total: int, what: str) -> None:
+    """``ValueError`` (one ``error:`` line, exit code 2) when rows of ``table`` have an ``error``:
+    how many, the table that lists them, the first one's reason."""
+    failed = failures(table)
+    if failed:
+        count = len({row["id"] for row in failed})
+        raise ValueError(f"{count} of {total} {what} (see the error column of {table}); first: {failed[0]['error']}")
 
 
 def cmd_trust(args) -> None:
@@ -231,12 +244,20 @@ def cmd_trust(args) -> None:
         progress=not args.quiet,
         train_data=args.train_manifest,
         fidelity_replacement=args.fidelity_replacement,
+        workers=args.workers,
     )
     if distributed.is_main():
         print(to_markdown(summary_rows(card)))
         print(
             f"wrote {Path(args.model).with_name(Path(args.model).stem + '.trust.json')} and {Path(args.out) / 'trust.md'}"
         )
+        unreadable = card["data"].get("unreadable", [])
+        if unreadable:
+            total = card["data"]["first_images"]
+            raise ValueError(
+                f"{len(unreadable)} of {total} images could not be read and were left out (see data.unreadable in "
+                f"the card); first: {unreadable[0]['id']}: {unreadable[0]['error']}"
+            )
 
 
 def cmd_train_explainer(args) -> None:
@@ -303,6 +324,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a setting of the recipe over its scale's, the value as JSON when it parses "
         "(e.g. --set dataset=ct-lesions --set 'wildcat={\"kmax\": 0.02}'); repeatable",
+    )
+
+
+def _add_workers_option(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default,
+        help="processes that read the files ahead while the images are computed; 0 reads them in turn "
+        "(default %(default)s)",
     )
 
 
@@ -405,8 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse, before any work, parameters over their bounds or a cost per image (network passes x "
         "input voxels) above this, as the server does (default: no limit)",
     )
+    _add_workers_option(p, explain["workers"])
     p.add_argument("--device", default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder; a rerun into it computes only what is missing")
     p.add_argument(
         "--dicom-out",
         default=None,
@@ -422,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="localization metrics of maps against masks, with mean and 95%% CI")
     p.add_argument("maps", help="maps.csv written by `explain`, or its folder")
-    p.add_argument("--out", required=True)
+    _add_workers_option(p, keyword_defaults(evaluate_maps)["workers"])
+    p.add_argument("--out", required=True, help="output folder; a rerun into it computes only what is missing")
     p.set_defaults(func=cmd_evaluate)
 
     trust = keyword_defaults(run_trust)
@@ -464,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BASELINES,
         help="what replaces the pixels the fidelity check removes (road: noisy linear imputation; default %(default)s)",
     )
+    _add_workers_option(p, trust["workers"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True, help="report folder (trust.md, trust.json, figures/)")

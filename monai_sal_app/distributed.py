@@ -6,11 +6,14 @@ CPU; in a plain process it does nothing and the calls below are the identity. Wo
 fixed blocks of items that are dealt to the ranks in turn (:func:`shard`), so a block holds the
 same items, batched the same way, whatever the number of processes: one process and N processes
 compute the same numbers. Results travel as Python objects (:func:`all_gather`, :func:`broadcast`);
-files written by one rank (checkpoints, generated data) must be on a folder every rank sees.
+files written by one rank (checkpoints, generated data) must be on a folder every rank sees. A
+rank's blocks are read by worker processes ahead of its computation (:func:`read_ahead`).
 """
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,7 +21,10 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from monai_sal_app.arguments import check_integer
 
 __all__ = [
     "all_gather",
@@ -29,6 +35,7 @@ __all__ = [
     "is_main",
     "local",
     "rank",
+    "read_ahead",
     "setup",
     "shard",
     "world_size",
@@ -138,3 +145,49 @@ def gather_blocks(
     for part in all_gather(mine):
         merged.update(part)
     return [result for block in range(n_blocks) for result in merged[block]]
+
+
+def read_ahead(
+    blocks: Sequence[int], read_block: Callable[[int], T], workers: int = 2, prefetch: int = 2
+) -> Iterator[tuple[int, T]]:
+    """``(block, read_block(block))`` for each of ``blocks``, in order, read ahead by ``workers``
+    processes of a ``torch.utils.data.DataLoader`` (each holding up to ``prefetch`` blocks) while
+    the caller computes on the blocks already read; ``workers=0`` reads each block in this process
+    when its turn comes. ``read_block`` returns picklable data and turns what it cannot read into
+    data too (an exception in a worker ends the loop). Workers are forked, so ``read_block`` may
+    be a closure over this process's objects; where fork is unavailable the blocks are read here."""
+    workers = check_integer(workers, "workers", 0) if "fork" in multiprocessing.get_all_start_methods() else 0
+    if not blocks:  # no worker processes started for nothing
+        return
+    loader = DataLoader(
+        _Blocks(list(blocks), read_block),
+        batch_size=None,
+        collate_fn=_unchanged,
+        num_workers=workers,
+        prefetch_factor=prefetch if workers else None,
+        multiprocessing_context="fork" if workers else None,
+    )
+    # The workers start with iter(). Objects frozen then are left alone by the workers' garbage
+    # collections, so the pages they share with this process stay shared instead of being copied.
+    gc.freeze()
+    try:
+        batches = iter(loader)
+    finally:
+        gc.unfreeze()
+    yield from batches
+
+
+class _Blocks(Dataset):
+    def __init__(self, blocks: list[int], read_block: Callable[[int], Any]) -> None:
+        self.blocks, self.read_block = blocks, read_block
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return self.blocks[index], self.read_block(self.blocks[index])
+
+
+def _unchanged(sample: Any) -> Any:
+    """A DataLoader's sample as the dataset gave it (no conversion of arrays to tensors)."""
+    return sample

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write", "json_safe", "write_text"]
+__all__ = ["atomic_path", "atomic_write", "json_safe", "remove_stale_temporaries", "write_text"]
 
 
 @contextlib.contextmanager
@@ -36,6 +36,16 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Remove the temporary files :func:`atomic_path` left under ``folder`` (recursively) when its
+    process was killed before it could rename or remove them; returns how many. Call it only when
+    no other process is writing there."""
+    stale = [path for path in Path(folder).rglob(".*.tmp*") if path.is_file()] if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], object], mode: str = "wb") -> Path:

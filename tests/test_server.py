@@ -378,7 +378,8 @@ def test_mask_gives_the_evaluate_metrics(env, tmp_path, image_id):
         writer.writerow({"id": image_id, "map": str(map_path), "mask": str(item["mask"]), "method": "gradient"})
     # what `monai-sal evaluate` runs
     rows, _ = evaluate_maps(maps_csv, tmp_path / "evaluation", log=lambda message: None)
-    expected = {k: v for k, v in rows[0].items() if k not in ("id", "method", "subtype")}
+    assert rows[0]["error"] == ""
+    expected = {k: v for k, v in rows[0].items() if k not in ("id", "method", "subtype", "error")}
     assert result["metrics"].keys() == expected.keys()
     for key, value in expected.items():
         assert result["metrics"][key] == pytest.approx(value, abs=1e-9), key

@@ -315,9 +315,10 @@ def write_maps_as_dicom(
     """The DICOM objects of every map listed in ``maps_csv`` (as ``monai-sal explain`` writes it:
     columns ``id``, ``image``, ``map``, ``method``, ``target``, ``probability``) whose image is DICOM,
     written to ``out_dir/<id>/<method>/`` (:func:`write_dicom_objects`); ``labels``: the model's class
-    names (``target`` is an index); ``model``: its name. Returns the paths written."""
+    names (``target`` is an index); ``model``: its name. Rows with an ``error`` (an image that could
+    not be explained: no map) are left out. Returns the paths written."""
     with open(maps_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [row for row in csv.DictReader(f) if not row.get("error")]
     written = []
     for row in rows:
         image, meta = read_image(row["image"])

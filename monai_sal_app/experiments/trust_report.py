@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from monai_sal_app import distributed
-from monai_sal_app.evaluation.inputs import load_trust_inputs, mean_mask_on_grid
+from monai_sal_app.evaluation.inputs import mean_mask_on_grid, read_trust_inputs
 from monai_sal_app.evaluation.randomization import RETENTION_CUT, randomized_models
 from monai_sal_app.evaluation.trust import (
     DEFAULT_CHECKS,
@@ -69,6 +69,7 @@ def run_trust(
     progress: bool = False,
     train_data: str | Path | None = None,
     fidelity_replacement: str = "zero",
+    workers: int = 2,
 ) -> dict:
     """Trust card of the model at ``model_path`` (any ``models.sources`` source: our checkpoint, a
     bundle folder, TorchScript, a factory) on ``data`` (a manifest, image files or a folder of
@@ -79,7 +80,9 @@ def run_trust(
     labels and input size (repeatability; compared by their cards' test ROC AUCs when every card has
     one). ``train_data``: the training manifest; its masks'
     mean, on the model's input grid, is the map localization is judged against (chance without
-    it). The class explained is the model's prediction with its card's decision threshold. Under
+    it). The class explained is the model's prediction with its card's decision threshold. The
+    images are read by ``workers`` processes (``evaluation.inputs.read_trust_inputs``); those
+    that cannot be read are left out and listed in the card's ``data.unreadable``. Under
     ``torchrun`` the methods are shared out among the ranks and rank 0 writes the card and the
     report.
     """
@@ -97,15 +100,18 @@ def run_trust(
         others[Path(path).stem] = other.network
         aucs[Path(path).stem] = other.card.metrics.get("test_auc")
     items = read_items(data)
-    images, labels, masks = load_trust_inputs(items, card, max_images, progress=progress, source=source)
+    inputs = read_trust_inputs(items, card, max_images, progress=progress, source=source, workers=workers)
+    images, labels, masks = inputs.images, inputs.labels, inputs.masks
     prior = None if train_data is None else mean_mask_on_grid(read_items(train_data), card.input_size)
     targets = torch.from_numpy(card.predict(predict_probabilities(model, images)))
     described = {
         "source": str(Path(data).resolve()) if isinstance(data, (str, Path)) else f"{len(items)} image files",
-        "first_images": len(images),
-        "images": [str(item.get("id") or Path(item["image"]).name) for item in items[: len(images)]],
+        "first_images": len(images) + len(inputs.unreadable),
+        "images": inputs.ids,
         "checkpoint": Path(model_path).name,
     }
+    if inputs.unreadable:
+        described["unreadable"] = inputs.unreadable
     if train_data is not None:
         described["train_masks"] = str(Path(train_data).resolve())
     result = trust_card(

@@ -57,6 +57,7 @@ from monai_sal_app.models.inputs import preprocess, resize_to
 
 __all__ = [
     "BUNDLE_METADATA",
+    "ImageInput",
     "LoadedModel",
     "PreparedImage",
     "SourceError",
@@ -92,6 +93,20 @@ class PreparedImage:
 
 
 @dataclass
+class ImageInput:
+    """The reading half of :class:`PreparedImage`, made of data only (picklable), so that another
+    process (a ``torch.utils.data.DataLoader`` worker) can read and preprocess the file while this
+    one computes: ``input`` (1, C, *input grid) float32, ``affine`` (4x4, the file's), ``shape``
+    (the file's grid, *spatial) and ``state``, what else the map needs to return (a bundle's
+    preprocessed data and how it read the file; None for the other sources)."""
+
+    input: torch.Tensor
+    affine: np.ndarray
+    shape: tuple[int, ...]
+    state: Any = None
+
+
+@dataclass
 class LoadedModel:
     """A classifier from any source (module docstring): ``network`` in eval mode, its ``card``,
     ``kind`` ("checkpoint", "bundle", "torchscript" or "factory") and the ``path`` it came from."""
@@ -100,7 +115,8 @@ class LoadedModel:
     card: ModelCard
     kind: str
     path: Path
-    _prepare: Callable[[Path, np.ndarray | None, dict | None], PreparedImage]
+    _read: Callable[[Path, np.ndarray | None, dict | None], ImageInput]
+    _restore: Callable[[ImageInput, torch.Tensor], np.ndarray]
     _prepare_mask: Callable[[Path], np.ndarray | None] | None = None
 
     def prepare(self, image: str | Path, array: np.ndarray | None = None, meta: dict | None = None) -> PreparedImage:
@@ -108,7 +124,19 @@ class LoadedModel:
         ``meta``: the file as ``data.io.read_image`` already read it (not read again where the
         source takes arrays; a bundle reads the file with its own transforms, and its map is
         returned in ``array``'s shape)."""
-        return self._prepare(Path(image), array, meta)
+        return self.restorable(self.read_input(image, array, meta))
+
+    def read_input(self, image: str | Path, array: np.ndarray | None = None, meta: dict | None = None) -> ImageInput:
+        """What :meth:`prepare` reads and computes from the file, as data (:class:`ImageInput`):
+        what a reading process returns. Raises what reading raises (``ValueError``, ``OSError``;
+        a bundle's transforms also ``RuntimeError``)."""
+        return self._read(Path(image), array, meta)
+
+    def restorable(self, image_input: ImageInput) -> PreparedImage:
+        """The :class:`PreparedImage` of an :class:`ImageInput` (read here or in another process)."""
+        return PreparedImage(
+            image_input.input, image_input.affine, lambda saliency: self._restore(image_input, saliency)
+        )
 
     def prepare_mask(self, mask: str | Path) -> np.ndarray | None:
         """The mask file ``mask`` on the network's input grid, bool (*input_size): through the same
@@ -123,7 +151,7 @@ class LoadedModel:
 def in_memory(network: nn.Module, card: ModelCard) -> LoadedModel:
     """A network already at hand (just trained, or loaded by ``load_classifier``) with its card,
     taking images as our checkpoints do."""
-    return LoadedModel(network, card, "checkpoint", Path(), _array_pipeline(card))
+    return LoadedModel(network, card, "checkpoint", Path(), *_array_pipeline(card))
 
 
 def source_kind(path: str | Path) -> str | None:
@@ -170,7 +198,7 @@ def load_model_source(source: str | Path, device: str | torch.device | None = No
         return _load_factory(path, device)
     if kind == "checkpoint":
         network, card = load_classifier(path, device=device)
-        return LoadedModel(network, card, "checkpoint", path, _array_pipeline(card))
+        return LoadedModel(network, card, "checkpoint", path, *_array_pipeline(card))
     raise SourceError(
         f"{path}: not a model source: expected a bundle folder (with {BUNDLE_METADATA}), a TorchScript file "
         "with its <name>.json, or <name>.pt with its <name>.json (a model card or a factory)"
@@ -218,28 +246,39 @@ def array_input(
     """An image array (*spatial) as our checkpoints take it: min-max to [0, 1] (or ``scale``) and a
     bi/trilinear resize to the card's input size; back by the inverse resize. ``ValueError`` for
     an array of the wrong dimensionality, or constant or not finite."""
+    image_input = _array_input(card, array, affine, scale)
+    return PreparedImage(image_input.input, image_input.affine, lambda saliency: _resize_back(image_input, saliency))
+
+
+def _array_input(
+    card: ModelCard,
+    array: np.ndarray,
+    affine: np.ndarray | None = None,
+    scale: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> ImageInput:
     x = preprocess(array, card.input_size)  # also the checks of dims and values
     if scale is not None:
         x = resize_to(
             torch.from_numpy(np.ascontiguousarray(scale(array), dtype=np.float32)[None, None]), card.input_size
         )
-    shape = np.asarray(array).shape
-    return PreparedImage(
-        x,
-        np.eye(4) if affine is None else affine,
-        lambda saliency: resize_to(saliency.detach().cpu().float(), shape)[0, 0].numpy(),
-    )
+    return ImageInput(x, np.eye(4) if affine is None else affine, tuple(np.asarray(array).shape))
+
+
+def _resize_back(image_input: ImageInput, saliency: torch.Tensor) -> np.ndarray:
+    """A map (1, 1, *input grid) on the file's grid (*spatial): the inverse of :func:`array_input`'s resize."""
+    return resize_to(saliency.detach().cpu().float(), image_input.shape)[0, 0].numpy()
 
 
 def _array_pipeline(card: ModelCard, scale: Callable[[np.ndarray], np.ndarray] | None = None):
-    """``data.io.read_image`` (unless given the array), then :func:`array_input`."""
+    """The reading (``data.io.read_image`` unless given the array, then :func:`array_input`) and
+    the return of a map (the inverse resize) of the sources that take arrays."""
 
-    def prepare(path: Path, array: np.ndarray | None, meta: dict | None) -> PreparedImage:
+    def read(path: Path, array: np.ndarray | None, meta: dict | None) -> ImageInput:
         if array is None or meta is None:
             array, meta = read_image(path)
-        return array_input(card, array, meta["affine"], scale)
+        return _array_input(card, array, meta["affine"], scale)
 
-    return prepare
+    return read, _resize_back
 
 
 def _bundle_mask_pipeline(preprocessing, card: ModelCard) -> Callable[[Path], np.ndarray | None]:
@@ -299,12 +338,15 @@ def onto_grid(array: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], tar
     return np.ascontiguousarray(out)
 
 
-def _bundle_pipeline(preprocessing, card: ModelCard) -> Callable[[Path], PreparedImage]:
-    """The bundle's ``preprocessing`` on ``{"image": path}``; back by ``Invertd`` of it."""
+def _bundle_pipeline(preprocessing, card: ModelCard):
+    """The reading (the bundle's ``preprocessing`` on ``{"image": path}``) and the return of a map
+    (``Invertd`` of it, then onto the file's grid) of a bundle."""
     from monai.data import MetaTensor
     from monai.transforms import Invertd
 
-    def prepare(path: Path, array: np.ndarray | None, meta: dict | None) -> PreparedImage:
+    inverse = Invertd(keys="saliency", transform=preprocessing, orig_keys="image", nearest_interp=False)
+
+    def read(path: Path, array: np.ndarray | None, meta: dict | None) -> ImageInput:
         if array is None or meta is None:
             array, meta = read_image(path)  # the same checks as every other input, and the grid maps return to
         data = preprocessing({"image": str(path)})
@@ -315,23 +357,24 @@ def _bundle_pipeline(preprocessing, card: ModelCard) -> Callable[[Path], Prepare
                 f"{(card.in_channels, *card.input_size)} its metadata declares"
             )
         read_affine = np.asarray(image.meta.get("original_affine", image.affine), dtype=np.float64)
-        inverse = Invertd(keys="saliency", transform=preprocessing, orig_keys="image", nearest_interp=False)
+        state = {"data": data, "format": meta.get("format"), "read_affine": read_affine}
+        return ImageInput(image.as_tensor()[None].float().contiguous(), meta["affine"], tuple(array.shape), state)
 
-        def restore(saliency: torch.Tensor) -> np.ndarray:
-            mapped = MetaTensor(
-                saliency.detach().cpu().float()[0], meta=dict(image.meta), applied_operations=image.applied_operations
-            )
-            restored = np.asarray(inverse({**data, "saliency": mapped})["saliency"].detach().cpu())[0]
-            if meta.get("format") in PIXEL_FORMATS:  # no geometry: MONAI's array is read_image's transposed
-                restored = np.squeeze(restored).T
-                if restored.shape != tuple(array.shape):
-                    raise ValueError(f"the map returns on a grid of {restored.shape}, not the image's {array.shape}")
-                return restored.astype(np.float32)
-            return onto_grid(restored, read_affine, array.shape, meta["affine"]).astype(np.float32)
+    def restore(image_input: ImageInput, saliency: torch.Tensor) -> np.ndarray:
+        data, image = image_input.state["data"], image_input.state["data"]["image"]
+        mapped = MetaTensor(
+            saliency.detach().cpu().float()[0], meta=dict(image.meta), applied_operations=image.applied_operations
+        )
+        restored = np.asarray(inverse({**data, "saliency": mapped})["saliency"].detach().cpu())[0]
+        if image_input.state["format"] in PIXEL_FORMATS:  # no geometry: MONAI's array is read_image's transposed
+            restored = np.squeeze(restored).T
+            if restored.shape != image_input.shape:
+                raise ValueError(f"the map returns on a grid of {restored.shape}, not the image's {image_input.shape}")
+            return restored.astype(np.float32)
+        read_affine = image_input.state["read_affine"]
+        return onto_grid(restored, read_affine, image_input.shape, image_input.affine).astype(np.float32)
 
-        return PreparedImage(image.as_tensor()[None].float().contiguous(), meta["affine"], restore)
-
-    return prepare
+    return read, restore
 
 
 # ------------------------------------------------------------------------------------------------
@@ -469,7 +512,7 @@ def _load_torchscript(path: Path, device: torch.device, card: ModelCard | None =
         raise SourceError(f"{path}: not a loadable TorchScript file ({type(error).__name__}: {error})") from None
     _check_logits(network, card, path, device)
     scale = intensity_scaling(_read_json(sidecar).get("intensity")) if sidecar.is_file() else None
-    return LoadedModel(network, card, "torchscript", path, _array_pipeline(card, scale))
+    return LoadedModel(network, card, "torchscript", path, *_array_pipeline(card, scale))
 
 
 def _load_factory(weights: Path, device: torch.device) -> LoadedModel:
@@ -490,7 +533,7 @@ def _load_factory(weights: Path, device: torch.device) -> LoadedModel:
         raise SourceError(f"{sidecar}: the factory {spec!r} failed ({type(error).__name__}: {error})") from None
     network = _weighted(network, weights, f"the network of {spec}", card, sidecar, device)
     scale = intensity_scaling(data.get("intensity"))
-    return LoadedModel(network, card, "factory", weights, _array_pipeline(card, scale))
+    return LoadedModel(network, card, "factory", weights, *_array_pipeline(card, scale))
 
 
 def _bundle_card(folder: Path, metadata: dict) -> ModelCard:
@@ -561,7 +604,7 @@ def _load_bundle(folder: Path, device: torch.device) -> LoadedModel:
             card,
             "bundle",
             folder,
-            _bundle_pipeline(preprocessing, card),
+            *_bundle_pipeline(preprocessing, card),
             _bundle_mask_pipeline(preprocessing, card),
         )
     try:
@@ -574,6 +617,6 @@ def _load_bundle(folder: Path, device: torch.device) -> LoadedModel:
         card,
         "bundle",
         folder,
-        _bundle_pipeline(preprocessing, card),
+        *_bundle_pipeline(preprocessing, card),
         _bundle_mask_pipeline(preprocessing, card),
     )

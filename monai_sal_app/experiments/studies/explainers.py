@@ -44,7 +44,7 @@ from monai_sal_app.experiments.builtin_models import (
 from monai_sal_app.experiments.explainer_training import train_explainer_from_manifest
 from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer
-from monai_sal_app.experiments.workflows import explain_items
+from monai_sal_app.experiments.workflows import explain_items, map_seconds
 from monai_sal_app.explainers import load_explainer
 from monai_sal_app.metrics.localization import DEFAULT_PERCENTILES, localization_metrics, partial_auprc
 from monai_sal_app.models.checkpoint import load_classifier
@@ -120,6 +120,7 @@ def localization_rows(maps_csv: str | os.PathLike, percentiles: Sequence[float] 
         entries = [entry for entry in csv.DictReader(handle) if entry["mask"]]
     if not entries:
         raise ValueError(f"{maps_csv}: no map with a mask")
+    seconds = map_seconds(maps_csv)
     rows = []
     for entry in entries:
         saliency, _ = read_image(entry["map"], allow_constant=True)
@@ -132,7 +133,7 @@ def localization_rows(maps_csv: str | os.PathLike, percentiles: Sequence[float] 
                 "auprc": metrics["auprc"],
                 "partial_auprc": partial_auprc(saliency, mask, 0.5),
                 **{f"iou_p{p:g}": metrics[f"iou_p{p:g}"] for p in percentiles},
-                "seconds_per_map": float(entry["seconds_per_image"]),
+                "seconds_per_map": seconds[entry["id"], entry["method"]],
             }
         )
     return rows
@@ -190,7 +191,7 @@ def explain_with_tta(
 ) -> tuple[Path, Path | None]:
     """Explain ``items`` for the pathology class with every method into ``out/maps``, then with the
     methods of :data:`TTA_METHODS` among them again with test-time averaging (``tta``) into
-    ``out/maps_tta``. One image at a time, so that each map's time (``seconds_per_image``) is that of
+    ``out/maps_tta``. One image at a time, so that each map's time (``timings.csv``) is that of
     one image, as an interactive user sees it. ``params``: method -> its parameters (a trained
     explainer's module under ``explainer``, see :func:`with_explainers`). Returns the two
     ``maps.csv`` (the second None when no method averages)."""

@@ -49,7 +49,7 @@ from monai_sal_app.experiments.builtin_models import (
 )
 from monai_sal_app.experiments.report import pyplot, save_figure, save_overlay_grid
 from monai_sal_app.experiments.study import Recipe, Run, Section, check_integer, check_names
-from monai_sal_app.experiments.workflows import explain_items
+from monai_sal_app.experiments.workflows import explain_items, map_seconds
 from monai_sal_app.metrics.localization import auprc, pointwise_average_precision, pointwise_hit
 from monai_sal_app.metrics.stats import summarize
 from monai_sal_app.models.checkpoint import load_classifier
@@ -118,6 +118,7 @@ def image_scores(maps_csv: str | os.PathLike) -> list[dict]:
         entries = list(csv.DictReader(handle))
     if not entries:
         raise ValueError(f"{maps_csv}: no maps listed")
+    seconds = map_seconds(maps_csv)
     rows = []
     for entry in entries:
         if int(entry["target"]) != PATHOLOGY_CLASS:
@@ -130,7 +131,7 @@ def image_scores(maps_csv: str | os.PathLike) -> list[dict]:
                 "label": int(entry["label"]),
                 "probability": float(entry["probability"]),
                 **score_map(saliency, _read_mask(entry)),
-                "seconds_per_map": float(entry["seconds_per_image"]),
+                "seconds_per_map": seconds[entry["id"], entry["method"]],
             }
         )
     return rows
