@@ -56,6 +56,7 @@ from monai_sal_app.experiments.builtin_models import (
     train_builtin_model,
 )
 from monai_sal_app.experiments.trust_report import run_trust
+from monai_sal_app.processes import end_with_parent
 
 __all__ = [
     "APP_MAIN_PY",
@@ -215,15 +216,20 @@ def prepare(
     context = multiprocessing.get_context("spawn")
     with (
         batch_allocator_for_children(),
-        ProcessPoolExecutor(jobs, mp_context=context, initializer=_share_cores, initargs=(cores // jobs,)) as pool,
+        ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=_prepare_worker, initargs=(cores // jobs, os.getpid())
+        ) as pool,
     ):
         for future in [pool.submit(_prepare_model, *task, progress=False) for task in tasks]:
             future.result()
     return studies
 
 
-def _share_cores(threads: int) -> None:
-    """Worker initializer: this process's share of the cores for torch."""
+def _prepare_worker(threads: int, parent_pid: int) -> None:
+    """Worker initializer: this process's share of the cores for torch, and an end with the
+    process that prepares (killed, it takes its workers with it)."""
+    if not end_with_parent(parent_pid):
+        sys.exit(1)
     torch.set_num_threads(max(1, threads))
 
 

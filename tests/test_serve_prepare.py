@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from server_fixtures import save_tiny_checkpoint
@@ -125,3 +128,30 @@ def test_serve_real_data_without_the_bases_names_the_fix(tmp_path, monkeypatch):
     with pytest.raises(bases.BaseNotInstalled, match=r"install_data.sh.*monai-sal serve --data shepp-logan"):
         prepare(tmp_path / "work", tmp_path / "model", data="real")
     assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()  # nothing written
+
+
+@pytest.mark.e2e
+def test_killing_serve_while_it_prepares_ends_its_training_processes(tmp_path):
+    # The default models train in two worker processes; SIGKILL leaves `serve` no chance to end
+    # them, so they must end with it (they went on alone before).
+    work = tmp_path / "work"
+    command = [sys.executable, "-m", "monai_sal_app", "serve", "--prepare-only", "--data", "shepp-logan"]
+    command += ["--workdir", str(work), "--epochs", "500", "--per-class", "20", "--test-per-class", "4"]
+    serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        parent = psutil.Process(serve.pid)
+        deadline = time.monotonic() + 240
+        workers: list[psutil.Process] = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            time.sleep(0.5)
+            workers = [p for p in parent.children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2, "the two training processes did not start"
+        while time.monotonic() < deadline and not list((work / "data").glob("*/test/manifest.csv")):
+            time.sleep(0.5)  # wait until they work: the data of at least one model is there
+        serve.kill()
+        serve.wait(30)
+        _, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if serve.poll() is None:
+            serve.kill()

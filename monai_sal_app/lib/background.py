@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -28,6 +26,8 @@ from collections.abc import Callable
 
 import psutil
 from monailabel.utils.async_tasks import utils as monailabel_tasks
+
+from monai_sal_app.processes import end_with_parent as end_with_parent_process
 
 __all__ = [
     "GRACE_S",
@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 GRACE_S = 5.0  # how long a task process may take to end on SIGTERM before it is killed
 SERVER_PID_VARIABLE = "MONAI_SAL_SERVER_PID"  # the server's pid, in the environment its tasks inherit
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def on_shutdown_signal(action: Callable[[], None]) -> None:
@@ -109,16 +108,9 @@ def end_background_work_with_the_server() -> None:
 
 def end_with_parent() -> None:
     """In a task process started by the server: SIGTERM when the server's thread that started it
-    ends (Linux ``PR_SET_PDEATHSIG``), and exit now if the server is already gone. A no-op outside
-    such a process or off Linux."""
+    ends (``processes.end_with_parent``), and exit now if the server is already gone. A no-op
+    outside such a process or off Linux."""
     server_pid = os.environ.get(SERVER_PID_VARIABLE)
-    if not server_pid or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if str(os.getppid()) != server_pid:  # the server ended before the request above took effect
+    if server_pid and not end_with_parent_process(int(server_pid)):
         logger.warning("the server (pid %s) is gone; this task ends", server_pid)
         sys.exit(1)
