@@ -147,13 +147,16 @@ def batch_allocator_for_children() -> Iterator[None]:
 
 
 def allocator_in_use() -> str:
-    """The allocator this process runs with: "jemalloc" when it is loaded (read from
-    ``/proc/self/maps``), "glibc-tunables" when they are set, else "glibc" or "system"."""
+    """The allocator this process runs with: "jemalloc" or "tcmalloc" when one is loaded (read from
+    ``/proc/self/maps``: the batch allocator, or one the user preloaded), "glibc-tunables" when they
+    are set, else "glibc" or "system"."""
     try:
-        if "libjemalloc" in Path("/proc/self/maps").read_text():
-            return "jemalloc"
+        maps = Path("/proc/self/maps").read_text()
     except OSError:
-        pass
+        maps = ""
+    for name in ("jemalloc", "tcmalloc"):
+        if f"lib{name}" in maps:
+            return name
     if os.environ.get("GLIBC_TUNABLES", "").find("glibc.malloc.") >= 0:
         return "glibc-tunables"
     return "glibc" if _uses_glibc() else "system"
