@@ -24,20 +24,13 @@ from pathlib import Path
 import numpy as np
 import requests
 from conftest import not_installed
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from server_fixtures import smooth_field
+from pydicom.uid import generate_uid
+from server_fixtures import new_dicom_dataset, smooth_field
 
 from monai_sal_app.serve import free_port
 
 ORTHANC = "Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # dpkg -L orthanc-dicomweb
-STORAGE_CLASSES = {
-    "CT": "1.2.840.10008.5.1.4.1.1.2",
-    "MR": "1.2.840.10008.5.1.4.1.1.4",
-    "CR": "1.2.840.10008.5.1.4.1.1.1",
-    "DX": "1.2.840.10008.5.1.4.1.1.1.1",
-}
 _REFUSE_STOW_LUA = """
 function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
   if method == 'POST' and string.find(uri, '/studies/{study}', 1, true) then
@@ -162,13 +155,7 @@ class Orthanc:
 
 def _dataset(path: Path, modality: str, patient: str, study_uid: str, series_uid: str, pixels: np.ndarray):
     """A single-frame DICOM image of ``pixels`` (uint16) with the patient, study and series given."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = STORAGE_CLASSES[modality]
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.is_little_endian, ds.is_implicit_VR = True, False
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds = new_dicom_dataset(path, modality)
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"Test^{patient}", patient, "", "O"
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
     ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = (
@@ -178,7 +165,7 @@ def _dataset(path: Path, modality: str, patient: str, study_uid: str, series_uid
         "",
         "",
     )
-    ds.Modality, ds.SeriesNumber, ds.Manufacturer = modality, 1, "monai-sal tests"
+    ds.SeriesNumber, ds.Manufacturer = 1, "monai-sal tests"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

@@ -25,7 +25,14 @@ from monai_sal_app.models.checkpoint import build_network, load_classifier, save
 
 DICOM_SPACING = (0.5, 0.7)  # (row, column) mm
 # SOP class by modality: Secondary Capture Image Storage; Digital X-Ray Image Storage - For Presentation
-DICOM_STORAGE = {"OT": "1.2.840.10008.5.1.4.1.1.7", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
+# SOP classes of the single-frame images the tests write: Secondary Capture, CT, MR, CR, DX
+DICOM_STORAGE = {
+    "OT": "1.2.840.10008.5.1.4.1.1.7",
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "CR": "1.2.840.10008.5.1.4.1.1.1",
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+}
 
 
 def save_tiny_checkpoint(path: Path, spatial_dims: int, seed: int = 0, **card_fields) -> Path:
@@ -59,6 +66,23 @@ def write_png(array: np.ndarray, path: Path) -> Path:
     return path
 
 
+def new_dicom_dataset(path: Path, modality: str):
+    """An empty explicit-VR little-endian DICOM dataset for ``path`` of ``modality`` (a key of
+    :data:`DICOM_STORAGE`), with its file meta, SOP class and a new SOP instance UID."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DICOM_STORAGE[modality]
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    return ds
+
+
 def write_dicom(
     path: Path,
     pixels: np.ndarray,
@@ -76,17 +100,7 @@ def write_dicom(
     used; ``modality`` "OT" (Secondary Capture) or "DX" (digital X-ray); optional PixelSpacing
     (row, column) in mm, RescaleSlope/RescaleIntercept, ImagePositionPatient (LPS mm) and
     ImageOrientationPatient (row then column direction cosines, LPS)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DICOM_STORAGE[modality]
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.is_little_endian, ds.is_implicit_VR = True, False
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
+    ds = new_dicom_dataset(path, modality)
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
