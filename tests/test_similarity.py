@@ -8,10 +8,12 @@ from scipy import ndimage, stats
 from skimage.feature import hog
 from skimage.metrics import structural_similarity
 
+from monai_sal_app.metrics import similarity as similarity_module
 from monai_sal_app.metrics.similarity import (
     SIMILARITY_METRICS,
     RetentionReference,
     constant_maps,
+    hog_features,
     hog_spearman,
     pearson,
     random_pair_baseline,
@@ -63,8 +65,9 @@ def test_sign_matters_to_spearman_and_not_to_spearman_abs():
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (3, 24, 32)], ids=["2d", "3d-slicewise"])
-def test_hog_spearman_matches_scikit_image_hog(shape):
+def test_hog_spearman_matches_scikit_image_hog(shape, monkeypatch):
     a, b = smooth_maps(3, shape, seed=5), smooth_maps(3, shape, seed=6)
+    monkeypatch.setattr(similarity_module, "_HOG_CHUNK_PIXELS", 2 * shape[-1] * shape[-2])  # 2 slices at a time
 
     def features(x):
         slices = minmax(x).reshape(-1, *shape[-2:])
@@ -73,6 +76,21 @@ def test_hog_spearman_matches_scikit_image_hog(shape):
     expected = [stats.spearmanr(features(x), features(y))[0] for x, y in zip(a, b)]
     np.testing.assert_allclose(hog_spearman(a, b), expected, rtol=1e-10)
     np.testing.assert_allclose(hog_spearman(a, a), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "orientations", "cell", "block"),
+    [((64, 64), 9, 8, 2), ((37, 45), 6, 7, 3), ((24, 24), 12, 4, 1)],
+    ids=["default", "remainder-odd-cells", "one-cell-blocks"],
+)
+def test_hog_features_equal_scikit_image_hog_image_by_image(shape, orientations, cell, block):
+    images = minmax(smooth_maps(4, shape, seed=11))
+    images[1] = np.round(images[1] * 4) / 4  # flat steps: zero gradients and orientations on bin edges
+    expected = [
+        hog(image, orientations=orientations, pixels_per_cell=(cell, cell), cells_per_block=(block, block))
+        for image in images
+    ]
+    np.testing.assert_allclose(hog_features(images, orientations, cell, block), expected, rtol=1e-12, atol=1e-15)
 
 
 def test_explain_shaped_batches_are_accepted():
