@@ -22,6 +22,7 @@ from monai_sal_app.evaluation.randomization import (
     reinitialise_block,
     retention_verdict,
 )
+from monai_sal_app.metrics.similarity import random_pair_baseline, similarity
 from monai_sal_app.models.factory import ARCHITECTURES, build_classifier
 
 DENSENET_BLOCKS = [
@@ -177,15 +178,21 @@ def test_reproducible_from_seed_and_given_original_maps_used():
 
 def test_the_curves_equal_scipy_on_the_states_maps():
     model, images = tiny_resnet(2), images_for(2, n=4)
-    result = model_randomization(model, images, "gradient", seed=2, metrics=["spearman_abs", "spearman"])
-    trained = explain(model, images, "gradient", target=result.target)[:, 0].numpy()
+    metrics = ["spearman_abs", "spearman", "hog_spearman", "ssim"]
+    result = model_randomization(model, images, "gradient", seed=2, metrics=metrics, n_pairs=6)
+    trained = explain(model, images, "gradient", target=result.target)[:, 0].double().numpy()
     for k, (_, network) in enumerate(randomized_models(model, seed=2)):
-        state = explain(network, images, "gradient", target=result.target)[:, 0].numpy()
+        state = explain(network, images, "gradient", target=result.target)[:, 0].double().numpy()
         for i in range(len(images)):
             by_abs = stats.spearmanr(np.abs(trained[i]).ravel(), np.abs(state[i]).ravel())[0]
             signed = stats.spearmanr(trained[i].ravel(), state[i].ravel())[0]
             assert result.similarity["spearman_abs"][k, i] == pytest.approx(by_abs, abs=1e-12)
             assert result.similarity["spearman"][k, i] == pytest.approx(signed, abs=1e-12)
+        for metric in ("hog_spearman", "ssim"):  # ranked once per map, or compared pair by pair: the same
+            np.testing.assert_allclose(result.similarity[metric][k], similarity(trained, state, metric), atol=1e-12)
+    for metric in metrics:
+        direct = random_pair_baseline(trained, metric, n_pairs=6, seed=2, groups=np.array(result.target))
+        np.testing.assert_allclose(result.baseline[metric]["values"], direct["values"], atol=1e-12)
 
 
 def test_postprocess_steps_apply_to_every_map_and_are_checked_first():

@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +48,7 @@ from monai_sal_app.metrics.similarity import (
     DISPLAYS,
     SIMILARITY_METRICS,
     RetentionReference,
+    map_hog_features,
     random_pair_baseline,
     ranks,
     similarity,
@@ -360,19 +364,32 @@ def _checked_metrics(metrics: Sequence[str], spatial: tuple[int, ...]) -> list[s
 
 
 # Spearman's rho is Pearson's r of the ranks. For these metrics the trained model's maps are ranked
-# once, and each state's maps once, instead of ranking both sides again for every state and both
-# maps of every pair of the random-pair baseline: the same ranks (``metrics.similarity.ranks``) go
-# through the same correlation (``metrics.similarity.pearson``).
-_RANKED_METRICS = {"spearman": lambda maps: maps, "spearman_abs": np.abs}
+# (their HOG features for ``hog_spearman``) once, and each state's maps once, instead of again for
+# every state and for both maps of every pair of the random-pair baseline: the same ranks
+# (``metrics.similarity.ranks``) go through the same correlation (``metrics.similarity.pearson``).
+_RANKED_METRICS = {
+    "spearman": lambda maps: maps.reshape(len(maps), -1),
+    "spearman_abs": lambda maps: np.abs(maps).reshape(len(maps), -1),
+    "hog_spearman": map_hog_features,
+}
 
 
 def _comparable(maps: np.ndarray, metric: str) -> tuple[np.ndarray, str]:
     """(what to compare, the metric that compares it): ``maps`` (N, *spatial) and ``metric``, or for
-    a Spearman metric the row-wise ranks of the maps (of |map| for ``spearman_abs``) and "pearson"."""
+    a rank metric the row-wise ranks (N, 1, P) of what it ranks (the maps, |map| or the maps' HOG
+    features) and "pearson"."""
     if metric not in _RANKED_METRICS:
         return maps, metric
-    keys = _RANKED_METRICS[metric](maps).reshape(len(maps), -1)
-    return ranks(keys).reshape(maps.shape), "pearson"
+    return ranks(_RANKED_METRICS[metric](maps))[:, None, :], "pearson"
+
+
+_STATES_IN_FLIGHT = 2  # randomized states whose maps are being compared at once
+
+
+def _comparison_threads(tasks: int) -> int:
+    """Threads for ``tasks`` independent numpy comparisons: one per CPU core this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(tasks, cores))
 
 
 def _checked_maps(maps, n: int, spatial: tuple[int, ...]) -> np.ndarray:
@@ -487,26 +504,40 @@ def model_randomization(
     displayed = "spearman_abs" if display == "abs" else "spearman"
     blank = {"original": int(retained.blank.sum())}
     reference = {
-        metric: (retained.keys.reshape(original.shape), "pearson")
-        if metric == displayed
-        else _comparable(original, metric)
+        metric: (retained.keys[:, None, :], "pearson") if metric == displayed else _comparable(original, metric)
         for metric in metrics
     }
     values = {metric: np.zeros((len(blocks), n)) for metric in metrics}
     shares = np.full((len(blocks), n), np.nan)
     blank_per_state = np.zeros(len(blocks), dtype=np.int64)
-    for index, (name, network) in enumerate(_randomize_in_place(work, blocks, mode, seed, reset_batch_norm)):
-        maps = maps_of(network)
-        cross, blank_now = retained.similarity(maps)
+
+    def compared_with_original(maps: np.ndarray, metric: str) -> np.ndarray:
+        compared, by = reference[metric]
+        return similarity(compared, _comparable(maps, metric)[0], by)
+
+    def collect(index: int, name: str, retention: Future, curves: dict[str, Future]) -> None:
+        cross, blank_now = retention.result()
         shares[index] = retained.shares_from(cross, blank_now)
         for metric in metrics:
             if metric == displayed:
                 values[metric][index] = np.clip(np.diagonal(cross), -1.0, 1.0)
-                continue
-            compared, by = reference[metric]
-            values[metric][index] = similarity(compared, _comparable(maps, metric)[0], by)
+            else:
+                values[metric][index] = curves[metric].result()
         blank_per_state[index] = int(blank_now.sum())
         blank[name] = int(blank_now.sum())
+
+    # A state's comparisons (numpy, which lets go of the GIL) run in threads while the next
+    # state's maps are computed; at most _STATES_IN_FLIGHT states' maps are held at once.
+    in_flight: deque = deque()
+    with ThreadPoolExecutor(_comparison_threads(len(metrics))) as pool:
+        for index, (name, network) in enumerate(_randomize_in_place(work, blocks, mode, seed, reset_batch_norm)):
+            maps = maps_of(network)
+            curves = {m: pool.submit(compared_with_original, maps, m) for m in metrics if m != displayed}
+            in_flight.append((index, name, pool.submit(retained.similarity, maps), curves))
+            if len(in_flight) >= _STATES_IN_FLIGHT:
+                collect(*in_flight.popleft())
+        while in_flight:
+            collect(*in_flight.popleft())
 
     judged = judged_states(len(blocks), mode)
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
@@ -523,14 +554,14 @@ def model_randomization(
         "the map keeps little of what it showed once the learned weights are gone",
         "the map keeps what it showed with random weights: it shows the image, not what the model learned",
     )
-    baseline = (
-        {
-            metric: {**random_pair_baseline(compared, by, n_pairs=n_pairs, seed=seed, groups=classes), "metric": metric}
-            for metric, (compared, by) in reference.items()
-        }
-        if (np.unique(classes, return_counts=True)[1] >= 2).any()
-        else {}
-    )
+    baseline = {}
+    if (np.unique(classes, return_counts=True)[1] >= 2).any():
+        with ThreadPoolExecutor(_comparison_threads(len(metrics))) as pool:
+            drawn = {
+                metric: pool.submit(random_pair_baseline, compared, by, n_pairs=n_pairs, seed=seed, groups=classes)
+                for metric, (compared, by) in reference.items()
+            }
+            baseline = {metric: {**future.result(), "metric": metric} for metric, future in drawn.items()}
     return RandomizationResult(
         method=method,
         mode=mode,

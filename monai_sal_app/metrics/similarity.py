@@ -31,6 +31,7 @@ __all__ = [
     "constant_maps",
     "hog_features",
     "hog_spearman",
+    "map_hog_features",
     "pearson",
     "random_pair_baseline",
     "ranks",
@@ -215,33 +216,39 @@ def hog_features(images, orientations: int = 9, pixels_per_cell: int = 8, cells_
     return normalised.reshape(count, -1)
 
 
-def hog_spearman(a, b, orientations: int = 9, pixels_per_cell: int = 8, cells_per_block: int = 2) -> np.ndarray:
-    """Spearman rank correlation of the HOG features of the min-max maps, per image (N,).
+def map_hog_features(maps, orientations: int = 9, pixels_per_cell: int = 8, cells_per_block: int = 2) -> np.ndarray:
+    """HOG features of each min-max map of a batch (N, H, W) or (N, D, H, W): (N, F) float64.
 
-    Histograms of oriented gradients (:func:`hog_features`, scikit-image's ``hog`` with L2-Hys
-    block normalisation) compare the maps' local edge structure rather than their values. HOG is a
-    2D descriptor: a 3D map is described slice by slice along its first axis (D), the slices'
-    features concatenated. Every (slice) side must hold at least ``cells_per_block`` cells of
-    ``pixels_per_cell`` pixels.
+    HOG is a 2D descriptor: a 3D map is described slice by slice along its first axis (D), the
+    slices' :func:`hog_features` concatenated. A constant map's features are all 0. Every (slice)
+    side must hold at least ``cells_per_block`` cells of ``pixels_per_cell`` pixels.
     """
-    a, b = _pair(a, b)
-    height, width = a.shape[-2:]
+    maps = _batch(maps)
+    height, width = maps.shape[-2:]
     if min(height, width) < pixels_per_cell * cells_per_block:
         raise ValueError(
             f"HOG with {cells_per_block} cells of {pixels_per_cell} px per block needs maps (slices) of at least "
             f"{pixels_per_cell * cells_per_block} px per side, got {height} x {width}"
         )
+    slices = _minmax(maps).reshape(-1, height, width)  # (N * D, H, W) in 3D
+    step = max(1, _HOG_CHUNK_PIXELS // (height * width))  # a bounded stack at a time
+    described = [
+        hog_features(slices[start : start + step], orientations, pixels_per_cell, cells_per_block)
+        for start in range(0, len(slices), step)
+    ]
+    return np.concatenate(described).reshape(len(maps), -1)
 
-    def features(maps: np.ndarray) -> np.ndarray:
-        slices = _minmax(maps).reshape(-1, height, width)  # (N * D, H, W) in 3D
-        step = max(1, _HOG_CHUNK_PIXELS // (height * width))  # a bounded stack at a time
-        described = [
-            hog_features(slices[start : start + step], orientations, pixels_per_cell, cells_per_block)
-            for start in range(0, len(slices), step)
-        ]
-        return np.concatenate(described).reshape(len(maps), -1)
 
-    values = _correlation(ranks(features(a)), ranks(features(b)))
+def hog_spearman(a, b, orientations: int = 9, pixels_per_cell: int = 8, cells_per_block: int = 2) -> np.ndarray:
+    """Spearman rank correlation of the HOG features of the min-max maps (:func:`map_hog_features`,
+    scikit-image's ``hog`` with L2-Hys block normalisation), per image (N,).
+
+    HOG compares the maps' local edge structure rather than their values; a 3D map is described
+    slice by slice along its first axis. A pair with a constant map scores 0.
+    """
+    a, b = _pair(a, b)
+    settings = (orientations, pixels_per_cell, cells_per_block)
+    values = _correlation(ranks(map_hog_features(a, *settings)), ranks(map_hog_features(b, *settings)))
     return np.where(constant_maps(a) | constant_maps(b), 0.0, values)
 
 
