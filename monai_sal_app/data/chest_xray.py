@@ -190,6 +190,21 @@ def chest_base() -> tuple[np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=1)
+def _centred_grid(n: int) -> np.ndarray:
+    """(2, n, n) float64 row and column coordinates of an n x n grid about its centre (read-only)."""
+    grid = np.stack(np.meshgrid(np.arange(n, dtype=np.float64), np.arange(n, dtype=np.float64), indexing="ij"))
+    centred = grid - (n - 1) / 2.0
+    centred.flags.writeable = False
+    return centred
+
+
+@lru_cache(maxsize=1)
+def _field_labels() -> tuple[float, ...]:
+    """The labels (> 0) of the eroded lung fields of :func:`_lung_fields`, ascending."""
+    return tuple(float(k) for k in np.unique(_lung_fields()[1]) if k > 0)
+
+
+@lru_cache(maxsize=1)
 def _lung_fields() -> tuple[np.ndarray, np.ndarray]:
     """Base-grid helpers: the soft lung weight (1 inside, fading over ~12 px) and the eroded lungs labelled 1, 2.
 
@@ -228,13 +243,16 @@ def chest_xray_subject(
     opacity: bool,
     rng: np.random.Generator | None = None,
     preset: ChestPreset = PRESETS["train"],
+    with_lungs: bool = True,
     **variation,
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int, int]], np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int, int]], np.ndarray | None]:
     """One 1024x1024 subject: ``(image, mask, boxes, lungs)``.
 
     ``image`` float32 in [0, 1] (bright = dense); ``mask`` bool, the pixels the opacities changed (empty when
     ``opacity`` is False); ``boxes`` ``[(x, y, width, height)]``, one per opacity (bounding box of the mask
-    pixels where that opacity added the most, end-exclusive: the boxes' union covers the mask); ``lungs`` the deformed lung fields. ``variation``: :class:`ChestVariation`.
+    pixels where that opacity added the most, end-exclusive: the boxes' union covers the mask); ``lungs`` the
+    deformed lung fields (None with ``with_lungs=False``, which saves one resampling of the whole image).
+    ``variation``: :class:`ChestVariation`.
     """
     try:
         params = ChestVariation(**variation)
@@ -264,12 +282,12 @@ def chest_xray_subject(
     noise = rng.normal(size=shape)
 
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) * scale[:, None]
-    grid = np.stack(np.meshgrid(np.arange(n, dtype=np.float64), np.arange(n, dtype=np.float64), indexing="ij"))
-    centred = grid - (n - 1) / 2.0
-    points = np.tensordot(rotation, centred, axes=1) + (n - 1) / 2.0 + shift[:, None, None]
+    points = np.tensordot(rotation, _centred_grid(n), axes=1) + (n - 1) / 2.0 + shift[:, None, None]
     points += np.stack([separable_zoom(d, shape, order=1) for d in displacement])
     image = ndimage.map_coordinates(base, points, order=1, mode="nearest")
-    lungs = ndimage.map_coordinates(base_lungs.astype(np.float32), points, order=1, mode="constant") > 0.5
+    lungs = None
+    if with_lungs:
+        lungs = ndimage.map_coordinates(base_lungs.astype(np.float32), points, order=1, mode="constant") > 0.5
     bias = np.exp(separable_zoom(log_bias, shape, order=1))
     clean = np.clip(gain * np.power(np.clip(image, 0, 1), gamma) * bias + offset, 0.0, 1.0)
 
@@ -279,15 +297,15 @@ def chest_xray_subject(
         fade, fields_left_right = _lung_fields()
         lung_fade = ndimage.map_coordinates(fade, points, order=1, mode="constant")
         fields_left_right = ndimage.map_coordinates(fields_left_right, points, order=0, mode="constant")
-        sides = [k for k in np.unique(fields_left_right) if k > 0]
+        in_field = {side: np.flatnonzero(fields_left_right == side) for side in _field_labels()}
+        sides = [side for side, pixels in in_field.items() if pixels.size]
         if not sides:
             raise RuntimeError("no lung field left after deformation; lower the deformation")
         count = int(rng.integers(preset.opacities[0], preset.opacities[1] + 1))
         contributions = []
         for _ in range(count):
-            side = sides[int(rng.integers(len(sides)))]
-            candidates = np.argwhere(fields_left_right == side)
-            centre = candidates[int(rng.integers(len(candidates)))]
+            candidates = in_field[sides[int(rng.integers(len(sides)))]]  # the field's pixels in row-major order
+            centre = np.array(np.unravel_index(candidates[int(rng.integers(len(candidates)))], shape))
             radii = rng.uniform(*preset.radius, size=2) * n
             alpha = _lobulated_blob(rng, shape, centre, radii, rng.uniform(0, math.pi)) * lung_fade
             brighter = clean + rng.uniform(*preset.contrast) * alpha * (1.0 - clean)
@@ -297,9 +315,11 @@ def chest_xray_subject(
     if opacity:
         if not mask.any():
             raise RuntimeError("the opacities changed no pixel; raise the preset's contrast or radius")
-        owner = np.argmax(np.stack(contributions), axis=0)  # each changed pixel belongs to its main opacity
+        changed_rows, changed_cols = np.nonzero(mask)
+        # each changed pixel belongs to its main opacity
+        owner = np.argmax(np.stack([c[changed_rows, changed_cols] for c in contributions]), axis=0)
         for k in range(len(contributions)):
-            rows, cols = np.nonzero(mask & (owner == k))
+            rows, cols = changed_rows[owner == k], changed_cols[owner == k]
             if len(rows):
                 boxes.append(
                     (
@@ -363,7 +383,7 @@ def generate_chest_xray(
             int(rng.integers(18, 90)),
             ("PA" if rng.random() < 0.7 else "AP"),
         )
-        image, mask, boxes, _ = chest_xray_subject(class_name == "Lung Opacity", rng, request.preset)
+        image, mask, boxes, _ = chest_xray_subject(class_name == "Lung Opacity", rng, request.preset, with_lungs=False)
         pixels = np.round(image * 255).astype(np.uint8)
         write_rsna_dicom(
             out_dir / IMAGE_DIR / f"{patient_id}.dcm", pixels, patient_id, sex, age, view, compress=compress
