@@ -48,6 +48,7 @@ from monai_sal_app.metrics.similarity import (
     DISPLAYS,
     SIMILARITY_METRICS,
     RetentionReference,
+    SSIMReference,
     map_hog_features,
     random_pair_baseline,
     ranks,
@@ -511,7 +512,12 @@ def model_randomization(
     shares = np.full((len(blocks), n), np.nan)
     blank_per_state = np.zeros(len(blocks), dtype=np.int64)
 
+    # SSIM's statistics of the trained model's maps are computed once too
+    ssim_reference = SSIMReference(original) if "ssim" in metrics else None
+
     def compared_with_original(maps: np.ndarray, metric: str) -> np.ndarray:
+        if metric == "ssim":
+            return ssim_reference.compare(maps)
         compared, by = reference[metric]
         return similarity(compared, _comparable(maps, metric)[0], by)
 

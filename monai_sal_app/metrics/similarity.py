@@ -28,6 +28,7 @@ __all__ = [
     "DISPLAYS",
     "SIMILARITY_METRICS",
     "RetentionReference",
+    "SSIMReference",
     "constant_maps",
     "hog_features",
     "hog_spearman",
@@ -134,30 +135,50 @@ def ssim(a, b, win_size: int = 7) -> np.ndarray:
     A pair with a constant map scores 0. Every spatial side must be at least ``win_size``.
     """
     a, b = _pair(a, b)
-    spatial = a.shape[1:]
-    if win_size < 3 or win_size % 2 == 0:
-        raise ValueError(f"win_size must be odd and >= 3, got {win_size}")
-    if min(spatial) < win_size:
-        raise ValueError(f"SSIM needs maps of at least {win_size} pixels per side, got {spatial}")
-    x, y = _minmax(a), _minmax(b)
-    size = (1,) + (win_size,) * len(spatial)
+    return SSIMReference(a, win_size).compare(b)
 
-    def mean(z):
-        return uniform_filter(z, size=size)
 
-    n_window = win_size ** len(spatial)
-    covariance_norm = n_window / (n_window - 1)
-    ux, uy = mean(x), mean(y)
-    vx = covariance_norm * (mean(x * x) - ux * ux)
-    vy = covariance_norm * (mean(y * y) - uy * uy)
-    vxy = covariance_norm * (mean(x * y) - ux * uy)
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    pad = (win_size - 1) // 2
-    inner = (slice(None),) + tuple(slice(pad, side - pad) for side in spatial)
-    values = s[inner].reshape(len(s), -1).mean(axis=1)
-    either_constant = constant_maps(a) | constant_maps(b)
-    return np.where(either_constant, 0.0, values)
+class SSIMReference:
+    """Maps ``a`` (N, *spatial) ready to be compared by SSIM with other maps of the same images,
+    their own window statistics computed once (:func:`ssim` is ``SSIMReference(a).compare(b)``)."""
+
+    def __init__(self, maps, win_size: int = 7) -> None:
+        maps = _batch(maps, "a")
+        spatial = maps.shape[1:]
+        if win_size < 3 or win_size % 2 == 0:
+            raise ValueError(f"win_size must be odd and >= 3, got {win_size}")
+        if min(spatial) < win_size:
+            raise ValueError(f"SSIM needs maps of at least {win_size} pixels per side, got {spatial}")
+        self.shape, self.win_size = maps.shape, win_size
+        pad = (win_size - 1) // 2
+        # the windows that lie inside the image: the only ones SSIM averages
+        self.inner = (slice(None),) + tuple(slice(pad, side - pad) for side in spatial)
+        n_window = win_size ** len(spatial)
+        self.covariance_norm = n_window / (n_window - 1)
+        self.x = _minmax(maps)
+        self.ux, self.vx = self._moments(self.x)
+        self.constant = constant_maps(maps)
+
+    def _mean(self, z: np.ndarray) -> np.ndarray:
+        """Mean over each window of ``z``, at the inner windows."""
+        return uniform_filter(z, size=(1,) + (self.win_size,) * (z.ndim - 1))[self.inner]
+
+    def _moments(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean = self._mean(z)
+        return mean, self.covariance_norm * (self._mean(z * z) - mean * mean)
+
+    def compare(self, maps) -> np.ndarray:
+        """SSIM (N,) of each reference map with the map of the same image in ``maps``."""
+        maps = _batch(maps, "b")
+        if maps.shape != self.shape:
+            raise ValueError(f"maps to compare must have the same shape, got {self.shape} and {maps.shape}")
+        y = _minmax(maps)
+        uy, vy = self._moments(y)
+        vxy = self.covariance_norm * (self._mean(self.x * y) - self.ux * uy)
+        c1, c2 = 0.01**2, 0.03**2
+        s = ((2 * self.ux * uy + c1) * (2 * vxy + c2)) / ((self.ux * self.ux + uy * uy + c1) * (self.vx + vy + c2))
+        values = s.reshape(len(s), -1).mean(axis=1)
+        return np.where(self.constant | constant_maps(maps), 0.0, values)
 
 
 _HOG_CHUNK_PIXELS = 2**22  # pixels described at once by hog_spearman (a few hundred MB of temporaries)
