@@ -39,7 +39,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,14 +49,14 @@ from monai_sal_app.access import HOW_TO_SET, OPERATOR, READER, TOKEN_ENVIRONMENT
 from monai_sal_app.allocator import batch_allocator_for_children, without_batch_allocator
 from monai_sal_app.data.bases import BaseNotInstalled, chest_radiograph_file, lung_ct_files
 from monai_sal_app.data.manifest import read_manifest
-from monai_sal_app.evaluation.trust import read_trust_card, trust_card_path
+from monai_sal_app.evaluation.trust import DEFAULT_TRUST_METHODS, read_trust_card, trust_card_path
 from monai_sal_app.experiments.builtin_models import (
     DEFAULT_MODELS,
     DefaultModel,
     generate_model_data,
     train_builtin_model,
 )
-from monai_sal_app.experiments.trust_report import run_trust
+from monai_sal_app.experiments.trust_report import merge_trust_cards, trust_card_part, write_trust_outputs
 from monai_sal_app.processes import end_with_parent
 
 __all__ = [
@@ -184,8 +185,11 @@ def prepare(
     class copied into the datastore, and the checkpoint (``experiments.builtin_models.train_builtin_model``: trained
     again with the next seed while its validation AUC stays too low).
     ``jobs`` models are prepared at once in separate processes sharing the CPU cores (default:
-    as many as there are models to prepare and cores), which run with the batch memory allocator
-    (``allocator``; the server that follows does not); progress goes to stdout, one line per step.
+    as many as there are models to prepare and cores), and each trust card is computed in ``jobs``
+    parts (its methods dealt out) that whichever process is free takes up, then merged
+    (``experiments.trust_report.merge_trust_cards``). The processes run with the batch memory
+    allocator (``allocator``; the server that follows does not); progress goes to stdout, one line
+    per step.
     A missing base (``--data real`` without ``scripts/install_data.sh``) raises
     ``BaseNotInstalled`` naming the install command, before anything is written.
     """
@@ -209,7 +213,9 @@ def prepare(
     jobs = max(1, min(len(tasks), cores)) if jobs is None else jobs
     if jobs == 1:
         for task in tasks:
-            _prepare_model(*task, progress=progress)
+            card = _prepare_model(*task, progress=progress)
+            if card is not None:
+                _write_trust_card(card, [_trust_card_part(card, DEFAULT_TRUST_METHODS)])
         return studies
 
     # spawn, not fork: the parent may already run torch's thread pools
@@ -220,7 +226,18 @@ def prepare(
             jobs, mp_context=context, initializer=_prepare_worker, initargs=(cores // jobs, os.getpid())
         ) as pool,
     ):
-        for future in [pool.submit(_prepare_model, *task, progress=False) for task in tasks]:
+        # Each trained model's trust card is dealt out as ``jobs`` parts (methods), queued as soon
+        # as the model is trained: a process done with its own model computes part of the other's
+        # card instead of waiting for it; the parts are merged and written once all are in.
+        trained = [pool.submit(_prepare_model, *task, progress=False) for task in tasks]
+        parts = []
+        for future in as_completed(trained):
+            card = future.result()
+            if card is not None:
+                groups = [DEFAULT_TRUST_METHODS[k::jobs] for k in range(jobs)]
+                parts.append((card, [pool.submit(_trust_card_part, card, group) for group in groups if group]))
+        written = [pool.submit(_write_trust_card, card, [f.result() for f in futures]) for card, futures in parts]
+        for future in written:
             future.result()
     return studies
 
@@ -231,6 +248,19 @@ def _prepare_worker(threads: int, parent_pid: int) -> None:
     if not end_with_parent(parent_pid):
         sys.exit(1)
     torch.set_num_threads(max(1, threads))
+
+
+@dataclass(frozen=True)
+class _TrustCardWork:
+    """What a default model's trust card is computed from and written to."""
+
+    name: str
+    checkpoint: Path
+    test_manifest: Path
+    train_manifest: Path
+    report: Path
+    seed: int
+    device: str | None
 
 
 def _prepare_model(
@@ -246,8 +276,9 @@ def _prepare_model(
     device: str | None,
     retrain: bool,
     progress: bool,
-) -> None:
-    """Data, datastore studies and checkpoint of one default model (see :func:`prepare`)."""
+) -> _TrustCardWork | None:
+    """Data, datastore studies and checkpoint of one default model (see :func:`prepare`); returns
+    the trust card still to compute, or None when the one on disk is current."""
 
     def log(message: str) -> None:
         print(f"{name}: {message}", flush=True)
@@ -278,12 +309,25 @@ def _prepare_model(
     except ValueError as error:  # corrupt, or of another schema version: recomputed, never read
         log(f"recomputing the trust card: {error}")
         current = False
-    if retrain or not current:
-        log(f"trust card on {TRUST_IMAGES} held-out test images -> {trust_card_path(checkpoint)}")
-        run_trust(
-            checkpoint, test_manifest, workdir / "trust" / name, max_images=TRUST_IMAGES, seed=seed, device=device,
-            train_data=train_manifest,
-        )  # fmt: skip
+    if current and not retrain:
+        return None
+    log(f"trust card on {TRUST_IMAGES} held-out test images -> {trust_card_path(checkpoint)}")
+    return _TrustCardWork(name, checkpoint, test_manifest, train_manifest, workdir / "trust" / name, seed, device)
+
+
+def _trust_card_part(card: _TrustCardWork, methods: Sequence[str]) -> dict:
+    """The part of ``card`` that explains ``methods``."""
+    return trust_card_part(
+        card.checkpoint, card.test_manifest, methods, max_images=TRUST_IMAGES, seed=card.seed, device=card.device,
+        train_data=card.train_manifest,
+    )  # fmt: skip
+
+
+def _write_trust_card(card: _TrustCardWork, parts: Sequence[dict]) -> None:
+    """``card``'s parts merged (methods in :data:`DEFAULT_TRUST_METHODS` order), written beside the
+    checkpoint, and its report."""
+    merged = merge_trust_cards(parts, order=DEFAULT_TRUST_METHODS)
+    write_trust_outputs(merged, card.checkpoint, card.test_manifest, card.report, device=card.device)
 
 
 def _copy_studies(name: str, items: list[dict], studies: Path) -> None:

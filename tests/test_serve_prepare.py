@@ -18,6 +18,7 @@ import torch
 from server_fixtures import save_tiny_checkpoint
 
 import monai_sal_app
+from monai_sal_app.evaluation.trust import DEFAULT_TRUST_METHODS
 from monai_sal_app.lib.served_model import find_model_sources
 from monai_sal_app.models.checkpoint import load_classifier
 from monai_sal_app.saliency.gradcam import gradcam_layer_maps
@@ -78,6 +79,8 @@ def test_serve_prepare_only_builds_data_studies_and_default_models(tmp_path, cap
     for name, path in found.items():  # each default model has its trust card beside it, and a report
         card = json.loads(path.with_name(f"{name}.trust.json").read_text())
         assert card["data"]["n_images"] == 8 and (work / "trust" / name / "trust.md").is_file()
+        # computed in parts by the two processes, merged in the usual order
+        assert list(card["methods"]) == card["settings"]["methods"] == list(DEFAULT_TRUST_METHODS)
         assert card["settings"]["localization_reference"] == "mean training mask"  # the training masks
         assert len(card["data"]["images"]) == 8 and card["data"]["train_masks"].endswith("manifest.csv")
     args.func(parser.parse_args(argv))  # a second run reuses the checkpoints and their trust cards

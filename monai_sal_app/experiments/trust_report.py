@@ -38,9 +38,12 @@ from monai_sal_app.saliency import explain
 
 __all__ = [
     "fidelity_figure",
+    "merge_trust_cards",
     "randomization_figure",
     "run_trust",
     "summary_rows",
+    "trust_card_part",
+    "write_trust_outputs",
     "write_trust_report",
 ]
 
@@ -84,8 +87,95 @@ def run_trust(
     images are read by ``workers`` processes (``evaluation.inputs.read_trust_inputs``); those
     that cannot be read are left out and listed in the card's ``data.unreadable``. Under
     ``torchrun`` the methods are shared out among the ranks and rank 0 writes the card and the
-    report.
+    report. :func:`trust_card_part`, :func:`merge_trust_cards` and :func:`write_trust_outputs` do
+    the same in pieces, some of the methods in each process.
     """
+    result, model, images, targets = _computed_card(
+        model_path, data, methods, checks, compare_with, max_images, seed, device, progress, train_data,
+        fidelity_replacement, workers,
+    )  # fmt: skip
+    if distributed.is_main():
+        write_trust_card(result, model_path)
+        write_trust_report(result, out, model=model, images=images[:EXAMPLE_IMAGES], targets=targets[:EXAMPLE_IMAGES])
+    distributed.barrier()
+    return result
+
+
+def trust_card_part(
+    model_path: str | Path,
+    data: str | Path | Sequence[str | Path],
+    methods: Sequence[str],
+    *,
+    checks: Sequence[str] = DEFAULT_CHECKS,
+    max_images: int | None = 32,
+    seed: int = 0,
+    device: str | None = None,
+    train_data: str | Path | None = None,
+    workers: int = 2,
+) -> dict:
+    """The trust card :func:`run_trust` computes (same arguments), for ``methods`` only, written
+    nowhere: parts computed apart (e.g. in two processes) give the whole card through
+    :func:`merge_trust_cards`."""
+    return _computed_card(
+        model_path, data, methods, checks, (), max_images, seed, device, False, train_data, "zero", workers
+    )[0]
+
+
+def merge_trust_cards(parts: Sequence[dict], order: Sequence[str] = ()) -> dict:
+    """One card from parts of the same model, images and settings that explain different methods
+    (:func:`trust_card_part`), the methods in ``order`` (those it does not name after, in the
+    parts' order); ``seconds`` is their sum (the time spent on the card) and ``created`` the
+    latest. ``ValueError`` for parts that do not fit."""
+    if not parts:
+        raise ValueError("no trust card parts to merge")
+    merged = {key: value for key, value in parts[0].items() if key != "methods"}
+    merged["methods"] = {}
+    for part in parts:
+        for key in ("schema", "data", "reading"):
+            if part[key] != merged[key]:
+                raise ValueError(f"trust card parts differ in {key!r}: they are not parts of one card")
+        if {k: v for k, v in part["settings"].items() if k != "methods"} != {
+            k: v for k, v in merged["settings"].items() if k != "methods"
+        }:
+            raise ValueError("trust card parts differ in their settings: they are not parts of one card")
+        twice = set(part["methods"]) & set(merged["methods"])
+        if twice:
+            raise ValueError(f"methods {sorted(twice)} are in more than one trust card part")
+        merged["methods"].update(part["methods"])
+    rank = {method: k for k, method in enumerate(order)}
+    ordered = sorted(merged["methods"], key=lambda method: rank.get(method, len(rank)))  # stable: parts' order
+    merged["methods"] = {method: merged["methods"][method] for method in ordered}
+    merged["settings"] = {**merged["settings"], "methods": ordered}
+    merged["seconds"] = sum(part["seconds"] for part in parts)
+    merged["created"] = max(part["created"] for part in parts)
+    return merged
+
+
+def write_trust_outputs(
+    card: dict,
+    model_path: str | Path,
+    data: str | Path | Sequence[str | Path],
+    out: str | Path,
+    *,
+    device: str | None = None,
+) -> None:
+    """Write ``card`` (of the model at ``model_path`` on ``data``, e.g. :func:`merge_trust_cards`'s)
+    beside the model and its report under ``out``, as :func:`run_trust` does; the report's example
+    maps are drawn again from the card's first images, read from ``data``."""
+    source = load_model_source(model_path, device=device)
+    wanted = card["data"]["images"][:EXAMPLE_IMAGES]
+    items = [item for item in read_items(data) if item["id"] in wanted]
+    inputs = read_trust_inputs(items, source.card, source=source)
+    targets = torch.from_numpy(source.card.predict(predict_probabilities(source.network, inputs.images)))
+    write_trust_card(card, model_path)
+    write_trust_report(card, out, model=source.network, images=inputs.images, targets=targets)
+
+
+def _computed_card(
+    model_path, data, methods, checks, compare_with, max_images, seed, device, progress, train_data,
+    fidelity_replacement, workers,
+) -> tuple[dict, torch.nn.Module, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(card, model, images, targets) for :func:`run_trust` and :func:`trust_card_part`."""
     source = load_model_source(model_path, device=device)
     model, card = source.network, source.card
     if isinstance(model, torch.jit.ScriptModule) and "randomization" in checks:
@@ -129,11 +219,7 @@ def run_trust(
         fidelity_replacement=fidelity_replacement,
         aucs=aucs if all(auc is not None for auc in aucs.values()) else None,
     )
-    if distributed.is_main():
-        write_trust_card(result, model_path)
-        write_trust_report(result, out, model=model, images=images[:EXAMPLE_IMAGES], targets=targets[:EXAMPLE_IMAGES])
-    distributed.barrier()
-    return result
+    return result, model, images, targets
 
 
 def summary_rows(card: dict) -> list[dict]:
