@@ -107,18 +107,21 @@ def trust_card_part(
     methods: Sequence[str],
     *,
     checks: Sequence[str] = DEFAULT_CHECKS,
+    compare_with: Sequence[str | Path] = (),
     max_images: int | None = 32,
     seed: int = 0,
     device: str | None = None,
     train_data: str | Path | None = None,
+    fidelity_replacement: str = "zero",
     workers: int = 2,
 ) -> dict:
-    """The trust card :func:`run_trust` computes (same arguments), for ``methods`` only, written
-    nowhere: parts computed apart (e.g. in two processes) give the whole card through
+    """The trust card :func:`run_trust` computes with the same arguments, for ``methods`` only and
+    written nowhere: parts computed apart (e.g. in two processes) give the whole card through
     :func:`merge_trust_cards`."""
     return _computed_card(
-        model_path, data, methods, checks, (), max_images, seed, device, False, train_data, "zero", workers
-    )[0]
+        model_path, data, methods, checks, compare_with, max_images, seed, device, False, train_data,
+        fidelity_replacement, workers,
+    )[0]  # fmt: skip
 
 
 def merge_trust_cards(parts: Sequence[dict], order: Sequence[str] = ()) -> dict:
