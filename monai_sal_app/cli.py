@@ -248,6 +248,10 @@ def cmd_trust(args) -> None:
     )
     if distributed.is_main():
         print(to_markdown(summary_rows(card)))
+        kept = len(card.get("kept_methods", []))
+        print(
+            f"{len(card['methods'])} method(s): {len(card['methods']) - kept} computed now, {kept} kept from an earlier run"
+        )
         print(
             f"wrote {Path(args.model).with_name(Path(args.model).stem + '.trust.json')} and {Path(args.out) / 'trust.md'}"
         )

@@ -9,6 +9,8 @@ previous file as it was. Standard library and numpy only: every layer may use it
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import tempfile
@@ -63,6 +65,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], object], mode: s
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
     return atomic_write(path, lambda handle: handle.write(text), mode="w")
+
+
+def json_digest(value: Any) -> str:
+    """SHA-256 (hex) of ``value``'s JSON (:func:`json_safe`, keys sorted): equal for equal settings."""
+    return hashlib.sha256(json.dumps(json_safe(value), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def json_safe(value: Any) -> Any:

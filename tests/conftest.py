@@ -9,6 +9,7 @@ which Slicer finds in the module's folder) is importable by name too.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -755,3 +756,8 @@ def free_port() -> int:
 # perturbation at its bounds, 80000 passes of 16^3 voxels (3.3e8), within the default cost budget
 # and the shared server's (server_fixtures.BUDGET).
 LONG_REQUEST = {"steps": 5000, "jitter_copies": 16}
+
+
+def monai_sal_executable() -> str:
+    """The installed ``monai-sal`` console script (on PATH, else beside this Python)."""
+    return shutil.which("monai-sal") or str(Path(sys.executable).parent / "monai-sal")

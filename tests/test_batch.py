@@ -8,14 +8,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_rows
+from conftest import monai_sal_executable, read_rows
 from server_fixtures import save_tiny_checkpoint, smooth_field, write_nrrd
 
 from monai_sal_app.cli import main
@@ -186,15 +185,18 @@ def test_images_the_trust_checks_cannot_read_are_left_out_and_listed(volumes, tm
         load_trust_inputs(items[:8], source.card, source=source)
 
 
-def monai_sal() -> str:
-    return shutil.which("monai-sal") or str(Path(sys.executable).parent / "monai-sal")
-
-
 @pytest.mark.e2e
 def test_a_killed_explain_resumes_where_it_stopped_and_writes_the_same_bytes(volumes, tmp_path):
     root = copy_of(volumes, tmp_path / "data")
     out = tmp_path / "out"
-    command = [monai_sal(), "--quiet", "explain", "--model", str(root / "model.pt"), str(root / "manifest.csv")]
+    command = [
+        monai_sal_executable(),
+        "--quiet",
+        "explain",
+        "--model",
+        str(root / "model.pt"),
+        str(root / "manifest.csv"),
+    ]
     command += ["--method", "gradient,gradcam", "--batch-size", str(BATCH), "--overlays", "6", "--out", str(out)]
     uninterrupted = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert uninterrupted.returncode == 0, uninterrupted.stderr

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import monai_sal_executable
 from sklearn.metrics import roc_auc_score
 
 from monai_sal_app.cli import main
@@ -149,7 +148,7 @@ def test_explain_image_files_on_their_own_grid(trained, tmp_path):
 
 
 def test_console_script_is_installed_and_lists_methods():
-    exe = shutil.which("monai-sal") or str(Path(sys.executable).parent / "monai-sal")
+    exe = monai_sal_executable()
     result = subprocess.run([exe, "methods"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     methods = json.loads(result.stdout)

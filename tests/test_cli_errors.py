@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import untrained_explainer
+from conftest import monai_sal_executable, untrained_explainer
 from server_fixtures import save_tiny_checkpoint, smooth_field
 
 from monai_sal_app.cli import main
@@ -187,7 +186,7 @@ def test_bad_input_ends_with_one_error_line(files, tmp_path, capsys, case):
 
 @pytest.mark.e2e
 def test_console_script_prints_no_traceback_for_an_invalid_card(files, tmp_path):
-    exe = shutil.which("monai-sal") or str(Path(sys.executable).parent / "monai-sal")
+    exe = monai_sal_executable()
     argv = [exe, "--quiet", "explain", "--model", files["no_input_size"], files["image"], "--out", str(tmp_path)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +261,8 @@ def trust_card(
     display: str = "abs",
     reset_batch_norm: bool = False,
     aucs: Mapping[str, float] | None = None,
+    done: Mapping[str, dict] | None = None,
+    on_entry: Callable[[str, dict], None] | None = None,
 ) -> dict:
     """Run the trust checks of ``methods`` for ``model`` on ``images``; a JSON-safe dict.
 
@@ -277,6 +279,9 @@ def trust_card(
     (|map|) or "signed". ``reset_batch_norm``: randomization resets batch-norm statistics too.
     ``aucs``: test ROC AUCs of the model (key "model") and of the ``compare_with`` models, from their
     cards, for the repeatability check (without them, computed on ``images`` against ``labels``).
+    ``done``: ``{method: entry}`` of methods already checked with these very inputs and settings
+    (an earlier run's, kept as they are, not computed again); ``on_entry(method, entry)`` is called
+    with each method's entry as soon as it is computed (to keep it, e.g. for a rerun).
 
     Returns ``{"schema", "monai_sal_version", "created", "seconds", "data", "settings", "reading",
     "methods": {method: {"checks": {check: {"question", "answer", "meaning", "why"}}, "verdicts":
@@ -331,9 +336,18 @@ def trust_card(
         entry["verdicts"] = {check: answer["answer"] for check, answer in answers.items()}
         return entry
 
+    def computed_entry(method: str) -> dict[str, Any]:
+        entry = method_entry(method)
+        if on_entry is not None:
+            on_entry(method, entry)
+        return entry
+
     # One method per block: under torchrun the ranks share the methods out (each needs every
     # image's map for its comparisons across images), in one process this is the plain loop.
-    entries = distributed.gather_blocks(len(methods), 1, lambda start, _: [method_entry(methods[start])])
+    done = {method: entry for method, entry in (done or {}).items() if method in methods}
+    todo = [method for method in methods if method not in done]
+    computed = distributed.gather_blocks(len(todo), 1, lambda start, _: [computed_entry(todo[start])])
+    entries = [done[method] if method in done else computed[todo.index(method)] for method in methods]
     return {
         "schema": SCHEMA_VERSION,
         "monai_sal_version": __version__,

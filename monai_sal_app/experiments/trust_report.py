@@ -24,19 +24,24 @@ from monai_sal_app.evaluation.randomization import RETENTION_CUT, randomized_mod
 from monai_sal_app.evaluation.trust import (
     DEFAULT_CHECKS,
     DEFAULT_TRUST_METHODS,
+    SCHEMA_VERSION,
     check_lines,
     trust_card,
     write_trust_card,
 )
 from monai_sal_app.experiments.report import pyplot, save_figure
+from monai_sal_app.files import json_digest, json_safe, remove_stale_temporaries, write_text
 from monai_sal_app.metrics.stats import to_markdown
 from monai_sal_app.models.card import ModelCard
+from monai_sal_app.models.checkpoint import weights_fingerprint
 from monai_sal_app.models.inputs import read_items
 from monai_sal_app.models.sources import load_model_source
 from monai_sal_app.models.train import predict_probabilities
-from monai_sal_app.saliency import explain
+from monai_sal_app.saliency import available_methods, explain
+from monai_sal_app.version import __version__
 
 __all__ = [
+    "PARTS_FOLDER",
     "fidelity_figure",
     "merge_trust_cards",
     "randomization_figure",
@@ -48,6 +53,7 @@ __all__ = [
 ]
 
 EXAMPLE_IMAGES = 2  # images whose maps are drawn at every randomization state
+PARTS_FOLDER = "parts"  # under a report folder: each method's finished entry, kept for a rerun
 
 
 def _check_comparable(card: ModelCard, other: ModelCard, path: str) -> None:
@@ -87,12 +93,15 @@ def run_trust(
     images are read by ``workers`` processes (``evaluation.inputs.read_trust_inputs``); those
     that cannot be read are left out and listed in the card's ``data.unreadable``. Under
     ``torchrun`` the methods are shared out among the ranks and rank 0 writes the card and the
-    report. :func:`trust_card_part`, :func:`merge_trust_cards` and :func:`write_trust_outputs` do
+    report. Resumable: each method's entry is kept in ``out/parts/`` as soon as it is computed,
+    and a rerun with the same model weights, data and settings computes only the methods missing
+    there (with other ones it starts again); the card's ``kept_methods`` lists those it took from
+    there. :func:`trust_card_part`, :func:`merge_trust_cards` and :func:`write_trust_outputs` do
     the same in pieces, some of the methods in each process.
     """
     result, model, images, targets = _computed_card(
         model_path, data, methods, checks, compare_with, max_images, seed, device, progress, train_data,
-        fidelity_replacement, workers,
+        fidelity_replacement, workers, kept=Path(out) / PARTS_FOLDER,
     )  # fmt: skip
     if distributed.is_main():
         write_trust_card(result, model_path)
@@ -174,11 +183,47 @@ def write_trust_outputs(
     write_trust_report(card, out, model=source.network, images=inputs.images, targets=targets)
 
 
+class _KeptEntries:
+    """Each finished method's card entry in ``folder`` (``<method>.json``, written whole), for the
+    work ``settings`` describe (recorded in ``settings.json``; entries of other work are removed)."""
+
+    def __init__(self, folder: Path, settings: dict) -> None:
+        self.folder = folder
+        record = folder / "settings.json"
+        described = json.dumps(json_safe(settings), sort_keys=True, default=str)
+        if distributed.is_main():
+            remove_stale_temporaries(folder)
+            if record.is_file() and record.read_text() != described:
+                for old in folder.glob("*.json"):
+                    old.unlink()
+            write_text(record, described)
+        distributed.barrier()
+
+    def _path(self, method: str) -> Path:
+        if method not in available_methods():  # a name from the command line never becomes a path
+            raise ValueError(f"unknown method {method!r}")
+        return self.folder / f"{method}.json"
+
+    def entries(self, methods: Sequence[str]) -> dict[str, dict]:
+        """``{method: entry}`` of ``methods`` kept here (an unreadable file counts as missing)."""
+        kept = {}
+        for method in methods:
+            try:
+                kept[method] = json.loads(self._path(method).read_text())
+            except (OSError, ValueError):
+                continue
+        return kept
+
+    def keep(self, method: str, entry: dict) -> None:
+        write_text(self._path(method), json.dumps(json_safe(entry)))
+
+
 def _computed_card(
     model_path, data, methods, checks, compare_with, max_images, seed, device, progress, train_data,
-    fidelity_replacement, workers,
+    fidelity_replacement, workers, kept: Path | None = None,
 ) -> tuple[dict, torch.nn.Module, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(card, model, images, targets) for :func:`run_trust` and :func:`trust_card_part`."""
+    """(card, model, images, targets) for :func:`run_trust` and :func:`trust_card_part`; with
+    ``kept``, the folder of the entries kept for a rerun (:class:`_KeptEntries`)."""
     source = load_model_source(model_path, device=device)
     model, card = source.network, source.card
     if isinstance(model, torch.jit.ScriptModule) and "randomization" in checks:
@@ -207,12 +252,30 @@ def _computed_card(
         described["unreadable"] = inputs.unreadable
     if train_data is not None:
         described["train_masks"] = str(Path(train_data).resolve())
+    methods = list(methods or DEFAULT_TRUST_METHODS)
+    store, done = None, {}
+    if kept is not None:
+        store = _KeptEntries(
+            kept,
+            {
+                "schema": SCHEMA_VERSION,
+                "monai_sal_version": __version__,
+                "model": {"kind": source.kind, "path": str(source.path), "weights": weights_fingerprint(model)},
+                "compare_with": {name: weights_fingerprint(network) for name, network in others.items()},
+                "items": json_digest(items[:max_images] if max_images else items),
+                "data": described,
+                "checks": list(checks),
+                "seed": seed,
+                "fidelity_replacement": fidelity_replacement,
+            },
+        )
+        done = store.entries(methods)
     result = trust_card(
         model,
         images,
         labels=labels,
         masks=masks,
-        methods=methods or DEFAULT_TRUST_METHODS,
+        methods=methods,
         checks=checks,
         seed=seed,
         targets=targets,
@@ -221,7 +284,11 @@ def _computed_card(
         mask_prior=prior,
         fidelity_replacement=fidelity_replacement,
         aucs=aucs if all(auc is not None for auc in aucs.values()) else None,
+        done=done,
+        on_entry=None if store is None else store.keep,
     )
+    if done:
+        result["kept_methods"] = [method for method in methods if method in done]
     return result, model, images, targets
 
 

@@ -33,7 +33,7 @@ from monai_sal_app import distributed
 from monai_sal_app.data.io import read_image, write_nifti
 from monai_sal_app.evaluation.inputs import mean_training_mask
 from monai_sal_app.experiments.report import save_overlay, write_table
-from monai_sal_app.files import atomic_path, json_safe, remove_stale_temporaries, write_text
+from monai_sal_app.files import atomic_path, json_digest, json_safe, remove_stale_temporaries, write_text
 from monai_sal_app.metrics.localization import localization_metrics
 from monai_sal_app.metrics.stats import summarize, write_csv
 from monai_sal_app.models.checkpoint import weights_fingerprint
@@ -124,7 +124,7 @@ def explain_items(
     n_blocks = -(-len(items) // batch_size)
     settings = {
         "model": {"kind": source.kind, "path": str(source.path), "weights": weights_fingerprint(model)},
-        "items": _digest(items),
+        "items": json_digest(items),
         "methods": list(methods),
         "params": _described(params),
         "target": target,
@@ -395,11 +395,6 @@ def _error_last(rows: list[dict]) -> list[dict]:
     """``rows`` with the same keys, ``error`` last, whether or not the first row has an error."""
     keys = [key for key in dict.fromkeys(k for row in rows for k in row) if key != "error"] + ["error"]
     return [{key: row.get(key) for key in keys} for row in rows]
-
-
-def _digest(value: Any) -> str:
-    """SHA-256 of ``value``'s JSON (keys sorted)."""
-    return hashlib.sha256(json.dumps(json_safe(value), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _described(params: Mapping[str, Mapping[str, Any]]) -> dict:
