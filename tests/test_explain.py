@@ -93,7 +93,9 @@ def test_gradcam_matches_captum_layer_gradcam(dims, arch):
     model = {"cnn": tiny_cnn, "resnet": tiny_resnet, "densenet": tiny_densenet}[arch](dims).eval()
     x = images_for(dims, side=SIDE[arch])
     target = torch.tensor([1, 0, 1, 0])
-    ours = explain(model, x, "gradcam", target=target)
+    first = explain(model, x, "gradcam", target=target)  # finds the layer, with in-place activations off
+    ours = explain(model, x, "gradcam", target=target)  # from the known layer, with the model's in-place ones
+    torch.testing.assert_close(ours, first, rtol=0, atol=0)
     layer_name = {"cnn": "5", "resnet": "layer4", "densenet": "class_layers.relu"}[arch]
     layer = dict(model.named_modules())[layer_name]
     if isinstance(layer, nn.ReLU):
@@ -112,6 +114,63 @@ def test_gradcam_default_layer_is_last_feature_block(dims, arch, expected):
     _, name, activation = _capture_layer(model, None, dims, images_for(dims, n=1, side=SIDE[arch]))
     assert name == expected
     assert activation.ndim == dims + 2
+
+
+class _OverwritesItsCamLayer(nn.Module):
+    """Its Grad-CAM layer ``act`` is an in-place ReLU, and ``shift``, in place as well, then changes
+    the same memory (the convolution's output, which ``act`` overwrote) before the head reads both."""
+
+    cam_layer = "act"
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.shift = nn.Hardtanh(-0.1, 0.1, inplace=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.act(y)
+        w = self.shift(y)
+        return self.fc(torch.cat([z.mean((2, 3)), w.mean((2, 3))], dim=1))
+
+
+def test_gradcam_of_a_layer_changed_in_place_after_it_runs_again_without_in_place():
+    torch.manual_seed(0)
+    model = _OverwritesItsCamLayer().eval()
+    x = torch.randn(3, 1, 16, 16)
+    ours = explain(model, x, "gradcam", target=1)
+    assert model.act.inplace and model.shift.inplace  # left as found
+    out_of_place = copy.deepcopy(model)
+    out_of_place.act.inplace = out_of_place.shift.inplace = False
+    theirs = LayerGradCam(out_of_place, out_of_place.act).attribute(x, target=1, relu_attributions=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    assert (ours.flatten(1).sum(1) > 0).all()
+
+
+class _ClampsItsCamLayer(nn.Module):
+    """Its Grad-CAM layer passes the convolution's output on as it is, and ``forward`` then clamps
+    that memory in place: no module setting can stop it."""
+
+    cam_layer = "features"
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.features = nn.Identity()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.features(y)
+        w = y.clamp_(-0.1, 0.1)
+        return self.fc(torch.cat([z.mean((2, 3)), w.mean((2, 3))], dim=1))
+
+
+def test_gradcam_refuses_a_layer_its_network_changes_in_place():
+    with pytest.raises(ValueError, match=r"layer 'features' is changed in place after Grad-CAM captures it"):
+        explain(_ClampsItsCamLayer().eval(), torch.randn(2, 1, 16, 16), "gradcam", target=1)
 
 
 def test_gradcam_is_not_inverted_on_a_model_with_known_evidence():

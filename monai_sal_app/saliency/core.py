@@ -7,8 +7,8 @@ by name with its default parameters. ``explain`` does everything the methods sha
   dimensionality and channel count the model's first convolution expects);
 * resolves the target (None -> predicted class per image; int; or an (N,) tensor);
 * runs the method inside :func:`model_guard`, which puts the model in eval mode, freezes its
-  parameters, turns in-place activations off and restores all of it afterwards, so a method
-  never leaves a trace on the model;
+  parameters, turns in-place activations off for the methods that hook into modules and
+  restores all of it afterwards, so a method never leaves a trace on the model;
 * moves the images to the model's device and returns the maps on the images' device.
 
 A method receives images already on the model's device, detached, with ``requires_grad=False``,
@@ -70,7 +70,10 @@ class MethodSpec:
     ``explainer``: the kind of trained explainer (``monai_sal_app.explainers``) the method needs as
     its ``explainer=`` parameter, or None. ``signed``: True when a map's sign says for (positive)
     or against (negative) the target class, so that its signed values rank the evidence
-    (``evaluation.fidelity`` ranks such maps by value, the others by magnitude).
+    (``evaluation.fidelity`` ranks such maps by value, the others by magnitude). ``hooks``: the
+    method hooks into the network's modules (so it cannot explain a TorchScript module) and runs
+    with in-place activations off, unless ``guards_in_place``: it turns them off itself where its
+    captures need it.
     """
 
     name: str
@@ -84,6 +87,7 @@ class MethodSpec:
     cheaper: str = ""
     signed: bool = False
     hooks: bool = False
+    guards_in_place: bool = False
 
     def applies_to(self, model: nn.Module) -> bool:
         if self.hooks and isinstance(model, torch.jit.ScriptModule):
@@ -126,6 +130,7 @@ def register(
     cheaper: str = "",
     signed: bool = False,
     hooks: bool = False,
+    guards_in_place: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register ``fn(model, images, target, **params)`` under ``name``.
 
@@ -138,8 +143,9 @@ def register(
     see :func:`check_request`; ``passes(params, spatial_shape)``: network passes per image
     (default 1), for the request's cost; ``cheaper``: how to lower it (e.g. "lower steps");
     ``signed``: the map's sign says for or against the target, ``hooks``: the method hooks into
-    the network's modules or captures their outputs (:class:`MethodSpec`; the others run with the
-    network's in-place activations left on, see ``models.guard.model_guard``).
+    the network's modules or captures their outputs (:class:`MethodSpec`; the others, and those
+    that say ``guards_in_place``, run with the network's in-place activations left on, see
+    ``models.guard.model_guard``).
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -152,7 +158,18 @@ def register(
         summary_line = summary or (fn.__doc__ or "").strip().split("\n")[0]
         limits = {**({"batch_size": MAX_BATCH_SIZE} if "batch_size" in defaults else {}), **(bounds or {})}
         _REGISTRY[name] = MethodSpec(
-            name, fn, defaults, summary_line, requires, explainer, limits, passes, cheaper, signed, hooks
+            name,
+            fn,
+            defaults,
+            summary_line,
+            requires,
+            explainer,
+            limits,
+            passes,
+            cheaper,
+            signed,
+            hooks,
+            guards_in_place,
         )
         return fn
 
@@ -469,7 +486,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam", tar
     validate_images(model, images)
     device = model_device(model)
     x = images.detach().to(device=device, dtype=torch.float32)
-    with model_guard(model, keep_in_place=not spec.hooks), torch.enable_grad():
+    with model_guard(model, keep_in_place=not spec.hooks or spec.guards_in_place), torch.enable_grad():
         t = resolve_target(model, x, target)
         maps = spec.fn(model, x, t, **params)
     expected = (x.shape[0], 1, *x.shape[2:])

@@ -11,6 +11,7 @@ Definition and reference: docs/METHODS.md#grad-cam.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd
 
+from monai_sal_app.models.guard import in_place_activations_off
 from monai_sal_app.saliency.core import chunks, register, target_scores
 
 _POOLING = (_AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd)
@@ -56,17 +58,24 @@ def _capture_layer(
     ``graph_from_layer`` (only when the layer is known, see :func:`_known_layer`): the activation
     is taken out of the autograd graph and made to require gradients, so that the graph starts at
     the layer: nothing before it is recorded or kept, for gradients with respect to the activation
-    only (``x`` and the parameters must not require gradients).
+    only (``x`` and the parameters must not require gradients). The network's in-place
+    activations may stay on: the layers after it receive a copy of the activation, and a pass in
+    which the activation changed anyway (through another view of its memory) runs again with
+    in-place activations off (``ValueError`` when it changes even then). Without it, the caller
+    turns them off.
     Returns (logits, name, activation). All hooks are removed before returning.
     """
     known = _known_layer(model, layer, spatial_dims)
-    modules = dict(model.named_modules())
-    if known is not None and known not in modules:
-        raise ValueError(f"layer {known!r} is not a module of {type(model).__name__}")
     if graph_from_layer and known is None:
         raise ValueError("graph_from_layer needs a known layer")
-    watched = {known: modules[known]} if known is not None else {n: m for n, m in modules.items() if n}
-    seen: list[tuple[str, torch.Tensor]] = []
+    if known is not None:
+        try:
+            watched = {known: model.get_submodule(known)}
+        except AttributeError:
+            raise ValueError(f"layer {known!r} is not a module of {type(model).__name__}") from None
+    else:
+        watched = {n: m for n, m in model.named_modules() if n}
+    seen: list[tuple[str, torch.Tensor, int]] = []
     handles = []
 
     def hook_for(name):
@@ -74,8 +83,10 @@ def _capture_layer(
             if not _is_feature_map(module, output, spatial_dims):
                 return None
             if graph_from_layer:
-                output = output.detach().requires_grad_(True)
-            seen.append((name, output))
+                activation = output.detach().requires_grad_(True)
+                seen.append((name, activation, activation._version))
+                return activation.clone()
+            seen.append((name, output, output._version))
             return output
 
         return hook
@@ -89,7 +100,15 @@ def _capture_layer(
             h.remove()
     if not seen:
         raise ValueError(f"no {spatial_dims}D feature map found in {type(model).__name__} for Grad-CAM; pass layer=")
-    name, activation = seen[-1]
+    name, activation, version = seen[-1]
+    if graph_from_layer and activation._version != version:
+        if not any(getattr(m, "inplace", None) is True for m in model.modules()):
+            raise ValueError(
+                f"the output of layer {name!r} is changed in place after Grad-CAM captures it; pass layer= "
+                "a module whose output the network leaves as it is"
+            )
+        with in_place_activations_off(model):
+            return _capture_layer(model, known, spatial_dims, x, graph_from_layer=True)
     if known is None:
         _CAM_LAYERS.setdefault(model, {})[spatial_dims] = name
     return logits, name, activation
@@ -101,15 +120,17 @@ def gradcam_layer_maps(
     """ReLU(sum_k alpha_k A_k) on the layer's own grid, (N, 1, *layer_spatial).
 
     Only the activation's gradient is needed: once the layer is known the autograd graph starts at
-    it (``_capture_layer``'s ``graph_from_layer``), so the layers before it run as in inference;
-    the first pass of a model that names no layer records the whole graph while it finds it.
+    it (``_capture_layer``'s ``graph_from_layer``), so the layers before it run as in inference,
+    with the network's in-place activations; the first pass of a model that names no layer
+    records the whole graph, with in-place activations off, while it finds it.
     """
     spatial_dims = images.ndim - 2
     maps = []
     for sl in chunks(images.shape[0], batch_size):
         known = _known_layer(model, layer, spatial_dims) is not None
         x = images[sl].detach() if known else images[sl].detach().clone().requires_grad_(True)
-        logits, _, activation = _capture_layer(model, layer, spatial_dims, x, graph_from_layer=known)
+        with contextlib.nullcontext() if known else in_place_activations_off(model):
+            logits, _, activation = _capture_layer(model, layer, spatial_dims, x, graph_from_layer=known)
         (grad,) = torch.autograd.grad(target_scores(logits, target[sl]).sum(), activation)
         maps.append(cam_from_gradient(activation, grad))
     return torch.cat(maps)
@@ -129,7 +150,12 @@ def upsample_to(maps: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     return F.interpolate(maps, size=tuple(spatial), mode=mode, align_corners=False)
 
 
-@register("gradcam", "Grad-CAM on the last convolutional feature block, upsampled to the input grid", hooks=True)
+@register(
+    "gradcam",
+    "Grad-CAM on the last convolutional feature block, upsampled to the input grid",
+    hooks=True,
+    guards_in_place=True,
+)
 def gradcam(
     model: nn.Module,
     images: torch.Tensor,
